@@ -1,0 +1,512 @@
+"""SlurmExecutor: a `concurrent.futures.Executor` whose calls run as Slurm job arrays.
+
+Data flow (compare CPython's concurrent/futures/process.py):
+
+  client thread(s)                 run folder (spool)                  array task i
+  ----------------                 ------------------                  ------------
+  submit(fn, *a) --+
+    pickle args now|  window: calls wait up to `submit_window` s
+    (bad arg fails |  for company; flushed when full, expired, or
+     at submit)    |  someone calls .result()
+  map(fn, items) --+--> _launch(batch) -> bNNNN.fn      (functions, once)
+                   |                      bNNNN.tIII.in (call ids + args)
+                   |                      bNNNN.json    (journal)
+                   |                 sbatch --array=0-(K-1)[%P] ---------> python -m
+                   |                                                       slurmexecutor.worker
+                   |                      bNNNN.tIII.rA.out  <------------ signed records,
+                   |                      logs/JOB_i.log     <------------ one per call
+  monitor thread <-+-- scandir + read new records (every tick, cheap)
+    one squeue for all live arrays per poll_interval (flat scheduler load)
+    -> Future.set_running_or_notify_cancel / set_result / set_exception
+    -> tasks that ended without results: their calls fail (or are retried)
+
+Each `submit` returns a `SlurmFuture` (a real `concurrent.futures.Future`); `map` packs
+calls into one array with one internal future per task, and yields in order.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import os
+import secrets
+import socket
+import sys
+import threading
+import time
+from concurrent.futures import Executor, Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import cloudpickle
+
+from . import spool
+from .errors import SerializationError, SubmissionError
+from .monitor import CallSink, ChunkSink, FutureSink, Monitor, Task, read_tail
+from .progress import CallProgress
+from .schedulers import make_backend
+from .schedulers.script import ScriptSpec, render_script, validate_resources
+
+log = logging.getLogger("slurmexecutor")
+
+DEFAULT_RETRY_ON = ("NODE_FAIL", "PREEMPTED")
+
+
+def default_folder() -> Path:
+    """$SLURMEXECUTOR_FOLDER, else ~/.slurmexecutor (home is shared on most clusters)."""
+    return Path(os.environ.get("SLURMEXECUTOR_FOLDER") or "~/.slurmexecutor").expanduser()
+
+
+def dumps(obj: Any, what: str) -> bytes:
+    """cloudpickle `obj`, or raise SerializationError naming `what` could not be."""
+    try:
+        return cloudpickle.dumps(obj)
+    except Exception as exc:  # noqa: BLE001  (pickling raises many kinds)
+        raise SerializationError(f"{what} cannot be pickled: {exc!r}") from exc
+
+
+def shipped_sys_path() -> list[str]:
+    """The client's sys.path, absolute, so modules next to the user import on workers."""
+    return [os.path.abspath(entry or os.getcwd()) for entry in sys.path]
+
+
+class SlurmFuture(Future):
+    """A `concurrent.futures.Future` that knows its call and its task's log.
+
+    Waiting on it (`result`, `exception`) first flushes the submission window, so a
+    lone call is not held back for company.
+    """
+
+    def __init__(self, executor: SlurmExecutor, call_ids: list[int]) -> None:
+        super().__init__()
+        self._executor = executor
+        self.call_ids = call_ids
+
+    @property
+    def call_id(self) -> int:
+        return self.call_ids[0]
+
+    def result(self, timeout: float | None = None) -> Any:
+        self._executor._flush_window()
+        return super().result(timeout)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        self._executor._flush_window()
+        return super().exception(timeout)
+
+    @property
+    def attempts(self) -> int:
+        """How many times the call was submitted (more than 1 after retries)."""
+        return self._executor._attempts.get(self.call_id, 1)
+
+    @property
+    def log_path(self) -> Path | None:
+        """The stdout/stderr log of the array task that runs (or ran) this call."""
+        return self._executor._log_paths.get(self.call_id)
+
+    def log_tail(self, lines: int = 20) -> str:
+        """The last lines of the task's log (the log is shared by the task's calls)."""
+        return read_tail(self.log_path, lines)
+
+    def log(self) -> str:
+        """This call's own part of its task's log (the worker marks where each begins)."""
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        return call_log(self.log_path.read_text(errors="replace"), self.call_id)
+
+
+def call_log(text: str, call_id: int) -> str:
+    """Cut one call's output out of a task log, using the worker's markers."""
+    marker = f"--- slurmexecutor call {call_id} ---\n"
+    start = text.find(marker)
+    if start < 0:
+        return ""
+    start += len(marker)
+    end = text.find("--- slurmexecutor call ", start)
+    return text[start:] if end < 0 else text[start:end]
+
+
+@dataclass
+class PendingCall:
+    call_id: int
+    fn_index: int
+    arguments: bytes  # pickled [(args, kwargs)]
+    future: SlurmFuture
+
+
+@dataclass
+class Window:
+    """Calls submitted close together, waiting to go out as one array."""
+
+    opened: float = field(default_factory=time.monotonic)
+    touched: float = field(default_factory=time.monotonic)
+    functions: list[bytes] = field(default_factory=list)
+    names: list[str] = field(default_factory=list)
+    function_index: dict[int, int] = field(default_factory=dict)
+    keep_alive: list[Callable] = field(default_factory=list)
+    calls: list[PendingCall] = field(default_factory=list)
+
+    def add_function(self, fn: Callable) -> int:
+        """Pickle `fn` once per window; return its index in the window's table."""
+        index = self.function_index.get(id(fn))
+        if index is None:
+            self.functions.append(dumps(fn, f"the function {_name(fn)}"))
+            self.names.append(_name(fn))
+            self.keep_alive.append(fn)
+            index = self.function_index[id(fn)] = len(self.functions) - 1
+        return index
+
+
+@dataclass
+class Chunk:
+    """The calls of one array task: (fn index, pickled [(args, kwargs)...], count) parts."""
+
+    call_ids: list[int]
+    parts: list[tuple[int, bytes, int]]
+    sinks: dict[int, CallSink]
+
+
+def _name(fn: Callable) -> str:
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
+
+
+class SlurmExecutor(Executor):
+    """Run calls on Slurm (or locally) as packed job arrays; see the module docstring.
+
+    Resources are sbatch long options as keywords (`partition="short"`, `time="1:00:00"`,
+    `mem="4G"`, `cpus_per_task=2`, `array_parallelism=50`, ...); `sbatch_extra` adds raw
+    options and `setup` adds shell lines run before the worker (`module load ...`).
+    """
+
+    def __init__(
+        self,
+        folder: str | os.PathLike | None = None,
+        *,
+        backend: str = "auto",
+        chunksize: int | None = None,
+        max_retries: int = 0,
+        retry_on: Iterable[str] = DEFAULT_RETRY_ON,
+        python: str | None = None,
+        setup: Iterable[str] = (),
+        sbatch_extra: Iterable[str] = (),
+        submit_window: float = 0.05,
+        max_window: float = 1.0,
+        max_batch: int = 10_000,
+        poll_interval: float | None = None,
+        result_grace: float | None = None,
+        **resources: Any,
+    ) -> None:
+        self.resources = validate_resources(resources)
+        if chunksize is not None and chunksize < 1:
+            raise ValueError(f"chunksize must be >= 1, not {chunksize!r}")
+        if max_retries < 0:
+            raise ValueError(f"max_retries must be >= 0, not {max_retries!r}")
+        self.folder = spool.ensure_private_dir(Path(folder or default_folder()).expanduser())
+        self.key = spool.load_key(self.folder, create=True)
+        self.backend = make_backend(backend, self.resources)
+        self.chunksize = chunksize
+        self.max_retries, self.retry_on = max_retries, frozenset(retry_on)
+        self.python = python or sys.executable
+        self.setup, self.sbatch_extra = list(setup), list(sbatch_extra)
+        self.submit_window, self.max_window, self.max_batch = (
+            submit_window, max_window, max_batch)
+        local = self.backend.name == "local"
+        self.run_id = time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
+        self.run_dir = spool.ensure_private_dir(self.folder / self.run_id)
+        spool.ensure_private_dir(self.run_dir / "logs")
+        spool.write_json(self.run_dir / "run.json", {
+            "created": time.time(), "host": socket.gethostname(), "pid": os.getpid(),
+            "backend": self.backend.name, "resources": self.resources, "cwd": os.getcwd(),
+        })
+        self._lock = threading.Lock()
+        self._window: Window | None = None
+        self._call_ids = itertools.count()
+        self._batch_ids = itertools.count()
+        self._attempts: dict[int, int] = {}
+        self._log_paths: dict[int, Path] = {}
+        self._cancelled: dict[tuple[int, int], set[int]] = {}
+        self._shutdown = False
+        self.monitor = Monitor(
+            self.run_dir, self.key, self.backend,
+            poll_interval=poll_interval if poll_interval is not None else (
+                0.05 if local else 2.0),
+            result_grace=result_grace if result_grace is not None else (
+                0.0 if local else 1.0),
+            retry=self._retry,
+        )
+        self._flusher_wake = threading.Event()
+        self._flusher = threading.Thread(target=self._flush_loop, daemon=True,
+                                         name="slurmexecutor-window")
+        self._flusher.start()
+        log.info("run %s in %s on the %s backend", self.run_id, self.folder, self.backend.name)
+
+    # -- the Executor interface ---------------------------------------------------------
+
+    def submit(self, fn: Callable, /, *args: Any, **kwargs: Any) -> SlurmFuture:
+        if not callable(fn):
+            raise TypeError(f"{fn!r} is not callable")
+        arguments = dumps([(args, kwargs)], f"an argument of {_name(fn)}")
+        with self._lock:
+            if self._shutdown:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            window = self._window = self._window or Window()
+            fn_index = window.add_function(fn)
+            future = SlurmFuture(self, [next(self._call_ids)])
+            window.calls.append(PendingCall(future.call_id, fn_index, arguments, future))
+            window.touched = time.monotonic()
+            full = len(window.calls) >= self.max_batch
+            if full:
+                self._window = None
+        future.add_done_callback(self._on_future_done)
+        if full:
+            self._launch_window(window)
+        else:
+            self._flusher_wake.set()
+        return future
+
+    def map(self, fn: Callable, *iterables: Iterable, timeout: float | None = None,
+            chunksize: int | None = None, progress: bool | None = None) -> Iterator:
+        """Like `Executor.map`: all calls go out now, as one array; results in order."""
+        end_time = None if timeout is None else timeout + time.monotonic()
+        futures, bar = self._submit_map(fn, list(zip(*iterables)), chunksize, progress)
+        return _chained_results(futures, end_time, bar)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        with self._lock:
+            self._shutdown = True
+            window, self._window = self._window, None
+        if cancel_futures:
+            if window:
+                for call in window.calls:
+                    call.future.cancel()
+            for task in self.monitor.live_tasks():
+                self._cancel_unstarted(task)
+        if window:
+            self._launch_window(window)
+        self._flusher_wake.set()
+        if wait:
+            self._wait_for_tasks()
+            self.monitor.stop()
+            self.backend.close()
+        else:
+            threading.Thread(target=self._finish_in_background, daemon=True).start()
+
+    # -- submission ---------------------------------------------------------------------
+
+    def _submit_map(self, fn: Callable, items: list[tuple], chunksize: int | None,
+                    progress: bool | None) -> tuple[list[SlurmFuture], CallProgress]:
+        if not callable(fn):
+            raise TypeError(f"{fn!r} is not callable")
+        with self._lock:
+            if self._shutdown:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+        self._flush_window()
+        bar = CallProgress(len(items), progress and bool(items), desc=_name(fn))
+        if not items:
+            return [], bar
+        chunksize = chunksize or self.chunksize or self._auto_chunksize(len(items))
+        window = Window()
+        window.add_function(fn)
+        first_id = next(self._call_ids)
+        # reserve the ids of the whole map (counter is only ever advanced under the GIL)
+        for _ in range(len(items) - 1):
+            next(self._call_ids)
+        chunks, futures = [], []
+        for start in range(0, len(items), chunksize):
+            part = items[start : start + chunksize]
+            ids = list(range(first_id + start, first_id + start + len(part)))
+            future = SlurmFuture(self, ids)
+            future.add_done_callback(self._on_future_done)
+            sink = ChunkSink(future, ids[0], len(ids), progress=bar)
+            blob = dumps([(args, {}) for args in part], f"an argument of {_name(fn)}")
+            chunks.append(Chunk(ids, [(0, blob, len(ids))], dict.fromkeys(ids, sink)))
+            futures.append(future)
+        self._launch(window.functions, window.names, chunks, kind="map")
+        return futures, bar
+
+    def _auto_chunksize(self, calls: int) -> int:
+        """Enough tasks to fill the cluster's slots once, and no more."""
+        return max(1, math.ceil(calls / self.backend.slots()))
+
+    def _flush_window(self) -> None:
+        with self._lock:
+            window, self._window = self._window, None
+        if window:
+            self._launch_window(window)
+
+    def _flush_loop(self) -> None:
+        while True:
+            self._flusher_wake.wait()
+            self._flusher_wake.clear()
+            while True:
+                with self._lock:
+                    window = self._window
+                    if window is None:
+                        break
+                    now = time.monotonic()
+                    due = min(window.touched + self.submit_window,
+                              window.opened + self.max_window)
+                    if now >= due:
+                        self._window = None
+                if now >= due:
+                    self._launch_window(window)
+                    break
+                time.sleep(min(due - now, self.submit_window))
+            if self._shutdown and self._window is None:
+                return
+
+    def _launch_window(self, window: Window) -> None:
+        calls = [call for call in window.calls if not call.future.cancelled()]
+        if not calls:
+            return
+        size = self.chunksize or self._auto_chunksize(len(calls))
+        chunks = []
+        for start in range(0, len(calls), size):
+            group = calls[start : start + size]
+            chunks.append(Chunk(
+                [call.call_id for call in group],
+                [(call.fn_index, call.arguments, 1) for call in group],
+                {call.call_id: FutureSink(call.future) for call in group},
+            ))
+        self._launch(window.functions, window.names, chunks, kind="submit")
+
+    def _launch(self, functions: list[bytes] | str, names: list[str], chunks: list[Chunk],
+                *, kind: str, attempt: int = 1) -> None:
+        """Write a batch to the folder and submit it as one array (or several, if large).
+
+        `functions` is the pickled function table, or the name of an earlier batch's
+        functions file (retries reuse it).
+        """
+        batch = next(self._batch_ids)
+        if isinstance(functions, str):
+            functions_file = functions
+        else:
+            functions_file = spool.functions_path(self.run_dir, batch).name
+            spool.write_blob(self.run_dir / functions_file, self.key, {
+                "functions": functions, "names": names, "sys_path": shipped_sys_path()})
+        tasks = []
+        for index, chunk in enumerate(chunks):
+            spool.write_blob(spool.chunk_path(self.run_dir, batch, index), self.key, {
+                "calls": chunk.call_ids, "functions": functions_file, "parts": chunk.parts})
+            task = Task(batch, index, chunk.call_ids, attempt=attempt,
+                        time_limit=self.resources.get("time"))
+            self.monitor.add_task(task, chunk.sinks)
+            tasks.append(task)
+        journal = {
+            "batch": batch, "kind": kind, "created": time.time(), "functions": names,
+            "functions_file": functions_file, "attempt": attempt,
+            "tasks": [spool.compress_ids(chunk.call_ids) for chunk in chunks], "arrays": [],
+        }
+        spool.write_json(spool.journal_path(self.run_dir, batch), journal)
+        limit = self.backend.max_array_size()
+        for offset in range(0, len(tasks), limit):
+            group = tasks[offset : offset + limit]
+            try:
+                job_id = self._submit_array(batch, offset, len(group), names)
+            except SubmissionError as error:
+                for task in tasks[offset:]:
+                    self.monitor.fail_task(task, error)
+                break
+            journal["arrays"].append({"job_id": job_id, "offset": offset, "size": len(group)})
+            spool.write_json(spool.journal_path(self.run_dir, batch), journal)
+            for task in group:
+                self.monitor.set_job(task, job_id, task.index - offset)
+                log_file = self.monitor.log_file(task)
+                for call_id in task.call_ids:
+                    self._log_paths[call_id] = log_file
+        self.monitor.poke()
+
+    def _submit_array(self, batch: int, offset: int, size: int, names: list[str]) -> str:
+        spec = ScriptSpec(
+            run_dir=self.run_dir, batch=batch, size=size, offset=offset,
+            job_name=f"slurmexecutor-{names[0].rsplit('.', 1)[-1]}" if names else
+            "slurmexecutor", python=self.python, setup=self.setup,
+            sbatch_extra=self.sbatch_extra)
+        script = self.run_dir / f"{spool.batch_name(batch)}.a{offset}.sh"
+        spool.write_atomic(script, render_script(self.resources, spec).encode())
+        return self.backend.submit_array(script, size, self.run_dir / "logs")
+
+    # -- retries and cancellation -------------------------------------------------------
+
+    def _retry(self, task: Task, call_ids: list[int]) -> bool:
+        """Resubmit a task's unresolved calls when its end state allows; True if so."""
+        state = task.final.state if task.final else None
+        if state not in self.retry_on or task.attempt > self.max_retries or self._shutdown:
+            return False
+        chunk = spool.read_blob(spool.chunk_path(self.run_dir, task.batch, task.index),
+                                self.key)
+        wanted, parts, ids, position = set(call_ids), [], [], 0
+        for fn_index, blob, count in chunk["parts"]:
+            calls = cloudpickle.loads(blob)
+            for offset in range(count):
+                call_id = chunk["calls"][position + offset]
+                if call_id in wanted:
+                    ids.append(call_id)
+                    parts.append((fn_index, dumps([calls[offset]], "an argument"), 1))
+            position += count
+        log.warning("retrying %d call(s) of job %s_%s after %s (attempt %d of %d)",
+                    len(ids), task.job_id, task.array_index, state, task.attempt + 1,
+                    self.max_retries + 1)
+        for call_id in ids:
+            self._attempts[call_id] = task.attempt + 1
+        self._launch(chunk["functions"], [], [Chunk(ids, parts, {})], kind="retry",
+                     attempt=task.attempt + 1)
+        return True
+
+    def _on_future_done(self, future: Future) -> None:
+        if not future.cancelled():
+            return
+        for call_id in future.call_ids:
+            task = self.monitor.task_for(call_id)
+            if task is None:
+                continue  # still in the window: the flush leaves it out
+            cancelled = self._cancelled.setdefault(task.key, set())
+            cancelled.add(call_id)
+            spool.append_cancelled(spool.cancel_path(self.run_dir, task.batch, task.index),
+                                   [call_id])
+            if cancelled >= set(task.call_ids) and task.job_id and not task.started:
+                self.backend.cancel([f"{task.job_id}_{task.array_index}"])
+
+    def _cancel_unstarted(self, task: Task) -> None:
+        if task.started:
+            return
+        futures = {id(sink.future): sink.future for call_id in task.call_ids
+                   if (sink := self.monitor.sinks.get(call_id)) is not None}
+        for future in futures.values():
+            future.cancel()
+
+    # -- shutdown -----------------------------------------------------------------------
+
+    def _wait_for_tasks(self) -> None:
+        while self.monitor.live_tasks() or self._window is not None:
+            self._flush_window()
+            time.sleep(0.02)
+
+    def _finish_in_background(self) -> None:
+        self._wait_for_tasks()
+        self.monitor.stop()
+        self.backend.close()
+
+
+def _chained_results(futures: list[SlurmFuture], end_time: float | None,
+                     bar: CallProgress) -> Iterator:
+    """Yield the calls' results in order; raise a call's exception at its position."""
+    try:
+        futures.reverse()
+        while futures:
+            future = futures[-1]
+            if end_time is None:
+                outcomes = future.result()
+            else:
+                outcomes = future.result(end_time - time.monotonic())
+            futures.pop()
+            for ok, value in outcomes:
+                if not ok:
+                    raise value
+                yield value
+    finally:
+        for future in futures:
+            future.cancel()
+        bar.close()

@@ -1,0 +1,434 @@
+"""The monitor: turns what the folder and the scheduler say into Future transitions.
+
+One thread per executor. Each tick it
+  1. reads the new records of the result streams of live tasks (cheap: one scandir),
+  2. at most every `poll_interval` seconds, asks the backend about ALL live array jobs
+     in ONE query, so scheduler load does not grow with the number of calls or jobs,
+  3. fails the calls of tasks that ended without their result, after a short grace for
+     shared filesystems, with the error that fits the final state (or retries them).
+
+Futures are completed outside the monitor's lock, so a done-callback may submit more.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+from . import spool
+from .progress import CallProgress
+from .errors import (
+    ERROR_FOR_STATE,
+    CallLostError,
+    IntegrityError,
+    JobTimeoutError,
+    RemoteError,
+    RemoteTraceback,
+    SerializationError,
+    TaskFailedError,
+    WorkerCrashedError,
+)
+from .schedulers import Backend, TaskState
+
+log = logging.getLogger("slurmexecutor")
+LOG_TAIL_LINES = 20
+
+
+class CallSink(Protocol):
+    """Where a call's outcome goes: a Future of one call, or a chunk of a map."""
+
+    def set_running(self) -> None: ...
+    def deliver(self, call_id: int, ok: bool, value: Any) -> None: ...
+
+
+class FutureSink:
+    """One call, one Future."""
+
+    def __init__(self, future: Future) -> None:
+        self.future = future
+
+    def set_running(self) -> None:
+        if not self.future.running() and not self.future.done():
+            self.future.set_running_or_notify_cancel()
+
+    def deliver(self, call_id: int, ok: bool, value: Any) -> None:
+        if self.future.cancelled() or self.future.done():
+            return
+        if ok:
+            self.future.set_result(value)
+        else:
+            self.future.set_exception(value)
+
+
+class ChunkSink:
+    """Consecutive calls of a map: one Future whose result is the list of outcomes."""
+
+    def __init__(self, future: Future, first_call: int, size: int,
+                 progress: CallProgress | None = None) -> None:
+        self.future, self.first_call = future, first_call
+        self.outcomes: list[tuple[bool, Any] | None] = [None] * size
+        self.missing = size
+        self.progress = progress
+
+    def set_running(self) -> None:
+        if not self.future.running() and not self.future.done():
+            if self.future.set_running_or_notify_cancel() and self.progress:
+                self.progress.started(self.missing)
+
+    def deliver(self, call_id: int, ok: bool, value: Any) -> None:
+        slot = call_id - self.first_call
+        if self.outcomes[slot] is not None:
+            return
+        self.outcomes[slot] = (ok, value)
+        self.missing -= 1
+        if self.progress:
+            self.progress.advance(ok)
+        if self.missing == 0 and not self.future.done():
+            self.set_running()
+            if not self.future.cancelled():
+                self.future.set_result(self.outcomes)
+
+
+@dataclass
+class Task:
+    """One array task as the monitor follows it."""
+
+    batch: int
+    index: int
+    call_ids: list[int]
+    job_id: str | None = None
+    array_index: int | None = None
+    attempt: int = 1
+    time_limit: str | None = None
+    unresolved: set[int] = field(default_factory=set)
+    started: bool = False
+    marked_running: bool = False
+    limit_notice: bool = False
+    ended: bool = False  # the worker wrote its end record
+    final: TaskState | None = None
+    final_since: float = 0.0
+    registered: float = field(default_factory=time.monotonic)
+    error: str | None = None  # an integrity failure in its stream
+
+    def __post_init__(self) -> None:
+        self.unresolved = set(self.call_ids)
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return (self.batch, self.index)
+
+
+@dataclass
+class Counts:
+    """What the monitor has seen; progress bars read it."""
+
+    total: int = 0
+    done: int = 0
+    failed: int = 0
+    running_tasks: int = 0
+
+
+class Monitor:
+    """Watches the run folder and the backend; resolves the sinks of calls."""
+
+    def __init__(
+        self, run_dir: Path, key: bytes, backend: Backend, *, poll_interval: float,
+        result_grace: float, retry: Callable[[Task, list[int]], bool] | None = None,
+    ) -> None:
+        self.run_dir, self.key, self.backend = run_dir, key, backend
+        self.poll_interval, self.result_grace = poll_interval, result_grace
+        self.retry = retry
+        self.tasks: dict[tuple[int, int], Task] = {}
+        self.sinks: dict[int, CallSink] = {}
+        self.task_of_call: dict[int, Task] = {}
+        self.cursors: dict[str, spool.StreamCursor] = {}
+        self.counts = Counts()
+        self.listeners: list[Callable[[Counts], None]] = []
+        self._lock = threading.RLock()
+        self._wake = threading.Event()
+        self._stop = False
+        self._next_poll = 0.0
+        self._thread = threading.Thread(target=self._loop, name="slurmexecutor-monitor",
+                                        daemon=True)
+        self._thread.start()
+
+    # -- called by the executor ---------------------------------------------------------
+
+    def add_task(self, task: Task, sinks: dict[int, CallSink]) -> None:
+        with self._lock:
+            self.tasks[task.key] = task
+            self.sinks.update(sinks)
+            for call_id in task.call_ids:
+                self.task_of_call[call_id] = task
+            self.counts.total += len(sinks)
+        self._wake.set()
+
+    def set_job(self, task: Task, job_id: str, array_index: int) -> None:
+        with self._lock:
+            task.job_id, task.array_index = job_id, array_index
+            task.registered = time.monotonic()
+
+    def fail_task(self, task: Task, error: BaseException) -> None:
+        """Fail a task's calls now (e.g. its submission was refused)."""
+        with self._lock:
+            transitions = self._resolve_all(task, lambda call_id: error)
+        self._apply(transitions)
+
+    def task_for(self, call_id: int) -> Task | None:
+        with self._lock:
+            return self.task_of_call.get(call_id)
+
+    def live_tasks(self) -> list[Task]:
+        with self._lock:
+            return list(self.tasks.values())
+
+    def poke(self) -> None:
+        self._wake.set()
+
+    def stop(self, wait: bool = True) -> None:
+        self._stop = True
+        self._wake.set()
+        if wait and threading.current_thread() is not self._thread:
+            self._thread.join()
+
+    # -- the loop -----------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        idle_wait = 0.01
+        while not self._stop:
+            try:
+                busy = self.tick()
+            except Exception:  # noqa: BLE001  (keep watching; say what happened)
+                log.exception("slurmexecutor monitor tick failed")
+                busy = False
+            idle_wait = 0.01 if busy else min(idle_wait * 1.5, 0.25)
+            self._wake.wait(idle_wait)
+            self._wake.clear()
+
+    def tick(self) -> bool:
+        """One round of observation; True when something changed."""
+        transitions: list[tuple[CallSink, int | None, bool, Any]] = []
+        with self._lock:
+            if not self.tasks:
+                return False
+            now = time.monotonic()
+            if now >= self._next_poll:
+                self._poll_scheduler(now)
+                self._next_poll = now + self.poll_interval
+            self._read_streams(transitions)
+            self._settle_ended(transitions, now)
+        self._apply(transitions)
+        return bool(transitions)
+
+    def _read_streams(self, transitions: list) -> None:
+        try:
+            entries = list(os.scandir(self.run_dir))
+        except FileNotFoundError:
+            return
+        for entry in entries:
+            parsed = spool.parse_stream_name(entry.name)
+            task = self.tasks.get(parsed) if parsed else None
+            if task is None:
+                continue
+            cursor = self.cursors.get(entry.name)
+            if cursor is None:
+                cursor = self.cursors[entry.name] = spool.StreamCursor(Path(entry.path))
+            if entry.stat().st_size <= cursor.offset:
+                continue
+            for record in spool.read_records(cursor, self.key):
+                self._on_record(task, record, transitions)
+            if cursor.error and not task.error:
+                task.error = cursor.error
+
+    def _on_record(self, task: Task, record: tuple, transitions: list) -> None:
+        kind, call_id, body = record
+        if kind == "start":
+            task.started = True
+            self._mark_running(task, transitions)
+        elif kind == "limit":
+            task.limit_notice = True
+        elif kind == "end":
+            task.ended = True
+        elif call_id in task.unresolved:  # later duplicates (requeues) are ignored
+            ok, value = self._outcome(task, kind, call_id, body)
+            self._resolve(task, call_id, ok, value, transitions)
+
+    def _outcome(self, task: Task, kind: str, call_id: int, body: Any) -> tuple[bool, Any]:
+        if kind == "ok":
+            try:
+                return True, pickle.loads(body)
+            except Exception as exc:  # noqa: BLE001
+                return False, SerializationError(
+                    f"the result of call {call_id} cannot be unpickled here: {exc!r}")
+        if kind == "raised":
+            return False, _rebuild_exception(body)
+        if kind == "unpicklable":
+            return False, SerializationError(body)
+        if kind == "crash":
+            return False, self._task_error(
+                task, WorkerCrashedError, f"the worker died running this call: {body['text']}",
+                call_id, exit_code=body["exit_code"], signal=body["signal"])
+        if kind == "skip":
+            return False, None  # cancelled by the client: the future is already cancelled
+        return False, IntegrityError(f"unknown record kind {kind!r} for call {call_id}")
+
+    def _poll_scheduler(self, now: float) -> None:
+        watched = [task for task in self.tasks.values()
+                   if task.job_id is not None and not task.ended and task.final is None]
+        if not watched:
+            return
+        states = self.backend.states({task.job_id for task in watched})
+        vanished = []
+        for task in watched:
+            state = states.get((task.job_id, task.array_index))
+            if state is None:
+                if now - task.registered > 2 * self.poll_interval + 5:
+                    vanished.append(task)
+            elif state.final:
+                task.final, task.final_since = state, now
+            elif state.running:
+                task.started = True
+            elif task.final is not None:  # requeued: pending again
+                task.final = None
+        if vanished:
+            finals = self.backend.final_states([(t.job_id, t.array_index) for t in vanished])
+            for task in vanished:
+                task.final = finals.get((task.job_id, task.array_index), TaskState("UNKNOWN"))
+                task.final_since = now
+
+    def _settle_ended(self, transitions: list, now: float) -> None:
+        for task in list(self.tasks.values()):
+            if task.started:
+                self._mark_running(task, transitions)
+            if not task.unresolved:
+                self._forget(task)
+                continue
+            if task.error:
+                error = IntegrityError(task.error)
+                transitions += self._resolve_all(task, lambda call_id: error)
+            elif task.ended or (task.final and now - task.final_since >= self.result_grace):
+                self._fail_unresolved(task, transitions)
+
+    def _fail_unresolved(self, task: Task, transitions: list) -> None:
+        state = task.final
+        retryable = state is not None and not task.ended and self.retry is not None
+        if retryable and self.retry(task, sorted(task.unresolved)):
+            self._forget(task)  # the retry batch carries the calls on
+            return
+        if task.limit_notice:
+            error_type, message = JobTimeoutError, (
+                f"the call did not finish within the time limit ({task.time_limit})")
+        elif task.ended:
+            error_type, message = CallLostError, "the worker ended without running this call"
+        elif state is None or state.state == "UNKNOWN":
+            error_type, message = CallLostError, (
+                "the task left the queue without a result and the scheduler has no record "
+                "of how it ended (no accounting)")
+        else:
+            error_type = ERROR_FOR_STATE.get(state.state, WorkerCrashedError)
+            message = f"the task ended ({state.state}) before this call finished"
+        exit_code = state.exit_code if state else None
+        sig = state.signal if state else None
+        transitions += self._resolve_all(task, lambda call_id: self._task_error(
+            task, error_type, message, call_id, exit_code=exit_code, signal=sig))
+
+    def _task_error(self, task: Task, error_type: type[TaskFailedError], message: str,
+                    call_id: int, *, exit_code: int | None, signal: int | None
+                    ) -> TaskFailedError:
+        log_file = self.log_file(task)
+        state = task.final.state if task.final else ("CRASHED" if signal or exit_code else None)
+        if error_type is JobTimeoutError:
+            state = "TIMEOUT"
+        return error_type(
+            message, job_id=task.job_id, array_index=task.array_index, state=state,
+            exit_code=exit_code, signal=signal, log_path=log_file,
+            log_tail=read_tail(log_file), attempts=task.attempt, call_id=call_id)
+
+    def log_file(self, task: Task) -> Path | None:
+        if task.job_id is None:
+            return None
+        return self.run_dir / "logs" / f"{task.job_id}_{task.array_index}.log"
+
+    # -- transitions --------------------------------------------------------------------
+
+    def _mark_running(self, task: Task, transitions: list) -> None:
+        if task.marked_running:
+            return
+        task.marked_running = True
+        self.counts.running_tasks += 1
+        seen = set()
+        for call_id in task.unresolved:
+            sink = self.sinks.get(call_id)
+            if sink is not None and id(sink) not in seen:
+                seen.add(id(sink))
+                transitions.append((sink, None, True, None))
+
+    def _resolve(self, task: Task, call_id: int, ok: bool, value: Any,
+                 transitions: list) -> None:
+        task.unresolved.discard(call_id)
+        sink = self.sinks.pop(call_id, None)
+        self.task_of_call.pop(call_id, None)
+        if ok:
+            self.counts.done += 1
+        else:
+            self.counts.failed += 1
+        if sink is not None and (ok or value is not None):
+            transitions.append((sink, call_id, ok, value))
+
+    def _resolve_all(self, task: Task, error_for: Callable[[int], BaseException]) -> list:
+        transitions: list = []
+        for call_id in sorted(task.unresolved):
+            self._resolve(task, call_id, False, error_for(call_id), transitions)
+        self._forget(task)
+        return transitions
+
+    def _forget(self, task: Task) -> None:
+        if self.tasks.pop(task.key, None) is not None and task.marked_running:
+            self.counts.running_tasks -= 1
+
+    def _apply(self, transitions: list) -> None:
+        for sink, call_id, ok, value in transitions:
+            if sink is None:
+                continue
+            if call_id is None:
+                sink.set_running()
+            else:
+                sink.deliver(call_id, ok, value)
+        if transitions:
+            for listener in list(self.listeners):
+                listener(self.counts)
+
+
+def _rebuild_exception(body: dict) -> BaseException:
+    """The exception a call raised, as its own type when it unpickles here."""
+    error: BaseException | None = None
+    if body.get("blob") is not None:
+        try:
+            error = pickle.loads(body["blob"])
+        except Exception:  # noqa: BLE001
+            error = None
+    if not isinstance(error, BaseException):
+        error = RemoteError(f"{body['type']}: {body['message']}")
+    error.__cause__ = RemoteTraceback(f'\n"""\n{body["tb"]}"""')
+    return error
+
+
+def read_tail(path: Path | None, lines: int = LOG_TAIL_LINES) -> str:
+    """The last lines of a log file ('' when it does not exist)."""
+    if path is None:
+        return ""
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            handle.seek(max(0, handle.tell() - 8192))
+            text = handle.read().decode(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])

@@ -1,0 +1,106 @@
+"""Backends: where array tasks run. Each is three verbs plus two facts.
+
+    submit_array(script_path, size, log_dir) -> job id
+    states(job ids) -> {(job id, array index): TaskState}   (ONE scheduler query)
+    cancel(["123", "123_4", ...])
+    max_array_size(), slots()
+
+`slurm` drives sbatch/squeue/sacct/scancel; `local` runs the same batch script as local
+subprocesses (the embedded default where there is no Slurm).
+"""
+
+from __future__ import annotations
+
+import abc
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Collection
+
+#: States after which a task will not run again (unless Slurm requeues it).
+FINAL_STATES = frozenset({
+    "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED",
+    "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "SPECIAL_EXIT", "REVOKED",
+})
+
+
+@dataclass(frozen=True)
+class TaskState:
+    """What the scheduler says of one array task."""
+
+    state: str
+    exit_code: int | None = None
+    signal: int | None = None
+    reason: str = ""
+
+    @property
+    def final(self) -> bool:
+        return self.state in FINAL_STATES
+
+    @property
+    def running(self) -> bool:
+        return self.state in ("RUNNING", "COMPLETING", "CONFIGURING")
+
+
+TaskKey = tuple[str, int]  # (array job id, array index)
+
+
+class Backend(abc.ABC):
+    """Where array tasks run. Implementations must be safe to call from any thread."""
+
+    name: str
+
+    @abc.abstractmethod
+    def submit_array(self, script: Path, size: int, log_dir: Path) -> str:
+        """Submit `script` as an array of `size` tasks (0..size-1); return the job id."""
+
+    @abc.abstractmethod
+    def states(self, job_ids: Collection[str]) -> dict[TaskKey, TaskState]:
+        """The tasks of these arrays that the scheduler still knows, in one query."""
+
+    def final_states(self, keys: Collection[TaskKey]) -> dict[TaskKey, TaskState]:
+        """How tasks that left the queue ended, where a record of it exists."""
+        return {}
+
+    @abc.abstractmethod
+    def cancel(self, refs: Collection[str]) -> None:
+        """Cancel whole arrays ("123") or single tasks ("123_4")."""
+
+    @abc.abstractmethod
+    def max_array_size(self) -> int:
+        """How many tasks one array may have."""
+
+    @abc.abstractmethod
+    def slots(self) -> int:
+        """How many tasks can run at once (used to size chunks)."""
+
+    def close(self) -> None:
+        """Release what the backend holds (threads, processes)."""
+
+
+def slurm_available() -> bool:
+    """True when `sbatch` is on PATH and the controller answers."""
+    if not shutil.which("sbatch") or not shutil.which("squeue"):
+        return False
+    try:
+        probe = subprocess.run(["squeue", "-h", "-j", "1", "-o", "%i"],
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return probe.returncode == 0 or "Invalid job id" in probe.stderr
+
+
+def make_backend(name: str, resources: dict) -> Backend:
+    """`slurm`, `local`, or `auto` (Slurm when it answers, else local)."""
+    if name == "auto":
+        name = "slurm" if slurm_available() else "local"
+    if name == "slurm":
+        from .slurm import SlurmBackend
+
+        return SlurmBackend(resources)
+    if name == "local":
+        from .local import LocalBackend
+
+        return LocalBackend(resources)
+    raise ValueError(f"backend must be 'slurm', 'local' or 'auto', not {name!r}")

@@ -1,0 +1,165 @@
+"""The local backend: array tasks as local subprocesses, at most one per CPU by default.
+
+It runs the very batch script Slurm would (with bash; `#SBATCH` lines are comments) and
+mimics Slurm's states, including the time limit: SIGUSR1 shortly before it, then
+SIGTERM, then SIGKILL, and the TIMEOUT state.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Collection
+
+from . import Backend, TaskKey, TaskState
+from .script import time_limit_seconds, warning_seconds
+
+log = logging.getLogger("slurmexecutor")
+KILL_WAIT = 2.0  # seconds between SIGTERM and SIGKILL, like Slurm's KillWait
+_job_numbers = itertools.count(1)
+
+
+@dataclass
+class _Task:
+    key: TaskKey
+    script: Path
+    log_file: Path
+    process: subprocess.Popen | None = None
+    started: float = 0.0
+    warned: bool = False
+    ending: str | None = None  # why we are killing it: CANCELLED or TIMEOUT
+    kill_at: float = 0.0
+
+
+class LocalBackend(Backend):
+    name = "local"
+
+    def __init__(self, resources: dict) -> None:
+        cpus = os.cpu_count() or 1
+        per_task = int(resources.get("cpus_per_task") or 1)
+        self._slots = max(1, cpus // per_task)
+        if resources.get("array_parallelism"):
+            self._slots = min(self._slots, int(resources["array_parallelism"]))
+        self._limit = time_limit_seconds(resources["time"]) if "time" in resources else None
+        self._queue: deque[_Task] = deque()
+        self._running: dict[TaskKey, _Task] = {}
+        self._states: dict[TaskKey, TaskState] = {}
+        self._lock = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="slurmexecutor-local",
+                                        daemon=True)
+        self._thread.start()
+
+    def submit_array(self, script: Path, size: int, log_dir: Path) -> str:
+        job_id = f"{os.getpid()}{next(_job_numbers):04d}"
+        with self._lock:
+            for index in range(size):
+                key = (job_id, index)
+                self._queue.append(_Task(key, script, log_dir / f"{job_id}_{index}.log"))
+                self._states[key] = TaskState("PENDING")
+            self._lock.notify()
+        log.info("local array job %s: %d tasks", job_id, size)
+        return job_id
+
+    def states(self, job_ids: Collection[str]) -> dict[TaskKey, TaskState]:
+        with self._lock:
+            return {key: state for key, state in self._states.items() if key[0] in job_ids}
+
+    def cancel(self, refs: Collection[str]) -> None:
+        def matches(key: TaskKey, ref: str) -> bool:
+            return ref == key[0] or ref == f"{key[0]}_{key[1]}"
+
+        with self._lock:
+            for task in list(self._queue):
+                if any(matches(task.key, ref) for ref in refs):
+                    self._queue.remove(task)
+                    self._states[task.key] = TaskState("CANCELLED")
+            for task in self._running.values():
+                if any(matches(task.key, ref) for ref in refs) and not task.ending:
+                    self._terminate(task, "CANCELLED")
+            self._lock.notify()
+
+    def max_array_size(self) -> int:
+        return 1_000_000
+
+    def slots(self) -> int:
+        return self._slots
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._lock.notify()
+
+    # -- the launcher thread -----------------------------------------------------------
+
+    def _loop(self) -> None:
+        with self._lock:
+            while not (self._closed and not self._running):
+                self._reap()
+                while self._queue and len(self._running) < self._slots and not self._closed:
+                    self._start(self._queue.popleft())
+                self._lock.wait(0.01 if self._running else 0.5)
+
+    def _start(self, task: _Task) -> None:
+        env = dict(os.environ, SLURMEXECUTOR_TASK=str(task.key[1]))
+        with open(task.log_file, "ab") as log_file:
+            task.process = subprocess.Popen(
+                ["bash", str(task.script)], stdin=subprocess.DEVNULL, stdout=log_file,
+                stderr=subprocess.STDOUT, env=env, start_new_session=True,
+            )
+        task.started = time.monotonic()
+        self._running[task.key] = task
+        self._states[task.key] = TaskState("RUNNING")
+
+    def _reap(self) -> None:
+        now = time.monotonic()
+        for key, task in list(self._running.items()):
+            code = task.process.poll()
+            if code is None:
+                self._enforce_limits(task, now)
+                continue
+            del self._running[key]
+            self._states[key] = _final_state(code, task.ending)
+
+    def _enforce_limits(self, task: _Task, now: float) -> None:
+        if task.ending and now >= task.kill_at:
+            self._signal(task, signal.SIGKILL)
+        elif self._limit is not None and not task.ending:
+            elapsed = now - task.started
+            if elapsed >= self._limit:
+                self._terminate(task, "TIMEOUT")
+            elif not task.warned and elapsed >= self._limit - warning_seconds(self._limit):
+                task.warned = True
+                self._signal(task, signal.SIGUSR1, group=False)
+
+    def _terminate(self, task: _Task, why: str) -> None:
+        task.ending, task.kill_at = why, time.monotonic() + KILL_WAIT
+        self._signal(task, signal.SIGTERM)
+
+    @staticmethod
+    def _signal(task: _Task, signum: int, group: bool = True) -> None:
+        try:
+            if group:
+                os.killpg(task.process.pid, signum)
+            else:
+                task.process.send_signal(signum)
+        except ProcessLookupError:
+            pass
+
+
+def _final_state(code: int, ending: str | None) -> TaskState:
+    if ending:
+        return TaskState(ending, None if code < 0 else code, -code if code < 0 else None)
+    if code == 0:
+        return TaskState("COMPLETED", 0)
+    if code < 0:
+        return TaskState("FAILED", None, -code)
+    return TaskState("FAILED", code)

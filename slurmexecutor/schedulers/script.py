@@ -1,0 +1,160 @@
+"""Resource options and the batch script every backend runs.
+
+Resources are given as Python keywords and passed to sbatch under their long option
+names (`cpus_per_task=4` -> `#SBATCH --cpus-per-task=4`). The local backend runs the same
+script with bash (the `#SBATCH` lines are comments there) and honours `time`.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import slurmexecutor
+
+#: keyword -> what it takes. Booleans become flags; `array_parallelism` becomes `%N`.
+SBATCH_OPTIONS: dict[str, str] = {
+    "partition": "partition name",
+    "time": "time limit: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS",
+    "mem": "memory per node, e.g. 4G",
+    "mem_per_cpu": "memory per CPU, e.g. 2G",
+    "mem_per_gpu": "memory per GPU",
+    "cpus_per_task": "CPUs per array task",
+    "gpus": "GPUs per task, e.g. 1 or a100:1",
+    "gpus_per_task": "GPUs per task",
+    "gres": "generic resources, e.g. gpu:1",
+    "account": "account to charge",
+    "qos": "quality of service",
+    "constraint": "node features required",
+    "nodelist": "nodes to run on",
+    "exclude": "nodes to avoid",
+    "reservation": "reservation name",
+    "job_name": "job name (default: slurmexecutor-<function>)",
+    "comment": "job comment",
+    "licenses": "licenses",
+    "tmp": "minimum temporary disk",
+    "begin": "start not before this time",
+    "deadline": "remove the job if it cannot end before this time",
+    "mail_type": "mail events",
+    "mail_user": "mail address",
+    "nice": "scheduling priority adjustment",
+    "wckey": "workload characterisation key",
+    "hint": "task binding hint",
+    "requeue": "True: --requeue, False: --no-requeue",
+    "exclusive": "True: --exclusive",
+    "array_parallelism": "at most this many tasks of one array at once (%N)",
+}
+#: Options the executor sets itself and users may not override.
+RESERVED = {"array", "output", "error", "signal", "parsable", "wrap"}
+
+
+def validate_resources(resources: dict) -> dict:
+    """Return a copy of `resources`, or raise ValueError naming the unknown or bad keys."""
+    unknown = sorted(set(resources) - set(SBATCH_OPTIONS))
+    if unknown:
+        hint = ""
+        if any(name.replace("-", "_") in RESERVED for name in unknown):
+            hint = " (the executor sets --array, --output, --error and --signal itself)"
+        raise ValueError(
+            f"unknown resource option(s) {', '.join(map(repr, unknown))}{hint}; valid "
+            f"options: {', '.join(sorted(SBATCH_OPTIONS))}; pass anything else with "
+            "sbatch_extra=['--option=value']"
+        )
+    checked = dict(resources)
+    if "time" in checked:
+        time_limit_seconds(checked["time"])  # raises on a malformed limit
+    parallel = checked.get("array_parallelism")
+    if parallel is not None and (not isinstance(parallel, int) or parallel < 1):
+        raise ValueError(f"array_parallelism must be a positive int, not {parallel!r}")
+    for name, value in checked.items():
+        if isinstance(value, str) and ("\n" in value or not value.strip()):
+            raise ValueError(f"resource {name}={value!r} must be a non-empty single line")
+    return checked
+
+
+_TIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
+
+
+def time_limit_seconds(limit: str | int) -> int:
+    """Parse a Slurm time limit (an int means minutes, as in sbatch)."""
+    if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0:
+        return limit * 60
+    match = _TIME.match(str(limit).strip())
+    if not match or isinstance(limit, bool):
+        raise ValueError(
+            f"time={limit!r} is not a Slurm time limit (minutes, MM:SS, HH:MM:SS, "
+            "D-HH, D-HH:MM or D-HH:MM:SS)"
+        )
+    days, first, second, third = match.groups()
+    if days is not None:  # D-HH[:MM[:SS]]
+        seconds = int(days) * 86400 + int(first) * 3600
+        return seconds + int(second or 0) * 60 + int(third or 0)
+    if third is not None:  # HH:MM:SS
+        return int(first) * 3600 + int(second) * 60 + int(third)
+    if second is not None:  # MM:SS
+        return int(first) * 60 + int(second)
+    return int(first) * 60  # minutes
+
+
+def warning_seconds(limit_seconds: int) -> int:
+    """How long before the limit the worker is warned (SIGUSR1) to wrap up."""
+    return max(2, min(60, limit_seconds // 10))
+
+
+@dataclass
+class ScriptSpec:
+    """Everything a batch script needs besides the resources."""
+
+    run_dir: Path
+    batch: int
+    size: int
+    offset: int = 0
+    job_name: str = "slurmexecutor"
+    python: str = sys.executable
+    setup: list[str] = field(default_factory=list)
+    sbatch_extra: list[str] = field(default_factory=list)
+
+
+def sbatch_directives(resources: dict, spec: ScriptSpec) -> list[str]:
+    """The `--option=value` list for sbatch, in a stable order."""
+    options = [f"--job-name={resources.get('job_name', spec.job_name)}"]
+    array = f"--array=0-{spec.size - 1}"
+    if resources.get("array_parallelism"):
+        array += f"%{resources['array_parallelism']}"
+    options.append(array)
+    options.append(f"--output={spec.run_dir / 'logs' / '%A_%a.log'}")
+    if "time" in resources:
+        warn = warning_seconds(time_limit_seconds(resources["time"]))
+        options.append(f"--signal=B:USR1@{warn}")
+    for name in SBATCH_OPTIONS:
+        if name in ("job_name", "array_parallelism") or name not in resources:
+            continue
+        value, flag = resources[name], name.replace("_", "-")
+        if isinstance(value, bool):
+            if name == "requeue":
+                options.append("--requeue" if value else "--no-requeue")
+            elif value:
+                options.append(f"--{flag}")
+        elif value is not None:
+            options.append(f"--{flag}={value}")
+    options.extend(spec.sbatch_extra)
+    return options
+
+
+def render_script(resources: dict, spec: ScriptSpec) -> str:
+    """The batch script: directives, setup lines, then exec into the worker."""
+    package_root = Path(slurmexecutor.__file__).resolve().parent.parent
+    lines = ["#!/bin/bash"]
+    lines += [f"#SBATCH {option}" for option in sbatch_directives(resources, spec)]
+    lines += list(spec.setup)
+    lines.append(f"export PYTHONPATH={shlex.quote(str(package_root))}"
+                 '${PYTHONPATH:+:$PYTHONPATH}')
+    task = f'$(( {spec.offset} + ${{SLURMEXECUTOR_TASK:-$SLURM_ARRAY_TASK_ID}} ))'
+    lines.append(
+        f"exec {shlex.quote(spec.python)} -m slurmexecutor.worker "
+        f'{shlex.quote(str(spec.run_dir))} {spec.batch} "{task}"'
+    )
+    return "\n".join(lines) + "\n"

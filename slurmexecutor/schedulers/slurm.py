@@ -1,0 +1,165 @@
+"""The Slurm backend: the only code that runs sbatch, squeue, sacct, scancel, scontrol."""
+
+from __future__ import annotations
+
+import logging
+import re
+import subprocess
+from pathlib import Path
+from typing import Collection
+
+from ..errors import SubmissionError
+from . import Backend, TaskKey, TaskState
+
+log = logging.getLogger("slurmexecutor")
+
+#: squeue columns: array job id, array index, state, exit code ("N" or "N:S"), reason.
+SQUEUE_FORMAT = "ArrayJobID:|,ArrayTaskID:|,State:|,exit_code:|,Reason:"
+COMMAND_TIMEOUT = 60
+
+
+def run_command(args: list[str], *, check: bool = True) -> subprocess.CompletedProcess:
+    """Run a Slurm command; raise SubmissionError with its stderr when it fails."""
+    log.debug("running %s", " ".join(args))
+    try:
+        done = subprocess.run(args, capture_output=True, text=True, timeout=COMMAND_TIMEOUT,
+                              stdin=subprocess.DEVNULL)
+    except FileNotFoundError as exc:
+        raise SubmissionError(f"{args[0]} not found: is Slurm installed here?") from exc
+    except subprocess.TimeoutExpired as exc:
+        raise SubmissionError(f"{args[0]} did not answer in {COMMAND_TIMEOUT} s") from exc
+    if check and done.returncode != 0:
+        raise SubmissionError(
+            f"{' '.join(args[:2])} failed (exit {done.returncode}): "
+            f"{done.stderr.strip() or done.stdout.strip()}"
+        )
+    return done
+
+
+def parse_exit_code(text: str) -> tuple[int | None, int | None]:
+    """Slurm's "code:signal" (or just "code") -> (exit code, signal or None)."""
+    text = text.strip()
+    if not text or text in ("N/A", "(null)"):
+        return None, None
+    code, _, sig = text.partition(":")
+    try:
+        return int(code), (int(sig) or None) if sig else None
+    except ValueError:
+        return None, None
+
+
+def parse_squeue(output: str) -> dict[TaskKey, TaskState]:
+    """Parse `squeue -h -r -O SQUEUE_FORMAT` output (one line per array task)."""
+    states: dict[TaskKey, TaskState] = {}
+    for line in output.splitlines():
+        fields = [field.strip() for field in line.split("|")]
+        if len(fields) < 4 or not fields[1].isdigit():
+            continue  # not an array task (or an unexpanded pending range)
+        exit_code, sig = parse_exit_code(fields[3])
+        state = fields[2].split()[0] if fields[2] else "UNKNOWN"
+        reason = fields[4] if len(fields) > 4 else ""
+        states[(fields[0], int(fields[1]))] = TaskState(state, exit_code, sig, reason)
+    return states
+
+
+_SACCT_ID = re.compile(r"^(\d+)_(\d+)$")
+
+
+def parse_sacct(output: str) -> dict[TaskKey, TaskState]:
+    """Parse `sacct -n -P -X --format=JobID,State,ExitCode` output."""
+    states: dict[TaskKey, TaskState] = {}
+    for line in output.splitlines():
+        fields = line.split("|")
+        match = _SACCT_ID.match(fields[0]) if len(fields) >= 3 else None
+        if match:
+            exit_code, sig = parse_exit_code(fields[2])
+            state = fields[1].split()[0]  # "CANCELLED by 0" -> "CANCELLED"
+            states[(match.group(1), int(match.group(2)))] = TaskState(state, exit_code, sig)
+    return states
+
+
+def parse_max_array_size(config: str) -> int:
+    """MaxArraySize from `scontrol show config`; Slurm's default when absent."""
+    match = re.search(r"^MaxArraySize\s*=\s*(\d+)", config, re.MULTILINE)
+    return int(match.group(1)) if match else 1001
+
+
+def parse_total_cpus(sinfo: str) -> int:
+    """Sum the T of `sinfo -h -o %C` lines ("allocated/idle/other/total")."""
+    total = 0
+    for line in sinfo.split():
+        parts = line.split("/")
+        if len(parts) == 4 and parts[3].isdigit():
+            total += int(parts[3])
+    return total
+
+
+class SlurmBackend(Backend):
+    name = "slurm"
+
+    def __init__(self, resources: dict) -> None:
+        self.resources = resources
+        self._max_array_size: int | None = None
+        self._slots: int | None = None
+        self._sacct_usable = True
+
+    def submit_array(self, script: Path, size: int, log_dir: Path) -> str:
+        done = run_command(["sbatch", "--parsable", str(script)])
+        job_id = done.stdout.strip().split(";")[0]
+        if not job_id.isdigit():
+            raise SubmissionError(f"sbatch printed no job id: {done.stdout!r}")
+        log.info("submitted array job %s (%d tasks) from %s", job_id, size, script)
+        return job_id
+
+    def states(self, job_ids: Collection[str]) -> dict[TaskKey, TaskState]:
+        if not job_ids:
+            return {}
+        args = ["squeue", "-h", "-r", "-O", SQUEUE_FORMAT]
+        done = run_command(args + ["-j", ",".join(sorted(job_ids))], check=False)
+        if done.returncode != 0:
+            if "Invalid job id" not in done.stderr:
+                raise SubmissionError(f"squeue failed: {done.stderr.strip()}")
+            # every id has left the queue, or some did and this squeue refuses the list
+            done = run_command(args + ["--me"])
+            wanted = set(job_ids)
+            return {key: state for key, state in parse_squeue(done.stdout).items()
+                    if key[0] in wanted}
+        return parse_squeue(done.stdout)
+
+    def final_states(self, keys: Collection[TaskKey]) -> dict[TaskKey, TaskState]:
+        """Ask accounting (sacct) once; remember when the cluster has none."""
+        if not keys or not self._sacct_usable:
+            return {}
+        ids = ",".join(sorted({f"{job}_{index}" for job, index in keys}))
+        done = run_command(["sacct", "-n", "-P", "-X", "--format=JobID,State,ExitCode",
+                            "-j", ids], check=False)
+        if done.returncode != 0:
+            log.info("sacct is not usable here (%s); relying on squeue and the worker's "
+                     "records", done.stderr.strip() or done.returncode)
+            self._sacct_usable = False
+            return {}
+        return parse_sacct(done.stdout)
+
+    def cancel(self, refs: Collection[str]) -> None:
+        if refs:
+            log.info("scancel %s", " ".join(refs))
+            run_command(["scancel", *refs], check=False)
+
+    def max_array_size(self) -> int:
+        if self._max_array_size is None:
+            config = run_command(["scontrol", "show", "config"]).stdout
+            self._max_array_size = parse_max_array_size(config)
+        return self._max_array_size
+
+    def slots(self) -> int:
+        if self._slots is None:
+            args = ["sinfo", "-h", "-o", "%C"]
+            if self.resources.get("partition"):
+                args += ["-p", str(self.resources["partition"])]
+            cpus = parse_total_cpus(run_command(args, check=False).stdout) or 1
+            per_task = int(self.resources.get("cpus_per_task") or 1)
+            self._slots = max(1, cpus // per_task)
+            if self.resources.get("array_parallelism"):
+                self._slots = min(self._slots, int(self.resources["array_parallelism"]))
+        return self._slots
+

@@ -1,0 +1,249 @@
+"""The folder protocol: layout, authenticated serialisation and atomic writes.
+
+Everything the client and the workers exchange goes through one folder on a filesystem
+both can see. The folder is the journal: a new client can find every run in it again.
+
+    <folder>/                        mode 0700
+      key                            32 random bytes (0600): the HMAC key of this folder
+      <run>/                         one executor session
+        run.json                     when, where, which backend (plain JSON)
+        b0003.json                   batch journal: calls per task, array job ids
+        b0003.fn                     the batch's functions, pickled once (signed blob)
+        b0003.t0007.in               the call ids and arguments of array task 7 (signed blob)
+        b0003.t0007.r0.out           records task 7 appended while it ran (attempt 0)
+        b0003.t0007.cancel           call ids the client cancelled before they ran
+        logs/b0003.t0007.log         the task's stdout and stderr
+
+Signed blobs and records carry an HMAC-SHA256 of their payload; nothing is unpickled
+before its signature checks, so a truncated, corrupted or swapped file is rejected.
+A result stream is a sequence of records, each `length | hmac | payload`, appended by
+one process per attempt: a task that dies half-way keeps every record it completed.
+
+This module must stay light: the worker imports it, and a task's start-up time matters.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import pickle
+import struct
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import IntegrityError
+
+KEY_FILE = "key"
+BLOB_MAGIC = b"SLXB1"
+HEADER = struct.Struct(">I32s")  # payload length, HMAC-SHA256 digest
+
+
+def ensure_private_dir(path: Path) -> Path:
+    """Create `path` (and parents) with mode 0700 and return it."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return path
+
+
+def load_key(folder: Path, *, create: bool = False) -> bytes:
+    """Read the folder's HMAC key, creating it (0600) on first use when `create`."""
+    path = folder / KEY_FILE
+    if create and not path.exists():
+        ensure_private_dir(folder)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            pass  # another client created it first
+        else:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(os.urandom(32))
+    key = path.read_bytes()
+    if len(key) != 32:
+        raise IntegrityError(f"{path} is not a valid key file ({len(key)} bytes)")
+    return key
+
+
+def _digest(key: bytes, payload: bytes) -> bytes:
+    return hmac.new(key, payload, hashlib.sha256).digest()
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that readers see either nothing or all of it."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def write_blob(path: Path, key: bytes, obj: Any) -> None:
+    """Pickle `obj` (plain pickle: callers cloudpickle user objects first) and sign it."""
+    payload = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    write_atomic(path, BLOB_MAGIC + HEADER.pack(len(payload), _digest(key, payload)) + payload)
+
+
+def read_blob(path: Path, key: bytes) -> Any:
+    """Read a blob written by `write_blob`, refusing it unless its signature checks."""
+    data = path.read_bytes()
+    start = len(BLOB_MAGIC) + HEADER.size
+    if not data.startswith(BLOB_MAGIC) or len(data) < start:
+        raise IntegrityError(f"{path} is not a slurmexecutor file or is truncated")
+    length, digest = HEADER.unpack_from(data, len(BLOB_MAGIC))
+    payload = data[start:]
+    if len(payload) != length:
+        raise IntegrityError(f"{path} is truncated ({len(payload)} of {length} bytes)")
+    if not hmac.compare_digest(digest, _digest(key, payload)):
+        raise IntegrityError(f"{path} failed authentication (corrupted or not ours)")
+    return pickle.loads(payload)
+
+
+class RecordWriter:
+    """Appends signed records to a result stream, one `write` system call per record."""
+
+    def __init__(self, path: Path, key: bytes) -> None:
+        self._key = key
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+
+    def write(self, record: tuple) -> None:
+        payload = pickle.dumps(record, protocol=pickle.HIGHEST_PROTOCOL)
+        os.write(self.fd, HEADER.pack(len(payload), _digest(self._key, payload)) + payload)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+@dataclass
+class StreamCursor:
+    """How far the client has read one result stream."""
+
+    path: Path
+    offset: int = 0
+    pending_bytes: int = 0  # bytes after the last complete record
+    error: str | None = None  # set once a record failed authentication
+
+
+def read_records(cursor: StreamCursor, key: bytes) -> list[tuple]:
+    """Return the complete records appended to a stream since the cursor, advancing it.
+
+    An incomplete record at the end is left for the next read (its writer may still be
+    writing it). A record whose signature fails stops the stream: `cursor.error` says
+    where, and nothing after it is trusted.
+    """
+    if cursor.error:
+        return []
+    try:
+        with open(cursor.path, "rb") as handle:
+            handle.seek(cursor.offset)
+            data = handle.read()
+    except FileNotFoundError:
+        return []
+    records, position = [], 0
+    while len(data) - position >= HEADER.size:
+        length, digest = HEADER.unpack_from(data, position)
+        end = position + HEADER.size + length
+        if end > len(data):
+            break
+        payload = data[position + HEADER.size : end]
+        if not hmac.compare_digest(digest, _digest(key, payload)):
+            cursor.error = (
+                f"{cursor.path}: record at byte {cursor.offset + position} failed "
+                "authentication (the file was corrupted or written by someone else)"
+            )
+            break
+        records.append(pickle.loads(payload))
+        position = end
+    cursor.offset += position
+    cursor.pending_bytes = len(data) - position
+    return records
+
+
+# -- names ---------------------------------------------------------------------------
+
+
+def batch_name(batch: int) -> str:
+    return f"b{batch:04d}"
+
+
+def task_name(batch: int, task: int) -> str:
+    return f"{batch_name(batch)}.t{task:04d}"
+
+
+def functions_path(run_dir: Path, batch: int) -> Path:
+    return run_dir / f"{batch_name(batch)}.fn"
+
+
+def journal_path(run_dir: Path, batch: int) -> Path:
+    return run_dir / f"{batch_name(batch)}.json"
+
+
+def chunk_path(run_dir: Path, batch: int, task: int) -> Path:
+    return run_dir / f"{task_name(batch, task)}.in"
+
+
+def cancel_path(run_dir: Path, batch: int, task: int) -> Path:
+    return run_dir / f"{task_name(batch, task)}.cancel"
+
+
+def stream_path(run_dir: Path, batch: int, task: int, attempt: int) -> Path:
+    return run_dir / f"{task_name(batch, task)}.r{attempt}.out"
+
+
+def log_path(run_dir: Path, batch: int, task: int) -> Path:
+    return run_dir / "logs" / f"{task_name(batch, task)}.log"
+
+
+def parse_stream_name(name: str) -> tuple[int, int] | None:
+    """`b0003.t0007.r0.out` -> (3, 7); None for any other file name."""
+    parts = name.split(".")
+    if len(parts) != 4 or parts[3] != "out" or not parts[0].startswith("b"):
+        return None
+    try:
+        return int(parts[0][1:]), int(parts[1][1:])
+    except ValueError:
+        return None
+
+
+def read_cancelled(path: Path) -> set[int]:
+    """Call ids listed in a task's cancel file (empty when there is none)."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return set()
+    return {int(line) for line in text.split() if line.isdigit()}
+
+
+def append_cancelled(path: Path, call_ids: list[int]) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        os.write(fd, "".join(f"{call_id}\n" for call_id in call_ids).encode())
+    finally:
+        os.close(fd)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    write_atomic(path, json.dumps(obj, indent=1).encode())
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text())
+
+
+def compress_ids(ids: list[int]) -> list[list[int]]:
+    """[1, 2, 3, 7] -> [[1, 4], [7, 8]]: half-open ranges, for compact journals."""
+    ranges: list[list[int]] = []
+    for call_id in ids:
+        if ranges and ranges[-1][1] == call_id:
+            ranges[-1][1] += 1
+        else:
+            ranges.append([call_id, call_id + 1])
+    return ranges
+
+
+def expand_ids(ranges: list[list[int]]) -> list[int]:
+    return [call_id for start, stop in ranges for call_id in range(start, stop)]
