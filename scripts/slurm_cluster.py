@@ -156,9 +156,7 @@ def is_alive(pid: int) -> bool:
 
 
 def all_pids() -> list[int]:
-    return [
-        int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit()
-    ]
+    return [int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit()]
 
 
 def protected_pids() -> set[int]:
@@ -294,9 +292,7 @@ def job_process_roots(layout: Layout, node: str | None = None) -> set[int]:
     return roots - protected_pids()
 
 
-def spawn_daemon(
-    layout: Layout, name: str, argv: Sequence[str], env: dict[str, str]
-) -> None:
+def spawn_daemon(layout: Layout, name: str, argv: Sequence[str], env: dict[str, str]) -> None:
     """Run a self-daemonising program detached from us: new session, stdio to files.
 
     The launching process forks the real daemon and exits; a non-zero exit status
@@ -324,9 +320,7 @@ def spawn_daemon(
         raise ClusterError(f"{name} failed to start (exit {code}):\n{tail(out_path)}")
 
 
-def wait_for_pid(
-    path: Path, binary: str, marker: str, name: str, timeout: float
-) -> int:
+def wait_for_pid(path: Path, binary: str, marker: str, name: str, timeout: float) -> int:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         pid = daemon_pid(path, binary, marker)
@@ -346,8 +340,8 @@ def daemon_env(layout: Layout, node: str | None = None) -> dict[str, str]:
 
 
 def start_munged(layout: Layout) -> None:
-    layout.munge_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    os.chmod(layout.munge_dir, 0o700)
+    layout.munge_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(layout.munge_dir, 0o755)  # munged wants its socket's folder searchable
     if not layout.munge_key.exists():
         fd = os.open(layout.munge_key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as key:
@@ -388,9 +382,7 @@ def start_slurmd(layout: Layout, node: str) -> None:
     (layout.spool / node).mkdir(parents=True, exist_ok=True)
     argv = [SLURMD, "-f", str(layout.conf), "-N", node]
     spawn_daemon(layout, f"slurmd-{node}", argv, daemon_env(layout, node))
-    wait_for_pid(
-        layout.slurmd_pid(node), SLURMD, str(layout.conf), f"slurmd {node}", 15
-    )
+    wait_for_pid(layout.slurmd_pid(node), SLURMD, str(layout.conf), f"slurmd {node}", 15)
 
 
 # ---------------------------------------------------------------------------- slurm.conf
@@ -492,9 +484,7 @@ def render_conf(
 def check_paths(layout: Layout, nodes: Sequence[str]) -> None:
     """Refuse folders whose paths slurm.conf or Unix sockets cannot hold."""
     if any(ch.isspace() or ch in "#=," for ch in str(layout.root)):
-        raise ClusterError(
-            f"DIR must not contain whitespace, '#', '=' or ',': {layout.root}"
-        )
+        raise ClusterError(f"DIR must not contain whitespace, '#', '=' or ',': {layout.root}")
     longest_node = max(nodes, key=len)
     # slurmstepd's socket: SlurmdSpoolDir/<node>_<jobid>.<stepid>, ids up to 10 digits.
     step_socket = layout.spool / longest_node / f"{longest_node}_{'9' * 10}.{'9' * 10}"
@@ -536,11 +526,7 @@ def wait_idle(layout: Layout, nodes: Sequence[str], deadline: float) -> None:
         states = node_states(layout)
         if all(states.get(node) == "idle" for node in nodes):
             return
-        dead = [
-            name
-            for name in ("slurmctld", "munged")
-            if name not in running_daemons(layout)
-        ]
+        dead = [name for name in ("slurmctld", "munged") if name not in running_daemons(layout)]
         if dead:
             raise ClusterError(f"{', '.join(dead)} exited while waiting for nodes")
         time.sleep(0.2)
@@ -558,9 +544,7 @@ def tail(path: Path, lines: int = 20) -> str:
 
 def print_log_tails(layout: Layout) -> None:
     paths = [layout.munge_log, layout.slurmctld_log]
-    paths += sorted(layout.logs.glob("slurmd-*.log")) + sorted(
-        layout.logs.glob("*.out")
-    )
+    paths += sorted(layout.logs.glob("slurmd-*.log")) + sorted(layout.logs.glob("*.out"))
     for path in paths:
         if path.exists():
             print(f"----- tail of {path} -----\n{tail(path)}", file=sys.stderr)
@@ -569,9 +553,7 @@ def print_log_tails(layout: Layout) -> None:
 # ----------------------------------------------------------------------------- commands
 
 
-def cmd_up(
-    layout: Layout, nodes_count: int, cpus: int, max_array_size: int, timeout: float
-) -> int:
+def cmd_up(layout: Layout, nodes_count: int, cpus: int, max_array_size: int, timeout: float) -> int:
     started = time.monotonic()
     deadline = started + timeout
     running = running_daemons(layout)
@@ -600,9 +582,7 @@ def cmd_up(
         folder.mkdir(parents=True, exist_ok=True)
 
     ports = free_ports(1 + len(nodes))
-    layout.conf.write_text(
-        render_conf(layout, nodes, cpus, max_array_size, ports[0], ports[1:])
-    )
+    layout.conf.write_text(render_conf(layout, nodes, cpus, max_array_size, ports[0], ports[1:]))
     try:
         start_munged(layout)
         start_slurmctld(layout)
@@ -634,9 +614,7 @@ def cmd_down(layout: Layout) -> int:
     if munged is not None:  # last: the others talk to it while shutting down
         terminate([munged])
     stopped = len(daemons) + (slurmctld is not None) + (munged is not None)
-    log(
-        f"stopped {stopped} daemon(s) and {len(killed)} job process(es) in {layout.root}"
-    )
+    log(f"stopped {stopped} daemon(s) and {len(killed)} job process(es) in {layout.root}")
     return 0
 
 
@@ -649,10 +627,8 @@ def cmd_kill_node(layout: Layout, node: str) -> int:
     roots = job_process_roots(layout, node)
     if slurmd is not None:
         roots.add(slurmd)
-    killed = kill_trees(roots)
-    log(
-        f"node {node}: killed slurmd {slurmd} and {len(killed) - (slurmd is not None)} other process(es)"
-    )
+    others = len(kill_trees(roots) - {slurmd})
+    log(f"node {node}: killed slurmd (pid {slurmd}) and {others} other process(es)")
     return 0
 
 
@@ -674,15 +650,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
     up = sub.add_parser("up", help="start a cluster in DIR and wait until it is idle")
     up.add_argument("dir", type=Path, metavar="DIR")
-    up.add_argument(
-        "--nodes", type=int, default=1, help="number of nodes n1..nN (default 1)"
-    )
-    up.add_argument(
-        "--cpus", type=int, default=16, help="CPUs declared per node (default 16)"
-    )
-    up.add_argument(
-        "--max-array-size", type=int, default=1001, help="MaxArraySize (default 1001)"
-    )
+    up.add_argument("--nodes", type=int, default=1, help="number of nodes n1..nN (default 1)")
+    up.add_argument("--cpus", type=int, default=16, help="CPUs declared per node (default 16)")
+    up.add_argument("--max-array-size", type=int, default=1001, help="MaxArraySize (default 1001)")
     up.add_argument(
         "--timeout",
         type=float,
@@ -714,9 +684,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     layout = Layout(args.dir)
     try:
         if args.command == "up":
-            return cmd_up(
-                layout, args.nodes, args.cpus, args.max_array_size, args.timeout
-            )
+            return cmd_up(layout, args.nodes, args.cpus, args.max_array_size, args.timeout)
         if args.command == "down":
             return cmd_down(layout)
         if args.command == "env":

@@ -30,8 +30,6 @@ import json
 import os
 import pickle
 import struct
-import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +70,8 @@ def _digest(key: bytes, payload: bytes) -> bytes:
 
 def write_atomic(path: Path, data: bytes) -> None:
     """Write `data` to `path` so that readers see either nothing or all of it."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
@@ -118,14 +117,16 @@ class RecordWriter:
         os.close(self.fd)
 
 
-@dataclass
 class StreamCursor:
     """How far the client has read one result stream."""
 
-    path: Path
-    offset: int = 0
-    pending_bytes: int = 0  # bytes after the last complete record
-    error: str | None = None  # set once a record failed authentication
+    __slots__ = ("path", "offset", "pending_bytes", "error")
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.offset = 0
+        self.pending_bytes = 0  # bytes after the last complete record
+        self.error: str | None = None  # set once a record failed authentication
 
 
 def read_records(cursor: StreamCursor, key: bytes) -> list[tuple]:

@@ -13,7 +13,7 @@ from . import Backend, TaskKey, TaskState
 
 log = logging.getLogger("slurmexecutor")
 
-#: squeue columns: array job id, array index, state, exit code ("N" or "N:S"), reason.
+#: squeue columns: array job id, array index, state, raw exit status, reason.
 SQUEUE_FORMAT = "ArrayJobID:|,ArrayTaskID:|,State:|,exit_code:|,Reason:"
 COMMAND_TIMEOUT = 60
 
@@ -37,15 +37,19 @@ def run_command(args: list[str], *, check: bool = True) -> subprocess.CompletedP
 
 
 def parse_exit_code(text: str) -> tuple[int | None, int | None]:
-    """Slurm's "code:signal" (or just "code") -> (exit code, signal or None)."""
+    """-> (exit code, signal or None) from sacct's "code:signal" or squeue's raw status.
+
+    squeue's exit_code is the raw wait status: 768 is exit code 3, 11 is signal 11.
+    """
     text = text.strip()
-    if not text or text in ("N/A", "(null)"):
-        return None, None
-    code, _, sig = text.partition(":")
     try:
-        return int(code), (int(sig) or None) if sig else None
+        if ":" in text:
+            code, _, sig = text.partition(":")
+            return int(code), int(sig) or None
+        raw = int(text)
     except ValueError:
         return None, None
+    return raw >> 8, (raw & 0x7F) or None
 
 
 def parse_squeue(output: str) -> dict[TaskKey, TaskState]:
@@ -114,16 +118,12 @@ class SlurmBackend(Backend):
     def states(self, job_ids: Collection[str]) -> dict[TaskKey, TaskState]:
         if not job_ids:
             return {}
-        args = ["squeue", "-h", "-r", "-O", SQUEUE_FORMAT]
+        args = ["squeue", "-h", "-r", "-t", "all", "-O", SQUEUE_FORMAT]
         done = run_command(args + ["-j", ",".join(sorted(job_ids))], check=False)
         if done.returncode != 0:
-            if "Invalid job id" not in done.stderr:
-                raise SubmissionError(f"squeue failed: {done.stderr.strip()}")
-            # every id has left the queue, or some did and this squeue refuses the list
-            done = run_command(args + ["--me"])
-            wanted = set(job_ids)
-            return {key: state for key, state in parse_squeue(done.stdout).items()
-                    if key[0] in wanted}
+            if "Invalid job id" in done.stderr:  # a lone id that has left the queue
+                return {}
+            raise SubmissionError(f"squeue failed: {done.stderr.strip()}")
         return parse_squeue(done.stdout)
 
     def final_states(self, keys: Collection[TaskKey]) -> dict[TaskKey, TaskState]:

@@ -1,0 +1,348 @@
+"""The executor against the real Slurm cluster AND the local backend (see conftest)."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import ctypes
+import os
+import stat
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from slurmexecutor import (
+    RemoteTraceback,
+    SerializationError,
+    SlurmExecutor,
+    SubmissionError,
+    WorkerCrashedError,
+    spool,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+# -- functions the workers run (this module is importable there via the shipped sys.path)
+
+
+def square(x):
+    return x * x
+
+
+def add(x, y=0, *, z=0):
+    return x + y + z
+
+
+def sleep_then(seconds, value=None):
+    time.sleep(seconds)
+    return value
+
+
+def touch_then(path, seconds=0.0):
+    Path(path).write_text("ran")
+    time.sleep(seconds)
+    return path
+
+
+class CustomError(Exception):
+    pass
+
+
+def fail_with_custom(message):
+    raise CustomError(message)
+
+
+def fail_at(x, bad):
+    if x == bad:
+        raise ValueError(f"bad item {x}")
+    return x
+
+
+def exit_at(x, bad, code=3):
+    if x == bad:
+        os._exit(code)
+    return x
+
+
+def segfault():
+    ctypes.string_at(0)
+
+
+def return_lock():
+    return threading.Lock()
+
+
+def wait_until(predicate, timeout=30.0, interval=0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return False
+
+
+def batches(executor: SlurmExecutor) -> list[dict]:
+    return [spool.read_json(path) for path in sorted(executor.run_dir.glob("b*.json"))]
+
+
+# -- Future semantics ----------------------------------------------------------------
+
+
+def test_submit_returns_real_futures(make_executor):
+    ex = make_executor()
+    futures = [ex.submit(add, i, y=1, z=2) for i in range(5)]
+    assert all(isinstance(f, cf.Future) for f in futures)
+    done, not_done = cf.wait(futures, timeout=60)
+    assert not not_done
+    assert sorted(f.result() for f in cf.as_completed(futures)) == [3, 4, 5, 6, 7]
+    seen = []
+    futures[0].add_done_callback(lambda f: seen.append(f.result()))
+    assert seen == [3]  # already done: the callback runs at once
+
+
+def test_future_turns_running_when_task_starts(make_executor):
+    ex = make_executor()
+    future = ex.submit(sleep_then, 3, "slept")
+    assert wait_until(future.running, timeout=30), "never reported running"
+    assert not future.done()
+    assert future.result(timeout=60) == "slept"
+
+
+def test_context_manager_waits_for_results(make_executor):
+    with make_executor() as ex:
+        future = ex.submit(sleep_then, 1, 7)
+    assert future.done() and future.result() == 7
+    with pytest.raises(RuntimeError, match="after shutdown"):
+        ex.submit(square, 1)
+
+
+def test_map_in_order_with_several_iterables(make_executor):
+    ex = make_executor()
+    assert list(ex.map(add, range(50), range(100, 150))) == [
+        x + y for x, y in zip(range(50), range(100, 150))]
+    assert list(ex.map(square, [])) == []
+
+
+def test_map_raises_at_the_failing_position(make_executor):
+    ex = make_executor()
+    results = ex.map(fail_at, range(10), [6] * 10, chunksize=3)
+    got = []
+    with pytest.raises(ValueError, match="bad item 6"):
+        for value in results:
+            got.append(value)
+    assert got == [0, 1, 2, 3, 4, 5]
+
+
+def test_map_timeout_raises_on_iteration(make_executor):
+    ex = make_executor()
+    results = ex.map(sleep_then, [5], timeout=0.5)
+    with pytest.raises(cf.TimeoutError):
+        list(results)
+
+
+# -- shipping code -------------------------------------------------------------------
+
+
+def test_lambdas_and_closures(make_executor):
+    ex = make_executor()
+    offset = 10
+    assert ex.submit(lambda x: x + offset, 5).result(timeout=60) == 15
+    assert list(ex.map(lambda x: x * offset, range(3))) == [0, 10, 20]
+
+
+def test_module_importable_only_from_client_sys_path(make_executor, tmp_path, monkeypatch):
+    module_dir = tmp_path / "mods"
+    module_dir.mkdir()
+    (module_dir / "helper_only_here.py").write_text(
+        "class Point:\n    def __init__(self, x): self.x = x\n"
+        "def make(x):\n    return Point(x * 2)\n")
+    monkeypatch.syspath_prepend(str(module_dir))
+    import helper_only_here
+
+    point = make_executor().submit(helper_only_here.make, 21).result(timeout=60)
+    assert isinstance(point, helper_only_here.Point) and point.x == 42
+
+
+def test_function_defined_in_main_script(backend, tmp_path):
+    if backend == "slurm":
+        pytest.importorskip("slurmexecutor")  # the fixture already booted the cluster
+    script = tmp_path / "user_script.py"
+    script.write_text(textwrap.dedent(f"""
+        from slurmexecutor import SlurmExecutor
+
+        class Box:
+            def __init__(self, v): self.v = v
+
+        def triple(x):
+            return Box(3 * x)
+
+        if __name__ == "__main__":
+            with SlurmExecutor({str(tmp_path / 'spool')!r}, backend={backend!r},
+                               poll_interval=0.2) as ex:
+                print(sum(box.v for box in ex.map(triple, range(4))))
+    """))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "18"
+
+
+# -- errors --------------------------------------------------------------------------
+
+
+def test_exception_keeps_type_and_remote_traceback(make_executor):
+    future = make_executor().submit(fail_with_custom, "boom")
+    error = future.exception(timeout=60)
+    assert type(error) is CustomError and str(error) == "boom"
+    assert isinstance(error.__cause__, RemoteTraceback)
+    assert "fail_with_custom" in str(error.__cause__)
+
+
+def test_unpicklable_argument_fails_at_submit(make_executor):
+    ex = make_executor()
+    with pytest.raises(SerializationError, match="argument of .*square"):
+        ex.submit(square, threading.Lock())
+    with pytest.raises(SerializationError):
+        ex.map(square, [1, threading.Lock()])
+
+
+def test_unpicklable_result_fails_that_future_only(make_executor):
+    ex = make_executor()
+    bad, good = ex.submit(return_lock), ex.submit(square, 4)
+    with pytest.raises(SerializationError, match="cannot be pickled"):
+        bad.result(timeout=60)
+    assert good.result(timeout=60) == 16
+
+
+def test_crash_fails_only_the_call_it_hit(make_executor):
+    ex = make_executor(chunksize=5)
+    futures = [ex.submit(exit_at, i, 2) for i in range(5)]  # one task, call 2 exits
+    assert [f.result(timeout=60) for i, f in enumerate(futures) if i != 2] == [0, 1, 3, 4]
+    error = futures[2].exception()
+    assert isinstance(error, WorkerCrashedError)
+    assert error.exit_code == 3 and "exited with code 3" in str(error)
+    assert error.log_path is not None and error.log_path.exists()
+
+
+def test_segfault_names_the_signal(make_executor):
+    ex = make_executor()
+    survivor = ex.submit(square, 5)
+    error = ex.submit(segfault).exception(timeout=60)
+    assert isinstance(error, WorkerCrashedError) and error.signal == 11
+    assert "SIGSEGV" in str(error)
+    assert survivor.result(timeout=60) == 25
+
+
+def test_submission_error_fails_futures_not_hangs(backend, make_executor):
+    if backend != "slurm":
+        pytest.skip("the local backend has no partitions to get wrong")
+    future = make_executor(partition="no_such_partition").submit(square, 2)
+    with pytest.raises(SubmissionError, match="sbatch"):
+        future.result(timeout=30)
+
+
+# -- packing -------------------------------------------------------------------------
+
+
+def test_map_is_one_packed_array_with_the_function_pickled_once(make_executor):
+    ex = make_executor()
+    assert sum(ex.map(square, range(1000))) == sum(x * x for x in range(1000))
+    [journal] = batches(ex)
+    assert len(journal["arrays"]) == 1 and journal["functions"] == [f"{__name__}.square"]
+    assert 1 < len(journal["tasks"]) <= ex.backend.slots()
+    table = spool.read_blob(ex.run_dir / journal["functions_file"], ex.key)
+    assert len(table["functions"]) == 1
+
+
+def test_submits_in_a_loop_are_batched(make_executor):
+    ex = make_executor()
+    futures = [ex.submit(square, i) for i in range(500)]
+    assert sum(f.result(timeout=120) for f in futures) == sum(i * i for i in range(500))
+    journals = batches(ex)
+    arrays = sum(len(journal["arrays"]) for journal in journals)
+    tasks = sum(len(journal["tasks"]) for journal in journals)
+    assert arrays <= 3, f"500 submits became {arrays} arrays"
+    assert tasks <= 3 * ex.backend.slots()
+
+
+def test_result_flushes_the_window_at_once(make_executor):
+    ex = make_executor(submit_window=30, max_window=60)
+    started = time.monotonic()
+    assert ex.submit(square, 9).result(timeout=60) == 81
+    assert time.monotonic() - started < 20
+
+
+def test_worker_does_not_import_the_client_side():
+    code = ("import sys, slurmexecutor.worker; "
+            "bad = {'slurmexecutor.executor', 'slurmexecutor.monitor', 'concurrent.futures', "
+            "'cloudpickle', 'tempfile', 'dataclasses'} & set(sys.modules); print(sorted(bad))")
+    done = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True,
+                          cwd=REPO, check=True)
+    assert done.stdout.strip() == "[]"
+
+
+# -- cancel and shutdown -------------------------------------------------------------
+
+
+def test_cancel_before_start_never_runs(make_executor, tmp_path):
+    ex = make_executor(array_parallelism=1, chunksize=1)
+    blocker = ex.submit(sleep_then, 3, "done")
+    marker = tmp_path / "victim-ran"
+    victim = ex.submit(touch_then, str(marker))
+    assert wait_until(blocker.running)
+    assert victim.cancel() is True
+    assert blocker.result(timeout=60) == "done"
+    time.sleep(2)
+    assert victim.cancelled() and not marker.exists()
+
+
+def test_cancel_inside_the_window_drops_the_call(make_executor, tmp_path):
+    ex = make_executor(submit_window=1.0)
+    marker = tmp_path / "dropped-ran"
+    victim = ex.submit(touch_then, str(marker))
+    assert victim.cancel()
+    keeper = ex.submit(square, 3)
+    assert keeper.result(timeout=60) == 9
+    assert not marker.exists()
+    assert sum(len(j["tasks"]) for j in batches(ex)) == 1
+
+
+def test_shutdown_nowait_cancels_what_has_not_started(make_executor, tmp_path):
+    ex = make_executor(array_parallelism=1, chunksize=1)
+    blocker = ex.submit(sleep_then, 3, "done")
+    victims = [ex.submit(touch_then, str(tmp_path / f"v{i}")) for i in range(3)]
+    assert wait_until(blocker.running)
+    started = time.monotonic()
+    ex.shutdown(wait=False, cancel_futures=True)
+    assert time.monotonic() - started < 1.0
+    assert all(v.cancelled() for v in victims)
+    assert blocker.result(timeout=60) == "done"
+    time.sleep(1.5)
+    assert not any((tmp_path / f"v{i}").exists() for i in range(3))
+
+
+# -- the folder ----------------------------------------------------------------------
+
+
+def test_folder_and_key_are_private(make_executor):
+    ex = make_executor()
+    assert stat.S_IMODE(ex.folder.stat().st_mode) == 0o700
+    assert stat.S_IMODE(ex.run_dir.stat().st_mode) == 0o700
+    assert stat.S_IMODE((ex.folder / "key").stat().st_mode) == 0o600
+    ex.submit(square, 2).result(timeout=60)
+    for path in ex.run_dir.glob("b*"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+
+
+def test_future_gives_its_log(make_executor):
+    ex = make_executor()
+    future = ex.submit(print, "hello from the worker")
+    future.result(timeout=60)
+    assert future.log_path.exists()
+    assert future.log().strip() == "hello from the worker"
+    assert "hello from the worker" in future.log_tail()
