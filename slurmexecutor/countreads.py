@@ -266,7 +266,7 @@ def _write_demo_bam(
     max_start = contig_length - READ_LENGTH
     tmp = path.with_name(f".{path.name}.tmp")
     read_index = 0
-    with pysam.AlignmentFile(str(tmp), "wb", header=header, threads=2) as bam:
+    with pysam.AlignmentFile(str(tmp), "wb", header=header, threads=1) as bam:
         # One segment, updated and written per read: ~3x faster than new objects.
         read = pysam.AlignedSegment(bam.header)
         read.cigartuples = [(0, READ_LENGTH)]  # 100M

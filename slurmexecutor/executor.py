@@ -273,6 +273,40 @@ class SlurmExecutor(Executor):
         futures, bar = self._submit_map(fn, list(zip(*iterables)), chunksize, progress)
         return _chained_results(futures, end_time, bar)
 
+    def submit_many(self, fn: Callable, calls: Iterable[tuple], *,
+                    chunksize: int | None = None) -> list[SlurmFuture]:
+        """Submit `fn(*args)` for each tuple in `calls` now, as one array, with one
+        Future per call; `chunksize` calls per array task (default: fill the slots)."""
+        if not callable(fn):
+            raise TypeError(f"{fn!r} is not callable")
+        window = Window()
+        fn_index = window.add_function(fn)
+        for args in calls:
+            arguments = dumps([(tuple(args), {})], f"an argument of {_name(fn)}")
+            future = SlurmFuture(self, [next(self._call_ids)])
+            window.calls.append(PendingCall(future.call_id, fn_index, arguments, future))
+        with self._lock:
+            if self._shutdown:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+        self._flush_window()
+        for call in window.calls:
+            call.future.add_done_callback(self._on_future_done)
+        self._launch_window(window, chunksize)
+        return [call.future for call in window.calls]
+
+    def cancel(self, futures: Iterable[Future]) -> None:
+        """Cancel the calls that have not started and kill the tasks running the others
+        (their futures then fail with JobCancelledError)."""
+        refs = set()
+        for future in futures:
+            if future.done() or future.cancel():
+                continue
+            for call_id in getattr(future, "call_ids", ()):
+                task = self.monitor.task_for(call_id)
+                if task is not None and task.job_id is not None:
+                    refs.add(f"{task.job_id}_{task.array_index}")
+        self.backend.cancel(sorted(refs))
+
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         with self._lock:
             self._shutdown = True
@@ -357,11 +391,11 @@ class SlurmExecutor(Executor):
             if self._shutdown and self._window is None:
                 return
 
-    def _launch_window(self, window: Window) -> None:
+    def _launch_window(self, window: Window, chunksize: int | None = None) -> None:
         calls = [call for call in window.calls if not call.future.cancelled()]
         if not calls:
             return
-        size = self.chunksize or self._auto_chunksize(len(calls))
+        size = chunksize or self.chunksize or self._auto_chunksize(len(calls))
         chunks = []
         for start in range(0, len(calls), size):
             group = calls[start : start + size]
