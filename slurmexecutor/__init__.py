@@ -39,7 +39,7 @@ _EXPORTS = {
     "WorkerCrashedError": "errors",
     "CallLostError": "errors",
 }
-__all__ = sorted(_EXPORTS)
+__all__ = list(_EXPORTS)
 
 
 def __getattr__(name: str) -> Any:

@@ -115,6 +115,22 @@ def _write_bed(path: Path, regions: Iterable[Region]) -> None:
 # ----------------------------------------------------------------------- counting
 
 
+def check_bam(path: StrPath) -> None:
+    """Fail early, on the client, with a clear error: the BAM must exist and be indexed."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"BAM file not found: {path}")
+    try:
+        with pysam.AlignmentFile(str(path), "rb") as bam:
+            if not bam.has_index():
+                raise ValueError(f"{path} has no index: run `samtools index {path}` "
+                                 "(or pysam.index) first")
+    except (OSError, ValueError) as error:
+        if "has no index" in str(error):
+            raise
+        raise ValueError(f"{path} is not a readable BAM file: {error}") from error
+
+
 def _open_bam(path: StrPath) -> pysam.AlignmentFile:
     """Return an open BAM file, reused across calls in this process.
 
@@ -266,7 +282,7 @@ def _write_demo_bam(
     max_start = contig_length - READ_LENGTH
     tmp = path.with_name(f".{path.name}.tmp")
     read_index = 0
-    with pysam.AlignmentFile(str(tmp), "wb", header=header, threads=1) as bam:
+    with pysam.AlignmentFile(str(tmp), "wb", header=header, threads=2) as bam:
         # One segment, updated and written per read: ~3x faster than new objects.
         read = pysam.AlignedSegment(bam.header)
         read.cigartuples = [(0, READ_LENGTH)]  # 100M

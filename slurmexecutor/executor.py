@@ -35,10 +35,11 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import cloudpickle
 
@@ -63,7 +64,7 @@ def dumps(obj: Any, what: str) -> bytes:
     """cloudpickle `obj`, or raise SerializationError naming `what` could not be."""
     try:
         return cloudpickle.dumps(obj)
-    except Exception as exc:  # noqa: BLE001  (pickling raises many kinds)
+    except Exception as exc:
         raise SerializationError(f"{what} cannot be pickled: {exc!r}") from exc
 
 
@@ -196,6 +197,7 @@ class SlurmExecutor(Executor):
         max_batch: int = 10_000,
         poll_interval: float | None = None,
         result_grace: float | None = None,
+        _run: str | None = None,
         **resources: Any,
     ) -> None:
         self.resources = validate_resources(resources)
@@ -213,13 +215,15 @@ class SlurmExecutor(Executor):
         self.submit_window, self.max_window, self.max_batch = (
             submit_window, max_window, max_batch)
         local = self.backend.name == "local"
-        self.run_id = time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
+        self.run_id = _run or time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
         self.run_dir = spool.ensure_private_dir(self.folder / self.run_id)
         spool.ensure_private_dir(self.run_dir / "logs")
-        spool.write_json(self.run_dir / "run.json", {
-            "created": time.time(), "host": socket.gethostname(), "pid": os.getpid(),
-            "backend": self.backend.name, "resources": self.resources, "cwd": os.getcwd(),
-        })
+        if _run is None:
+            spool.write_json(self.run_dir / "run.json", {
+                "created": time.time(), "host": socket.gethostname(), "pid": os.getpid(),
+                "backend": self.backend.name, "resources": self.resources,
+                "cwd": os.getcwd(), "setup": self.setup, "sbatch_extra": self.sbatch_extra,
+            })
         self._lock = threading.Lock()
         self._window: Window | None = None
         self._call_ids = itertools.count()
@@ -236,11 +240,78 @@ class SlurmExecutor(Executor):
                 0.0 if local else 1.0),
             retry=self._retry,
         )
+        #: every call's future, by call id, for runs reattached with `attach`
+        self.futures: dict[int, SlurmFuture] = {}
+        if _run is not None:
+            self._reattach()
         self._flusher_wake = threading.Event()
         self._flusher = threading.Thread(target=self._flush_loop, daemon=True,
                                          name="slurmexecutor-window")
         self._flusher.start()
         log.info("run %s in %s on the %s backend", self.run_id, self.folder, self.backend.name)
+
+    # -- reattaching to a run -----------------------------------------------------------
+
+    @classmethod
+    def attach(cls, run: str, folder: str | os.PathLike | None = None,
+               **options: Any) -> SlurmExecutor:
+        """Reopen a run from its folder (e.g. after the client died) and watch it again.
+
+        `executor.futures` maps every call id of the run to a future: calls with a result
+        on disk resolve at once, live tasks are watched, lost ones fail with
+        CallLostError. Options (poll_interval, ...) are as for the constructor; backend
+        and resources default to the run's own.
+        """
+        root = Path(folder or default_folder()).expanduser()
+        meta_path = root / run / "run.json"
+        if not meta_path.exists():
+            from .errors import RunNotFoundError
+
+            raise RunNotFoundError(f"no run {run!r} in {root}")
+        meta = spool.read_json(meta_path)
+        options.setdefault("backend", meta["backend"])
+        for name in ("setup", "sbatch_extra"):
+            options.setdefault(name, meta.get(name, ()))
+        resources = {**meta["resources"], **options.pop("resources", {})}
+        return cls(root, _run=run, **options, **resources)
+
+    def _reattach(self) -> None:
+        """Rebuild the futures table and the monitor's tasks from the run's journals."""
+        journals = [spool.read_json(path) for path in sorted(self.run_dir.glob("b*.json"))]
+        owner: dict[int, tuple[int, int]] = {}  # call -> the latest task that carries it
+        for journal in journals:
+            for index, ranges in enumerate(journal["tasks"]):
+                for call_id in spool.expand_ids(ranges):
+                    owner[call_id] = (journal["batch"], index)
+        for call_id in sorted(owner):
+            self.futures[call_id] = SlurmFuture(self, [call_id])
+        for journal in journals:
+            arrays = journal["arrays"]
+            for index, ranges in enumerate(journal["tasks"]):
+                ids = [c for c in spool.expand_ids(ranges) if owner[c] == (journal["batch"], index)]
+                if not ids:
+                    continue
+                task = Task(journal["batch"], index, ids, attempt=journal.get("attempt", 1),
+                            time_limit=self.resources.get("time"))
+                sinks = {call_id: FutureSink(self.futures[call_id]) for call_id in ids}
+                self.monitor.add_task(task, sinks)
+                array = next((a for a in arrays
+                              if a["offset"] <= index < a["offset"] + a["size"]), None)
+                if array is None:
+                    from .errors import CallLostError
+
+                    self.monitor.fail_task(task, CallLostError(
+                        "the client stopped before this task was submitted"))
+                    continue
+                self.monitor.set_job(task, array["job_id"], index - array["offset"])
+                for call_id in ids:
+                    self._log_paths[call_id] = self.monitor.log_file(task)
+                    self._attempts[call_id] = task.attempt
+        last_call = max(owner, default=-1)
+        last_batch = max((journal["batch"] for journal in journals), default=-1)
+        self._call_ids = itertools.count(last_call + 1)
+        self._batch_ids = itertools.count(last_batch + 1)
+        self.monitor.poke()
 
     # -- the Executor interface ---------------------------------------------------------
 

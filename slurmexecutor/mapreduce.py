@@ -18,9 +18,10 @@ Keywords reserved for map_reduce itself: executor, initial, permissive, progress
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from .progress import CallProgress
 from .reducers import _MISSING, Reducer, as_reducer

@@ -17,13 +17,13 @@ import os
 import pickle
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 from . import spool
-from .progress import CallProgress
 from .errors import (
     ERROR_FOR_STATE,
     CallLostError,
@@ -35,6 +35,7 @@ from .errors import (
     TaskFailedError,
     WorkerCrashedError,
 )
+from .progress import CallProgress
 from .schedulers import Backend, TaskState
 
 log = logging.getLogger("slurmexecutor")
@@ -78,9 +79,9 @@ class ChunkSink:
         self.progress = progress
 
     def set_running(self) -> None:
-        if not self.future.running() and not self.future.done():
-            if self.future.set_running_or_notify_cancel() and self.progress:
-                self.progress.started(self.missing)
+        pending = not self.future.running() and not self.future.done()
+        if pending and self.future.set_running_or_notify_cancel() and self.progress:
+            self.progress.started(self.missing)
 
     def deliver(self, call_id: int, ok: bool, value: Any) -> None:
         slot = call_id - self.first_call
@@ -109,6 +110,7 @@ class Task:
     time_limit: str | None = None
     unresolved: set[int] = field(default_factory=set)
     started: bool = False
+    worker: tuple[str, int] | None = None  # (host, pid) from the worker's start record
     marked_running: bool = False
     limit_notice: bool = False
     ended: bool = False  # the worker wrote its end record
@@ -205,7 +207,7 @@ class Monitor:
         while not self._stop:
             try:
                 busy = self.tick()
-            except Exception:  # noqa: BLE001  (keep watching; say what happened)
+            except Exception:
                 log.exception("slurmexecutor monitor tick failed")
                 busy = False
             idle_wait = 0.01 if busy else min(idle_wait * 1.5, 0.25)
@@ -251,6 +253,7 @@ class Monitor:
         kind, call_id, body = record
         if kind == "start":
             task.started = True
+            task.worker = (body["host"], body["pid"])
             self._mark_running(task, transitions)
         elif kind == "limit":
             task.limit_notice = True
@@ -289,7 +292,8 @@ class Monitor:
         for task in watched:
             state = states.get((task.job_id, task.array_index))
             if state is None:
-                if now - task.registered > 2 * self.poll_interval + 5:
+                if now - task.registered > 2 * self.poll_interval + 5 and not (
+                        task.worker and spool.process_alive(*task.worker)):
                     vanished.append(task)
             elif state.final:
                 task.final, task.final_since = state, now
@@ -311,8 +315,8 @@ class Monitor:
                 self._forget(task)
                 continue
             if task.error:
-                error = IntegrityError(task.error)
-                transitions += self._resolve_all(task, lambda call_id: error)
+                transitions += self._resolve_all(
+                    task, lambda call_id, text=task.error: IntegrityError(text))
             elif task.ended or (task.final and now - task.final_since >= self.result_grace):
                 self._fail_unresolved(task, transitions)
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import sys
 import threading
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, as_completed
-from typing import Iterable, Iterator
 
 from tqdm.auto import tqdm
 

@@ -20,8 +20,9 @@ What `reducer=` accepts (see `as_reducer`):
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable, Iterable
 from functools import reduce
-from typing import Any, Callable, Iterable
+from typing import Any
 
 _MISSING = object()
 

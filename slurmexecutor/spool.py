@@ -29,6 +29,7 @@ import hmac
 import json
 import os
 import pickle
+import socket
 import struct
 from pathlib import Path
 from typing import Any
@@ -120,7 +121,7 @@ class RecordWriter:
 class StreamCursor:
     """How far the client has read one result stream."""
 
-    __slots__ = ("path", "offset", "pending_bytes", "error")
+    __slots__ = ("error", "offset", "path", "pending_bytes")
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -162,6 +163,19 @@ def read_records(cursor: StreamCursor, key: bytes) -> list[tuple]:
     cursor.offset += position
     cursor.pending_bytes = len(data) - position
     return records
+
+
+def process_alive(host: str, pid: int) -> bool:
+    """True when `pid` runs on this host (False for another host: we cannot tell)."""
+    if host != socket.gethostname():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 # -- names ---------------------------------------------------------------------------

@@ -110,7 +110,7 @@ class Supervisor:
             code = 0
             try:
                 ChildRunner(self, write_end).run(first)
-            except BaseException:
+            except BaseException:  # noqa: BLE001  (report it, then exit non-zero)
                 traceback.print_exc()
                 code = 1
             finally:

@@ -26,7 +26,7 @@ CLUSTER_NODES, CLUSTER_CPUS = 3, 6
 
 def cluster(command: str, directory: Path, *args: str) -> str:
     done = subprocess.run([sys.executable, str(CLUSTER_SCRIPT), command, str(directory),
-                           *args], capture_output=True, text=True, timeout=180,
+                           *args], capture_output=True, text=True, timeout=180, check=False,
                           stdin=subprocess.DEVNULL)
     if done.returncode != 0:
         raise RuntimeError(f"slurm_cluster.py {command} failed:\n{done.stderr}")

@@ -14,9 +14,9 @@ from __future__ import annotations
 import abc
 import shutil
 import subprocess
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Collection
 
 #: States after which a task will not run again (unless Slurm requeues it).
 FINAL_STATES = frozenset({
@@ -85,7 +85,7 @@ def slurm_available() -> bool:
         return False
     try:
         probe = subprocess.run(["squeue", "-h", "-j", "1", "-o", "%i"],
-                               capture_output=True, text=True, timeout=10)
+                               capture_output=True, text=True, timeout=10, check=False)
     except (OSError, subprocess.TimeoutExpired):
         return False
     return probe.returncode == 0 or "Invalid job id" in probe.stderr

@@ -15,9 +15,9 @@ import subprocess
 import threading
 import time
 from collections import deque
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Collection
 
 from . import Backend, TaskKey, TaskState
 from .script import time_limit_seconds, warning_seconds

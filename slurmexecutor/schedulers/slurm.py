@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 import re
 import subprocess
+from collections.abc import Collection
 from pathlib import Path
-from typing import Collection
 
 from ..errors import SubmissionError
 from . import Backend, TaskKey, TaskState
@@ -22,7 +22,7 @@ def run_command(args: list[str], *, check: bool = True) -> subprocess.CompletedP
     """Run a Slurm command; raise SubmissionError with its stderr when it fails."""
     log.debug("running %s", " ".join(args))
     try:
-        done = subprocess.run(args, capture_output=True, text=True, timeout=COMMAND_TIMEOUT,
+        done = subprocess.run(args, check=False, capture_output=True, text=True, timeout=COMMAND_TIMEOUT,
                               stdin=subprocess.DEVNULL)
     except FileNotFoundError as exc:
         raise SubmissionError(f"{args[0]} not found: is Slurm installed here?") from exc

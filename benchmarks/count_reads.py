@@ -1,0 +1,165 @@
+#!/usr/bin/env python3
+"""Count reads per region of a synthetic BAM: serial vs map_reduce, local and on Slurm.
+
+    python benchmarks/count_reads.py [--reads 3000000] [--genes 10000] [--fractions 20]
+                                     [--repeat 3] [--contig-length 5000000] [--data DIR]
+
+The data (make_demo_data: an indexed BAM, genes.bed and promoters.bed) is written once
+and cached under benchmarks/.data/ (or --data DIR); the regions are the genes and the
+promoters together (2 x --genes). In one run, side by side:
+
+  (a) count_reads_serial(bam, regions), one process;
+  (b) map_reduce(count_region_reads, regions, F, sum, bam, executor=ex) on the local
+      backend (one task per CPU at a time);
+  (c) the same on a real Slurm cluster (a throwaway one with 16 CPUs declared, or the
+      one of $SLURM_CONF).
+
+(b) and (c) run from cold: a new executor each time, timed from the map_reduce call to
+its result. The three Counters must be equal. Each figure is the median of --repeat runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+from _cluster import cluster_cpus, slurm_cluster
+
+from slurmexecutor import SlurmExecutor, map_reduce
+from slurmexecutor.countreads import (
+    Region,
+    count_reads_serial,
+    count_region_reads,
+    make_demo_data,
+    read_bed,
+)
+
+BENCH_DIR = Path(__file__).resolve().parent
+
+
+def run_serial(bam: str, regions: list[Region], _folder: Path) -> tuple[Counter[str], int]:
+    return count_reads_serial(bam, regions), 0
+
+
+def run_map_reduce(backend: str, fractions: int, poll_interval: float | None
+                   ) -> Callable[[str, list[Region], Path], tuple[Counter[str], int]]:
+    """A runner for map_reduce on `backend`; it returns the counts and the array tasks."""
+
+    def run(bam: str, regions: list[Region], folder: Path) -> tuple[Counter[str], int]:
+        ex = SlurmExecutor(folder, backend=backend, poll_interval=poll_interval)
+        try:
+            counts = map_reduce(count_region_reads, regions, fractions, sum, bam, executor=ex)
+        finally:
+            ex.shutdown()
+        journals = [json.loads(path.read_text()) for path in ex.run_dir.glob("b*.json")]
+        return counts, sum(len(journal["tasks"]) for journal in journals)
+
+    return run
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        first = cells[0].ljust(widths[0])
+        rest = (cell.rjust(width) for cell, width in zip(cells[1:], widths[1:]))
+        return "  ".join([first, *rest])
+
+    rule = "  ".join("-" * width for width in widths)
+    return "\n".join([line(header), rule, *(line(row) for row in rows)])
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--reads", type=int, default=3_000_000, help="reads in the BAM")
+    parser.add_argument("--genes", type=int, default=10_000,
+                        help="genes (and as many promoters): 2x regions")
+    parser.add_argument("--contig-length", type=int, default=5_000_000,
+                        help="length of each of the 2 contigs (sets the read depth)")
+    parser.add_argument("--fractions", type=int, default=20, help="map_reduce fractions")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per figure (median)")
+    parser.add_argument("--poll-interval", type=float, default=0.3,
+                        help="the Slurm executor's poll_interval (default 0.3 s)")
+    parser.add_argument("--data", type=Path, default=None,
+                        help="data folder (default benchmarks/.data/<parameters>)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    data_dir = args.data or BENCH_DIR / ".data" / (
+        f"reads{args.reads}-genes{args.genes}-contig{args.contig_length}")
+    started = time.perf_counter()
+    demo = make_demo_data(data_dir, n_reads=args.reads, n_genes=args.genes,
+                          contig_length=args.contig_length, seed=0)
+    print(f"data: {demo.bam} ({demo.bam.stat().st_size / 1e6:.0f} MB, {args.reads:,} reads, "
+          f"2 x {args.contig_length:,} bp), ready in {time.perf_counter() - started:.1f} s")
+    regions = read_bed(demo.genes_bed) + read_bed(demo.promoters_bed)
+    bam = str(demo.bam.resolve())
+    cores = os.cpu_count() or 1
+
+    methods = {
+        "(a) serial, 1 process": run_serial,
+        f"(b) map_reduce, local backend ({args.fractions} fractions)":
+            run_map_reduce("local", args.fractions, None),
+        f"(c) map_reduce, Slurm ({args.fractions} fractions)":
+            run_map_reduce("slurm", args.fractions, args.poll_interval),
+    }
+    times: dict[str, list[float]] = {name: [] for name in methods}
+    tasks: dict[str, int] = {}
+    reference: Counter[str] | None = None
+    folder = Path(tempfile.mkdtemp(prefix="slxbench-reads-"))
+    try:
+        with slurm_cluster():
+            print(f"{len(regions):,} regions; {cores} cores here; Slurm cluster: "
+                  f"{cluster_cpus()} CPUs declared")
+            for round_ in range(1, args.repeat + 1):
+                for name, method in methods.items():
+                    began = time.perf_counter()
+                    counts, tasks[name] = method(bam, regions, folder)
+                    seconds = time.perf_counter() - began
+                    times[name].append(seconds)
+                    print(f"  round {round_}/{args.repeat}: {name}: {seconds:.2f} s",
+                          file=sys.stderr, flush=True)
+                    if reference is None:
+                        reference = counts
+                    assert counts == reference, f"{name}: counts differ from (a)"
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+    assert reference is not None
+    serial = statistics.median(times["(a) serial, 1 process"])
+    ideal = serial / cores
+    rows = []
+    for name, runs in times.items():
+        seconds = statistics.median(runs)
+        parallel = tasks[name] > 0
+        rows.append([
+            name,
+            str(tasks[name]) if parallel else "-",
+            f"{seconds:.2f}",
+            f"{min(runs):.2f}",
+            f"{serial / seconds:.2f}x",
+            f"{seconds - ideal:+.2f}" if parallel else "-",
+            f"{seconds / ideal:.2f}x" if parallel else "-",
+        ])
+    print()
+    print(f"Counting {sum(reference.values()):,} region-read overlaps in {len(regions):,} "
+          f"regions; median of {args.repeat} run(s), seconds")
+    print(table(["method", "tasks", "median s", "best s", "speed-up",
+                 f"vs ideal {ideal:.2f} s", "/ideal"], rows))
+    print(f"  ideal = serial / {cores} cores; the three Counters are equal.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

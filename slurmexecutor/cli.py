@@ -1,0 +1,288 @@
+"""The `slurmexecutor` command: the main job (count-reads, demo) and run inspection.
+
+    slurmexecutor demo [DIR]                      synthetic BAM + BEDs, count reads per region
+    slurmexecutor count-reads BAM REGIONS [...]   read counts per BED region, via map_reduce
+    slurmexecutor status [RUN | FOLDER]           runs in the folder, or one run in detail
+    slurmexecutor logs RUN [CALL]                 a run's task logs, or one call's part
+    slurmexecutor cancel RUN                      scancel a run's jobs, mark its calls cancelled
+    slurmexecutor clean                           delete finished runs
+    slurmexecutor render [OPTIONS]                the batch script, without submitting
+
+The logic lives in the library (`runs`, `mapreduce`, `countreads`); this only parses
+arguments and prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from . import runs, spool
+from .errors import SlurmExecutorError
+from .executor import SlurmExecutor, call_log, default_folder
+from .schedulers.script import SBATCH_OPTIONS, ScriptSpec, render_script, validate_resources
+
+
+def add_resource_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("sbatch options (any of the executor's resources)")
+    for name, help_text in SBATCH_OPTIONS.items():
+        flag = "--" + name.replace("_", "-")
+        if name in ("requeue", "exclusive"):
+            group.add_argument(flag, dest=name, action="store_true", default=None,
+                               help=help_text)
+        elif name == "array_parallelism":
+            group.add_argument(flag, dest=name, type=int, help=help_text)
+        else:
+            group.add_argument(flag, dest=name, help=help_text)
+    group.add_argument("--setup", action="append", default=[], metavar="LINE",
+                       help="shell line run before the worker (repeatable)")
+    group.add_argument("--sbatch-extra", action="append", default=[], metavar="OPTION",
+                       help="raw sbatch option, e.g. --sbatch-extra=--export=ALL")
+
+
+def resources_from(args: argparse.Namespace) -> dict:
+    return {name: getattr(args, name) for name in SBATCH_OPTIONS
+            if getattr(args, name, None) is not None}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="slurmexecutor", description=__doc__.split("\n")[0])
+    parser.add_argument("--folder", type=Path, default=None,
+                        help=f"runs folder (default {default_folder()})")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="log what happens (-vv: also every scheduler command)")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    count = commands.add_parser("count-reads", help="count reads per region of a BED file")
+    count.add_argument("bam", type=Path, help="coordinate-sorted, indexed BAM")
+    count.add_argument("regions", type=Path, help="BED file of regions")
+    count.add_argument("-o", "--output", type=Path, help="TSV to write (default: stdout)")
+    for sub in (count, demo := commands.add_parser(
+            "demo", help="make a synthetic BAM + BEDs and count reads on them")):
+        sub.add_argument("--fractions", type=int, default=20)
+        sub.add_argument("--backend", default="auto", choices=["auto", "slurm", "local"])
+        sub.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
+        add_resource_options(sub)
+    demo.add_argument("dir", type=Path, nargs="?", default=Path("slurmexecutor-demo"),
+                      help="where to write the demo data and counts")
+
+    status = commands.add_parser("status", help="runs in the folder, or one run in detail")
+    status.add_argument("target", nargs="?", help="a run id (or prefix), or a folder")
+    logs = commands.add_parser("logs", help="print a run's task logs, or one call's part")
+    logs.add_argument("run")
+    logs.add_argument("call", nargs="?", type=int)
+    cancel = commands.add_parser("cancel", help="cancel a run's jobs and calls")
+    cancel.add_argument("run")
+    commands.add_parser("clean", help="delete finished runs (never a live one)")
+    render = commands.add_parser("render", help="print the batch script for these options")
+    render.add_argument("--size", type=int, default=16, help="array tasks")
+    add_resource_options(render)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.verbose:
+        logging.basicConfig(level=logging.DEBUG if args.verbose > 1 else logging.INFO,
+                            format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        return COMMANDS[args.command](args)
+    except (SlurmExecutorError, ValueError, FileNotFoundError) as error:
+        print(f"slurmexecutor {args.command}: {error}", file=sys.stderr)
+        return 1
+
+
+# -- the main job ----------------------------------------------------------------------
+
+
+def count_reads_command(args: argparse.Namespace) -> int:
+    from .countreads import read_bed, write_counts_tsv
+
+    regions = read_bed(args.regions)
+    with _executor(args) as executor:
+        counts = count_reads(args, executor, args.bam, regions)
+    if args.output:
+        write_counts_tsv(counts, regions, args.output)
+        print(f"{len(regions)} regions, {sum(counts.values())} reads -> {args.output}",
+              file=sys.stderr)
+    else:
+        write_counts_tsv(counts, regions, sys.stdout)
+    return 0
+
+
+def _executor(args: argparse.Namespace) -> SlurmExecutor:
+    return SlurmExecutor(args.folder, backend=args.backend, setup=args.setup,
+                         sbatch_extra=args.sbatch_extra, **resources_from(args))
+
+
+def count_reads(args: argparse.Namespace, executor: SlurmExecutor, bam: Path,
+                regions: list):
+    """Count reads per region through map_reduce, one array task per fraction."""
+    from .countreads import check_bam, count_region_reads
+    from .mapreduce import map_reduce
+
+    bam = bam.resolve()
+    check_bam(bam)
+    print(f"counting reads in {len(regions)} regions of {bam.name} in "
+          f"{min(args.fractions, len(regions))} fractions on the {executor.backend.name} "
+          f"backend (run {executor.run_id})", file=sys.stderr)
+    return map_reduce(count_region_reads, regions, args.fractions, sum, str(bam),
+                      executor=executor, progress=args.progress)
+
+
+def demo_command(args: argparse.Namespace) -> int:
+    from .countreads import count_reads_serial, make_demo_data, read_bed, write_counts_tsv
+
+    started = time.monotonic()
+    data = make_demo_data(args.dir)
+    print(f"demo data in {args.dir}/: {data.bam.name}, {data.promoters_bed.name}, "
+          f"{data.genes_bed.name}", file=sys.stderr)
+    with _executor(args) as executor:
+        for bed in (data.promoters_bed, data.genes_bed):
+            regions = read_bed(bed)
+            counts = count_reads(args, executor, data.bam, regions)
+            output = args.dir / f"{bed.stem}.counts.tsv"
+            write_counts_tsv(counts, regions, output)
+            same = counts == count_reads_serial(data.bam, regions)
+            print(f"{bed.stem}: {len(regions)} regions, {sum(counts.values())} reads -> "
+                  f"{output} (equals a single-process pysam count: {'yes' if same else 'NO'})")
+            if not same:
+                return 1
+    print(f"done in {time.monotonic() - started:.1f} s", file=sys.stderr)
+    return 0
+
+
+# -- inspecting runs -------------------------------------------------------------------
+
+
+def _folder(args: argparse.Namespace) -> Path:
+    return Path(args.folder or default_folder()).expanduser()
+
+
+def _read(folder: Path, run_dirs: list[Path]) -> list[runs.RunInfo]:
+    """Read runs and ask Slurm about all their jobs in ONE query."""
+    key = spool.load_key(folder)
+    infos = [runs.read_run(run_dir, key) for run_dir in run_dirs]
+    slurm_jobs = {job for info in infos if info.meta["backend"] == "slurm"
+                  for job in info.job_ids}
+    states = _slurm().states(slurm_jobs) if slurm_jobs else {}
+    for info in infos:
+        runs.classify(info, states if info.meta["backend"] == "slurm" else None)
+    return infos
+
+
+def _slurm():
+    from .schedulers.slurm import SlurmBackend
+
+    return SlurmBackend({})
+
+
+def status_command(args: argparse.Namespace) -> int:
+    folder, target = _folder(args), args.target
+    if target and Path(target).is_dir() and not (Path(target) / "run.json").exists():
+        folder, target = Path(target), None
+    if target is None:
+        infos = _read(folder, runs.list_runs(folder))
+        print(_runs_table(infos) if infos else f"no runs in {folder}")
+        return 0
+    run_dir = Path(target) if (Path(target) / "run.json").exists() else runs.find_run(
+        folder, target)
+    [info] = _read(run_dir.parent, [run_dir])
+    print(_runs_table([info]))
+    print()
+    for task in info.tasks:
+        state = task.state.state if task.state else ("ended" if task.ended else "-")
+        print(f"  task {task.batch}.{task.index}: job {task.ref or '-'}, "
+              f"{len(task.call_ids)} calls, {state}")
+    failed = [call for call in info.calls.values() if call.status in ("failed", "lost")]
+    if failed:
+        print(f"\nfailed calls ({len(failed)}):")
+        for call in failed:
+            print(f"  call {call.call_id} (task {call.batch}.{call.task}): "
+                  f"{call.error or 'lost: its task ended without a result'}")
+    return 0
+
+
+def _runs_table(infos: list[runs.RunInfo]) -> str:
+    header = ("RUN", "CREATED", "BACKEND", "FUNCTION", "CALLS", "DONE", "FAILED", "RUNNING",
+              "PENDING", "JOBS")
+    rows = [header]
+    for info in infos:
+        functions = ",".join(name.rsplit(".", 1)[-1] for name in info.functions) or "-"
+        failed = info.count("failed") + info.count("lost")
+        rows.append((
+            info.run_id, time.strftime("%Y-%m-%d %H:%M", time.localtime(info.meta["created"])),
+            info.meta["backend"], functions[:30], str(len(info.calls)), str(info.count("done")),
+            str(failed), str(info.count("running")),
+            str(info.count("pending")) + (" (cancelled)" if info.cancelled else ""),
+            ",".join(info.job_ids) or "-"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
+                     for row in rows)
+
+
+def logs_command(args: argparse.Namespace) -> int:
+    run_dir = runs.find_run(_folder(args), args.run)
+    info = runs.read_run(run_dir, spool.load_key(run_dir.parent))
+    tasks = info.tasks
+    if args.call is not None:
+        tasks = [task for task in tasks if args.call in task.call_ids]
+        if not tasks:
+            raise ValueError(f"run {info.run_id} has no call {args.call}")
+        tasks = tasks[-1:]  # the latest attempt
+    for task in tasks:
+        path = run_dir / "logs" / f"{task.job_id}_{task.array_index}.log"
+        text = path.read_text(errors="replace") if path.exists() else ""
+        if args.call is not None:
+            print(f"==> call {args.call} in {path} <==")
+            print(call_log(text, args.call), end="")
+        else:
+            print(f"==> {path} (task {task.batch}.{task.index}) <==")
+            print(text or "(no log yet)", end="" if text.endswith("\n") else "\n")
+    return 0
+
+
+def cancel_command(args: argparse.Namespace) -> int:
+    run_dir = runs.find_run(_folder(args), args.run)
+    [info] = _read(run_dir.parent, [run_dir])
+    backend = _slurm() if info.meta["backend"] == "slurm" else None
+    count = runs.cancel_run(info, backend)
+    print(f"run {info.run_id}: cancelled {count} unfinished call(s)"
+          + (f", scancel {' '.join(info.job_ids)}" if backend and info.job_ids else ""))
+    return 0
+
+
+def clean_command(args: argparse.Namespace) -> int:
+    folder = _folder(args)
+    for info in _read(folder, runs.list_runs(folder)):
+        if info.live:
+            print(f"kept {info.run_id}: still live")
+        else:
+            runs.remove_run(info)
+            print(f"removed {info.run_id}")
+    return 0
+
+
+def render_command(args: argparse.Namespace) -> int:
+    resources = validate_resources(resources_from(args))
+    spec = ScriptSpec(run_dir=_folder(args) / "<run>", batch=0, size=args.size,
+                      setup=args.setup, sbatch_extra=args.sbatch_extra)
+    print(render_script(resources, spec), end="")
+    return 0
+
+
+COMMANDS = {
+    "count-reads": count_reads_command,
+    "demo": demo_command,
+    "status": status_command,
+    "logs": logs_command,
+    "cancel": cancel_command,
+    "clean": clean_command,
+    "render": render_command,
+}
+
+if __name__ == "__main__":
+    sys.exit(main())

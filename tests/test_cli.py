@@ -1,0 +1,170 @@
+"""The `slurmexecutor` command, driven as a user would (subprocesses, real cluster)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from slurmexecutor.countreads import count_reads_serial, make_demo_data, read_bed
+
+pytestmark = pytest.mark.usefixtures("slurm_cluster")
+
+
+def cli(*args: str, folder: Path | None = None, check: bool = True,
+        cwd: Path | None = None) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "slurmexecutor"]
+    if folder is not None:
+        command += ["--folder", str(folder)]
+    done = subprocess.run(command + list(args), capture_output=True, text=True, timeout=300,
+                          cwd=cwd, check=False)
+    if check:
+        assert done.returncode == 0, f"{args}: {done.stderr}"
+    return done
+
+
+def run_client(tmp_path: Path, body: str) -> str:
+    """Run a client script that prints its run id on the first line."""
+    script = tmp_path / "client.py"
+    script.write_text(textwrap.dedent(f"""
+        import os, sys, time
+        from slurmexecutor import SlurmExecutor
+        ex = SlurmExecutor({str(tmp_path / 'spool')!r}, backend="slurm", poll_interval=0.3)
+        print(ex.run_id, flush=True)
+    """) + textwrap.dedent(body))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path, check=False)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.splitlines()[0]
+
+
+def read_tsv(path: Path) -> dict[str, int]:
+    rows = [line.split("\t") for line in path.read_text().splitlines()]
+    return {name: int(count) for name, count in rows}
+
+
+@pytest.mark.parametrize("backend", ["slurm", "local"])
+def test_count_reads_equals_the_single_process_loop(tmp_path, backend):
+    data = make_demo_data(tmp_path / "data", n_reads=5000, n_genes=60)
+    output = tmp_path / "counts.tsv"
+    cli("count-reads", str(data.bam), str(data.genes_bed), "--fractions", "7", "--backend",
+        backend, "-o", str(output), folder=tmp_path / "spool")
+    regions = read_bed(data.genes_bed)
+    expected = count_reads_serial(data.bam, regions)
+    counts = read_tsv(output)
+    assert list(counts)[:-1] == [region.name for region in regions]
+    assert {name: counts[name] for name in expected} == dict(expected)
+    assert counts["total"] == sum(expected.values()) > 0
+
+
+def test_demo_runs_on_slurm(tmp_path):
+    done = cli("demo", str(tmp_path / "demo"), "--backend", "slurm", folder=tmp_path / "spool")
+    assert "on the slurm backend" in done.stderr
+    assert done.stdout.count("equals a single-process pysam count: yes") == 2
+    assert (tmp_path / "demo" / "genes.counts.tsv").exists()
+
+
+def test_count_reads_rejects_a_missing_index(tmp_path):
+    bam = tmp_path / "plain.bam"
+    data = make_demo_data(tmp_path / "data", n_reads=100, n_genes=3)
+    bam.write_bytes(data.bam.read_bytes())
+    done = cli("count-reads", str(bam), str(data.genes_bed), folder=tmp_path / "spool",
+               check=False)
+    assert done.returncode == 1 and "has no index" in done.stderr
+
+
+def test_status_lists_runs_and_failed_calls(tmp_path):
+    run = run_client(tmp_path, """
+        def work(x):
+            if x == 3:
+                raise ValueError("three is bad")
+            print("working on", x)
+            return x
+        futures = [ex.submit(work, i) for i in range(6)]
+        for f in futures:
+            f.exception()
+        ex.shutdown()
+    """)
+    table = cli("status", folder=tmp_path / "spool").stdout
+    assert run in table
+    row = next(line for line in table.splitlines() if line.startswith(run)).split()
+    assert row[5:8] == ["6", "5", "1"]  # CALLS DONE FAILED (CREATED is two words)
+    detail = cli("status", run[:12], folder=tmp_path / "spool").stdout
+    assert "ValueError: three is bad" in detail
+    assert "call 3" in detail
+    log = cli("logs", run, "2", folder=tmp_path / "spool").stdout
+    assert "working on 2" in log and "working on 1" not in log
+    assert "working on 4" in cli("logs", run, folder=tmp_path / "spool").stdout
+
+
+def test_cancel_a_run_of_a_client_that_went_away(tmp_path):
+    run = run_client(tmp_path, """
+        futures = [ex.submit(time.sleep, 120) for _ in range(3)]
+        ex._flush_window()
+        os._exit(0)  # the client leaves; its jobs stay on the cluster
+    """)
+    jobs = cli("status", run, folder=tmp_path / "spool").stdout
+    assert "pending" in jobs.lower() or "RUNNING" in jobs
+    done = cli("cancel", run, folder=tmp_path / "spool")
+    assert "cancelled 3 unfinished call(s), scancel" in done.stdout
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        table = cli("status", folder=tmp_path / "spool").stdout
+        if "(cancelled)" in table:
+            break
+        time.sleep(0.5)
+    assert "(cancelled)" in table
+    job_ids = next(line for line in table.splitlines() if line.startswith(run)).split()[-1]
+    queue = subprocess.run(["squeue", "-h", "-j", job_ids, "-o", "%T"], capture_output=True,
+                           text=True, check=False).stdout
+    assert "RUNNING" not in queue and "PENDING" not in queue
+
+
+def test_clean_removes_finished_runs_only(tmp_path):
+    finished = run_client(tmp_path, "ex.submit(abs, -1).result(); ex.shutdown()\n")
+    live = run_client(tmp_path, """
+        ex.submit(time.sleep, 120)
+        ex._flush_window()
+        os._exit(0)
+    """)
+    output = cli("clean", folder=tmp_path / "spool").stdout
+    assert f"removed {finished}" in output and f"kept {live}: still live" in output
+    assert not (tmp_path / "spool" / finished).exists()
+    assert (tmp_path / "spool" / live).exists()
+    cli("cancel", live, folder=tmp_path / "spool")
+
+
+def test_render_shows_the_exact_script(tmp_path):
+    script = cli("render", "--partition", "short", "--time", "1:00:00", "--mem", "4G",
+                 "--array-parallelism", "5", "--setup", "module load python",
+                 folder=tmp_path).stdout
+    lines = script.splitlines()
+    assert lines[0] == "#!/bin/bash"
+    for expected in ("#SBATCH --partition=short", "#SBATCH --time=1:00:00",
+                     "#SBATCH --mem=4G", "#SBATCH --array=0-15%5",
+                     "#SBATCH --signal=B:USR1@60", "module load python"):
+        assert expected in lines
+    assert lines[-1].startswith("exec ") and "-m slurmexecutor.worker" in lines[-1]
+    bad = cli("render", "--no-such-option", "1", folder=tmp_path, check=False)
+    assert bad.returncode == 2 and "unrecognized arguments" in bad.stderr
+
+
+def test_logging_is_silent_unless_asked(tmp_path):
+    run_dir = tmp_path / "quiet"
+    code = textwrap.dedent(f"""
+        from slurmexecutor import SlurmExecutor
+        with SlurmExecutor({str(run_dir)!r}, backend="slurm") as ex:
+            ex.submit(abs, -1).result()
+    """)
+    quiet = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           check=True, cwd=tmp_path)
+    assert quiet.stdout == "" and quiet.stderr == ""
+    loud = subprocess.run([sys.executable, "-c", "import logging; logging.basicConfig("
+                           "level=logging.INFO)\n" + code], capture_output=True, text=True,
+                          check=True, cwd=tmp_path, env=dict(os.environ))
+    assert "submitted array job" in loud.stderr
