@@ -30,6 +30,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from _cluster import cluster_cpus, slurm_cluster
@@ -46,22 +47,35 @@ from slurmexecutor.countreads import (
 BENCH_DIR = Path(__file__).resolve().parent
 
 
-def run_serial(bam: str, regions: list[Region], _folder: Path) -> tuple[Counter[str], int]:
-    return count_reads_serial(bam, regions), 0
+@dataclass
+class Outcome:
+    counts: Counter[str]
+    seconds: float  # the counting only: no executor start-up or shutdown
+    tasks: int = 0  # array tasks (0: not run as an array)
 
 
-def run_map_reduce(backend: str, fractions: int, poll_interval: float | None
-                   ) -> Callable[[str, list[Region], Path], tuple[Counter[str], int]]:
-    """A runner for map_reduce on `backend`; it returns the counts and the array tasks."""
+Runner = Callable[[str, list[Region], Path], Outcome]
 
-    def run(bam: str, regions: list[Region], folder: Path) -> tuple[Counter[str], int]:
+
+def run_serial(bam: str, regions: list[Region], _folder: Path) -> Outcome:
+    started = time.perf_counter()
+    counts = count_reads_serial(bam, regions)
+    return Outcome(counts, time.perf_counter() - started)
+
+
+def run_map_reduce(backend: str, fractions: int, poll_interval: float | None) -> Runner:
+    """A runner of map_reduce on `backend`, from cold (a new executor per run)."""
+
+    def run(bam: str, regions: list[Region], folder: Path) -> Outcome:
         ex = SlurmExecutor(folder, backend=backend, poll_interval=poll_interval)
         try:
+            started = time.perf_counter()
             counts = map_reduce(count_region_reads, regions, fractions, sum, bam, executor=ex)
+            seconds = time.perf_counter() - started
         finally:
             ex.shutdown()
         journals = [json.loads(path.read_text()) for path in ex.run_dir.glob("b*.json")]
-        return counts, sum(len(journal["tasks"]) for journal in journals)
+        return Outcome(counts, seconds, sum(len(journal["tasks"]) for journal in journals))
 
     return run
 
@@ -107,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     bam = str(demo.bam.resolve())
     cores = os.cpu_count() or 1
 
-    methods = {
+    methods: dict[str, Runner] = {
         "(a) serial, 1 process": run_serial,
         f"(b) map_reduce, local backend ({args.fractions} fractions)":
             run_map_reduce("local", args.fractions, None),
@@ -124,15 +138,14 @@ def main(argv: list[str] | None = None) -> int:
                   f"{cluster_cpus()} CPUs declared")
             for round_ in range(1, args.repeat + 1):
                 for name, method in methods.items():
-                    began = time.perf_counter()
-                    counts, tasks[name] = method(bam, regions, folder)
-                    seconds = time.perf_counter() - began
-                    times[name].append(seconds)
-                    print(f"  round {round_}/{args.repeat}: {name}: {seconds:.2f} s",
+                    outcome = method(bam, regions, folder)
+                    times[name].append(outcome.seconds)
+                    tasks[name] = outcome.tasks
+                    print(f"  round {round_}/{args.repeat}: {name}: {outcome.seconds:.2f} s",
                           file=sys.stderr, flush=True)
                     if reference is None:
-                        reference = counts
-                    assert counts == reference, f"{name}: counts differ from (a)"
+                        reference = outcome.counts
+                    assert outcome.counts == reference, f"{name}: counts differ from (a)"
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
@@ -158,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     print(table(["method", "tasks", "median s", "best s", "speed-up",
                  f"vs ideal {ideal:.2f} s", "/ideal"], rows))
     print(f"  ideal = serial / {cores} cores; the three Counters are equal.")
+    print("load average (1, 5, 15 min) at the end: "
+          + ", ".join(f"{load:.1f}" for load in os.getloadavg()))
     return 0
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -308,6 +309,8 @@ def main(argv: list[str] | None = None) -> int:
         results = measure(cases, repeat, args.poll_interval, progress)
     report(cases, results, repeat)
     print(f"\n(benchmark took {time.perf_counter() - started:.0f} s)")
+    print("load average (1, 5, 15 min) at the end: "
+          + ", ".join(f"{load:.1f}" for load in os.getloadavg()))
     return 0
 
 

@@ -118,6 +118,7 @@ class Task:
     final_since: float = 0.0
     registered: float = field(default_factory=time.monotonic)
     error: str | None = None  # an integrity failure in its stream
+    cursors: list[spool.StreamCursor] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.unresolved = set(self.call_ids)
@@ -242,6 +243,7 @@ class Monitor:
             cursor = self.cursors.get(entry.name)
             if cursor is None:
                 cursor = self.cursors[entry.name] = spool.StreamCursor(Path(entry.path))
+                task.cursors.append(cursor)
             if entry.stat().st_size <= cursor.offset:
                 continue
             for record in spool.read_records(cursor, self.key):
@@ -322,6 +324,15 @@ class Monitor:
 
     def _fail_unresolved(self, task: Task, transitions: list) -> None:
         state = task.final
+        truncated = [c for c in task.cursors if c.pending_bytes]
+        if truncated and not task.ended:
+            cursor = truncated[0]
+            error = IntegrityError(
+                f"{cursor.path} is truncated: its task ended "
+                f"({state.state if state else 'state unknown'}) with {cursor.pending_bytes} "
+                f"bytes of an incomplete record at byte {cursor.offset}")
+            transitions += self._resolve_all(task, lambda call_id: error)
+            return
         retryable = state is not None and not task.ended and self.retry is not None
         if retryable and self.retry(task, sorted(task.unresolved)):
             self._forget(task)  # the retry batch carries the calls on

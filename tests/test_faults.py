@@ -1,0 +1,311 @@
+"""Fault injection on the real Slurm cluster (and the local backend where it applies).
+
+Each test asserts the error the user sees AND that no other result was lost.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from conftest import CLUSTER_SCRIPT
+
+from slurmexecutor import (
+    CallLostError,
+    IntegrityError,
+    JobCancelledError,
+    JobTimeoutError,
+    NodeFailureError,
+    SlurmExecutor,
+    WorkerCrashedError,
+    spool,
+)
+
+
+def sleep_then(seconds, value=None):
+    time.sleep(seconds)
+    return value
+
+
+def attempt_and_value(value, seconds=0.0):
+    time.sleep(seconds)
+    return value, os.environ.get("SLURM_RESTART_COUNT", "0")
+
+
+def inc(x):
+    return x + 1
+
+
+def wait_until(predicate, timeout=60.0, interval=0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return False
+
+
+def task_of(ex: SlurmExecutor, future):
+    return ex.monitor.task_for(future.call_id)
+
+
+def squeue(*args: str) -> str:
+    return subprocess.run(["squeue", "-h", *args], capture_output=True, text=True,
+                          check=True).stdout
+
+
+# -- killed from outside -------------------------------------------------------------
+
+
+def test_scancel_of_one_running_task_fails_only_its_calls(make_executor, backend):
+    ex = make_executor(poll_interval=0.3)
+    victim, *others = ex.submit_many(sleep_then, [(60, "v"), (2, "a"), (2, "b")], chunksize=1)
+    assert wait_until(victim.running)
+    task = task_of(ex, victim)
+    ex.backend.cancel([f"{task.job_id}_{task.array_index}"])  # as `scancel 123_0` does
+    started = time.monotonic()
+    error = victim.exception(timeout=30)
+    assert isinstance(error, JobCancelledError), error
+    assert error.state == "CANCELLED" and time.monotonic() - started < 10
+    assert error.job_id == task.job_id and error.array_index == task.array_index
+    assert [f.result(timeout=60) for f in others] == ["a", "b"]
+
+
+def test_time_limit_fails_unfinished_calls_and_keeps_finished_ones(make_executor, backend):
+    # Slurm rounds limits up to whole minutes and checks them every 30 s: ~1-1.5 min here
+    limit = "00:00:05" if backend == "local" else "1"
+    ex = make_executor(time=limit, chunksize=3)
+    quick, stuck, never = [ex.submit(sleep_then, seconds, i) for i, seconds in
+                           enumerate([0.1, 600, 0.1])]
+    assert quick.result(timeout=150) == 0
+    for future in (stuck, never):
+        error = future.exception(timeout=150)
+        assert isinstance(error, JobTimeoutError), error
+        assert f"time limit ({limit})" in str(error) and error.state == "TIMEOUT"
+    # the worker was warned (SIGUSR1) and recorded it before it was killed
+    streams = list(ex.run_dir.glob("b*.out"))
+    records = [r for path in streams for r in spool.read_records(spool.StreamCursor(path),
+                                                                  ex.key)]
+    assert any(kind == "limit" for kind, _, _ in records)
+
+
+# -- node loss and requeues (Slurm only) ----------------------------------------------
+
+
+def cluster_node(command: str, cluster_dir: Path, node: str) -> None:
+    subprocess.run([sys.executable, str(CLUSTER_SCRIPT), command, str(cluster_dir), node],
+                   check=True, capture_output=True, timeout=60)
+
+
+@pytest.mark.slurm
+def test_node_failure_is_retried_on_another_node(slurm_cluster, tmp_path, caplog):
+    ex = SlurmExecutor(tmp_path / "spool", backend="slurm", poll_interval=0.5,
+                       requeue=False, max_retries=1, chunksize=2)
+    futures = [ex.submit(sleep_then, 20, i) for i in range(2)]
+    assert wait_until(futures[0].running)
+    task = task_of(ex, futures[0])
+    node = squeue("-j", f"{task.job_id}_{task.array_index}", "-o", "%N").strip()
+    assert node, "the task runs on no node?"
+    cluster_node("kill-node", slurm_cluster, node)
+    try:
+        with caplog.at_level("WARNING", logger="slurmexecutor"):
+            assert [f.result(timeout=150) for f in futures] == [0, 1]
+        assert all(f.attempts == 2 for f in futures)
+        assert any("retrying 2 call(s)" in r.message and "NODE_FAIL" in r.message
+                   for r in caplog.records)
+    finally:
+        cluster_node("start-node", slurm_cluster, node)
+        ex.shutdown(wait=False, cancel_futures=True)
+        wait_until(lambda: "idle" in subprocess.run(
+            ["sinfo", "-h", "-n", node, "-o", "%T"], capture_output=True, text=True,
+            check=False).stdout, timeout=60)
+
+
+@pytest.mark.slurm
+def test_node_failure_without_retries_names_the_state(slurm_cluster, tmp_path):
+    ex = SlurmExecutor(tmp_path / "spool", backend="slurm", poll_interval=0.5,
+                       requeue=False)
+    lost, kept = ex.submit_many(sleep_then, [(60, "x"), (0.5, "kept")], chunksize=1)
+    assert kept.result(timeout=60) == "kept"
+    assert wait_until(lost.running)
+    task = task_of(ex, lost)
+    node = squeue("-j", f"{task.job_id}_{task.array_index}", "-o", "%N").strip()
+    cluster_node("kill-node", slurm_cluster, node)
+    try:
+        error = lost.exception(timeout=150)
+        assert isinstance(error, (NodeFailureError, CallLostError)), error
+        assert kept.result() == "kept"
+    finally:
+        cluster_node("start-node", slurm_cluster, node)
+        ex.shutdown(wait=False, cancel_futures=True)
+
+
+@pytest.mark.slurm
+def test_slurm_requeue_does_not_run_a_call_twice_to_the_client(slurm_cluster, tmp_path):
+    ex = SlurmExecutor(tmp_path / "spool", backend="slurm", poll_interval=0.3, chunksize=2)
+    first, second = ex.submit(attempt_and_value, "a"), ex.submit(attempt_and_value, "b", 20)
+    assert first.result(timeout=60) == ("a", "0")
+    task = task_of(ex, second)
+    subprocess.run(["scontrol", "requeue", f"{task.job_id}_{task.array_index}"], check=True)
+    assert second.result(timeout=120) == ("b", "1")  # ran again after the requeue
+    assert first.result() == ("a", "0")  # the first attempt's result still wins
+    streams = sorted(path.name for path in ex.run_dir.glob("b*.out"))
+    assert len(streams) == 2 and streams[1].endswith(".r1.out")
+
+
+# -- the client dies ------------------------------------------------------------------
+
+
+def test_client_killed_then_reattached_loses_nothing(backend, slurm_cluster_if_slurm,
+                                                     tmp_path):
+    script = tmp_path / "client.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys, time
+        from slurmexecutor import SlurmExecutor
+        def work(x):
+            time.sleep(0.5 if x % 2 else 3)
+            return x * 10
+        ex = SlurmExecutor({str(tmp_path / 'spool')!r}, backend={backend!r}, chunksize=6,
+                           poll_interval=0.2)
+        futures = [ex.submit(work, i) for i in range(12)]
+        futures[0].result()
+        print(ex.run_id, flush=True)
+        time.sleep(600)
+    """))
+    client = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
+                              text=True, cwd=tmp_path)
+    run_id = client.stdout.readline().strip()
+    assert run_id, "the client printed no run id"
+    client.send_signal(signal.SIGKILL)  # mid-run: some results in, most not
+    client.wait()
+    ex = SlurmExecutor.attach(run_id, tmp_path / "spool", poll_interval=0.2)
+    assert sorted(ex.futures) == list(range(12))
+    results = {call: future.result(timeout=120) for call, future in ex.futures.items()}
+    assert results == {i: i * 10 for i in range(12)}
+    ex.shutdown()
+
+
+@pytest.fixture
+def slurm_cluster_if_slurm(backend, request):
+    if backend == "slurm":
+        return request.getfixturevalue("slurm_cluster")
+    return None
+
+
+def test_attach_to_an_unknown_run_is_a_clear_error(tmp_path):
+    from slurmexecutor import RunNotFoundError
+
+    with pytest.raises(RunNotFoundError, match="no run 'nope'"):
+        SlurmExecutor.attach("nope", tmp_path)
+
+
+# -- integrity -----------------------------------------------------------------------
+
+
+def finished_run(make_executor) -> tuple[SlurmExecutor, list]:
+    ex = make_executor(chunksize=4)
+    futures = [ex.submit(inc, i) for i in range(4)]
+    assert [f.result(timeout=60) for f in futures] == [1, 2, 3, 4]
+    ex.shutdown()
+    return ex, futures
+
+
+def record_spans(data: bytes) -> list[tuple[int, int]]:
+    """(start, end) byte offsets of each record of a result stream."""
+    spans, position = [], 0
+    while position < len(data):
+        length, _ = spool.HEADER.unpack_from(data, position)
+        end = position + spool.HEADER.size + length
+        spans.append((position, end))
+        position = end
+    return spans
+
+
+def test_tampered_result_is_rejected(make_executor):
+    ex, _ = finished_run(make_executor)
+    [stream] = ex.run_dir.glob("b*.out")
+    data = bytearray(stream.read_bytes())
+    start, end = record_spans(bytes(data))[4]  # start, ok, ok, ok, ok <- this one, end
+    data[end - 3] ^= 0xFF  # flip bits inside the last result's payload
+    stream.write_bytes(bytes(data))
+    again = SlurmExecutor.attach(ex.run_id, ex.folder, poll_interval=0.05)
+    outcomes = {}
+    for call, future in again.futures.items():
+        outcomes[call] = future.exception(timeout=60) or future.result()
+    # the records before the tampered one are kept; nothing after it is trusted
+    assert [outcomes[call] for call in range(4)][:3] == [1, 2, 3]
+    assert isinstance(outcomes[3], IntegrityError)
+    assert "failed authentication" in str(outcomes[3])
+    again.shutdown()
+
+
+def test_truncated_result_is_rejected(make_executor):
+    ex, _ = finished_run(make_executor)
+    [stream] = ex.run_dir.glob("b*.out")
+    cursor = spool.StreamCursor(stream)
+    records = spool.read_records(cursor, ex.key)
+    assert [kind for kind, _, _ in records] == ["start", "ok", "ok", "ok", "ok", "end"]
+    data = stream.read_bytes()
+    start, end = record_spans(data)[4]
+    stream.write_bytes(data[: (start + end) // 2])  # cut through the last result
+    again = SlurmExecutor.attach(ex.run_id, ex.folder, poll_interval=0.05, result_grace=0)
+    results = [again.futures[call].result(timeout=60) for call in range(3)]
+    error = again.futures[3].exception(timeout=60)
+    assert results == [1, 2, 3]
+    assert isinstance(error, IntegrityError) and "is truncated" in str(error)
+    again.shutdown()
+
+
+def test_tampered_input_is_never_unpickled(make_executor):
+    ex = make_executor(submit_window=5)
+    future = ex.submit(inc, 1)
+    window = ex._window
+    ex._window = None
+    # write the batch, then corrupt its chunk before the worker reads it
+    original = spool.write_blob
+
+    def corrupting(path, key, obj):
+        original(path, key, obj)
+        if path.suffix == ".in":
+            path.write_bytes(path.read_bytes()[:-1] + b"X")
+
+    spool.write_blob = corrupting
+    try:
+        ex._launch_window(window)
+    finally:
+        spool.write_blob = original
+    error = future.exception(timeout=60)
+    assert isinstance(error, (WorkerCrashedError, CallLostError)), error
+    assert "failed authentication" in error.log_tail
+
+
+# -- scale ---------------------------------------------------------------------------
+
+
+@pytest.mark.slurm
+def test_100k_call_map_with_bounded_client_memory(slurm_cluster, tmp_path):
+    code = textwrap.dedent(f"""
+        import resource, sys
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from test_faults import inc
+        from slurmexecutor import SlurmExecutor
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        with SlurmExecutor({str(tmp_path / 'spool')!r}, backend="slurm") as ex:
+            total = sum(ex.map(inc, range(100_000)))
+        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        print(total, before, after)
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300, check=True)
+    total, before, after = map(int, done.stdout.split())
+    assert total == sum(range(1, 100_001))
+    print(f"100,000-call map: peak RSS {after / 1024:.0f} MiB (at start {before / 1024:.0f})")
+    assert after - before < 150 * 1024, f"client grew by {(after - before) / 1024:.0f} MiB"
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss > 0
