@@ -187,6 +187,11 @@ def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
+def paired_ratio(ours: list[float], baseline: list[float]) -> float:
+    """Median of the per-round ratios: robust to the load drifting between rounds."""
+    return median([mine / theirs for mine, theirs in zip(ours, baseline)])
+
+
 def same_or_range(values: list[int]) -> str:
     low, high = min(values), max(values)
     return f"{low:,}" if low == high else f"{low:,}-{high:,}"
@@ -208,11 +213,12 @@ def report(cases: list[Case], results: Results, repeat: int) -> None:
     rows = []
     for case in cases:
         runs = results.runs[case.label]
-        ours = median([run.seconds for run in runs])
+        seconds = [run.seconds for run in runs]
+        ours = median(seconds)
         tasks = max(run.tasks for run in runs)
-        same = median(results.arrays[min(tasks, ARRAY_CAP)])
+        same = results.arrays[min(tasks, ARRAY_CAP)]
         per_call = min(case.calls, ARRAY_CAP)
-        one_each = median(results.arrays[per_call])
+        one_each = results.arrays[per_call]
         capped = "*" if case.calls > ARRAY_CAP else ""
         rows.append([
             case.label,
@@ -220,11 +226,11 @@ def report(cases: list[Case], results: Results, repeat: int) -> None:
             same_or_range([run.tasks for run in runs]),
             f"{ours:.2f}",
             f"{case.calls / ours:,.0f}",
-            f"{same:.2f}",
-            f"{ours / same:.2f}x",
+            f"{median(same):.2f}",
+            f"{paired_ratio(seconds, same):.2f}x",
             f"{per_call:,}{capped}",
-            f"{one_each:.2f}",
-            f"{ours / one_each:.2f}x",
+            f"{median(one_each):.2f}",
+            f"{paired_ratio(seconds, one_each):.2f}x",
             f"{median([run.shutdown_seconds for run in runs]):.2f}",
         ])
     print()
@@ -236,13 +242,15 @@ def report(cases: list[Case], results: Results, repeat: int) -> None:
           "empty[K] = empty array of K tasks;")
     print("  empty[N] = empty array with one task per call (* capped at 1000 tasks: "
           "MaxArraySize=1001);")
-    print("  shutdown s = ex.shutdown() after the results were in (not in 'ours s').")
+    print("  shutdown s = ex.shutdown() after the results were in (not in 'ours s');")
+    print("  times are medians over the rounds; ours/[K] and ours/[N] are medians of the "
+          "per-round ratios.")
 
     if results.bare:
-        ours_one = median([run.seconds for run in results.runs["1 call, submit"]])
-        bare = median(results.bare)
-        print(f"\n1 call: ours {ours_one:.2f} s vs bare `sbatch --wrap true` submit->COMPLETED "
-              f"{bare:.2f} s ({ours_one / bare:.2f}x)")
+        ours_one = [run.seconds for run in results.runs["1 call, submit"]]
+        print(f"\n1 call: ours {median(ours_one):.2f} s vs bare `sbatch --wrap true` "
+              f"submit->COMPLETED {median(results.bare):.2f} s "
+              f"({paired_ratio(ours_one, results.bare):.2f}x)")
 
     ref_rows = []
     for ref in REFERENCES:
@@ -265,8 +273,8 @@ def measure(cases: list[Case], repeat: int, poll_interval: float,
     try:
         for round_ in range(1, repeat + 1):
             measured: set[int] = set()
-            progress(f"round {round_}/{repeat}: bare sbatch")
             results.bare.append(time_bare_sbatch())
+            progress(f"round {round_}/{repeat}: bare sbatch: {results.bare[-1]:.2f} s")
             for case in cases:
                 run = run_case(case, folder, poll_interval)
                 results.runs.setdefault(case.label, []).append(run)

@@ -277,6 +277,8 @@ class Monitor:
         if kind == "unpicklable":
             return False, SerializationError(body)
         if kind == "crash":
+            log.warning("job %s_%s: the worker died running call %d (%s)", task.job_id,
+                        task.array_index, call_id, body["text"])
             return False, self._task_error(
                 task, WorkerCrashedError, f"the worker died running this call: {body['text']}",
                 call_id, exit_code=body["exit_code"], signal=body["signal"])
@@ -351,6 +353,8 @@ class Monitor:
             message = f"the task ended ({state.state}) before this call finished"
         exit_code = state.exit_code if state else None
         sig = state.signal if state else None
+        log.warning("job %s_%s: %d call(s) failed: %s", task.job_id, task.array_index,
+                    len(task.unresolved), message)
         transitions += self._resolve_all(task, lambda call_id: self._task_error(
             task, error_type, message, call_id, exit_code=exit_code, signal=sig))
 

@@ -5,15 +5,18 @@ from __future__ import annotations
 import concurrent.futures as cf
 import ctypes
 import os
+import shutil
 import stat
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
 from pathlib import Path
 
 import pytest
+from conftest import cluster
 
 from slurmexecutor import (
     RemoteTraceback,
@@ -235,12 +238,13 @@ def test_segfault_names_the_signal(make_executor):
     assert survivor.result(timeout=60) == 25
 
 
-def test_submission_error_fails_futures_not_hangs(backend, make_executor):
-    if backend != "slurm":
-        pytest.skip("the local backend has no partitions to get wrong")
-    future = make_executor(partition="no_such_partition").submit(square, 2)
+@pytest.mark.slurm
+def test_submission_error_fails_futures_not_hangs(slurm_cluster, tmp_path):
+    ex = SlurmExecutor(tmp_path, backend="slurm", partition="no_such_partition")
+    future = ex.submit(square, 2)
     with pytest.raises(SubmissionError, match="sbatch"):
         future.result(timeout=30)
+    ex.shutdown()
 
 
 # -- packing -------------------------------------------------------------------------
@@ -343,3 +347,59 @@ def test_future_gives_its_log(make_executor):
     assert future.log_path.exists()
     assert future.log().strip() == "hello from the worker"
     assert "hello from the worker" in future.log_tail()
+
+
+# -- Slurm specifics: array limits, scheduler load, no accounting ---------------------
+
+
+@pytest.mark.slurm
+def test_arrays_split_at_the_clusters_real_max_array_size(slurm_cluster, tmp_path,
+                                                          monkeypatch):
+    small = Path(tempfile.mkdtemp(prefix="sxc-"))  # short: it holds Unix sockets
+    cluster("up", small, "--cpus", "4", "--max-array-size", "4")
+    try:
+        monkeypatch.setenv("SLURM_CONF", str(small / "slurm.conf"))
+        refused = subprocess.run(["sbatch", "--array=0-4", "--wrap", "true"],
+                                 capture_output=True, text=True, check=False)
+        assert refused.returncode != 0  # the limit is real: 5 tasks are refused
+        ex = SlurmExecutor(tmp_path / "spool", backend="slurm", poll_interval=0.3)
+        assert ex.backend.max_array_size() == 4
+        assert list(ex.map(square, range(10), chunksize=1)) == [x * x for x in range(10)]
+        [journal] = batches(ex)
+        assert [a["size"] for a in journal["arrays"]] == [4, 4, 2]
+        assert [a["offset"] for a in journal["arrays"]] == [0, 4, 8]
+        ex.shutdown()
+    finally:
+        cluster("down", small)
+        shutil.rmtree(small, ignore_errors=True)
+
+
+@pytest.mark.slurm
+def test_one_scheduler_query_per_poll_whatever_the_number_of_jobs(slurm_cluster, tmp_path):
+    ex = SlurmExecutor(tmp_path, backend="slurm", poll_interval=0.5, chunksize=1)
+    queries: list[int] = []
+    real_states = ex.backend.states
+
+    def counting_states(job_ids):
+        queries.append(len(job_ids))
+        return real_states(job_ids)
+
+    ex.backend.states = counting_states
+    started = time.monotonic()
+    futures = []
+    for _ in range(6):  # six arrays (jobs) of 5 tasks, all live at once
+        futures += ex.submit_many(sleep_then, [(3, i) for i in range(5)], chunksize=1)
+    assert [f.result(timeout=120) for f in futures] == list(range(5)) * 6
+    elapsed = time.monotonic() - started
+    assert len(queries) <= elapsed / 0.5 + 2, (len(queries), elapsed)
+    assert max(queries) == 6  # every poll asked about all live arrays at once
+    ex.shutdown()
+
+
+@pytest.mark.slurm
+def test_no_accounting_is_not_fatal(slurm_cluster, tmp_path):
+    ex = SlurmExecutor(tmp_path, backend="slurm")
+    assert ex.backend.final_states([("1", 0)]) == {}  # sacct: "accounting disabled"
+    assert ex.backend._sacct_usable is False
+    assert ex.submit(square, 3).result(timeout=60) == 9
+    ex.shutdown()

@@ -232,7 +232,7 @@ def test_tampered_result_is_rejected(make_executor):
     ex, _ = finished_run(make_executor)
     [stream] = ex.run_dir.glob("b*.out")
     data = bytearray(stream.read_bytes())
-    start, end = record_spans(bytes(data))[4]  # start, ok, ok, ok, ok <- this one, end
+    _, end = record_spans(bytes(data))[4]  # start, ok, ok, ok, ok <- this one, end
     data[end - 3] ^= 0xFF  # flip bits inside the last result's payload
     stream.write_bytes(bytes(data))
     again = SlurmExecutor.attach(ex.run_id, ex.folder, poll_interval=0.05)

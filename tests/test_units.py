@@ -1,0 +1,216 @@
+"""Pure parts: parsers of Slurm's output (fed real output seen on the test cluster),
+resource options and the batch script, the folder protocol, progress bars."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import io
+import sys
+from pathlib import Path
+
+import pytest
+
+from slurmexecutor import IntegrityError, spool
+from slurmexecutor.errors import JobTimeoutError, TaskFailedError
+from slurmexecutor.progress import CallProgress, progress
+from slurmexecutor.schedulers import TaskState
+from slurmexecutor.schedulers.script import (
+    ScriptSpec,
+    render_script,
+    sbatch_directives,
+    time_limit_seconds,
+    validate_resources,
+)
+from slurmexecutor.schedulers.slurm import (
+    parse_exit_code,
+    parse_max_array_size,
+    parse_sacct,
+    parse_squeue,
+    parse_total_cpus,
+)
+
+# -- Slurm output parsers --------------------------------------------------------------
+
+SQUEUE = """\
+9|1|CANCELLED|15|None
+8|0|FAILED|768|NonZeroExitCode
+10|0|FAILED|11|JobLaunchFailure
+9|0|RUNNING|0|None
+109|0-3%2|PENDING|0|BeginTime
+107|N/A|PENDING|0|Resources
+"""
+
+
+def test_parse_squeue_real_output():
+    states = parse_squeue(SQUEUE)
+    assert states[("9", 1)] == TaskState("CANCELLED", 0, 15, "None")
+    assert states[("8", 0)] == TaskState("FAILED", 3, None, "NonZeroExitCode")
+    assert states[("10", 0)].signal == 11
+    assert states[("9", 0)].running and not states[("9", 0)].final
+    assert states[("8", 0)].final
+    assert len(states) == 4  # unexpanded ranges and non-array jobs are not tasks
+
+
+def test_parse_exit_codes():
+    assert parse_exit_code("768") == (3, None)  # squeue: raw wait status
+    assert parse_exit_code("15") == (0, 15)
+    assert parse_exit_code("3:0") == (3, None)  # sacct: code:signal
+    assert parse_exit_code("0:9") == (0, 9)
+    assert parse_exit_code("N/A") == (None, None)
+
+
+def test_parse_sacct():
+    text = "117_5|COMPLETED|0:0\n117_6|CANCELLED by 0|0:15\n117|FAILED|1:0\n"
+    states = parse_sacct(text)
+    assert states == {("117", 5): TaskState("COMPLETED", 0, None),
+                      ("117", 6): TaskState("CANCELLED", 0, 15)}
+
+
+def test_parse_scontrol_and_sinfo():
+    assert parse_max_array_size("MaxArraySize            = 5000\nMinJobAge = 10 sec") == 5000
+    assert parse_max_array_size("nothing here") == 1001
+    assert parse_total_cpus("1/15/0/16\n0/48/0/48\n") == 64
+
+
+# -- resources and the script ----------------------------------------------------------
+
+
+def test_unknown_resource_names_the_valid_ones():
+    with pytest.raises(ValueError) as caught:
+        validate_resources({"partiton": "short"})
+    message = str(caught.value)
+    assert "'partiton'" in message and "partition" in message and "sbatch_extra" in message
+    with pytest.raises(ValueError, match="sets --array"):
+        validate_resources({"array": "0-3"})
+    with pytest.raises(ValueError, match="not a Slurm time limit"):
+        validate_resources({"time": "ten minutes"})
+    with pytest.raises(ValueError, match="array_parallelism"):
+        validate_resources({"array_parallelism": 0})
+
+
+@pytest.mark.parametrize("limit, seconds", [
+    (10, 600), ("10", 600), ("5:30", 330), ("1:00:00", 3600), ("2-0", 172800),
+    ("1-2:30", 95400), ("1-00:00:05", 86405), ("00:00:05", 5),
+])
+def test_time_limits(limit, seconds):
+    assert time_limit_seconds(limit) == seconds
+
+
+def test_directives_use_long_option_names(tmp_path):
+    resources = validate_resources({
+        "partition": "short", "time": "00:30:00", "mem": "4G", "cpus_per_task": 2,
+        "gres": "gpu:1", "account": "lab", "qos": "low", "constraint": "avx2",
+        "array_parallelism": 8, "job_name": "mine", "requeue": False, "exclusive": True})
+    spec = ScriptSpec(run_dir=tmp_path, batch=3, size=20, sbatch_extra=["--export=ALL"])
+    options = sbatch_directives(resources, spec)
+    for expected in ("--job-name=mine", "--array=0-19%8", "--partition=short",
+                     "--time=00:30:00", "--mem=4G", "--cpus-per-task=2", "--gres=gpu:1",
+                     "--account=lab", "--qos=low", "--constraint=avx2", "--no-requeue",
+                     "--exclusive", "--signal=B:USR1@60", "--export=ALL",
+                     f"--output={tmp_path}/logs/%A_%a.log"):
+        assert expected in options
+
+
+def test_script_runs_setup_then_execs_the_worker(tmp_path):
+    spec = ScriptSpec(run_dir=tmp_path, batch=7, size=4, offset=1000,
+                      python="/opt/py/bin/python3", setup=["module load python"])
+    lines = render_script({}, spec).splitlines()
+    assert lines.index("module load python") < len(lines) - 1
+    assert lines[-1] == (f"exec /opt/py/bin/python3 -m slurmexecutor.worker {tmp_path} 7 "
+                         '"$(( 1000 + ${SLURMEXECUTOR_TASK:-$SLURM_ARRAY_TASK_ID} ))"')
+
+
+def test_executor_rejects_unknown_resources(tmp_path):
+    from slurmexecutor import SlurmExecutor
+
+    with pytest.raises(ValueError, match="unknown resource option"):
+        SlurmExecutor(tmp_path, backend="local", partiton="x")
+
+
+# -- the folder protocol ---------------------------------------------------------------
+
+
+def test_blob_roundtrip_and_rejections(tmp_path):
+    key = spool.load_key(tmp_path, create=True)
+    path = tmp_path / "x.in"
+    spool.write_blob(path, key, {"calls": [1, 2]})
+    assert spool.read_blob(path, key) == {"calls": [1, 2]}
+    with pytest.raises(IntegrityError, match="failed authentication"):
+        spool.read_blob(path, b"k" * 32)
+    path.write_bytes(path.read_bytes()[:-2])
+    with pytest.raises(IntegrityError, match="truncated"):
+        spool.read_blob(path, key)
+
+
+def test_record_stream_keeps_complete_records_only(tmp_path):
+    key = spool.load_key(tmp_path, create=True)
+    path = tmp_path / "s.out"
+    writer = spool.RecordWriter(path, key)
+    writer.write(("ok", 1, b"a"))
+    writer.write(("ok", 2, b"b"))
+    writer.close()
+    whole = path.read_bytes()
+    path.write_bytes(whole[:-5])  # the second record is not complete yet
+    cursor = spool.StreamCursor(path)
+    assert spool.read_records(cursor, key) == [("ok", 1, b"a")]
+    assert cursor.pending_bytes > 0
+    path.write_bytes(whole)  # now it is
+    assert spool.read_records(cursor, key) == [("ok", 2, b"b")]
+    assert cursor.pending_bytes == 0
+
+
+def test_ids_compress_and_expand():
+    assert spool.compress_ids([1, 2, 3, 7, 9, 10]) == [[1, 4], [7, 8], [9, 11]]
+    assert spool.expand_ids([[1, 4], [7, 8]]) == [1, 2, 3, 7]
+    assert spool.parse_stream_name("b0003.t0007.r1.out") == (3, 7)
+    assert spool.parse_stream_name("b0003.t0007.in") is None
+
+
+# -- errors ----------------------------------------------------------------------------
+
+
+def test_task_errors_carry_their_facts_and_pickle():
+    import pickle
+
+    error = JobTimeoutError("the call did not finish within the time limit (1:00)",
+                            job_id="12", array_index=3, state="TIMEOUT", exit_code=None,
+                            log_path=Path("/x/12_3.log"), log_tail="last line")
+    text = str(error)
+    assert "job 12_3" in text and "state=TIMEOUT" in text and "last line" in text
+    again = pickle.loads(pickle.dumps(error))
+    assert type(again) is JobTimeoutError and again.job_id == "12" and str(again) == text
+    assert isinstance(again, TaskFailedError)
+
+
+# -- progress --------------------------------------------------------------------------
+
+
+def test_call_progress_counts(monkeypatch):
+    stream = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stream)
+    bar = CallProgress(3, enabled=True, desc="work")
+    bar.started(3)
+    bar.advance(True)
+    bar.advance(False)
+    assert (bar.done, bar.failed, bar.running) == (1, 1, 1)
+    bar.advance(True)
+    assert "work" in stream.getvalue() and "3/3" in stream.getvalue()
+    assert "failed=1" in stream.getvalue()
+
+
+def test_progress_over_futures_yields_each_once(monkeypatch):
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    futures = [cf.Future() for _ in range(3)]
+    for index, future in enumerate(futures):
+        future.set_result(index)
+    assert sorted(f.result() for f in progress(futures, enabled=True)) == [0, 1, 2]
+    assert "3/3" in sys.stderr.getvalue()
+
+
+def test_progress_off_when_not_a_terminal(monkeypatch):
+    stream = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stream)
+    bar = CallProgress(2)
+    bar.advance(True)
+    bar.advance(True)
+    assert stream.getvalue() == ""
