@@ -75,7 +75,7 @@ def run_map_reduce(backend: str, fractions: int, poll_interval: float | None) ->
         finally:
             ex.shutdown()
         journals = [json.loads(path.read_text()) for path in ex.run_dir.glob("b*.json")]
-        return Outcome(counts, seconds, sum(len(journal["tasks"]) for journal in journals))
+        return Outcome(counts, seconds, sum(a["size"] for journal in journals for a in journal["arrays"]))
 
     return run
 

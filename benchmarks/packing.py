@@ -175,7 +175,7 @@ def run_case(case: Case, folder: Path, poll_interval: float) -> Run:
 
     journals = [json.loads(path.read_text()) for path in sorted(ex.run_dir.glob("b*.json"))]
     job_ids = [array["job_id"] for journal in journals for array in journal["arrays"]]
-    tasks = sum(len(journal["tasks"]) for journal in journals)
+    tasks = sum(array["size"] for journal in journals for array in journal["arrays"])
     wait_done(job_ids)  # leave a quiet cluster for the next measurement
     return Run(seconds, len(job_ids), tasks, shutdown_seconds)
 

@@ -201,7 +201,7 @@ def status_command(args: argparse.Namespace) -> int:
     if failed:
         print(f"\nfailed calls ({len(failed)}):")
         for call in failed:
-            print(f"  call {call.call_id} (task {call.batch}.{call.task}): "
+            print(f"  call {call.call_id} (batch {call.batch}, task {call.task}): "
                   f"{call.error or 'lost: its task ended without a result'}")
     return 0
 
@@ -229,10 +229,13 @@ def logs_command(args: argparse.Namespace) -> int:
     info = runs.read_run(run_dir, spool.load_key(run_dir.parent))
     tasks = info.tasks
     if args.call is not None:
-        tasks = [task for task in tasks if args.call in task.call_ids]
-        if not tasks:
+        call = info.calls.get(args.call)
+        if call is None:
             raise ValueError(f"run {info.run_id} has no call {args.call}")
-        tasks = tasks[-1:]  # the latest attempt
+        task = info.task(call.batch, call.task)
+        if task is None:
+            raise ValueError(f"call {args.call} has not been taken by a task yet")
+        tasks = [task]
     for task in tasks:
         path = run_dir / "logs" / f"{task.job_id}_{task.array_index}.log"
         text = path.read_text(errors="replace") if path.exists() else ""

@@ -8,20 +8,23 @@ Data flow (compare CPython's concurrent/futures/process.py):
     pickle args now|  window: calls wait up to `submit_window` s
     (bad arg fails |  for company; flushed when full, expired, or
      at submit)    |  someone calls .result()
-  map(fn, items) --+--> _launch(batch) -> bNNNN.fn      (functions, once)
-                   |                      bNNNN.tIII.in (call ids + args)
-                   |                      bNNNN.json    (journal)
-                   |                 sbatch --array=0-(K-1)[%P] ---------> python -m
-                   |                                                       slurmexecutor.worker
-                   |                      bNNNN.tIII.rA.out  <------------ signed records,
-                   |                      logs/JOB_i.log     <------------ one per call
+  map(fn, items) --+--> _launch(batch) -> bNNNN.fn     (functions, once)
+                   |                      bNNNN.cJJJJ.in  C chunks of calls (signed)
+                   |                      bNNNN.json   (journal)
+                   |    sbatch --array=0-0 first; the other K-1 tasks -----> python -m
+                   |    follow when chunks stay unclaimed (scale-out)        slurmexecutor.worker
+                   |                      bNNNN.cJJJJ.claim  <------------ claims a chunk,
+                   |                      bNNNN.tIIII.rA.out <------------ signed records,
+                   |                      logs/JOB_IDX.log   <------------ one per call
   monitor thread <-+-- scandir + read new records (every tick, cheap)
     one squeue for all live arrays per poll_interval (flat scheduler load)
     -> Future.set_running_or_notify_cancel / set_result / set_exception
     -> tasks that ended without results: their calls fail (or are retried)
 
 Each `submit` returns a `SlurmFuture` (a real `concurrent.futures.Future`); `map` packs
-calls into one array with one internal future per task, and yields in order.
+calls into one batch with one internal future per chunk, and yields in order. A batch
+plans K = min(slots, C) tasks; tasks claim chunks dynamically, so cheap work is done by
+the first task alone and uneven calls balance across tasks.
 """
 
 from __future__ import annotations
@@ -45,14 +48,17 @@ import cloudpickle
 
 from . import spool
 from .errors import SerializationError, SubmissionError
-from .monitor import CallSink, ChunkSink, FutureSink, Monitor, Task, read_tail
+from .monitor import Batch, CallSink, ChunkSink, FutureSink, Monitor, Task, read_tail
 from .progress import CallProgress
-from .schedulers import make_backend
+from .schedulers import TaskState, make_backend
 from .schedulers.script import ScriptSpec, render_script, validate_resources
 
 log = logging.getLogger("slurmexecutor")
 
 DEFAULT_RETRY_ON = ("NODE_FAIL", "PREEMPTED")
+#: chunks per cluster slot when chunk sizes are chosen for you: finer chunks balance
+#: uneven calls across tasks, coarser ones cost fewer claims
+CHUNKS_PER_SLOT = 4
 
 
 def default_folder() -> Path:
@@ -84,6 +90,7 @@ class SlurmFuture(Future):
         super().__init__()
         self._executor = executor
         self.call_ids = call_ids
+        self.chunk: tuple[int, int] | None = None  # (batch, chunk) once submitted
 
     @property
     def call_id(self) -> int:
@@ -105,7 +112,10 @@ class SlurmFuture(Future):
     @property
     def log_path(self) -> Path | None:
         """The stdout/stderr log of the array task that runs (or ran) this call."""
-        return self._executor._log_paths.get(self.call_id)
+        if self.chunk is None:
+            return None
+        task = self._executor.monitor.task_of_chunk(*self.chunk)
+        return self._executor.monitor.log_file(task) if task else None
 
     def log_tail(self, lines: int = 20) -> str:
         """The last lines of the task's log (the log is shared by the task's calls)."""
@@ -162,11 +172,12 @@ class Window:
 
 @dataclass
 class Chunk:
-    """The calls of one array task: (fn index, pickled [(args, kwargs)...], count) parts."""
+    """Calls that run together: (fn index, pickled [(args, kwargs)...], count) parts."""
 
     call_ids: list[int]
     parts: list[tuple[int, bytes, int]]
     sinks: dict[int, CallSink]
+    futures: list[SlurmFuture]
 
 
 def _name(fn: Callable) -> str:
@@ -229,7 +240,7 @@ class SlurmExecutor(Executor):
         self._call_ids = itertools.count()
         self._batch_ids = itertools.count()
         self._attempts: dict[int, int] = {}
-        self._log_paths: dict[int, Path] = {}
+        self._journals: dict[int, dict] = {}
         self._cancelled: dict[tuple[int, int], set[int]] = {}
         self._shutdown = False
         self.monitor = Monitor(
@@ -239,6 +250,7 @@ class SlurmExecutor(Executor):
             result_grace=result_grace if result_grace is not None else (
                 0.0 if local else 1.0),
             retry=self._retry,
+            scale_out=self._scale_out,
         )
         #: every call's future, by call id, for runs reattached with `attach`
         self.futures: dict[int, SlurmFuture] = {}
@@ -276,37 +288,36 @@ class SlurmExecutor(Executor):
         return cls(root, _run=run, **options, **resources)
 
     def _reattach(self) -> None:
-        """Rebuild the futures table and the monitor's tasks from the run's journals."""
+        """Rebuild the futures and the monitor's batches and tasks from the journals."""
         journals = [spool.read_json(path) for path in sorted(self.run_dir.glob("b*.json"))]
-        owner: dict[int, tuple[int, int]] = {}  # call -> the latest task that carries it
+        owner: dict[int, int] = {}  # call -> the latest batch that carries it (retries)
         for journal in journals:
-            for index, ranges in enumerate(journal["tasks"]):
+            for ranges in journal["chunks"]:
                 for call_id in spool.expand_ids(ranges):
-                    owner[call_id] = (journal["batch"], index)
+                    owner[call_id] = journal["batch"]
         for call_id in sorted(owner):
             self.futures[call_id] = SlurmFuture(self, [call_id])
         for journal in journals:
-            arrays = journal["arrays"]
-            for index, ranges in enumerate(journal["tasks"]):
-                ids = [c for c in spool.expand_ids(ranges) if owner[c] == (journal["batch"], index)]
-                if not ids:
-                    continue
-                task = Task(journal["batch"], index, ids, attempt=journal.get("attempt", 1),
-                            time_limit=self.resources.get("time"))
-                sinks = {call_id: FutureSink(self.futures[call_id]) for call_id in ids}
-                self.monitor.add_task(task, sinks)
-                array = next((a for a in arrays
-                              if a["offset"] <= index < a["offset"] + a["size"]), None)
-                if array is None:
-                    from .errors import CallLostError
-
-                    self.monitor.fail_task(task, CallLostError(
-                        "the client stopped before this task was submitted"))
-                    continue
-                self.monitor.set_job(task, array["job_id"], index - array["offset"])
-                for call_id in ids:
-                    self._log_paths[call_id] = self.monitor.log_file(task)
-                    self._attempts[call_id] = task.attempt
+            number = journal["batch"]
+            chunks = [spool.expand_ids(ranges) for ranges in journal["chunks"]]
+            batch = Batch(number, chunks, journal["planned"], journal["steal"],
+                          journal["attempt"], self.resources.get("time"))
+            batch.open_calls = {c for c in batch.open_calls if owner[c] == number}
+            if not batch.open_calls:
+                continue
+            self._journals[number] = journal
+            for index, chunk in enumerate(chunks):
+                for call_id in chunk:
+                    self.futures[call_id].chunk = (number, index)
+                    self._attempts[call_id] = batch.attempt
+            self.monitor.add_batch(batch, {c: FutureSink(self.futures[c])
+                                           for c in batch.open_calls})
+            for array in journal["arrays"]:
+                self.monitor.add_tasks(batch, [
+                    Task(batch, index, array["job_id"], index - array["offset"])
+                    for index in range(array["offset"], array["offset"] + array["size"])])
+            if batch.submitted == 0:  # the client died before submitting it
+                self._submit_tasks(batch, batch.planned if not batch.steal else 1)
         last_call = max(owner, default=-1)
         last_batch = max((journal["batch"] for journal in journals), default=-1)
         self._call_ids = itertools.count(last_call + 1)
@@ -345,9 +356,12 @@ class SlurmExecutor(Executor):
         return _chained_results(futures, end_time, bar)
 
     def submit_many(self, fn: Callable, calls: Iterable[tuple], *,
-                    chunksize: int | None = None) -> list[SlurmFuture]:
-        """Submit `fn(*args)` for each tuple in `calls` now, as one array, with one
-        Future per call; `chunksize` calls per array task (default: fill the slots)."""
+                    chunksize: int | None = None,
+                    task_per_chunk: bool = False) -> list[SlurmFuture]:
+        """Submit `fn(*args)` for each tuple in `calls` now, as one batch, with one
+        Future per call and `chunksize` calls per chunk. With `task_per_chunk`, every
+        chunk gets an array task of its own, all submitted at once (map_reduce's
+        fractions); otherwise tasks claim chunks as usual."""
         if not callable(fn):
             raise TypeError(f"{fn!r} is not callable")
         window = Window()
@@ -362,7 +376,7 @@ class SlurmExecutor(Executor):
         self._flush_window()
         for call in window.calls:
             call.future.add_done_callback(self._on_future_done)
-        self._launch_window(window, chunksize)
+        self._launch_window(window, chunksize, task_per_chunk=task_per_chunk)
         return [call.future for call in window.calls]
 
     def cancel(self, futures: Iterable[Future]) -> None:
@@ -370,12 +384,11 @@ class SlurmExecutor(Executor):
         (their futures then fail with JobCancelledError)."""
         refs = set()
         for future in futures:
-            if future.done() or future.cancel():
+            if future.done() or future.cancel() or getattr(future, "chunk", None) is None:
                 continue
-            for call_id in getattr(future, "call_ids", ()):
-                task = self.monitor.task_for(call_id)
-                if task is not None and task.job_id is not None:
-                    refs.add(f"{task.job_id}_{task.array_index}")
+            task = self.monitor.task_of_chunk(*future.chunk)
+            if task is not None and task.job_id is not None:
+                refs.add(f"{task.job_id}_{task.array_index}")
         self.backend.cancel(sorted(refs))
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
@@ -386,13 +399,14 @@ class SlurmExecutor(Executor):
             if window:
                 for call in window.calls:
                     call.future.cancel()
-            for task in self.monitor.live_tasks():
-                self._cancel_unstarted(task)
+            for future in {id(s.future): s.future for s in list(self.monitor.sinks.values())
+                           }.values():
+                future.cancel()  # only those that have not started
         if window:
             self._launch_window(window)
         self._flusher_wake.set()
         if wait:
-            self._wait_for_tasks()
+            self._wait_for_batches()
             self.monitor.stop()
             self.backend.close()
         else:
@@ -426,14 +440,15 @@ class SlurmExecutor(Executor):
             future.add_done_callback(self._on_future_done)
             sink = ChunkSink(future, ids[0], len(ids), progress=bar)
             blob = dumps([(args, {}) for args in part], f"an argument of {_name(fn)}")
-            chunks.append(Chunk(ids, [(0, blob, len(ids))], dict.fromkeys(ids, sink)))
+            chunks.append(Chunk(ids, [(0, blob, len(ids))], dict.fromkeys(ids, sink),
+                                [future]))
             futures.append(future)
         self._launch(window.functions, window.names, chunks, kind="map")
         return futures, bar
 
     def _auto_chunksize(self, calls: int) -> int:
-        """Enough tasks to fill the cluster's slots once, and no more."""
-        return max(1, math.ceil(calls / self.backend.slots()))
+        """Chunks enough for CHUNKS_PER_SLOT per slot: tasks claim them as they go."""
+        return max(1, math.ceil(calls / (CHUNKS_PER_SLOT * self.backend.slots())))
 
     def _flush_window(self) -> None:
         with self._lock:
@@ -462,7 +477,8 @@ class SlurmExecutor(Executor):
             if self._shutdown and self._window is None:
                 return
 
-    def _launch_window(self, window: Window, chunksize: int | None = None) -> None:
+    def _launch_window(self, window: Window, chunksize: int | None = None, *,
+                       task_per_chunk: bool = False) -> None:
         calls = [call for call in window.calls if not call.future.cancelled()]
         if not calls:
             return
@@ -474,53 +490,75 @@ class SlurmExecutor(Executor):
                 [call.call_id for call in group],
                 [(call.fn_index, call.arguments, 1) for call in group],
                 {call.call_id: FutureSink(call.future) for call in group},
+                [call.future for call in group],
             ))
-        self._launch(window.functions, window.names, chunks, kind="submit")
+        self._launch(window.functions, window.names, chunks, kind="submit",
+                     task_per_chunk=task_per_chunk)
 
     def _launch(self, functions: list[bytes] | str, names: list[str], chunks: list[Chunk],
-                *, kind: str, attempt: int = 1) -> None:
-        """Write a batch to the folder and submit it as one array (or several, if large).
+                *, kind: str, attempt: int = 1, task_per_chunk: bool = False) -> None:
+        """Write a batch to the folder and submit its first task(s).
 
         `functions` is the pickled function table, or the name of an earlier batch's
-        functions file (retries reuse it).
+        functions file (retries reuse it). A batch plans min(slots, chunks) tasks that
+        claim chunks; one goes out now and the monitor asks for the rest when the work
+        is not done at once (`_scale_out`). With `task_per_chunk` every chunk gets its
+        own task, all at once.
         """
-        batch = next(self._batch_ids)
+        number = next(self._batch_ids)
         if isinstance(functions, str):
             functions_file = functions
         else:
-            functions_file = spool.functions_path(self.run_dir, batch).name
+            functions_file = spool.functions_path(self.run_dir, number).name
             spool.write_blob(self.run_dir / functions_file, self.key, {
                 "functions": functions, "names": names, "sys_path": shipped_sys_path()})
-        tasks = []
+        planned = len(chunks) if task_per_chunk else min(self.backend.slots(), len(chunks))
+        steal = not task_per_chunk
+        spool.write_blob(spool.manifest_path(self.run_dir, number), self.key, {
+            "functions": functions_file, "chunks": len(chunks), "tasks": planned,
+            "steal": steal})
         for index, chunk in enumerate(chunks):
-            spool.write_blob(spool.chunk_path(self.run_dir, batch, index), self.key, {
-                "calls": chunk.call_ids, "functions": functions_file, "parts": chunk.parts})
-            task = Task(batch, index, chunk.call_ids, attempt=attempt,
-                        time_limit=self.resources.get("time"))
-            self.monitor.add_task(task, chunk.sinks)
-            tasks.append(task)
-        journal = {
-            "batch": batch, "kind": kind, "created": time.time(), "functions": names,
-            "functions_file": functions_file, "attempt": attempt,
-            "tasks": [spool.compress_ids(chunk.call_ids) for chunk in chunks], "arrays": [],
+            spool.write_blob(spool.chunk_path(self.run_dir, number, index), self.key, {
+                "calls": chunk.call_ids, "parts": chunk.parts})
+            for future in chunk.futures:
+                future.chunk = (number, index)
+        self._journals[number] = journal = {
+            "batch": number, "kind": kind, "created": time.time(), "functions": names,
+            "functions_file": functions_file, "attempt": attempt, "planned": planned,
+            "steal": steal, "chunks": [spool.compress_ids(c.call_ids) for c in chunks],
+            "arrays": [],
         }
-        spool.write_json(spool.journal_path(self.run_dir, batch), journal)
-        limit = self.backend.max_array_size()
-        for offset in range(0, len(tasks), limit):
-            group = tasks[offset : offset + limit]
+        spool.write_json(spool.journal_path(self.run_dir, number), journal)
+        batch = Batch(number, [chunk.call_ids for chunk in chunks], planned, steal, attempt,
+                      self.resources.get("time"))
+        sinks = {call_id: sink for chunk in chunks for call_id, sink in chunk.sinks.items()}
+        self.monitor.add_batch(batch, sinks)
+        self._submit_tasks(batch, planned if task_per_chunk else 1)
+
+    def _scale_out(self, batch: Batch, count: int) -> None:
+        """The monitor's call: submit `count` more tasks for a batch with work left."""
+        log.info("batch %d: chunks left unclaimed; adding %d task(s)", batch.number, count)
+        self._submit_tasks(batch, count)
+
+    def _submit_tasks(self, batch: Batch, count: int) -> None:
+        """Submit tasks batch.submitted .. +count as arrays (split at MaxArraySize)."""
+        journal, limit = self._journals[batch.number], self.backend.max_array_size()
+        first, end = batch.submitted, batch.submitted + count
+        for offset in range(first, end, limit):
+            size = min(limit, end - offset)
             try:
-                job_id = self._submit_array(batch, offset, len(group), names)
+                job_id = self._submit_array(batch.number, offset, size, journal["functions"])
             except SubmissionError as error:
-                for task in tasks[offset:]:
-                    self.monitor.fail_task(task, error)
-                break
-            journal["arrays"].append({"job_id": job_id, "offset": offset, "size": len(group)})
-            spool.write_json(spool.journal_path(self.run_dir, batch), journal)
-            for task in group:
-                self.monitor.set_job(task, job_id, task.index - offset)
-                log_file = self.monitor.log_file(task)
-                for call_id in task.call_ids:
-                    self._log_paths[call_id] = log_file
+                batch.planned = batch.submitted  # no more attempts at scaling out
+                if not self.monitor.has_live_tasks(batch):
+                    self.monitor.fail_calls(batch, sorted(batch.open_calls), error)
+                else:
+                    log.warning("batch %d: could not add tasks: %s", batch.number, error)
+                return
+            journal["arrays"].append({"job_id": job_id, "offset": offset, "size": size})
+            spool.write_json(spool.journal_path(self.run_dir, batch.number), journal)
+            self.monitor.add_tasks(batch, [Task(batch, index, job_id, index - offset)
+                                           for index in range(offset, offset + size)])
         self.monitor.poke()
 
     def _submit_array(self, batch: int, offset: int, size: int, names: list[str]) -> str:
@@ -535,62 +573,64 @@ class SlurmExecutor(Executor):
 
     # -- retries and cancellation -------------------------------------------------------
 
-    def _retry(self, task: Task, call_ids: list[int]) -> bool:
-        """Resubmit a task's unresolved calls when its end state allows; True if so."""
-        state = task.final.state if task.final else None
-        if state not in self.retry_on or task.attempt > self.max_retries or self._shutdown:
+    def _retry(self, batch: Batch, call_ids: list[int], state: TaskState) -> bool:
+        """Resubmit calls a task left unfinished when its end state allows; True if so."""
+        if (state.state not in self.retry_on or batch.attempt > self.max_retries
+                or self._shutdown):
             return False
-        chunk = spool.read_blob(spool.chunk_path(self.run_dir, task.batch, task.index),
-                                self.key)
-        wanted, parts, ids, position = set(call_ids), [], [], 0
-        for fn_index, blob, count in chunk["parts"]:
-            calls = cloudpickle.loads(blob)
-            for offset in range(count):
-                call_id = chunk["calls"][position + offset]
-                if call_id in wanted:
-                    ids.append(call_id)
-                    parts.append((fn_index, dumps([calls[offset]], "an argument"), 1))
-            position += count
-        log.warning("retrying %d call(s) of job %s_%s after %s (attempt %d of %d)",
-                    len(ids), task.job_id, task.array_index, state, task.attempt + 1,
+        wanted, parts, ids = set(call_ids), [], []
+        for index, chunk_ids in enumerate(batch.chunks):
+            if wanted.isdisjoint(chunk_ids):
+                continue
+            chunk = spool.read_blob(spool.chunk_path(self.run_dir, batch.number, index),
+                                    self.key)
+            position = 0
+            for fn_index, blob, count in chunk["parts"]:
+                calls = cloudpickle.loads(blob)
+                for offset in range(count):
+                    call_id = chunk["calls"][position + offset]
+                    if call_id in wanted:
+                        ids.append(call_id)
+                        parts.append((fn_index, dumps([calls[offset]], "an argument"), 1))
+                position += count
+        log.warning("retrying %d call(s) of batch %d after %s (attempt %d of %d)",
+                    len(ids), batch.number, state.state, batch.attempt + 1,
                     self.max_retries + 1)
+        futures = [sink.future for call_id in ids
+                   if isinstance(sink := self.monitor.sinks.get(call_id), FutureSink)]
         for call_id in ids:
-            self._attempts[call_id] = task.attempt + 1
-        self._launch(chunk["functions"], [], [Chunk(ids, parts, {})], kind="retry",
-                     attempt=task.attempt + 1)
+            self._attempts[call_id] = batch.attempt + 1
+        journal = self._journals[batch.number]
+        self._launch(journal["functions_file"], journal["functions"],
+                     [Chunk(ids, parts, {}, futures)], kind="retry", attempt=batch.attempt + 1)
         return True
 
     def _on_future_done(self, future: Future) -> None:
-        if not future.cancelled():
+        """A cancelled future: its calls are skipped, or never claimed at all."""
+        if not future.cancelled() or future.chunk is None:
+            return  # still in the window: the flush leaves it out
+        number, index = future.chunk
+        batch = next((b for b in self.monitor.live_batches() if b.number == number), None)
+        if batch is None:
             return
-        for call_id in future.call_ids:
-            task = self.monitor.task_for(call_id)
-            if task is None:
-                continue  # still in the window: the flush leaves it out
-            cancelled = self._cancelled.setdefault(task.key, set())
-            cancelled.add(call_id)
-            spool.append_cancelled(spool.cancel_path(self.run_dir, task.batch, task.index),
-                                   [call_id])
-            if cancelled >= set(task.call_ids) and task.job_id and not task.started:
-                self.backend.cancel([f"{task.job_id}_{task.array_index}"])
-
-    def _cancel_unstarted(self, task: Task) -> None:
-        if task.started:
-            return
-        futures = {id(sink.future): sink.future for call_id in task.call_ids
-                   if (sink := self.monitor.sinks.get(call_id)) is not None}
-        for future in futures.values():
-            future.cancel()
+        spool.append_cancelled(spool.cancel_path(self.run_dir, number, index),
+                               future.call_ids)
+        cancelled = self._cancelled.setdefault(future.chunk, set())
+        cancelled.update(future.call_ids)
+        chunk_ids = batch.chunks[index]
+        claim = spool.claim_path(self.run_dir, number, index)
+        if cancelled >= set(chunk_ids) and spool.try_claim(claim, "client"):
+            self.monitor.drop_calls(batch, chunk_ids)  # no task will ever take it
 
     # -- shutdown -----------------------------------------------------------------------
 
-    def _wait_for_tasks(self) -> None:
-        while self.monitor.live_tasks() or self._window is not None:
+    def _wait_for_batches(self) -> None:
+        while self.monitor.live_batches() or self._window is not None:
             self._flush_window()
             time.sleep(0.02)
 
     def _finish_in_background(self) -> None:
-        self._wait_for_tasks()
+        self._wait_for_batches()
         self.monitor.stop()
         self.backend.close()
 

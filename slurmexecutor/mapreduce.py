@@ -211,7 +211,8 @@ def map_reduce_async(fn: Callable, items: Iterable, fractions: int,
 
         executor = SlurmExecutor()
     futures = executor.submit_many(
-        fold_fraction, [(fn, part, folder, args, kwargs) for part in parts], chunksize=1)
+        fold_fraction, [(fn, part, folder, args, kwargs) for part in parts], chunksize=1,
+        task_per_chunk=True)
     return MapReduceTask(futures, [len(part) for part in parts], folder, initial,
                          permissive, executor, owns, progress)
 

@@ -1,11 +1,15 @@
 """The monitor: turns what the folder and the scheduler say into Future transitions.
 
 One thread per executor. Each tick it
-  1. reads the new records of the result streams of live tasks (cheap: one scandir),
+  1. reads the new records of the result streams of live tasks (cheap: one scandir):
+     `claim` (a task took a chunk: its calls are running), results, `limit`, `end`;
   2. at most every `poll_interval` seconds, asks the backend about ALL live array jobs
-     in ONE query, so scheduler load does not grow with the number of calls or jobs,
+     in ONE query, so scheduler load does not grow with the number of calls or jobs;
   3. fails the calls of tasks that ended without their result, after a short grace for
-     shared filesystems, with the error that fits the final state (or retries them).
+     shared filesystems, with the error that fits the final state (or retries them);
+  4. scales a batch out: it goes out as one task, and the rest of its planned tasks
+     follow once that task has run for `probe` seconds (or waited `pending_grace`
+     in the queue) with chunks still unclaimed. Cheap work thus costs one task start.
 
 Futures are completed outside the monitor's lock, so a done-callback may submit more.
 """
@@ -97,21 +101,40 @@ class ChunkSink:
                 self.future.set_result(self.outcomes)
 
 
-@dataclass
+@dataclass(eq=False)
+class Batch:
+    """Calls submitted together: chunks that up to `planned` array tasks claim."""
+
+    number: int
+    chunks: list[list[int]]
+    planned: int
+    steal: bool = True
+    attempt: int = 1
+    time_limit: str | None = None
+    submitted: int = 0  # tasks submitted so far
+    created: float = field(default_factory=time.monotonic)
+    first_start: float | None = None  # when the client saw its first task start
+    unclaimed: set[int] = field(default_factory=set)
+    open_calls: set[int] = field(default_factory=set)
+    tasks: list[Task] = field(default_factory=list)
+    last_failed: Task | None = None  # the latest task that ended without finishing
+
+    def __post_init__(self) -> None:
+        self.unclaimed = set(range(len(self.chunks)))
+        self.open_calls = {call_id for chunk in self.chunks for call_id in chunk}
+
+
+@dataclass(eq=False)
 class Task:
     """One array task as the monitor follows it."""
 
-    batch: int
+    batch: Batch
     index: int
-    call_ids: list[int]
     job_id: str | None = None
     array_index: int | None = None
-    attempt: int = 1
-    time_limit: str | None = None
-    unresolved: set[int] = field(default_factory=set)
+    unresolved: set[int] = field(default_factory=set)  # claimed calls without outcome
     started: bool = False
     worker: tuple[str, int] | None = None  # (host, pid) from the worker's start record
-    marked_running: bool = False
     limit_notice: bool = False
     ended: bool = False  # the worker wrote its end record
     final: TaskState | None = None
@@ -120,12 +143,13 @@ class Task:
     error: str | None = None  # an integrity failure in its stream
     cursors: list[spool.StreamCursor] = field(default_factory=list)
 
-    def __post_init__(self) -> None:
-        self.unresolved = set(self.call_ids)
-
     @property
     def key(self) -> tuple[int, int]:
-        return (self.batch, self.index)
+        return (self.batch.number, self.index)
+
+    @property
+    def attempt(self) -> int:
+        return self.batch.attempt
 
 
 @dataclass
@@ -135,7 +159,6 @@ class Counts:
     total: int = 0
     done: int = 0
     failed: int = 0
-    running_tasks: int = 0
 
 
 class Monitor:
@@ -143,17 +166,21 @@ class Monitor:
 
     def __init__(
         self, run_dir: Path, key: bytes, backend: Backend, *, poll_interval: float,
-        result_grace: float, retry: Callable[[Task, list[int]], bool] | None = None,
+        result_grace: float, retry: Callable[[Batch, list[int], TaskState], bool],
+        scale_out: Callable[[Batch, int], None], probe: float = 0.3,
+        pending_grace: float = 2.0,
     ) -> None:
         self.run_dir, self.key, self.backend = run_dir, key, backend
         self.poll_interval, self.result_grace = poll_interval, result_grace
-        self.retry = retry
+        self.retry, self.scale_out = retry, scale_out
+        self.probe, self.pending_grace = probe, pending_grace
+        self.batches: dict[int, Batch] = {}
         self.tasks: dict[tuple[int, int], Task] = {}
         self.sinks: dict[int, CallSink] = {}
         self.task_of_call: dict[int, Task] = {}
+        self.claimed_by: dict[tuple[int, int], Task] = {}  # (batch, chunk) -> its task
         self.cursors: dict[str, spool.StreamCursor] = {}
         self.counts = Counts()
-        self.listeners: list[Callable[[Counts], None]] = []
         self._lock = threading.RLock()
         self._wake = threading.Event()
         self._stop = False
@@ -164,29 +191,48 @@ class Monitor:
 
     # -- called by the executor ---------------------------------------------------------
 
-    def add_task(self, task: Task, sinks: dict[int, CallSink]) -> None:
+    def add_batch(self, batch: Batch, sinks: dict[int, CallSink]) -> None:
         with self._lock:
-            self.tasks[task.key] = task
+            self.batches[batch.number] = batch
             self.sinks.update(sinks)
-            for call_id in task.call_ids:
-                self.task_of_call[call_id] = task
             self.counts.total += len(sinks)
         self._wake.set()
 
-    def set_job(self, task: Task, job_id: str, array_index: int) -> None:
+    def add_tasks(self, batch: Batch, tasks: list[Task]) -> None:
+        """Follow newly submitted tasks of a batch (and count them as submitted)."""
         with self._lock:
-            task.job_id, task.array_index = job_id, array_index
-            task.registered = time.monotonic()
+            for task in tasks:
+                self.tasks[task.key] = task
+            batch.tasks += tasks
+            batch.submitted += len(tasks)
+        self._wake.set()
 
-    def fail_task(self, task: Task, error: BaseException) -> None:
-        """Fail a task's calls now (e.g. its submission was refused)."""
+    def fail_calls(self, batch: Batch, call_ids: list[int], error: BaseException) -> None:
+        """Fail calls now (e.g. their submission was refused)."""
+        transitions: list = []
         with self._lock:
-            transitions = self._resolve_all(task, lambda call_id: error)
+            for call_id in call_ids:
+                self._resolve(batch, call_id, False, error, transitions)
         self._apply(transitions)
 
-    def task_for(self, call_id: int) -> Task | None:
+    def drop_calls(self, batch: Batch, call_ids: list[int]) -> None:
+        """Forget calls the client cancelled before any task claimed them."""
         with self._lock:
-            return self.task_of_call.get(call_id)
+            for call_id in call_ids:
+                self._resolve(batch, call_id, False, None, [])
+        self._wake.set()
+
+    def task_of_chunk(self, batch: int, chunk: int) -> Task | None:
+        with self._lock:
+            return self.claimed_by.get((batch, chunk))
+
+    def has_live_tasks(self, batch: Batch) -> bool:
+        with self._lock:
+            return any(task.key in self.tasks for task in batch.tasks)
+
+    def live_batches(self) -> list[Batch]:
+        with self._lock:
+            return list(self.batches.values())
 
     def live_tasks(self) -> list[Task]:
         with self._lock:
@@ -211,7 +257,7 @@ class Monitor:
             except Exception:
                 log.exception("slurmexecutor monitor tick failed")
                 busy = False
-            idle_wait = 0.01 if busy else min(idle_wait * 1.5, 0.25)
+            idle_wait = 0.01 if busy else min(idle_wait * 1.5, 0.1 if self.batches else 0.25)
             self._wake.wait(idle_wait)
             self._wake.clear()
 
@@ -219,18 +265,21 @@ class Monitor:
         """One round of observation; True when something changed."""
         transitions: list[tuple[CallSink, int | None, bool, Any]] = []
         with self._lock:
-            if not self.tasks:
+            if not self.batches:
                 return False
             now = time.monotonic()
             if now >= self._next_poll:
                 self._poll_scheduler(now)
                 self._next_poll = now + self.poll_interval
-            self._read_streams(transitions)
-            self._settle_ended(transitions, now)
+            self._read_streams(transitions, now)
+            for task in list(self.tasks.values()):
+                self._settle_task(task, transitions, now)
+            for batch in list(self.batches.values()):
+                self._settle_batch(batch, transitions, now)
         self._apply(transitions)
         return bool(transitions)
 
-    def _read_streams(self, transitions: list) -> None:
+    def _read_streams(self, transitions: list, now: float) -> None:
         try:
             entries = list(os.scandir(self.run_dir))
         except FileNotFoundError:
@@ -247,23 +296,39 @@ class Monitor:
             if entry.stat().st_size <= cursor.offset:
                 continue
             for record in spool.read_records(cursor, self.key):
-                self._on_record(task, record, transitions)
+                self._on_record(task, record, transitions, now)
             if cursor.error and not task.error:
                 task.error = cursor.error
 
-    def _on_record(self, task: Task, record: tuple, transitions: list) -> None:
+    def _on_record(self, task: Task, record: tuple, transitions: list, now: float) -> None:
         kind, call_id, body = record
+        batch = task.batch
         if kind == "start":
-            task.started = True
-            task.worker = (body["host"], body["pid"])
-            self._mark_running(task, transitions)
+            task.started, task.worker = True, (body["host"], body["pid"])
+            batch.first_start = batch.first_start or now
+        elif kind == "claim":
+            self._on_claim(task, call_id, transitions)
         elif kind == "limit":
             task.limit_notice = True
         elif kind == "end":
             task.ended = True
-        elif call_id in task.unresolved:  # later duplicates (requeues) are ignored
+        elif call_id in batch.open_calls:  # later duplicates (requeues) are ignored
             ok, value = self._outcome(task, kind, call_id, body)
-            self._resolve(task, call_id, ok, value, transitions)
+            self._resolve(batch, call_id, ok, value, transitions)
+
+    def _on_claim(self, task: Task, chunk: int, transitions: list) -> None:
+        batch = task.batch
+        batch.unclaimed.discard(chunk)
+        self.claimed_by[(batch.number, chunk)] = task
+        seen = set()
+        for call_id in batch.chunks[chunk]:
+            if call_id in batch.open_calls:
+                task.unresolved.add(call_id)
+                self.task_of_call[call_id] = task
+                sink = self.sinks.get(call_id)
+                if sink is not None and id(sink) not in seen:
+                    seen.add(id(sink))
+                    transitions.append((sink, None, True, None))
 
     def _outcome(self, task: Task, kind: str, call_id: int, body: Any) -> tuple[bool, Any]:
         if kind == "ok":
@@ -311,52 +376,98 @@ class Monitor:
                 task.final = finals.get((task.job_id, task.array_index), TaskState("UNKNOWN"))
                 task.final_since = now
 
-    def _settle_ended(self, transitions: list, now: float) -> None:
-        for task in list(self.tasks.values()):
-            if task.started:
-                self._mark_running(task, transitions)
-            if not task.unresolved:
-                self._forget(task)
-                continue
-            if task.error:
-                transitions += self._resolve_all(
-                    task, lambda call_id, text=task.error: IntegrityError(text))
-            elif task.ended or (task.final and now - task.final_since >= self.result_grace):
-                self._fail_unresolved(task, transitions)
+    # -- settling -----------------------------------------------------------------------
 
-    def _fail_unresolved(self, task: Task, transitions: list) -> None:
+    def _settle_task(self, task: Task, transitions: list, now: float) -> None:
+        """Retire a task that has ended; fail (or retry) the claimed calls it left."""
+        if task.error:
+            error = IntegrityError(task.error)
+            self._fail(task, sorted(task.unresolved), lambda call_id: error, transitions)
+        elif task.ended:
+            if task.limit_notice:
+                task.batch.last_failed = task  # stopped claiming at the time limit
+            if task.unresolved:
+                self._fail_unfinished(task, sorted(task.unresolved), transitions)
+        elif task.final and now - task.final_since >= self.result_grace:
+            if task.unresolved or task.batch.unclaimed:
+                task.batch.last_failed = task
+            if task.unresolved:
+                self._fail_unfinished(task, sorted(task.unresolved), transitions)
+        else:
+            return
+        self.tasks.pop(task.key, None)
+
+    def _settle_batch(self, batch: Batch, transitions: list, now: float) -> None:
+        live = [task for task in batch.tasks if task.key in self.tasks]
+        if not batch.open_calls:  # all done: stop tasks that have not even started
+            pending = [t for t in live if not t.started and t.job_id is not None]
+            if pending:
+                self.backend.cancel([f"{t.job_id}_{t.array_index}" for t in pending])
+            for task in live:
+                self.tasks.pop(task.key, None)
+            del self.batches[batch.number]
+            return
+        if not batch.unclaimed or batch.submitted == 0:
+            return  # nothing to claim, or the executor is still submitting the first task
+        if batch.submitted < batch.planned:
+            probe_over = batch.first_start is not None and now - batch.first_start >= self.probe
+            waited = now - batch.created >= self.pending_grace
+            if probe_over or waited or not live:
+                self.scale_out(batch, batch.planned - batch.submitted)
+        elif not live:  # nobody is left to claim them
+            chunks = sorted(batch.unclaimed)
+            call_ids = [c for chunk in chunks for c in batch.chunks[chunk]
+                        if c in batch.open_calls]
+            for chunk in chunks:
+                spool.try_claim(spool.claim_path(self.run_dir, batch.number, chunk), "client")
+            batch.unclaimed.clear()
+            failed = batch.last_failed
+            if failed is None:
+                error = CallLostError("no array task of its batch was left to run this call")
+                self._fail(None, call_ids, lambda call_id: error, transitions, batch)
+            else:
+                self._fail_unfinished(failed, call_ids, transitions, started=False)
+
+    def _fail_unfinished(self, task: Task, call_ids: list[int], transitions: list,
+                         started: bool = True) -> None:
+        """Calls a task left without results: retry them, or fail them with the error
+        that fits how the task ended."""
         state = task.final
         truncated = [c for c in task.cursors if c.pending_bytes]
-        if truncated and not task.ended:
+        if truncated and not task.ended and started:
             cursor = truncated[0]
             error = IntegrityError(
                 f"{cursor.path} is truncated: its task ended "
                 f"({state.state if state else 'state unknown'}) with {cursor.pending_bytes} "
                 f"bytes of an incomplete record at byte {cursor.offset}")
-            transitions += self._resolve_all(task, lambda call_id: error)
+            self._fail(task, call_ids, lambda call_id: error, transitions)
             return
-        retryable = state is not None and not task.ended and self.retry is not None
-        if retryable and self.retry(task, sorted(task.unresolved)):
-            self._forget(task)  # the retry batch carries the calls on
+        if state is not None and not task.ended and self.retry(task.batch, call_ids, state):
+            for call_id in call_ids:  # the retry batch carries them on
+                task.unresolved.discard(call_id)
+                task.batch.open_calls.discard(call_id)
             return
+        what = "this call finished" if started else "this call could start"
         if task.limit_notice:
             error_type, message = JobTimeoutError, (
-                f"the call did not finish within the time limit ({task.time_limit})")
+                f"the call did not finish within the time limit ({task.batch.time_limit})")
         elif task.ended:
-            error_type, message = CallLostError, "the worker ended without running this call"
+            error_type, message = CallLostError, (
+                "the worker ended without running this call (see the log)")
         elif state is None or state.state == "UNKNOWN":
             error_type, message = CallLostError, (
                 "the task left the queue without a result and the scheduler has no record "
                 "of how it ended (no accounting)")
         else:
             error_type = ERROR_FOR_STATE.get(state.state, WorkerCrashedError)
-            message = f"the task ended ({state.state}) before this call finished"
+            message = f"the task ended ({state.state}) before {what}"
         exit_code = state.exit_code if state else None
         sig = state.signal if state else None
         log.warning("job %s_%s: %d call(s) failed: %s", task.job_id, task.array_index,
-                    len(task.unresolved), message)
-        transitions += self._resolve_all(task, lambda call_id: self._task_error(
-            task, error_type, message, call_id, exit_code=exit_code, signal=sig))
+                    len(call_ids), message)
+        self._fail(task, call_ids, lambda call_id: self._task_error(
+            task, error_type, message, call_id, exit_code=exit_code, signal=sig),
+            transitions)
 
     def _task_error(self, task: Task, error_type: type[TaskFailedError], message: str,
                     call_id: int, *, exit_code: int | None, signal: int | None
@@ -377,52 +488,37 @@ class Monitor:
 
     # -- transitions --------------------------------------------------------------------
 
-    def _mark_running(self, task: Task, transitions: list) -> None:
-        if task.marked_running:
-            return
-        task.marked_running = True
-        self.counts.running_tasks += 1
-        seen = set()
-        for call_id in task.unresolved:
-            sink = self.sinks.get(call_id)
-            if sink is not None and id(sink) not in seen:
-                seen.add(id(sink))
-                transitions.append((sink, None, True, None))
-
-    def _resolve(self, task: Task, call_id: int, ok: bool, value: Any,
+    def _resolve(self, batch: Batch, call_id: int, ok: bool, value: Any,
                  transitions: list) -> None:
-        task.unresolved.discard(call_id)
+        if call_id not in batch.open_calls:
+            return
+        batch.open_calls.discard(call_id)
+        task = self.task_of_call.pop(call_id, None)
+        if task is not None:
+            task.unresolved.discard(call_id)
         sink = self.sinks.pop(call_id, None)
-        self.task_of_call.pop(call_id, None)
+        if value is None and not ok:
+            return  # a cancelled call: its future is already cancelled
         if ok:
             self.counts.done += 1
         else:
             self.counts.failed += 1
-        if sink is not None and (ok or value is not None):
+        if sink is not None:
             transitions.append((sink, call_id, ok, value))
 
-    def _resolve_all(self, task: Task, error_for: Callable[[int], BaseException]) -> list:
-        transitions: list = []
-        for call_id in sorted(task.unresolved):
-            self._resolve(task, call_id, False, error_for(call_id), transitions)
-        self._forget(task)
-        return transitions
-
-    def _forget(self, task: Task) -> None:
-        if self.tasks.pop(task.key, None) is not None and task.marked_running:
-            self.counts.running_tasks -= 1
+    def _fail(self, task: Task | None, call_ids: list[int],
+              error_for: Callable[[int], BaseException], transitions: list,
+              batch: Batch | None = None) -> None:
+        batch = batch or task.batch
+        for call_id in call_ids:
+            self._resolve(batch, call_id, False, error_for(call_id), transitions)
 
     def _apply(self, transitions: list) -> None:
         for sink, call_id, ok, value in transitions:
-            if sink is None:
-                continue
             if call_id is None:
                 sink.set_running()
             else:
                 sink.deliver(call_id, ok, value)
-        if transitions:
-            for listener in list(self.listeners):
-                listener(self.counts)
 
 
 def _rebuild_exception(body: dict) -> BaseException:

@@ -1,7 +1,7 @@
 """Reading runs back from the folder: what `slurmexecutor status/logs/cancel/clean` show.
 
-Everything comes from the folder (the journal) plus, when asked, ONE scheduler query
-for all the run's array jobs.
+Everything comes from the folder (the journal, claims and result records) plus, when
+asked, ONE scheduler query for all the run's array jobs.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from .schedulers import Backend, TaskKey, TaskState
 class CallStatus:
     call_id: int
     batch: int
-    task: int
+    chunk: int
+    task: int | None  # the array task that claimed its chunk, if any
     status: str  # done, failed, running, pending, cancelled, lost
     error: str = ""  # first line of the error, for failed calls
 
@@ -32,9 +33,9 @@ class CallStatus:
 class TaskInfo:
     batch: int
     index: int
-    call_ids: list[int]
     job_id: str | None
     array_index: int | None
+    call_ids: list[int] = field(default_factory=list)  # of the chunks it claimed
     started: bool = False
     ended: bool = False  # the worker wrote its end record
     worker: tuple[str, int] | None = None  # (host, pid) of its worker
@@ -53,10 +54,14 @@ class RunInfo:
     functions: list[str] = field(default_factory=list)
     tasks: list[TaskInfo] = field(default_factory=list)
     calls: dict[int, CallStatus] = field(default_factory=dict)
+    journals: dict[int, dict] = field(default_factory=dict)
     cancelled: bool = False
 
     def count(self, status: str) -> int:
         return sum(1 for call in self.calls.values() if call.status == status)
+
+    def task(self, batch: int, index: int | None) -> TaskInfo | None:
+        return next((t for t in self.tasks if (t.batch, t.index) == (batch, index)), None)
 
     @property
     def job_ids(self) -> list[str]:
@@ -90,56 +95,56 @@ def read_run(run_dir: Path, key: bytes) -> RunInfo:
     until `classify` weighs the scheduler's word (or, for local runs, the processes)."""
     info = RunInfo(run_dir.name, run_dir, spool.read_json(run_dir / "run.json"))
     info.cancelled = (run_dir / "cancelled").exists()
+    chunk_of: dict[int, tuple[int, int]] = {}  # a retried call belongs to its last batch
     for path in sorted(run_dir.glob("b*.json")):
         journal = spool.read_json(path)
+        info.journals[journal["batch"]] = journal
         info.functions += [name for name in journal["functions"] if name not in info.functions]
-        for index, ranges in enumerate(journal["tasks"]):
-            array = next((a for a in journal["arrays"]
-                          if a["offset"] <= index < a["offset"] + a["size"]), None)
-            info.tasks.append(TaskInfo(journal["batch"], index, spool.expand_ids(ranges),
-                                       array["job_id"] if array else None,
-                                       index - array["offset"] if array else None))
-    outcomes = _read_outcomes(run_dir, key, {(t.batch, t.index): t for t in info.tasks})
-    for task in info.tasks:  # a retried call belongs to the latest task that carries it
-        for call_id in task.call_ids:
-            status, error = outcomes.get(call_id, ("unknown", ""))
-            info.calls[call_id] = CallStatus(call_id, task.batch, task.index, status, error)
+        for array in journal["arrays"]:
+            for index in range(array["offset"], array["offset"] + array["size"]):
+                info.tasks.append(TaskInfo(journal["batch"], index, array["job_id"],
+                                           index - array["offset"]))
+        for chunk, ranges in enumerate(journal["chunks"]):
+            for call_id in spool.expand_ids(ranges):
+                chunk_of[call_id] = (journal["batch"], chunk)
+    claims, outcomes = _read_streams(run_dir, key, info, chunk_of)
+    for call_id, (batch, chunk) in sorted(chunk_of.items()):
+        status, error = outcomes.get(call_id, ("unknown", ""))
+        info.calls[call_id] = CallStatus(call_id, batch, chunk, claims.get((batch, chunk)),
+                                         status, error)
     return info
 
 
-def classify(info: RunInfo, states: dict[TaskKey, TaskState] | None) -> RunInfo:
-    """Decide pending/running/lost for calls without a result. `states` is the
-    scheduler's answer for Slurm runs; None for local runs (judged by their processes)."""
-    tasks = {(task.batch, task.index): task for task in info.tasks}
-    client_alive = spool.process_alive(info.meta["host"], info.meta["pid"])
-    for task in info.tasks:
-        if states is not None:
-            task.state = states.get((task.job_id, task.array_index))
-    for call in info.calls.values():
-        if call.status in ("unknown", "pending", "running", "lost"):
-            call.status = _unresolved_status(tasks[(call.batch, call.task)], info.cancelled,
-                                             states is not None, client_alive)
-    return info
-
-
-def _read_outcomes(run_dir: Path, key: bytes,
-                   tasks: dict[tuple[int, int], TaskInfo]) -> dict[int, tuple[str, str]]:
-    """call id -> (status, first error line), from every result stream of the run."""
+def _read_streams(run_dir: Path, key: bytes, info: RunInfo,
+                  chunk_of: dict[int, tuple[int, int]]
+                  ) -> tuple[dict[tuple[int, int], int], dict[int, tuple[str, str]]]:
+    """From every result stream: which task claimed which chunk, each call's outcome."""
+    claims: dict[tuple[int, int], int] = {}
     outcomes: dict[int, tuple[str, str]] = {}
     for path in sorted(run_dir.glob("b*.t*.r*.out")):
-        task = tasks.get(spool.parse_stream_name(path.name))
+        batch, index = spool.parse_stream_name(path.name)
+        task = info.task(batch, index)
         cursor = spool.StreamCursor(path)
+        claimed: list[int] = []
         for kind, call_id, body in spool.read_records(cursor, key):
-            if task is not None and kind == "start":
-                task.started, task.worker = True, (body["host"], body["pid"])
-            elif task is not None and kind == "end":
-                task.ended = True
-            elif call_id is not None and call_id not in outcomes:
+            if kind == "start":
+                if task:
+                    task.started, task.worker = True, (body["host"], body["pid"])
+            elif kind == "end":
+                if task:
+                    task.ended = True
+            elif kind == "claim":
+                claims[(batch, call_id)] = index
+                calls = [c for c, place in chunk_of.items() if place == (batch, call_id)]
+                claimed += calls
+                if task:
+                    task.call_ids += calls
+            elif kind != "limit" and call_id not in outcomes:
                 outcomes[call_id] = _outcome(kind, body)
         if cursor.error:
-            for call_id in (task.call_ids if task else []):
+            for call_id in claimed:
                 outcomes.setdefault(call_id, ("failed", cursor.error))
-    return outcomes
+    return claims, outcomes
 
 
 def _outcome(kind: str, body: object) -> tuple[str, str]:
@@ -154,30 +159,56 @@ def _outcome(kind: str, body: object) -> tuple[str, str]:
     return "failed", str(body).splitlines()[0] if body else kind
 
 
-def _unresolved_status(task: TaskInfo, cancelled: bool, asked_scheduler: bool,
-                       client_alive: bool) -> str:
-    if cancelled:
-        return "cancelled"
-    if task.job_id is None or task.ended:
+def classify(info: RunInfo, states: dict[TaskKey, TaskState] | None) -> RunInfo:
+    """Decide pending/running/lost for calls without a result. `states` is the
+    scheduler's answer for Slurm runs; None for local runs (judged by their processes)."""
+    asked = states is not None
+    client_alive = spool.process_alive(info.meta["host"], info.meta["pid"])
+    for task in info.tasks:
+        if asked:
+            task.state = states.get((task.job_id, task.array_index))
+    for call in info.calls.values():
+        if call.status != "unknown":
+            continue
+        if info.cancelled:
+            call.status = "cancelled"
+        elif call.task is not None:
+            task = info.task(call.batch, call.task)
+            call.status = _task_status(task, asked) if task else "lost"
+        else:  # not claimed yet: pending while a task of its batch may still take it
+            journal = info.journals[call.batch]
+            may_grow = client_alive and sum(a["size"] for a in journal["arrays"]) < (
+                journal["planned"])
+            alive = any(_task_status(t, asked) in ("running", "pending")
+                        for t in info.tasks if t.batch == call.batch)
+            call.status = "pending" if alive or may_grow else "lost"
+    return info
+
+
+def _task_status(task: TaskInfo, asked_scheduler: bool) -> str:
+    """What an unfinished call of this task is: running, pending, or lost."""
+    if task.ended:
         return "lost"
     if not asked_scheduler:  # a local run: its processes tell
-        if task.started:
-            return "running" if task.worker and spool.process_alive(*task.worker) else "lost"
-        return "pending" if client_alive else "lost"
+        if task.worker:
+            return "running" if spool.process_alive(*task.worker) else "lost"
+        return "pending"
     if task.state is not None and not task.state.final:
         return "running" if task.state.running or task.started else "pending"
     return "lost"  # ended, or left the queue, without this call's result
 
 
 def cancel_run(info: RunInfo, backend: Backend | None) -> int:
-    """Mark the run's unfinished calls cancelled (workers skip them) and stop its jobs:
-    scancel on Slurm, or signal the live local workers; return how many calls."""
+    """Mark the run's unfinished calls cancelled (workers skip them; we claim the chunks
+    nobody took) and stop its jobs: scancel on Slurm, or signal the live local workers.
+    Return how many calls."""
     unfinished = [c for c in info.calls.values() if c.status in ("running", "pending")]
-    by_task: dict[tuple[int, int], list[int]] = {}
+    by_chunk: dict[tuple[int, int], list[int]] = {}
     for call in unfinished:
-        by_task.setdefault((call.batch, call.task), []).append(call.call_id)
-    for (batch, task), call_ids in by_task.items():
-        spool.append_cancelled(spool.cancel_path(info.path, batch, task), call_ids)
+        by_chunk.setdefault((call.batch, call.chunk), []).append(call.call_id)
+    for (batch, chunk), call_ids in by_chunk.items():
+        spool.append_cancelled(spool.cancel_path(info.path, batch, chunk), call_ids)
+        spool.try_claim(spool.claim_path(info.path, batch, chunk), "client")
     if backend is not None:
         backend.cancel(info.job_ids)
     else:

@@ -7,12 +7,14 @@ both can see. The folder is the journal: a new client can find every run in it a
       key                            32 random bytes (0600): the HMAC key of this folder
       <run>/                         one executor session
         run.json                     when, where, which backend (plain JSON)
-        b0003.json                   batch journal: calls per task, array job ids
+        b0003.json                   batch journal: calls per chunk, array job ids
         b0003.fn                     the batch's functions, pickled once (signed blob)
-        b0003.t0007.in               the call ids and arguments of array task 7 (signed blob)
-        b0003.t0007.r0.out           records task 7 appended while it ran (attempt 0)
-        b0003.t0007.cancel           call ids the client cancelled before they ran
-        logs/b0003.t0007.log         the task's stdout and stderr
+        b0003.batch                  manifest for its tasks: functions file, chunk count
+        b0003.c0005.in               call ids and arguments of chunk 5 (signed blob)
+        b0003.c0005.claim            created (O_EXCL) by the task that runs chunk 5
+        b0003.c0005.cancel           call ids of chunk 5 the client cancelled
+        b0003.t0007.r0.out           records array task 7 appended (attempt 0)
+        logs/JOB_INDEX.log           an array task's stdout and stderr
 
 Signed blobs and records carry an HMAC-SHA256 of their payload; nothing is unpickled
 before its signature checks, so a truncated, corrupted or swapped file is rejected.
@@ -189,6 +191,15 @@ def task_name(batch: int, task: int) -> str:
     return f"{batch_name(batch)}.t{task:04d}"
 
 
+def chunk_name(batch: int, chunk: int) -> str:
+    return f"{batch_name(batch)}.c{chunk:04d}"
+
+
+def manifest_path(run_dir: Path, batch: int) -> Path:
+    """What every task of a batch needs: its functions file, chunk and task counts."""
+    return run_dir / f"{batch_name(batch)}.batch"
+
+
 def functions_path(run_dir: Path, batch: int) -> Path:
     return run_dir / f"{batch_name(batch)}.fn"
 
@@ -197,20 +208,38 @@ def journal_path(run_dir: Path, batch: int) -> Path:
     return run_dir / f"{batch_name(batch)}.json"
 
 
-def chunk_path(run_dir: Path, batch: int, task: int) -> Path:
-    return run_dir / f"{task_name(batch, task)}.in"
+def chunk_path(run_dir: Path, batch: int, chunk: int) -> Path:
+    return run_dir / f"{chunk_name(batch, chunk)}.in"
 
 
-def cancel_path(run_dir: Path, batch: int, task: int) -> Path:
-    return run_dir / f"{task_name(batch, task)}.cancel"
+def claim_path(run_dir: Path, batch: int, chunk: int) -> Path:
+    return run_dir / f"{chunk_name(batch, chunk)}.claim"
+
+
+def cancel_path(run_dir: Path, batch: int, chunk: int) -> Path:
+    return run_dir / f"{chunk_name(batch, chunk)}.cancel"
 
 
 def stream_path(run_dir: Path, batch: int, task: int, attempt: int) -> Path:
     return run_dir / f"{task_name(batch, task)}.r{attempt}.out"
 
 
-def log_path(run_dir: Path, batch: int, task: int) -> Path:
-    return run_dir / "logs" / f"{task_name(batch, task)}.log"
+def try_claim(path: Path, owner: str) -> bool:
+    """Claim a chunk: True for exactly one claimant (O_EXCL create is atomic, NFS too)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as handle:
+        handle.write(owner)
+    return True
+
+
+def claim_owner(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        return None
 
 
 def parse_stream_name(name: str) -> tuple[int, int] | None:

@@ -1,24 +1,26 @@
 """What runs inside one array task: `python -m slurmexecutor.worker RUN_DIR BATCH TASK`.
 
-    supervisor (the batch script exec's into it)         child (forked per run of calls)
-    ---------------------------------------------        ----------------------------------
-    read the task's call ids, write a `start` record
-    fork a child ----------------------------------->    load functions and arguments lazily
-                                                         for each call in order:
-                                                           skip it if the client cancelled it
-    "I am starting call i"  <------- pipe -----------      say which call starts, run it,
-                                                           append its `ok`/`raised` record
+    supervisor (the batch script exec's into it)       child (forked; normally just one)
+    --------------------------------------------       ---------------------------------
+    write a `start` record
+    fork a child ---------------------------------->   while a chunk can be claimed (an
+                                                       O_EXCL claim file; task i starts at
+                                                       chunk i*C/K, then takes any left):
+                                                         write a `claim` record
+    "starting call k of chunk j" <---- pipe --------     for each call: skip it if the
+                                                         client cancelled it, else run it
+                                                         and append its result record
     child died mid-call (os._exit, segfault, kill)?
       append a `crash` record for that one call and
-      fork a new child for the calls after it
+      fork a new child that resumes after it
     SIGUSR1 (Slurm's warning before the time limit):
-      append a `limit` record; the child stops after
-      the call it is running
+      append a `limit` record; the child finishes
+      the call it is running and claims nothing more
     append an `end` record
 
-Records go to the task's result stream (see `spool`). The worker imports nothing of the
-client side, and the supervisor never unpickles user objects, so a task starts fast and
-a bad payload can only fail the calls it belongs to.
+After a Slurm requeue (SLURM_RESTART_COUNT > 0) the task first runs again the chunks its
+earlier attempt claimed; the client keeps the first result of each call. The worker
+imports nothing of the client side, and the supervisor never unpickles user objects.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from pathlib import Path
 
 from . import spool
 
-INDEX = struct.Struct(">I")
+POSITION = struct.Struct(">II")  # chunk index, call position within the chunk
 STOP_SIGNAL = signal.SIGUSR1
 
 
@@ -44,11 +46,11 @@ def main(argv: list[str]) -> int:
         return 2
     run_dir, batch, task = Path(argv[0]), int(argv[1]), int(argv[2])
     key = spool.load_key(run_dir.parent)
-    chunk = spool.read_blob(spool.chunk_path(run_dir, batch, task), key)
+    manifest = spool.read_blob(spool.manifest_path(run_dir, batch), key)
     attempt = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
     out = spool.RecordWriter(spool.stream_path(run_dir, batch, task, attempt), key)
     out.write(("start", None, _where_am_i(attempt)))
-    supervisor = Supervisor(run_dir, batch, task, chunk, out, key)
+    supervisor = Supervisor(run_dir, batch, task, manifest, out, key, attempt)
     signal.signal(STOP_SIGNAL, supervisor.on_stop_signal)
     supervisor.run()
     out.write(("end", None, {"time": time.time(), "stopped": supervisor.stopping}))
@@ -68,17 +70,20 @@ def _where_am_i(attempt: int) -> dict:
 
 
 class Supervisor:
-    """Runs the chunk's calls in forked children and records how each child ended."""
+    """Forks the child that runs the calls; records how each child ended."""
 
-    def __init__(
-        self, run_dir: Path, batch: int, task: int, chunk: dict, out: spool.RecordWriter,
-        key: bytes,
-    ) -> None:
+    def __init__(self, run_dir: Path, batch: int, task: int, manifest: dict,
+                 out: spool.RecordWriter, key: bytes, attempt: int) -> None:
         self.run_dir, self.batch, self.task = run_dir, batch, task
-        self.chunk, self.out, self.key = chunk, out, key
-        self.call_ids: list[int] = chunk["calls"]
+        self.manifest, self.out, self.key = manifest, out, key
         self.child_pid: int | None = None
         self.stopping = False
+        # requeued: first run again what the earlier attempt had claimed
+        self.reruns = [index for index in range(manifest["chunks"]) if attempt > 0 and
+                       spool.claim_owner(self.claim(index)) == str(task)]
+
+    def claim(self, index: int) -> Path:
+        return spool.claim_path(self.run_dir, self.batch, index)
 
     def on_stop_signal(self, signum: int, frame: object) -> None:
         if not self.stopping:
@@ -88,20 +93,25 @@ class Supervisor:
             os.kill(self.child_pid, STOP_SIGNAL)
 
     def run(self) -> None:
-        first = 0
-        while first < len(self.call_ids) and not self.stopping:
-            started, status = self._run_child(first)
+        resume: tuple[int, int] | None = None  # (chunk, position) to continue from
+        while not self.stopping:
+            position, status = self._run_child(resume)
             if status == 0:
                 return
-            if started is None:  # died before it could start a call: nothing will work
-                for call_id in self.call_ids[first:]:
-                    self.out.write(("crash", call_id, _describe(status)))
+            if position is None:  # died before it started a call: nothing will work
+                text = _describe(status)["text"]
+                print(f"slurmexecutor worker: the child {text} before running a call",
+                      file=sys.stderr, flush=True)
                 return
-            self.out.write(("crash", self.call_ids[started], _describe(status)))
-            first = started + 1
+            chunk, call = position
+            call_ids = spool.read_blob(spool.chunk_path(self.run_dir, self.batch, chunk),
+                                       self.key)["calls"]
+            self.out.write(("crash", call_ids[call], _describe(status)))
+            resume = (chunk, call + 1)
 
-    def _run_child(self, first: int) -> tuple[int | None, int]:
-        """Fork a child for calls[first:]; return (index it was in when it ended, status)."""
+    def _run_child(self, resume: tuple[int, int] | None
+                   ) -> tuple[tuple[int, int] | None, int]:
+        """Fork a child; return (the chunk and call it was in when it ended, status)."""
         read_end, write_end = os.pipe()
         pid = os.fork()
         if pid == 0:  # the child
@@ -109,7 +119,7 @@ class Supervisor:
             signal.signal(STOP_SIGNAL, _ChildStop.request)
             code = 0
             try:
-                ChildRunner(self, write_end).run(first)
+                ChildRunner(self, write_end).run(resume)
             except BaseException:  # noqa: BLE001  (report it, then exit non-zero)
                 traceback.print_exc()
                 code = 1
@@ -119,17 +129,18 @@ class Supervisor:
                 os._exit(code)
         os.close(write_end)
         self.child_pid = pid
-        started, buffer = None, b""
+        position, buffer = None, b""
         while data := os.read(read_end, 4096):
             buffer += data
-            whole = len(buffer) - len(buffer) % INDEX.size
-            for (index,) in INDEX.iter_unpack(buffer[:whole]):
-                started = index
+            whole = len(buffer) - len(buffer) % POSITION.size
+            for position in POSITION.iter_unpack(buffer[:whole]):
+                if position[0] in self.reruns:
+                    self.reruns.remove(position[0])
             buffer = buffer[whole:]
         os.close(read_end)
         _, status = os.waitpid(pid, 0)
         self.child_pid = None
-        return started, os.waitstatus_to_exitcode(status)
+        return position, os.waitstatus_to_exitcode(status)
 
 
 def _describe(code: int) -> dict:
@@ -149,62 +160,70 @@ class _ChildStop:
 
 
 class ChildRunner:
-    """Inside the forked child: loads what the calls need and runs them in order."""
+    """Inside the forked child: claims chunks and runs their calls in order."""
 
     def __init__(self, supervisor: Supervisor, pipe: int) -> None:
         self.sup = supervisor
         self.pipe = pipe
         self.functions: dict[int, object] = {}
-        self.cancel_file = spool.cancel_path(supervisor.run_dir, supervisor.batch,
-                                             supervisor.task)
-        self.cancel_size = -1
-        self.cancelled: set[int] = set()
+        self.table: dict = {}
 
-    def run(self, first: int) -> None:
+    def run(self, resume: tuple[int, int] | None) -> None:
         import cloudpickle  # noqa: F401  (needed to unpickle by-value functions)
 
-        chunk = self.sup.chunk
-        self.table = spool.read_blob(self.sup.run_dir / chunk["functions"], self.sup.key)
-        for entry in self.table["sys_path"]:
+        self.table = spool.read_blob(self.sup.run_dir / self.sup.manifest["functions"],
+                                     self.sup.key)
+        for entry in self.table["sys_path"]:  # before any argument is unpickled
             if entry not in sys.path:
                 sys.path.append(entry)
-        index = 0
+        if resume is not None:
+            self._run_chunk(resume[0], resume[1])
+        for index in list(self.sup.reruns):
+            self._run_chunk(index, 0)
+        for index in self._claim_order():
+            if _ChildStop.requested:
+                return
+            if spool.try_claim(self.sup.claim(index), str(self.sup.task)):
+                self._run_chunk(index, 0)
+
+    def _claim_order(self) -> list[int]:
+        chunks, tasks, task = (self.sup.manifest["chunks"], self.sup.manifest["tasks"],
+                               self.sup.task)
+        if not self.sup.manifest["steal"]:
+            return [task] if task < chunks else []
+        first = task * chunks // tasks
+        return [(first + step) % chunks for step in range(chunks)]
+
+    def _run_chunk(self, index: int, first: int) -> None:
+        sup = self.sup
+        if first == 0:  # the client knows the chunk's calls: say which chunk, first
+            sup.out.write(("claim", index, None))
+        chunk = spool.read_blob(spool.chunk_path(sup.run_dir, sup.batch, index), sup.key)
+        call_ids = chunk["calls"]
+        cancel = _CancelList(spool.cancel_path(sup.run_dir, sup.batch, index))
+        position = 0
         for fn_index, blob, count in chunk["parts"]:
-            if index + count <= first:
-                index += count
+            if position + count <= first:
+                position += count
                 continue
             try:
                 arguments, error = _loads(blob), None
             except Exception as exc:  # noqa: BLE001  (fails this part's calls only)
                 arguments, error = None, exc
             for offset in range(count):
-                if index >= first:
+                if position >= first:
                     if _ChildStop.requested:
                         return
-                    call = None if error else arguments[offset]
-                    self._run_one(index, fn_index, call, error)
-                index += 1
-
-    def _run_one(self, index: int, fn_index: int, call: tuple | None,
-                 error: BaseException | None) -> None:
-        call_id = self.sup.call_ids[index]
-        if call_id in self._cancelled():
-            self.sup.out.write(("skip", call_id, None))
-            return
-        os.write(self.pipe, INDEX.pack(index))
-        sys.stderr.flush()
-        print(f"--- slurmexecutor call {call_id} ---", flush=True)
-        self.sup.out.write(self._call(call_id, fn_index, call, error))
-
-    def _cancelled(self) -> set[int]:
-        try:
-            size = os.stat(self.cancel_file).st_size
-        except FileNotFoundError:
-            return self.cancelled
-        if size != self.cancel_size:
-            self.cancel_size = size
-            self.cancelled = spool.read_cancelled(self.cancel_file)
-        return self.cancelled
+                    call_id = call_ids[position]
+                    if call_id in cancel.ids():
+                        sup.out.write(("skip", call_id, None))
+                    else:
+                        os.write(self.pipe, POSITION.pack(index, position))
+                        sys.stderr.flush()
+                        print(f"--- slurmexecutor call {call_id} ---", flush=True)
+                        call = None if error else arguments[offset]
+                        sup.out.write(self._call(call_id, fn_index, call, error))
+                position += 1
 
     def _function(self, index: int):
         if index not in self.functions:
@@ -228,6 +247,22 @@ class ChildRunner:
         except Exception as exc:  # noqa: BLE001
             message = f"the result ({type(value).__name__}) cannot be pickled: {exc!r}"
             return ("unpicklable", call_id, message)
+
+
+class _CancelList:
+    """The call ids the client cancelled in a chunk; re-read only when the file grows."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.size, self.cancelled = path, -1, set()
+
+    def ids(self) -> set[int]:
+        try:
+            size = os.stat(self.path).st_size
+        except FileNotFoundError:
+            return self.cancelled
+        if size != self.size:
+            self.size, self.cancelled = size, spool.read_cancelled(self.path)
+        return self.cancelled
 
 
 def _loads(blob: bytes):

@@ -254,8 +254,10 @@ def test_map_is_one_packed_array_with_the_function_pickled_once(make_executor):
     ex = make_executor()
     assert sum(ex.map(square, range(1000))) == sum(x * x for x in range(1000))
     [journal] = batches(ex)
-    assert len(journal["arrays"]) == 1 and journal["functions"] == [f"{__name__}.square"]
-    assert 1 < len(journal["tasks"]) <= ex.backend.slots()
+    assert journal["functions"] == [f"{__name__}.square"]
+    assert len(journal["chunks"]) > 1 and journal["planned"] <= ex.backend.slots()
+    assert 1 <= len(journal["arrays"]) <= 2  # the first task, then maybe the rest
+    assert sum(a["size"] for a in journal["arrays"]) <= journal["planned"]
     table = spool.read_blob(ex.run_dir / journal["functions_file"], ex.key)
     assert len(table["functions"]) == 1
 
@@ -266,9 +268,9 @@ def test_submits_in_a_loop_are_batched(make_executor):
     assert sum(f.result(timeout=120) for f in futures) == sum(i * i for i in range(500))
     journals = batches(ex)
     arrays = sum(len(journal["arrays"]) for journal in journals)
-    tasks = sum(len(journal["tasks"]) for journal in journals)
-    assert arrays <= 3, f"500 submits became {arrays} arrays"
-    assert tasks <= 3 * ex.backend.slots()
+    tasks = sum(a["size"] for journal in journals for a in journal["arrays"])
+    assert len(journals) <= 2, f"500 submits became {len(journals)} batches"
+    assert arrays <= 4 and tasks <= 2 * ex.backend.slots()
 
 
 def test_result_flushes_the_window_at_once(make_executor):
@@ -310,7 +312,8 @@ def test_cancel_inside_the_window_drops_the_call(make_executor, tmp_path):
     keeper = ex.submit(square, 3)
     assert keeper.result(timeout=60) == 9
     assert not marker.exists()
-    assert sum(len(j["tasks"]) for j in batches(ex)) == 1
+    [journal] = batches(ex)
+    assert spool.expand_ids(journal["chunks"][0]) == [keeper.call_id]
 
 
 def test_shutdown_nowait_cancels_what_has_not_started(make_executor, tmp_path):
@@ -364,7 +367,9 @@ def test_arrays_split_at_the_clusters_real_max_array_size(slurm_cluster, tmp_pat
         assert refused.returncode != 0  # the limit is real: 5 tasks are refused
         ex = SlurmExecutor(tmp_path / "spool", backend="slurm", poll_interval=0.3)
         assert ex.backend.max_array_size() == 4
-        assert list(ex.map(square, range(10), chunksize=1)) == [x * x for x in range(10)]
+        futures = ex.submit_many(square, [(x,) for x in range(10)], chunksize=1,
+                                 task_per_chunk=True)  # ten tasks at once
+        assert [f.result(timeout=60) for f in futures] == [x * x for x in range(10)]
         [journal] = batches(ex)
         assert [a["size"] for a in journal["arrays"]] == [4, 4, 2]
         assert [a["offset"] for a in journal["arrays"]] == [0, 4, 8]
@@ -392,7 +397,7 @@ def test_one_scheduler_query_per_poll_whatever_the_number_of_jobs(slurm_cluster,
     assert [f.result(timeout=120) for f in futures] == list(range(5)) * 6
     elapsed = time.monotonic() - started
     assert len(queries) <= elapsed / 0.5 + 2, (len(queries), elapsed)
-    assert max(queries) == 6  # every poll asked about all live arrays at once
+    assert max(queries) >= 6  # every poll asked about all live arrays at once
     ex.shutdown()
 
 
@@ -403,3 +408,31 @@ def test_no_accounting_is_not_fatal(slurm_cluster, tmp_path):
     assert ex.backend._sacct_usable is False
     assert ex.submit(square, 3).result(timeout=60) == 9
     ex.shutdown()
+
+
+# -- claiming and scale-out ----------------------------------------------------------
+
+
+def claims_by_task(ex: SlurmExecutor) -> dict[str, int]:
+    """How many chunks each task's stream claimed."""
+    counts = {}
+    for path in ex.run_dir.glob("b*.out"):
+        records = spool.read_records(spool.StreamCursor(path), ex.key)
+        counts[path.name] = sum(1 for kind, _, _ in records if kind == "claim")
+    return counts
+
+
+def test_cheap_calls_take_one_task_and_slow_ones_fan_out(make_executor):
+    ex = make_executor()
+    assert sum(ex.map(square, range(300))) == sum(x * x for x in range(300))
+    [cheap] = batches(ex)
+    assert sum(a["size"] for a in cheap["arrays"]) == 1  # the first task did it all
+    slow = min(ex.backend.slots(), 4)
+    assert list(ex.map(sleep_then, [3] * slow, range(slow), chunksize=1)) == list(
+        range(slow))
+    journal = batches(ex)[-1]
+    assert journal["planned"] == slow
+    assert sum(a["size"] for a in journal["arrays"]) == slow  # scaled out to all
+    claims = [count for name, count in claims_by_task(ex).items()
+              if name.startswith(spool.batch_name(journal["batch"]))]
+    assert sorted(claims, reverse=True)[:2] >= [1, 1], claims  # several tasks worked

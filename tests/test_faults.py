@@ -6,6 +6,7 @@ Each test asserts the error the user sees AND that no other result was lost.
 from __future__ import annotations
 
 import os
+import pickle
 import resource
 import signal
 import subprocess
@@ -53,7 +54,8 @@ def wait_until(predicate, timeout=60.0, interval=0.1):
 
 
 def task_of(ex: SlurmExecutor, future):
-    return ex.monitor.task_for(future.call_id)
+    """The array task that claimed the future's chunk."""
+    return ex.monitor.task_of_chunk(*future.chunk)
 
 
 def squeue(*args: str) -> str:
@@ -217,22 +219,23 @@ def finished_run(make_executor) -> tuple[SlurmExecutor, list]:
     return ex, futures
 
 
-def record_spans(data: bytes) -> list[tuple[int, int]]:
-    """(start, end) byte offsets of each record of a result stream."""
+def last_result_span(data: bytes) -> tuple[int, int]:
+    """(start, end) byte offsets of the last result record of a result stream."""
     spans, position = [], 0
     while position < len(data):
         length, _ = spool.HEADER.unpack_from(data, position)
         end = position + spool.HEADER.size + length
-        spans.append((position, end))
+        kind = pickle.loads(data[position + spool.HEADER.size : end])[0]
+        spans.append((kind, position, end))
         position = end
-    return spans
+    return [(start, end) for kind, start, end in spans if kind == "ok"][-1]
 
 
 def test_tampered_result_is_rejected(make_executor):
     ex, _ = finished_run(make_executor)
     [stream] = ex.run_dir.glob("b*.out")
     data = bytearray(stream.read_bytes())
-    _, end = record_spans(bytes(data))[4]  # start, ok, ok, ok, ok <- this one, end
+    _, end = last_result_span(bytes(data))
     data[end - 3] ^= 0xFF  # flip bits inside the last result's payload
     stream.write_bytes(bytes(data))
     again = SlurmExecutor.attach(ex.run_id, ex.folder, poll_interval=0.05)
@@ -251,9 +254,10 @@ def test_truncated_result_is_rejected(make_executor):
     [stream] = ex.run_dir.glob("b*.out")
     cursor = spool.StreamCursor(stream)
     records = spool.read_records(cursor, ex.key)
-    assert [kind for kind, _, _ in records] == ["start", "ok", "ok", "ok", "ok", "end"]
+    assert [kind for kind, _, _ in records] == ["start", "claim", "ok", "ok", "ok", "ok",
+                                                "end"]
     data = stream.read_bytes()
-    start, end = record_spans(data)[4]
+    start, end = last_result_span(data)
     stream.write_bytes(data[: (start + end) // 2])  # cut through the last result
     again = SlurmExecutor.attach(ex.run_id, ex.folder, poll_interval=0.05, result_grace=0)
     results = [again.futures[call].result(timeout=60) for call in range(3)]
