@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from _cluster import cluster_cpus, slurm_cluster
+from _report import table
 
 from slurmexecutor import SlurmExecutor, map_reduce
 from slurmexecutor.countreads import (
@@ -78,18 +79,6 @@ def run_map_reduce(backend: str, fractions: int, poll_interval: float | None) ->
         return Outcome(counts, seconds, sum(a["size"] for journal in journals for a in journal["arrays"]))
 
     return run
-
-
-def table(header: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-
-    def line(cells: list[str]) -> str:
-        first = cells[0].ljust(widths[0])
-        rest = (cell.rjust(width) for cell, width in zip(cells[1:], widths[1:]))
-        return "  ".join([first, *rest])
-
-    rule = "  ".join("-" * width for width in widths)
-    return "\n".join([line(header), rule, *(line(row) for row in rows)])
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

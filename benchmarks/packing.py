@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from _cluster import cluster_cpus, slurm_cluster
+from _report import table
 
 from slurmexecutor import SlurmExecutor
 
@@ -195,18 +196,6 @@ def paired_ratio(ours: list[float], baseline: list[float]) -> float:
 def same_or_range(values: list[int]) -> str:
     low, high = min(values), max(values)
     return f"{low:,}" if low == high else f"{low:,}-{high:,}"
-
-
-def table(header: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-
-    def line(cells: list[str]) -> str:
-        first = cells[0].ljust(widths[0])
-        rest = (cell.rjust(width) for cell, width in zip(cells[1:], widths[1:]))
-        return "  ".join([first, *rest])
-
-    rule = "  ".join("-" * width for width in widths)
-    return "\n".join([line(header), rule, *(line(row) for row in rows)])
 
 
 def report(cases: list[Case], results: Results, repeat: int) -> None:

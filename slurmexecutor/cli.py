@@ -193,10 +193,16 @@ def status_command(args: argparse.Namespace) -> int:
     [info] = _read(run_dir.parent, [run_dir])
     print(_runs_table([info]))
     print()
+    idle = 0
     for task in info.tasks:
         state = task.state.state if task.state else ("ended" if task.ended else "-")
+        if not task.call_ids and not task.started and state in ("CANCELLED", "-"):
+            idle += 1  # not needed: the work was done before it could start
+            continue
         print(f"  task {task.batch}.{task.index}: job {task.ref or '-'}, "
               f"{len(task.call_ids)} calls, {state}")
+    if idle:
+        print(f"  ({idle} more task(s) were not needed and never started)")
     failed = [call for call in info.calls.values() if call.status in ("failed", "lost")]
     if failed:
         print(f"\nfailed calls ({len(failed)}):")

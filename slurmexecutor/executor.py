@@ -301,7 +301,8 @@ class SlurmExecutor(Executor):
             number = journal["batch"]
             chunks = [spool.expand_ids(ranges) for ranges in journal["chunks"]]
             batch = Batch(number, chunks, journal["planned"], journal["steal"],
-                          journal["attempt"], self.resources.get("time"))
+                          journal["attempt"], self.resources.get("time"),
+                          journal.get("throttled", False))
             batch.open_calls = {c for c in batch.open_calls if owner[c] == number}
             if not batch.open_calls:
                 continue
@@ -317,7 +318,7 @@ class SlurmExecutor(Executor):
                     Task(batch, index, array["job_id"], index - array["offset"])
                     for index in range(array["offset"], array["offset"] + array["size"])])
             if batch.submitted == 0:  # the client died before submitting it
-                self._submit_tasks(batch, batch.planned if not batch.steal else 1)
+                self._submit_tasks(batch, batch.planned)
         last_call = max(owner, default=-1)
         last_batch = max((journal["batch"] for journal in journals), default=-1)
         self._call_ids = itertools.count(last_call + 1)
@@ -501,9 +502,9 @@ class SlurmExecutor(Executor):
 
         `functions` is the pickled function table, or the name of an earlier batch's
         functions file (retries reuse it). A batch plans min(slots, chunks) tasks that
-        claim chunks; one goes out now and the monitor asks for the rest when the work
-        is not done at once (`_scale_out`). With `task_per_chunk` every chunk gets its
-        own task, all at once.
+        claim chunks, submitted as ONE array throttled to one task at a time; the
+        monitor lifts the throttle when the work is not done at once (`_scale_out`).
+        With `task_per_chunk` every chunk gets its own task, all free to run.
         """
         number = next(self._batch_ids)
         if isinstance(functions, str):
@@ -522,32 +523,42 @@ class SlurmExecutor(Executor):
                 "calls": chunk.call_ids, "parts": chunk.parts})
             for future in chunk.futures:
                 future.chunk = (number, index)
+        throttled = steal and planned > 1
         self._journals[number] = journal = {
             "batch": number, "kind": kind, "created": time.time(), "functions": names,
             "functions_file": functions_file, "attempt": attempt, "planned": planned,
-            "steal": steal, "chunks": [spool.compress_ids(c.call_ids) for c in chunks],
-            "arrays": [],
+            "steal": steal, "throttled": throttled,
+            "chunks": [spool.compress_ids(c.call_ids) for c in chunks], "arrays": [],
         }
         spool.write_json(spool.journal_path(self.run_dir, number), journal)
         batch = Batch(number, [chunk.call_ids for chunk in chunks], planned, steal, attempt,
-                      self.resources.get("time"))
+                      self.resources.get("time"), throttled)
         sinks = {call_id: sink for chunk in chunks for call_id, sink in chunk.sinks.items()}
         self.monitor.add_batch(batch, sinks)
-        self._submit_tasks(batch, planned if task_per_chunk else 1)
+        self._submit_tasks(batch, planned)
 
-    def _scale_out(self, batch: Batch, count: int) -> None:
-        """The monitor's call: submit `count` more tasks for a batch with work left."""
-        log.info("batch %d: chunks left unclaimed; adding %d task(s)", batch.number, count)
-        self._submit_tasks(batch, count)
+    def _scale_out(self, batch: Batch) -> None:
+        """The monitor's call: chunks are left, so let all the batch's tasks run."""
+        journal = self._journals[batch.number]
+        journal["throttled"] = False
+        spool.write_json(spool.journal_path(self.run_dir, batch.number), journal)
+        throttle = self.resources.get("array_parallelism") or 0
+        for array in journal["arrays"]:
+            try:
+                self.backend.set_throttle(array["job_id"], throttle)
+            except SubmissionError as error:  # the array may have ended meanwhile
+                log.info("batch %d: could not lift the throttle: %s", batch.number, error)
 
     def _submit_tasks(self, batch: Batch, count: int) -> None:
         """Submit tasks batch.submitted .. +count as arrays (split at MaxArraySize)."""
         journal, limit = self._journals[batch.number], self.backend.max_array_size()
         first, end = batch.submitted, batch.submitted + count
+        throttle = 1 if batch.throttled else None
         for offset in range(first, end, limit):
             size = min(limit, end - offset)
             try:
-                job_id = self._submit_array(batch.number, offset, size, journal["functions"])
+                job_id = self._submit_array(batch.number, offset, size, journal["functions"],
+                                            throttle)
             except SubmissionError as error:
                 batch.planned = batch.submitted  # no more attempts at scaling out
                 if not self.monitor.has_live_tasks(batch):
@@ -561,15 +572,18 @@ class SlurmExecutor(Executor):
                                            for index in range(offset, offset + size)])
         self.monitor.poke()
 
-    def _submit_array(self, batch: int, offset: int, size: int, names: list[str]) -> str:
+    def _submit_array(self, batch: int, offset: int, size: int, names: list[str],
+                      throttle: int | None = None) -> str:
         spec = ScriptSpec(
             run_dir=self.run_dir, batch=batch, size=size, offset=offset,
             job_name=f"slurmexecutor-{names[0].rsplit('.', 1)[-1]}" if names else
-            "slurmexecutor", python=self.python, setup=self.setup,
+            "slurmexecutor", python=self.python, throttle=throttle, setup=self.setup,
             sbatch_extra=self.sbatch_extra)
         script = self.run_dir / f"{spool.batch_name(batch)}.a{offset}.sh"
         spool.write_atomic(script, render_script(self.resources, spec).encode())
-        return self.backend.submit_array(script, size, self.run_dir / "logs")
+        throttle = throttle if throttle is not None else self.resources.get(
+            "array_parallelism")
+        return self.backend.submit_array(script, size, self.run_dir / "logs", throttle)
 
     # -- retries and cancellation -------------------------------------------------------
 

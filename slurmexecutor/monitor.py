@@ -7,9 +7,10 @@ One thread per executor. Each tick it
      in ONE query, so scheduler load does not grow with the number of calls or jobs;
   3. fails the calls of tasks that ended without their result, after a short grace for
      shared filesystems, with the error that fits the final state (or retries them);
-  4. scales a batch out: it goes out as one task, and the rest of its planned tasks
-     follow once that task has run for `probe` seconds (or waited `pending_grace`
-     in the queue) with chunks still unclaimed. Cheap work thus costs one task start.
+  4. scales a batch out: its array goes out throttled to one task at a time (%1), and
+     the throttle is lifted once that task has run for `probe` seconds (or waited
+     `pending_grace` in the queue) with chunks still unclaimed. Cheap work thus costs
+     one task start; the tasks it did not need are cancelled while still pending.
 
 Futures are completed outside the monitor's lock, so a done-callback may submit more.
 """
@@ -40,7 +41,7 @@ from .errors import (
     WorkerCrashedError,
 )
 from .progress import CallProgress
-from .schedulers import Backend, TaskState
+from .schedulers import Backend, TaskState, state_of
 
 log = logging.getLogger("slurmexecutor")
 LOG_TAIL_LINES = 20
@@ -111,6 +112,7 @@ class Batch:
     steal: bool = True
     attempt: int = 1
     time_limit: str | None = None
+    throttled: bool = False  # its arrays run one task at a time until scaled out
     submitted: int = 0  # tasks submitted so far
     created: float = field(default_factory=time.monotonic)
     first_start: float | None = None  # when the client saw its first task start
@@ -167,7 +169,7 @@ class Monitor:
     def __init__(
         self, run_dir: Path, key: bytes, backend: Backend, *, poll_interval: float,
         result_grace: float, retry: Callable[[Batch, list[int], TaskState], bool],
-        scale_out: Callable[[Batch, int], None], probe: float = 0.3,
+        scale_out: Callable[[Batch], None], probe: float = 0.3,
         pending_grace: float = 2.0,
     ) -> None:
         self.run_dir, self.key, self.backend = run_dir, key, backend
@@ -359,7 +361,7 @@ class Monitor:
         states = self.backend.states({task.job_id for task in watched})
         vanished = []
         for task in watched:
-            state = states.get((task.job_id, task.array_index))
+            state = state_of(states, task.job_id, task.array_index)
             if state is None:
                 if now - task.registered > 2 * self.poll_interval + 5 and not (
                         task.worker and spool.process_alive(*task.worker)):
@@ -399,22 +401,25 @@ class Monitor:
 
     def _settle_batch(self, batch: Batch, transitions: list, now: float) -> None:
         live = [task for task in batch.tasks if task.key in self.tasks]
-        if not batch.open_calls:  # all done: stop tasks that have not even started
+        if not batch.unclaimed and batch.submitted:  # nothing left for tasks yet to start
             pending = [t for t in live if not t.started and t.job_id is not None]
             if pending:
                 self.backend.cancel([f"{t.job_id}_{t.array_index}" for t in pending])
+                for task in pending:
+                    self.tasks.pop(task.key, None)
+        if not batch.open_calls:  # all done
             for task in live:
                 self.tasks.pop(task.key, None)
             del self.batches[batch.number]
             return
         if not batch.unclaimed or batch.submitted == 0:
-            return  # nothing to claim, or the executor is still submitting the first task
-        if batch.submitted < batch.planned:
+            return  # nothing to claim, or the executor is still submitting the batch
+        if batch.throttled:
             probe_over = batch.first_start is not None and now - batch.first_start >= self.probe
-            waited = now - batch.created >= self.pending_grace
-            if probe_over or waited or not live:
-                self.scale_out(batch, batch.planned - batch.submitted)
-        elif not live:  # nobody is left to claim them
+            if probe_over or now - batch.created >= self.pending_grace:
+                batch.throttled = False
+                self.scale_out(batch)
+        if not live:  # nobody is left to claim them
             chunks = sorted(batch.unclaimed)
             call_ids = [c for chunk in chunks for c in batch.chunks[chunk]
                         if c in batch.open_calls]

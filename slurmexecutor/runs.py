@@ -16,7 +16,7 @@ from pathlib import Path
 
 from . import spool
 from .errors import RunNotFoundError
-from .schedulers import Backend, TaskKey, TaskState
+from .schedulers import Backend, TaskKey, TaskState, state_of
 
 
 @dataclass
@@ -153,7 +153,8 @@ def _outcome(kind: str, body: object) -> tuple[str, str]:
     if kind == "skip":
         return "cancelled", ""
     if kind == "raised":
-        return "failed", f"{body['type']}: {body['message']}".splitlines()[0]
+        kind = body["type"].removeprefix("builtins.")
+        return "failed", f"{kind}: {body['message']}".splitlines()[0]
     if kind == "crash":
         return "failed", f"WorkerCrashedError: the worker {body['text']}"
     return "failed", str(body).splitlines()[0] if body else kind
@@ -166,7 +167,7 @@ def classify(info: RunInfo, states: dict[TaskKey, TaskState] | None) -> RunInfo:
     client_alive = spool.process_alive(info.meta["host"], info.meta["pid"])
     for task in info.tasks:
         if asked:
-            task.state = states.get((task.job_id, task.array_index))
+            task.state = state_of(states, task.job_id, task.array_index)
     for call in info.calls.values():
         if call.status != "unknown":
             continue

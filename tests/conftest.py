@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,16 @@ def cluster(command: str, directory: Path, *args: str) -> str:
     if done.returncode != 0:
         raise RuntimeError(f"slurm_cluster.py {command} failed:\n{done.stderr}")
     return done.stdout
+
+
+def wait_until(predicate, timeout: float = 60.0, interval: float = 0.05) -> bool:
+    """Poll `predicate` until it is true (True) or `timeout` seconds pass (False)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return False
 
 
 def pytest_collection_modifyitems(config, items):

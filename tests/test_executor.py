@@ -13,10 +13,11 @@ import tempfile
 import textwrap
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import cluster
+from conftest import cluster, wait_until
 
 from slurmexecutor import (
     RemoteTraceback,
@@ -26,6 +27,7 @@ from slurmexecutor import (
     WorkerCrashedError,
     spool,
 )
+from slurmexecutor.schedulers import state_of
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -78,15 +80,6 @@ def segfault():
 
 def return_lock():
     return threading.Lock()
-
-
-def wait_until(predicate, timeout=30.0, interval=0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return False
 
 
 def batches(executor: SlurmExecutor) -> list[dict]:
@@ -256,8 +249,8 @@ def test_map_is_one_packed_array_with_the_function_pickled_once(make_executor):
     [journal] = batches(ex)
     assert journal["functions"] == [f"{__name__}.square"]
     assert len(journal["chunks"]) > 1 and journal["planned"] <= ex.backend.slots()
-    assert 1 <= len(journal["arrays"]) <= 2  # the first task, then maybe the rest
-    assert sum(a["size"] for a in journal["arrays"]) <= journal["planned"]
+    [array] = journal["arrays"]  # ONE job array
+    assert array["size"] == journal["planned"]
     table = spool.read_blob(ex.run_dir / journal["functions_file"], ex.key)
     assert len(table["functions"]) == 1
 
@@ -270,7 +263,7 @@ def test_submits_in_a_loop_are_batched(make_executor):
     arrays = sum(len(journal["arrays"]) for journal in journals)
     tasks = sum(a["size"] for journal in journals for a in journal["arrays"])
     assert len(journals) <= 2, f"500 submits became {len(journals)} batches"
-    assert arrays <= 4 and tasks <= 2 * ex.backend.slots()
+    assert arrays == len(journals) and tasks <= 2 * ex.backend.slots()
 
 
 def test_result_flushes_the_window_at_once(make_executor):
@@ -426,7 +419,22 @@ def test_cheap_calls_take_one_task_and_slow_ones_fan_out(make_executor):
     ex = make_executor()
     assert sum(ex.map(square, range(300))) == sum(x * x for x in range(300))
     [cheap] = batches(ex)
-    assert sum(a["size"] for a in cheap["arrays"]) == 1  # the first task did it all
+    [array] = cheap["arrays"]
+    assert array["size"] == cheap["planned"] > 1
+    workers = [name for name, claims in claims_by_task(ex).items() if claims]
+    assert len(workers) == 1  # one task did it all: the array ran %1 ...
+    states = {}
+
+    def all_final():
+        answer = ex.backend.states([array["job_id"]])
+        for index in range(array["size"]):
+            states[index] = state_of(answer, array["job_id"], index) or states.get(index)
+        return all(s is not None and s.final for s in states.values())
+
+    assert wait_until(all_final)  # ... and the others were cancelled while pending (one
+    kinds = Counter(s.state for s in states.values())  # may start as the first ends,
+    assert set(kinds) <= {"COMPLETED", "CANCELLED"}   # find nothing and exit)
+    assert kinds["CANCELLED"] >= array["size"] - 2
     slow = min(ex.backend.slots(), 4)
     assert list(ex.map(sleep_then, [3] * slow, range(slow), chunksize=1)) == list(
         range(slow))

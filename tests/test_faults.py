@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import CLUSTER_SCRIPT
+from conftest import CLUSTER_SCRIPT, wait_until
 
 from slurmexecutor import (
     CallLostError,
@@ -42,15 +42,6 @@ def attempt_and_value(value, seconds=0.0):
 
 def inc(x):
     return x + 1
-
-
-def wait_until(predicate, timeout=60.0, interval=0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return False
 
 
 def task_of(ex: SlurmExecutor, future):

@@ -13,7 +13,7 @@ import pytest
 from slurmexecutor import IntegrityError, spool
 from slurmexecutor.errors import JobTimeoutError, TaskFailedError
 from slurmexecutor.progress import CallProgress, progress
-from slurmexecutor.schedulers import TaskState
+from slurmexecutor.schedulers import REMAINDER, TaskState, state_of
 from slurmexecutor.schedulers.script import (
     ScriptSpec,
     render_script,
@@ -48,7 +48,15 @@ def test_parse_squeue_real_output():
     assert states[("10", 0)].signal == 11
     assert states[("9", 0)].running and not states[("9", 0)].final
     assert states[("8", 0)].final
-    assert len(states) == 4  # unexpanded ranges and non-array jobs are not tasks
+    assert states[("107", REMAINDER)].state == "PENDING"  # tasks not listed one by one
+    assert ("109", 0) not in states and len(states) == 5  # "0-3%2" is no task
+
+
+def test_state_of_falls_back_to_the_remainder():
+    states = parse_squeue("129|N/A|CANCELLED|0|JobArrayTaskLimit\n129|0|COMPLETED|0|None\n")
+    assert state_of(states, "129", 0).state == "COMPLETED"
+    assert state_of(states, "129", 7).state == "CANCELLED"
+    assert state_of(states, "130", 0) is None
 
 
 def test_parse_exit_codes():
@@ -109,6 +117,14 @@ def test_directives_use_long_option_names(tmp_path):
                      "--exclusive", "--signal=B:USR1@60", "--export=ALL",
                      f"--output={tmp_path}/logs/%A_%a.log"):
         assert expected in options
+
+
+def test_throttle_overrides_array_parallelism(tmp_path):
+    resources = {"array_parallelism": 8}
+    assert "--array=0-19%1" in sbatch_directives(
+        resources, ScriptSpec(run_dir=tmp_path, batch=0, size=20, throttle=1))
+    assert "--array=0-19" in sbatch_directives(
+        {}, ScriptSpec(run_dir=tmp_path, batch=0, size=20, throttle=0))
 
 
 def test_script_runs_setup_then_execs_the_worker(tmp_path):

@@ -1,6 +1,7 @@
 """Backends: where array tasks run. Each is three verbs plus two facts.
 
-    submit_array(script_path, size, log_dir) -> job id
+    submit_array(script_path, size, log_dir, throttle) -> job id
+    set_throttle(job id, n)       how many of its tasks may run at once (0: no limit)
     states(job ids) -> {(job id, array index): TaskState}   (ONE scheduler query)
     cancel(["123", "123_4", ...])
     max_array_size(), slots()
@@ -44,6 +45,15 @@ class TaskState:
 
 
 TaskKey = tuple[str, int]  # (array job id, array index)
+#: The index under which squeue reports the tasks of an array it does not list one by
+#: one (e.g. pending tasks cancelled together show as one record, index "N/A").
+REMAINDER = -1
+
+
+def state_of(states: dict[TaskKey, TaskState], job_id: str | None,
+             index: int | None) -> TaskState | None:
+    """A task's state from a `states()` answer, falling back to its array's remainder."""
+    return states.get((job_id, index)) or states.get((job_id, REMAINDER))
 
 
 class Backend(abc.ABC):
@@ -52,8 +62,14 @@ class Backend(abc.ABC):
     name: str
 
     @abc.abstractmethod
-    def submit_array(self, script: Path, size: int, log_dir: Path) -> str:
-        """Submit `script` as an array of `size` tasks (0..size-1); return the job id."""
+    def submit_array(self, script: Path, size: int, log_dir: Path,
+                     throttle: int | None = None) -> str:
+        """Submit `script` as an array of `size` tasks (0..size-1), at most `throttle`
+        running at once (the script says so too, as `--array=...%N`); return the job id."""
+
+    @abc.abstractmethod
+    def set_throttle(self, job_id: str, throttle: int) -> None:
+        """Let at most `throttle` tasks of the array run at once (0: no limit)."""
 
     @abc.abstractmethod
     def states(self, job_ids: Collection[str]) -> dict[TaskKey, TaskState]:

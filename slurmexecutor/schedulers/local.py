@@ -50,6 +50,7 @@ class LocalBackend(Backend):
             self._slots = min(self._slots, int(resources["array_parallelism"]))
         self._limit = time_limit_seconds(resources["time"]) if "time" in resources else None
         self._queue: deque[_Task] = deque()
+        self._throttles: dict[str, int] = {}  # job id -> tasks at once (0: no limit)
         self._running: dict[TaskKey, _Task] = {}
         self._states: dict[TaskKey, TaskState] = {}
         self._lock = threading.Condition()
@@ -58,9 +59,11 @@ class LocalBackend(Backend):
                                         daemon=True)
         self._thread.start()
 
-    def submit_array(self, script: Path, size: int, log_dir: Path) -> str:
+    def submit_array(self, script: Path, size: int, log_dir: Path,
+                     throttle: int | None = None) -> str:
         job_id = f"{os.getpid()}{next(_job_numbers):04d}"
         with self._lock:
+            self._throttles[job_id] = throttle or 0
             for index in range(size):
                 key = (job_id, index)
                 self._queue.append(_Task(key, script, log_dir / f"{job_id}_{index}.log"))
@@ -68,6 +71,11 @@ class LocalBackend(Backend):
             self._lock.notify()
         log.info("local array job %s: %d tasks", job_id, size)
         return job_id
+
+    def set_throttle(self, job_id: str, throttle: int) -> None:
+        with self._lock:
+            self._throttles[job_id] = throttle
+            self._lock.notify()
 
     def states(self, job_ids: Collection[str]) -> dict[TaskKey, TaskState]:
         with self._lock:
@@ -104,9 +112,18 @@ class LocalBackend(Backend):
         with self._lock:
             while not (self._closed and not self._running):
                 self._reap()
-                while self._queue and len(self._running) < self._slots and not self._closed:
-                    self._start(self._queue.popleft())
+                for task in list(self._queue):
+                    if len(self._running) >= self._slots or self._closed:
+                        break
+                    if self._may_start(task):
+                        self._queue.remove(task)
+                        self._start(task)
                 self._lock.wait(0.01 if self._running else 0.5)
+
+    def _may_start(self, task: _Task) -> bool:
+        throttle = self._throttles.get(task.key[0], 0)
+        running = sum(1 for key in self._running if key[0] == task.key[0])
+        return not throttle or running < throttle
 
     def _start(self, task: _Task) -> None:
         env = dict(os.environ, SLURMEXECUTOR_TASK=str(task.key[1]))

@@ -114,6 +114,7 @@ class ScriptSpec:
     offset: int = 0
     job_name: str = "slurmexecutor"
     python: str = sys.executable
+    throttle: int | None = None  # tasks of the array at once (%N); None: array_parallelism
     setup: list[str] = field(default_factory=list)
     sbatch_extra: list[str] = field(default_factory=list)
 
@@ -122,8 +123,9 @@ def sbatch_directives(resources: dict, spec: ScriptSpec) -> list[str]:
     """The `--option=value` list for sbatch, in a stable order."""
     options = [f"--job-name={resources.get('job_name', spec.job_name)}"]
     array = f"--array=0-{spec.size - 1}"
-    if resources.get("array_parallelism"):
-        array += f"%{resources['array_parallelism']}"
+    throttle = resources.get("array_parallelism") if spec.throttle is None else spec.throttle
+    if throttle:
+        array += f"%{throttle}"
     options.append(array)
     options.append(f"--output={spec.run_dir / 'logs' / '%A_%a.log'}")
     if "time" in resources:

@@ -9,7 +9,7 @@ from collections.abc import Collection
 from pathlib import Path
 
 from ..errors import SubmissionError
-from . import Backend, TaskKey, TaskState
+from . import REMAINDER, Backend, TaskKey, TaskState
 
 log = logging.getLogger("slurmexecutor")
 
@@ -57,12 +57,18 @@ def parse_squeue(output: str) -> dict[TaskKey, TaskState]:
     states: dict[TaskKey, TaskState] = {}
     for line in output.splitlines():
         fields = [field.strip() for field in line.split("|")]
-        if len(fields) < 4 or not fields[1].isdigit():
-            continue  # not an array task (or an unexpanded pending range)
+        if len(fields) < 4 or not fields[0].isdigit():
+            continue
+        if fields[1].isdigit():
+            index = int(fields[1])
+        elif fields[1] == "N/A":  # the array's tasks not listed one by one
+            index = REMAINDER
+        else:
+            continue  # an unexpanded pending range ("0-3%2")
         exit_code, sig = parse_exit_code(fields[3])
         state = fields[2].split()[0] if fields[2] else "UNKNOWN"
         reason = fields[4] if len(fields) > 4 else ""
-        states[(fields[0], int(fields[1]))] = TaskState(state, exit_code, sig, reason)
+        states[(fields[0], index)] = TaskState(state, exit_code, sig, reason)
     return states
 
 
@@ -107,13 +113,19 @@ class SlurmBackend(Backend):
         self._slots: int | None = None
         self._sacct_usable = True
 
-    def submit_array(self, script: Path, size: int, log_dir: Path) -> str:
+    def submit_array(self, script: Path, size: int, log_dir: Path,
+                     throttle: int | None = None) -> str:
         done = run_command(["sbatch", "--parsable", str(script)])
         job_id = done.stdout.strip().split(";")[0]
         if not job_id.isdigit():
             raise SubmissionError(f"sbatch printed no job id: {done.stdout!r}")
         log.info("submitted array job %s (%d tasks) from %s", job_id, size, script)
         return job_id
+
+    def set_throttle(self, job_id: str, throttle: int) -> None:
+        log.info("array job %s: at most %s tasks at once", job_id, throttle or "all")
+        run_command(["scontrol", "update", f"JobId={job_id}",
+                     f"ArrayTaskThrottle={throttle}"])
 
     def states(self, job_ids: Collection[str]) -> dict[TaskKey, TaskState]:
         if not job_ids:
