@@ -93,6 +93,7 @@ class Run:
     seconds: float
     jobs: int  # sbatch calls
     tasks: int  # array tasks
+    ran: int  # array tasks that started (wrote a result stream); the rest were cancelled
     shutdown_seconds: float
 
 
@@ -178,7 +179,8 @@ def run_case(case: Case, folder: Path, poll_interval: float) -> Run:
     job_ids = [array["job_id"] for journal in journals for array in journal["arrays"]]
     tasks = sum(array["size"] for journal in journals for array in journal["arrays"])
     wait_done(job_ids)  # leave a quiet cluster for the next measurement
-    return Run(seconds, len(job_ids), tasks, shutdown_seconds)
+    ran = len(list(ex.run_dir.glob("b*.out")))
+    return Run(seconds, len(job_ids), tasks, ran, shutdown_seconds)
 
 
 # ----------------------------------------------------------------------------- report
@@ -213,6 +215,7 @@ def report(cases: list[Case], results: Results, repeat: int) -> None:
             case.label,
             same_or_range([run.jobs for run in runs]),
             same_or_range([run.tasks for run in runs]),
+            same_or_range([run.ran for run in runs]),
             f"{ours:.2f}",
             f"{case.calls / ours:,.0f}",
             f"{median(same):.2f}",
@@ -225,10 +228,11 @@ def report(cases: list[Case], results: Results, repeat: int) -> None:
     print()
     print(f"SlurmExecutor vs empty Slurm arrays: trivial calls, median of {repeat} "
           "cold run(s), seconds")
-    print(table(["case", "jobs", "tasks", "ours s", "calls/s", "empty[K] s",
+    print(table(["case", "jobs", "tasks", "ran", "ours s", "calls/s", "empty[K] s",
                  "ours/[K]", "N", "empty[N] s", "ours/[N]", "shutdown s"], rows))
-    print("  jobs = sbatch calls, tasks = array tasks K (from the run's journals); "
-          "empty[K] = empty array of K tasks;")
+    print("  jobs = sbatch calls, tasks = array tasks K (from the run's journals), ran = "
+          "tasks that started (the others were cancelled while pending);")
+    print("  empty[K] = empty array of K tasks;")
     print("  empty[N] = empty array with one task per call (* capped at 1000 tasks: "
           "MaxArraySize=1001);")
     print("  shutdown s = ex.shutdown() after the results were in (not in 'ours s');")

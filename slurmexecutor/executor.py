@@ -11,8 +11,8 @@ Data flow (compare CPython's concurrent/futures/process.py):
   map(fn, items) --+--> _launch(batch) -> bNNNN.fn     (functions, once)
                    |                      bNNNN.cJJJJ.in  C chunks of calls (signed)
                    |                      bNNNN.json   (journal)
-                   |    sbatch --array=0-0 first; the other K-1 tasks -----> python -m
-                   |    follow when chunks stay unclaimed (scale-out)        slurmexecutor.worker
+                   |    ONE sbatch --array=0-(K-1)%1; the throttle ------> python -m
+                   |    is lifted when chunks stay unclaimed (scale-out)     slurmexecutor.worker
                    |                      bNNNN.cJJJJ.claim  <------------ claims a chunk,
                    |                      bNNNN.tIIII.rA.out <------------ signed records,
                    |                      logs/JOB_IDX.log   <------------ one per call
@@ -33,6 +33,7 @@ import itertools
 import logging
 import math
 import os
+import re
 import secrets
 import socket
 import sys
@@ -180,6 +181,16 @@ class Chunk:
     futures: list[SlurmFuture]
 
 
+def _job_name(names: list[str]) -> str:
+    """slurmexecutor-<function>, with only characters safe on an #SBATCH line."""
+    short = names[0].rsplit(".", 1)[-1] if names else ""
+    return "slurmexecutor" + ("-" + re.sub(r"[^A-Za-z0-9_.-]", "_", short) if short else "")
+
+
+def chunks_sinks(chunks: list[Chunk]) -> dict[int, CallSink]:
+    return {call_id: sink for chunk in chunks for call_id, sink in chunk.sinks.items()}
+
+
 def _name(fn: Callable) -> str:
     return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
 
@@ -237,12 +248,13 @@ class SlurmExecutor(Executor):
             })
         self._lock = threading.Lock()
         self._window: Window | None = None
-        self._call_ids = itertools.count()
+        self._next_call = 0  # call ids are handed out under self._lock
         self._batch_ids = itertools.count()
         self._attempts: dict[int, int] = {}
         self._journals: dict[int, dict] = {}
         self._cancelled: dict[tuple[int, int], set[int]] = {}
         self._shutdown = False
+        self._cancelling = False  # shutdown(cancel_futures=True): no more retries
         self.monitor = Monitor(
             self.run_dir, self.key, self.backend,
             poll_interval=poll_interval if poll_interval is not None else (
@@ -289,7 +301,8 @@ class SlurmExecutor(Executor):
 
     def _reattach(self) -> None:
         """Rebuild the futures and the monitor's batches and tasks from the journals."""
-        journals = [spool.read_json(path) for path in sorted(self.run_dir.glob("b*.json"))]
+        journals = sorted((spool.read_json(path) for path in self.run_dir.glob("b*.json")),
+                          key=lambda journal: journal["batch"])
         owner: dict[int, int] = {}  # call -> the latest batch that carries it (retries)
         for journal in journals:
             for ranges in journal["chunks"]:
@@ -309,8 +322,9 @@ class SlurmExecutor(Executor):
             self._journals[number] = journal
             for index, chunk in enumerate(chunks):
                 for call_id in chunk:
-                    self.futures[call_id].chunk = (number, index)
-                    self._attempts[call_id] = batch.attempt
+                    if owner[call_id] == number:
+                        self.futures[call_id].chunk = (number, index)
+                        self._attempts[call_id] = batch.attempt
             self.monitor.add_batch(batch, {c: FutureSink(self.futures[c])
                                            for c in batch.open_calls})
             for array in journal["arrays"]:
@@ -321,7 +335,7 @@ class SlurmExecutor(Executor):
                 self._submit_tasks(batch, batch.planned)
         last_call = max(owner, default=-1)
         last_batch = max((journal["batch"] for journal in journals), default=-1)
-        self._call_ids = itertools.count(last_call + 1)
+        self._next_call = last_call + 1
         self._batch_ids = itertools.count(last_batch + 1)
         self.monitor.poke()
 
@@ -336,7 +350,8 @@ class SlurmExecutor(Executor):
                 raise RuntimeError("cannot schedule new futures after shutdown")
             window = self._window = self._window or Window()
             fn_index = window.add_function(fn)
-            future = SlurmFuture(self, [next(self._call_ids)])
+            future = SlurmFuture(self, [self._next_call])
+            self._next_call += 1
             window.calls.append(PendingCall(future.call_id, fn_index, arguments, future))
             window.touched = time.monotonic()
             full = len(window.calls) >= self.max_batch
@@ -369,7 +384,7 @@ class SlurmExecutor(Executor):
         fn_index = window.add_function(fn)
         for args in calls:
             arguments = dumps([(tuple(args), {})], f"an argument of {_name(fn)}")
-            future = SlurmFuture(self, [next(self._call_ids)])
+            future = SlurmFuture(self, [self._reserve_ids(1)])
             window.calls.append(PendingCall(future.call_id, fn_index, arguments, future))
         with self._lock:
             if self._shutdown:
@@ -383,13 +398,20 @@ class SlurmExecutor(Executor):
     def cancel(self, futures: Iterable[Future]) -> None:
         """Cancel the calls that have not started and kill the tasks running the others
         (their futures then fail with JobCancelledError)."""
-        refs = set()
+        doomed: dict[int, set[int]] = {}  # id(task) -> its calls being cancelled
+        tasks = {}
         for future in futures:
             if future.done() or future.cancel() or getattr(future, "chunk", None) is None:
                 continue
-            task = self.monitor.task_of_chunk(*future.chunk)
+            number, index = future.chunk
+            spool.append_cancelled(spool.cancel_path(self.run_dir, number, index),
+                                   future.call_ids)  # not started yet: skipped
+            task = self.monitor.task_of_chunk(number, index)
             if task is not None and task.job_id is not None:
-                refs.add(f"{task.job_id}_{task.array_index}")
+                tasks[id(task)] = task
+                doomed.setdefault(id(task), set()).update(future.call_ids)
+        refs = [f"{task.job_id}_{task.array_index}" for key, task in tasks.items()
+                if task.unresolved <= doomed[key]]  # nothing else depends on that task
         self.backend.cancel(sorted(refs))
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
@@ -397,6 +419,7 @@ class SlurmExecutor(Executor):
             self._shutdown = True
             window, self._window = self._window, None
         if cancel_futures:
+            self._cancelling = True
             if window:
                 for call in window.calls:
                     call.future.cancel()
@@ -406,7 +429,7 @@ class SlurmExecutor(Executor):
         if window:
             self._launch_window(window)
         self._flusher_wake.set()
-        if wait:
+        if wait and not self.monitor.is_monitor_thread():
             self._wait_for_batches()
             self.monitor.stop()
             self.backend.close()
@@ -429,10 +452,7 @@ class SlurmExecutor(Executor):
         chunksize = chunksize or self.chunksize or self._auto_chunksize(len(items))
         window = Window()
         window.add_function(fn)
-        first_id = next(self._call_ids)
-        # reserve the ids of the whole map (counter is only ever advanced under the GIL)
-        for _ in range(len(items) - 1):
-            next(self._call_ids)
+        first_id = self._reserve_ids(len(items))
         chunks, futures = [], []
         for start in range(0, len(items), chunksize):
             part = items[start : start + chunksize]
@@ -444,8 +464,14 @@ class SlurmExecutor(Executor):
             chunks.append(Chunk(ids, [(0, blob, len(ids))], dict.fromkeys(ids, sink),
                                 [future]))
             futures.append(future)
-        self._launch(window.functions, window.names, chunks, kind="map")
+        self._launch_safely(window.functions, window.names, chunks, kind="map")
         return futures, bar
+
+    def _reserve_ids(self, count: int) -> int:
+        """Reserve `count` consecutive call ids; return the first."""
+        with self._lock:
+            first, self._next_call = self._next_call, self._next_call + count
+        return first
 
     def _auto_chunksize(self, calls: int) -> int:
         """Chunks enough for CHUNKS_PER_SLOT per slot: tasks claim them as they go."""
@@ -472,7 +498,10 @@ class SlurmExecutor(Executor):
                     if now >= due:
                         self._window = None
                 if now >= due:
-                    self._launch_window(window)
+                    try:
+                        self._launch_window(window)
+                    except Exception:
+                        log.exception("slurmexecutor: could not submit a batch")
                     break
                 time.sleep(min(due - now, self.submit_window))
             if self._shutdown and self._window is None:
@@ -493,8 +522,8 @@ class SlurmExecutor(Executor):
                 {call.call_id: FutureSink(call.future) for call in group},
                 [call.future for call in group],
             ))
-        self._launch(window.functions, window.names, chunks, kind="submit",
-                     task_per_chunk=task_per_chunk)
+        self._launch_safely(window.functions, window.names, chunks, kind="submit",
+                            task_per_chunk=task_per_chunk)
 
     def _launch(self, functions: list[bytes] | str, names: list[str], chunks: list[Chunk],
                 *, kind: str, attempt: int = 1, task_per_chunk: bool = False) -> None:
@@ -537,6 +566,19 @@ class SlurmExecutor(Executor):
         self.monitor.add_batch(batch, sinks)
         self._submit_tasks(batch, planned)
 
+    def _launch_safely(self, *args: Any, **kwargs: Any) -> None:
+        """`_launch`, but a failure (disk full, no Slurm) fails the calls, not the caller's
+        thread: they get the error instead of waiting forever."""
+        chunks: list[Chunk] = args[2]
+        try:
+            self._launch(*args, **kwargs)
+        except Exception as error:
+            failure = error if isinstance(error, SubmissionError) else SubmissionError(
+                f"could not write or submit the batch: {error!r}")
+            self.monitor.fail_pending(
+                [c for chunk in chunks for c in chunk.call_ids], chunks_sinks(chunks), failure)
+            raise
+
     def _scale_out(self, batch: Batch) -> None:
         """The monitor's call: chunks are left, so let all the batch's tasks run."""
         journal = self._journals[batch.number]
@@ -551,33 +593,40 @@ class SlurmExecutor(Executor):
 
     def _submit_tasks(self, batch: Batch, count: int) -> None:
         """Submit tasks batch.submitted .. +count as arrays (split at MaxArraySize)."""
-        journal, limit = self._journals[batch.number], self.backend.max_array_size()
+        journal = self._journals[batch.number]
         first, end = batch.submitted, batch.submitted + count
-        throttle = 1 if batch.throttled else None
-        for offset in range(first, end, limit):
-            size = min(limit, end - offset)
+        offset = first
+        while offset < end:
+            throttle = 1 if batch.throttled else None  # scale-out may come in between
             try:
+                size = min(self.backend.max_array_size(), end - offset)
                 job_id = self._submit_array(batch.number, offset, size, journal["functions"],
                                             throttle)
-            except SubmissionError as error:
+            except Exception as error:  # noqa: BLE001  (fail the calls, do not hang them)
+                if not isinstance(error, SubmissionError):
+                    error = SubmissionError(f"could not submit the batch: {error!r}")
                 batch.planned = batch.submitted  # no more attempts at scaling out
+                batch.submit_error = error
                 if not self.monitor.has_live_tasks(batch):
                     self.monitor.fail_calls(batch, sorted(batch.open_calls), error)
                 else:
                     log.warning("batch %d: could not add tasks: %s", batch.number, error)
                 return
             journal["arrays"].append({"job_id": job_id, "offset": offset, "size": size})
-            spool.write_json(spool.journal_path(self.run_dir, batch.number), journal)
             self.monitor.add_tasks(batch, [Task(batch, index, job_id, index - offset)
                                            for index in range(offset, offset + size)])
+            offset += size
+            try:
+                spool.write_json(spool.journal_path(self.run_dir, batch.number), journal)
+            except OSError as error:  # the job runs; only reattaching would miss it
+                log.warning("batch %d: could not update its journal: %s", batch.number, error)
         self.monitor.poke()
 
     def _submit_array(self, batch: int, offset: int, size: int, names: list[str],
                       throttle: int | None = None) -> str:
         spec = ScriptSpec(
             run_dir=self.run_dir, batch=batch, size=size, offset=offset,
-            job_name=f"slurmexecutor-{names[0].rsplit('.', 1)[-1]}" if names else
-            "slurmexecutor", python=self.python, throttle=throttle, setup=self.setup,
+            job_name=_job_name(names), python=self.python, throttle=throttle, setup=self.setup,
             sbatch_extra=self.sbatch_extra)
         script = self.run_dir / f"{spool.batch_name(batch)}.a{offset}.sh"
         spool.write_atomic(script, render_script(self.resources, spec).encode())
@@ -590,7 +639,7 @@ class SlurmExecutor(Executor):
     def _retry(self, batch: Batch, call_ids: list[int], state: TaskState) -> bool:
         """Resubmit calls a task left unfinished when its end state allows; True if so."""
         if (state.state not in self.retry_on or batch.attempt > self.max_retries
-                or self._shutdown):
+                or self._cancelling):
             return False
         wanted, parts, ids = set(call_ids), [], []
         for index, chunk_ids in enumerate(batch.chunks):
@@ -615,8 +664,13 @@ class SlurmExecutor(Executor):
         for call_id in ids:
             self._attempts[call_id] = batch.attempt + 1
         journal = self._journals[batch.number]
-        self._launch(journal["functions_file"], journal["functions"],
-                     [Chunk(ids, parts, {}, futures)], kind="retry", attempt=batch.attempt + 1)
+        try:
+            self._launch(journal["functions_file"], journal["functions"],
+                         [Chunk(ids, parts, {}, futures)], kind="retry",
+                         attempt=batch.attempt + 1)
+        except Exception:
+            log.exception("batch %d: the retry could not be submitted", batch.number)
+            return False
         return True
 
     def _on_future_done(self, future: Future) -> None:
@@ -634,7 +688,7 @@ class SlurmExecutor(Executor):
         chunk_ids = batch.chunks[index]
         claim = spool.claim_path(self.run_dir, number, index)
         if cancelled >= set(chunk_ids) and spool.try_claim(claim, "client"):
-            self.monitor.drop_calls(batch, chunk_ids)  # no task will ever take it
+            self.monitor.drop_chunk(batch, index)  # no task will ever take it
 
     # -- shutdown -----------------------------------------------------------------------
 

@@ -33,6 +33,7 @@ from .errors import (
     ERROR_FOR_STATE,
     CallLostError,
     IntegrityError,
+    JobCancelledError,
     JobTimeoutError,
     RemoteError,
     RemoteTraceback,
@@ -45,6 +46,9 @@ from .schedulers import Backend, TaskState, state_of
 
 log = logging.getLogger("slurmexecutor")
 LOG_TAIL_LINES = 20
+#: Final states after which Slurm may requeue the task: settle them only when a second
+#: scheduler answer still shows them final.
+REQUEUEABLE = frozenset({"NODE_FAIL", "PREEMPTED", "REQUEUED", "BOOT_FAIL"})
 
 
 class CallSink(Protocol):
@@ -120,6 +124,7 @@ class Batch:
     open_calls: set[int] = field(default_factory=set)
     tasks: list[Task] = field(default_factory=list)
     last_failed: Task | None = None  # the latest task that ended without finishing
+    submit_error: BaseException | None = None  # why some of its tasks were never submitted
 
     def __post_init__(self) -> None:
         self.unclaimed = set(range(len(self.chunks)))
@@ -141,6 +146,7 @@ class Task:
     ended: bool = False  # the worker wrote its end record
     final: TaskState | None = None
     final_since: float = 0.0
+    final_polls: int = 0  # scheduler answers that showed it final (requeues undo it)
     registered: float = field(default_factory=time.monotonic)
     error: str | None = None  # an integrity failure in its stream
     cursors: list[spool.StreamCursor] = field(default_factory=list)
@@ -184,6 +190,7 @@ class Monitor:
         self.cursors: dict[str, spool.StreamCursor] = {}
         self.counts = Counts()
         self._lock = threading.RLock()
+        self._deferred: list = []  # transitions made outside a tick, applied by the next
         self._wake = threading.Event()
         self._stop = False
         self._next_poll = 0.0
@@ -210,19 +217,35 @@ class Monitor:
         self._wake.set()
 
     def fail_calls(self, batch: Batch, call_ids: list[int], error: BaseException) -> None:
-        """Fail calls now (e.g. their submission was refused)."""
-        transitions: list = []
+        """Fail calls (e.g. their submission was refused); the monitor thread completes
+        their futures, never the caller's thread while it holds a lock."""
         with self._lock:
             for call_id in call_ids:
-                self._resolve(batch, call_id, False, error, transitions)
-        self._apply(transitions)
+                self._resolve(batch, call_id, False, error, self._deferred)
+        self._wake.set()
 
-    def drop_calls(self, batch: Batch, call_ids: list[int]) -> None:
-        """Forget calls the client cancelled before any task claimed them."""
+    def fail_pending(self, call_ids: list[int], sinks: dict[int, CallSink],
+                     error: BaseException) -> None:
+        """Fail calls whose batch could not be written or submitted at all."""
         with self._lock:
+            for batch in self.batches.values():
+                batch.open_calls.difference_update(call_ids)
             for call_id in call_ids:
+                sink = self.sinks.pop(call_id, None) or sinks.get(call_id)
+                if sink is not None:
+                    self._deferred.append((sink, call_id, False, error))
+        self._wake.set()
+
+    def drop_chunk(self, batch: Batch, chunk: int) -> None:
+        """Forget a chunk whose calls the client all cancelled (it claimed the chunk)."""
+        with self._lock:
+            batch.unclaimed.discard(chunk)
+            for call_id in batch.chunks[chunk]:
                 self._resolve(batch, call_id, False, None, [])
         self._wake.set()
+
+    def is_monitor_thread(self) -> bool:
+        return threading.current_thread() is self._thread
 
     def task_of_chunk(self, batch: int, chunk: int) -> Task | None:
         with self._lock:
@@ -256,7 +279,7 @@ class Monitor:
         while not self._stop:
             try:
                 busy = self.tick()
-            except Exception:
+            except BaseException:
                 log.exception("slurmexecutor monitor tick failed")
                 busy = False
             idle_wait = 0.01 if busy else min(idle_wait * 1.5, 0.1 if self.batches else 0.25)
@@ -266,19 +289,25 @@ class Monitor:
     def tick(self) -> bool:
         """One round of observation; True when something changed."""
         transitions: list[tuple[CallSink, int | None, bool, Any]] = []
-        with self._lock:
-            if not self.batches:
-                return False
-            now = time.monotonic()
-            if now >= self._next_poll:
-                self._poll_scheduler(now)
-                self._next_poll = now + self.poll_interval
-            self._read_streams(transitions, now)
-            for task in list(self.tasks.values()):
-                self._settle_task(task, transitions, now)
-            for batch in list(self.batches.values()):
-                self._settle_batch(batch, transitions, now)
-        self._apply(transitions)
+        try:
+            with self._lock:
+                transitions, self._deferred = self._deferred, []
+                if not self.batches:
+                    return bool(transitions)
+                now = time.monotonic()
+                if now >= self._next_poll:
+                    self._next_poll = now + self.poll_interval
+                    try:
+                        self._poll_scheduler(now)
+                    except Exception as error:  # noqa: BLE001  (results still come in)
+                        log.warning("slurmexecutor: asking the scheduler failed: %s", error)
+                self._read_streams(transitions, now)
+                for task in list(self.tasks.values()):
+                    self._settle_task(task, transitions, now)
+                for batch in list(self.batches.values()):
+                    self._settle_batch(batch, transitions, now)
+        finally:
+            self._apply(transitions)
         return bool(transitions)
 
     def _read_streams(self, transitions: list, now: float) -> None:
@@ -336,7 +365,7 @@ class Monitor:
         if kind == "ok":
             try:
                 return True, pickle.loads(body)
-            except Exception as exc:  # noqa: BLE001
+            except BaseException as exc:  # noqa: BLE001  (even SystemExit from __setstate__)  # noqa: BLE001
                 return False, SerializationError(
                     f"the result of call {call_id} cannot be unpickled here: {exc!r}")
         if kind == "raised":
@@ -350,12 +379,18 @@ class Monitor:
                 task, WorkerCrashedError, f"the worker died running this call: {body['text']}",
                 call_id, exit_code=body["exit_code"], signal=body["signal"])
         if kind == "skip":
-            return False, None  # cancelled by the client: the future is already cancelled
+            sink = self.sinks.get(call_id)
+            if sink is None or sink.future.cancelled():
+                return False, None  # we cancelled it: the future is already cancelled
+            return False, JobCancelledError(  # e.g. `slurmexecutor cancel RUN`
+                "the call was cancelled outside this client before it started",
+                job_id=task.job_id, array_index=task.array_index, state="CANCELLED",
+                call_id=call_id)
         return False, IntegrityError(f"unknown record kind {kind!r} for call {call_id}")
 
     def _poll_scheduler(self, now: float) -> None:
         watched = [task for task in self.tasks.values()
-                   if task.job_id is not None and not task.ended and task.final is None]
+                   if task.job_id is not None and not task.ended]
         if not watched:
             return
         states = self.backend.states({task.job_id for task in watched})
@@ -367,16 +402,21 @@ class Monitor:
                         task.worker and spool.process_alive(*task.worker)):
                     vanished.append(task)
             elif state.final:
-                task.final, task.final_since = state, now
-            elif state.running:
-                task.started = True
-            elif task.final is not None:  # requeued: pending again
-                task.final = None
+                if task.final is None:
+                    task.final, task.final_since = state, now
+                task.final_polls += 1
+            else:
+                if task.final is not None:  # requeued: pending or running again
+                    task.final, task.final_polls = None, 0
+                task.started = task.started or state.running
         if vanished:
             finals = self.backend.final_states([(t.job_id, t.array_index) for t in vanished])
             for task in vanished:
-                task.final = finals.get((task.job_id, task.array_index), TaskState("UNKNOWN"))
-                task.final_since = now
+                if task.final is None:
+                    task.final = finals.get((task.job_id, task.array_index),
+                                            TaskState("UNKNOWN"))
+                    task.final_since = now
+                task.final_polls += 2  # gone from the queue: it will not come back
 
     # -- settling -----------------------------------------------------------------------
 
@@ -390,11 +430,19 @@ class Monitor:
                 task.batch.last_failed = task  # stopped claiming at the time limit
             if task.unresolved:
                 self._fail_unfinished(task, sorted(task.unresolved), transitions)
-        elif task.final and now - task.final_since >= self.result_grace:
-            if task.unresolved or task.batch.unclaimed:
-                task.batch.last_failed = task
+        elif task.final and now - task.final_since >= self.result_grace and (
+                task.final.state not in REQUEUEABLE or task.final_polls >= 2):
+            batch = task.batch
+            if task.unresolved or batch.unclaimed:
+                batch.last_failed = task
             if task.unresolved:
                 self._fail_unfinished(task, sorted(task.unresolved), transitions)
+            if not batch.steal and task.index in batch.unclaimed:  # nobody else may take it
+                batch.unclaimed.discard(task.index)
+                spool.try_claim(spool.claim_path(self.run_dir, batch.number, task.index),
+                                "client")
+                call_ids = [c for c in batch.chunks[task.index] if c in batch.open_calls]
+                self._fail_unfinished(task, call_ids, transitions, started=False)
         else:
             return
         self.tasks.pop(task.key, None)
@@ -407,7 +455,11 @@ class Monitor:
                 self.backend.cancel([f"{t.job_id}_{t.array_index}" for t in pending])
                 for task in pending:
                     self.tasks.pop(task.key, None)
-        if not batch.open_calls:  # all done
+        if not batch.open_calls:  # all done (or cancelled): unstarted tasks are not needed
+            pending = [t for t in live if not t.started and t.job_id is not None
+                       and t.key in self.tasks]
+            if pending:
+                self.backend.cancel([f"{t.job_id}_{t.array_index}" for t in pending])
             for task in live:
                 self.tasks.pop(task.key, None)
             del self.batches[batch.number]
@@ -427,8 +479,9 @@ class Monitor:
                 spool.try_claim(spool.claim_path(self.run_dir, batch.number, chunk), "client")
             batch.unclaimed.clear()
             failed = batch.last_failed
-            if failed is None:
-                error = CallLostError("no array task of its batch was left to run this call")
+            if failed is None or batch.submit_error is not None:
+                error = batch.submit_error or CallLostError(
+                    "no array task of its batch was left to run this call")
                 self._fail(None, call_ids, lambda call_id: error, transitions, batch)
             else:
                 self._fail_unfinished(failed, call_ids, transitions, started=False)
@@ -438,6 +491,11 @@ class Monitor:
         """Calls a task left without results: retry them, or fail them with the error
         that fits how the task ended."""
         state = task.final
+        if state is not None and not task.ended and self._retried(task, call_ids, state):
+            for call_id in call_ids:  # the retry batch carries them on
+                task.unresolved.discard(call_id)
+                task.batch.open_calls.discard(call_id)
+            return
         truncated = [c for c in task.cursors if c.pending_bytes]
         if truncated and not task.ended and started:
             cursor = truncated[0]
@@ -446,11 +504,6 @@ class Monitor:
                 f"({state.state if state else 'state unknown'}) with {cursor.pending_bytes} "
                 f"bytes of an incomplete record at byte {cursor.offset}")
             self._fail(task, call_ids, lambda call_id: error, transitions)
-            return
-        if state is not None and not task.ended and self.retry(task.batch, call_ids, state):
-            for call_id in call_ids:  # the retry batch carries them on
-                task.unresolved.discard(call_id)
-                task.batch.open_calls.discard(call_id)
             return
         what = "this call finished" if started else "this call could start"
         if task.limit_notice:
@@ -473,6 +526,13 @@ class Monitor:
         self._fail(task, call_ids, lambda call_id: self._task_error(
             task, error_type, message, call_id, exit_code=exit_code, signal=sig),
             transitions)
+
+    def _retried(self, task: Task, call_ids: list[int], state: TaskState) -> bool:
+        try:
+            return self.retry(task.batch, call_ids, state)
+        except Exception:
+            log.exception("batch %d: retry failed", task.batch.number)
+            return False
 
     def _task_error(self, task: Task, error_type: type[TaskFailedError], message: str,
                     call_id: int, *, exit_code: int | None, signal: int | None
@@ -520,10 +580,14 @@ class Monitor:
 
     def _apply(self, transitions: list) -> None:
         for sink, call_id, ok, value in transitions:
-            if call_id is None:
-                sink.set_running()
-            else:
-                sink.deliver(call_id, ok, value)
+            try:
+                if call_id is None:
+                    sink.set_running()
+                else:
+                    sink.deliver(call_id, ok, value)
+            except Exception:
+                if not sink.future.done():
+                    log.exception("slurmexecutor: could not complete a future")
 
 
 def _rebuild_exception(body: dict) -> BaseException:

@@ -16,8 +16,10 @@ both can see. The folder is the journal: a new client can find every run in it a
         b0003.t0007.r0.out           records array task 7 appended (attempt 0)
         logs/JOB_INDEX.log           an array task's stdout and stderr
 
-Signed blobs and records carry an HMAC-SHA256 of their payload; nothing is unpickled
-before its signature checks, so a truncated, corrupted or swapped file is rejected.
+Signed blobs and records carry an HMAC-SHA256 of their payload AND of the file's own
+name (`run/file`); nothing is unpickled before its signature checks, so a truncated,
+corrupted, forged, or swapped file (one moved to another name or run) is rejected. The
+key and the folders must belong to the user and be private, or they are refused.
 A result stream is a sequence of records, each `length | hmac | payload`, appended by
 one process per attempt: a task that dies half-way keeps every record it completed.
 
@@ -44,8 +46,14 @@ HEADER = struct.Struct(">I32s")  # payload length, HMAC-SHA256 digest
 
 
 def ensure_private_dir(path: Path) -> Path:
-    """Create `path` (and parents) with mode 0700 and return it."""
+    """Create `path` (and parents) with mode 0700 and return it. An existing folder must
+    be ours; if others may read or write it, it is made private (0700)."""
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = path.stat()
+    if info.st_uid != os.getuid():
+        raise PermissionError(f"{path} belongs to another user: choose a folder of yours")
+    if info.st_mode & 0o077:
+        os.chmod(path, 0o700)
     return path
 
 
@@ -54,21 +62,33 @@ def load_key(folder: Path, *, create: bool = False) -> bytes:
     path = folder / KEY_FILE
     if create and not path.exists():
         ensure_private_dir(folder)
+        tmp = folder / f".{KEY_FILE}.{os.getpid()}.{os.urandom(4).hex()}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(os.urandom(32))
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            os.link(tmp, path)  # appears whole, or not at all (another client won)
         except FileExistsError:
-            pass  # another client created it first
-        else:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(os.urandom(32))
-    key = path.read_bytes()
+            pass
+        finally:
+            os.unlink(tmp)
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(handle.fileno())
+        key = handle.read()
+    if info.st_uid != os.getuid() or info.st_mode & 0o077:
+        raise IntegrityError(f"{path} must belong to you and be private (mode 0600)")
     if len(key) != 32:
         raise IntegrityError(f"{path} is not a valid key file ({len(key)} bytes)")
     return key
 
 
-def _digest(key: bytes, payload: bytes) -> bytes:
-    return hmac.new(key, payload, hashlib.sha256).digest()
+def _digest(key: bytes, path: Path, payload: bytes) -> bytes:
+    """HMAC of the payload bound to its place: `run/file`, so a file moved or copied to
+    another name (or run) does not authenticate there."""
+    mac = hmac.new(key, f"{path.parent.name}/{path.name}\0".encode(), hashlib.sha256)
+    mac.update(payload)
+    return mac.digest()
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -87,7 +107,8 @@ def write_atomic(path: Path, data: bytes) -> None:
 def write_blob(path: Path, key: bytes, obj: Any) -> None:
     """Pickle `obj` (plain pickle: callers cloudpickle user objects first) and sign it."""
     payload = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-    write_atomic(path, BLOB_MAGIC + HEADER.pack(len(payload), _digest(key, payload)) + payload)
+    digest = _digest(key, path, payload)
+    write_atomic(path, BLOB_MAGIC + HEADER.pack(len(payload), digest) + payload)
 
 
 def read_blob(path: Path, key: bytes) -> Any:
@@ -100,8 +121,8 @@ def read_blob(path: Path, key: bytes) -> Any:
     payload = data[start:]
     if len(payload) != length:
         raise IntegrityError(f"{path} is truncated ({len(payload)} of {length} bytes)")
-    if not hmac.compare_digest(digest, _digest(key, payload)):
-        raise IntegrityError(f"{path} failed authentication (corrupted or not ours)")
+    if not hmac.compare_digest(digest, _digest(key, path, payload)):
+        raise IntegrityError(f"{path} failed authentication (corrupted, moved, or not ours)")
     return pickle.loads(payload)
 
 
@@ -109,12 +130,13 @@ class RecordWriter:
     """Appends signed records to a result stream, one `write` system call per record."""
 
     def __init__(self, path: Path, key: bytes) -> None:
-        self._key = key
+        self._key, self._path = key, path
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
 
     def write(self, record: tuple) -> None:
         payload = pickle.dumps(record, protocol=pickle.HIGHEST_PROTOCOL)
-        os.write(self.fd, HEADER.pack(len(payload), _digest(self._key, payload)) + payload)
+        digest = _digest(self._key, self._path, payload)
+        os.write(self.fd, HEADER.pack(len(payload), digest) + payload)
 
     def close(self) -> None:
         os.close(self.fd)
@@ -154,7 +176,7 @@ def read_records(cursor: StreamCursor, key: bytes) -> list[tuple]:
         if end > len(data):
             break
         payload = data[position + HEADER.size : end]
-        if not hmac.compare_digest(digest, _digest(key, payload)):
+        if not hmac.compare_digest(digest, _digest(key, cursor.path, payload)):
             cursor.error = (
                 f"{cursor.path}: record at byte {cursor.offset + position} failed "
                 "authentication (the file was corrupted or written by someone else)"

@@ -26,6 +26,7 @@ imports nothing of the client side, and the supervisor never unpickles user obje
 from __future__ import annotations
 
 import os
+import select
 import signal
 import socket
 import struct
@@ -37,6 +38,7 @@ from pathlib import Path
 from . import spool
 
 POSITION = struct.Struct(">II")  # chunk index, call position within the chunk
+CLAIMED = 0xFFFFFFFF  # the position sent when a chunk is claimed, before its first call
 STOP_SIGNAL = signal.SIGUSR1
 
 
@@ -45,6 +47,7 @@ def main(argv: list[str]) -> int:
         print("usage: python -m slurmexecutor.worker RUN_DIR BATCH TASK", file=sys.stderr)
         return 2
     run_dir, batch, task = Path(argv[0]), int(argv[1]), int(argv[2])
+    os.environ.pop("SLURMEXECUTOR_TASK", None)  # not for executors the calls may start
     key = spool.load_key(run_dir.parent)
     manifest = spool.read_blob(spool.manifest_path(run_dir, batch), key)
     attempt = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
@@ -77,6 +80,7 @@ class Supervisor:
         self.run_dir, self.batch, self.task = run_dir, batch, task
         self.manifest, self.out, self.key = manifest, out, key
         self.child_pid: int | None = None
+        self.position: tuple[int, int] | None = None  # the child's last announcement
         self.stopping = False
         # requeued: first run again what the earlier attempt had claimed
         self.reruns = [index for index in range(manifest["chunks"]) if attempt > 0 and
@@ -98,16 +102,25 @@ class Supervisor:
             position, status = self._run_child(resume)
             if status == 0:
                 return
-            if position is None:  # died before it started a call: nothing will work
+            if position is None:  # died before it claimed anything: nothing will work
                 text = _describe(status)["text"]
                 print(f"slurmexecutor worker: the child {text} before running a call",
                       file=sys.stderr, flush=True)
                 return
             chunk, call = position
-            call_ids = spool.read_blob(spool.chunk_path(self.run_dir, self.batch, chunk),
-                                       self.key)["calls"]
-            self.out.write(("crash", call_ids[call], _describe(status)))
-            resume = (chunk, call + 1)
+            try:
+                call_ids = spool.read_blob(spool.chunk_path(self.run_dir, self.batch, chunk),
+                                           self.key)["calls"]
+            except Exception as error:  # noqa: BLE001  (the client fails them: lost)
+                print(f"slurmexecutor worker: chunk {chunk}: {error}", file=sys.stderr)
+                call_ids = []
+            if call == CLAIMED:  # died loading the chunk: all its calls crashed
+                for call_id in call_ids:
+                    self.out.write(("crash", call_id, _describe(status)))
+                resume = None
+            else:
+                self.out.write(("crash", call_ids[call], _describe(status)))
+                resume = (chunk, call + 1)
 
     def _run_child(self, resume: tuple[int, int] | None
                    ) -> tuple[tuple[int, int] | None, int]:
@@ -129,18 +142,30 @@ class Supervisor:
                 os._exit(code)
         os.close(write_end)
         self.child_pid = pid
-        position, buffer = None, b""
-        while data := os.read(read_end, 4096):
-            buffer += data
-            whole = len(buffer) - len(buffer) % POSITION.size
-            for position in POSITION.iter_unpack(buffer[:whole]):
-                if position[0] in self.reruns:
-                    self.reruns.remove(position[0])
-            buffer = buffer[whole:]
+        self.position, buffer, status = None, b"", None
+        # wait for the child itself, not for the pipe to close: processes the user's code
+        # forks inherit the pipe and may outlive the child
+        while status is None:
+            if select.select([read_end], [], [], 0.2)[0]:
+                buffer = self._take_positions(buffer + os.read(read_end, 4096))
+            done, raw = os.waitpid(pid, os.WNOHANG)
+            if done:
+                status = raw
+        while select.select([read_end], [], [], 0)[0]:  # what it said before it ended
+            data = os.read(read_end, 4096)
+            if not data:
+                break
+            buffer = self._take_positions(buffer + data)
         os.close(read_end)
-        _, status = os.waitpid(pid, 0)
         self.child_pid = None
-        return position, os.waitstatus_to_exitcode(status)
+        return self.position, os.waitstatus_to_exitcode(status)
+
+    def _take_positions(self, buffer: bytes) -> bytes:
+        whole = len(buffer) - len(buffer) % POSITION.size
+        for self.position in POSITION.iter_unpack(buffer[:whole]):
+            if self.position[0] in self.reruns:
+                self.reruns.remove(self.position[0])
+        return buffer[whole:]
 
 
 def _describe(code: int) -> dict:
@@ -198,6 +223,7 @@ class ChildRunner:
         sup = self.sup
         if first == 0:  # the client knows the chunk's calls: say which chunk, first
             sup.out.write(("claim", index, None))
+            os.write(self.pipe, POSITION.pack(index, CLAIMED))
         chunk = spool.read_blob(spool.chunk_path(sup.run_dir, sup.batch, index), sup.key)
         call_ids = chunk["calls"]
         cancel = _CancelList(spool.cancel_path(sup.run_dir, sup.batch, index))

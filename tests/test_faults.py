@@ -304,3 +304,39 @@ def test_100k_call_map_with_bounded_client_memory(slurm_cluster, tmp_path):
     print(f"100,000-call map: peak RSS {after / 1024:.0f} MiB (at start {before / 1024:.0f})")
     assert after - before < 150 * 1024, f"client grew by {(after - before) / 1024:.0f} MiB"
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss > 0
+
+
+# -- regressions found in review -------------------------------------------------------
+
+
+def test_calls_cancelled_from_outside_fail_instead_of_hanging(make_executor, backend):
+    from slurmexecutor import runs
+
+    ex = make_executor(array_parallelism=1, chunksize=1)
+    blocker = ex.submit(sleep_then, 3, "done")
+    victims = [ex.submit(sleep_then, 0, i) for i in range(3)]
+    assert wait_until(blocker.running)
+    info = runs.classify(runs.read_run(ex.run_dir, ex.key), None)
+    for call in info.calls.values():  # what `slurmexecutor cancel RUN` writes, minus
+        if call.status in ("running", "pending") and call.call_id != blocker.call_id:
+            spool.append_cancelled(spool.cancel_path(ex.run_dir, call.batch, call.chunk),
+                                   [call.call_id])  # the kill: the blocker finishes
+    assert blocker.result(timeout=60) == "done"
+    for victim in victims:
+        error = victim.exception(timeout=60)
+        assert isinstance(error, JobCancelledError), error
+        assert "cancelled outside this client" in str(error)
+
+
+def test_a_submission_that_raises_fails_its_futures(make_executor):
+    ex = make_executor()
+
+    def broken(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    ex.backend.submit_array = broken
+    future = ex.submit(sleep_then, 0, 1)
+    error = future.exception(timeout=30)
+    assert error is not None and "No space left on device" in str(error)
+    with pytest.raises(Exception, match="No space left"):
+        list(ex.map(sleep_then, [0, 0]))

@@ -153,9 +153,24 @@ def test_blob_roundtrip_and_rejections(tmp_path):
     assert spool.read_blob(path, key) == {"calls": [1, 2]}
     with pytest.raises(IntegrityError, match="failed authentication"):
         spool.read_blob(path, b"k" * 32)
+    swapped = tmp_path / "y.in"  # a valid blob moved to another name
+    swapped.write_bytes(path.read_bytes())
+    with pytest.raises(IntegrityError, match="failed authentication"):
+        spool.read_blob(swapped, key)
     path.write_bytes(path.read_bytes()[:-2])
     with pytest.raises(IntegrityError, match="truncated"):
         spool.read_blob(path, key)
+
+
+def test_key_must_be_private(tmp_path):
+    spool.load_key(tmp_path, create=True)
+    (tmp_path / "key").chmod(0o644)
+    with pytest.raises(IntegrityError, match="private"):
+        spool.load_key(tmp_path)
+    loose = tmp_path / "loose"
+    loose.mkdir(mode=0o777)
+    loose.chmod(0o777)
+    assert spool.ensure_private_dir(loose).stat().st_mode & 0o777 == 0o700
 
 
 def test_record_stream_keeps_complete_records_only(tmp_path):

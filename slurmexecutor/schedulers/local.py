@@ -117,7 +117,12 @@ class LocalBackend(Backend):
                         break
                     if self._may_start(task):
                         self._queue.remove(task)
-                        self._start(task)
+                        try:
+                            self._start(task)
+                        except OSError as error:  # no bash, no log folder, no fds...
+                            log.warning("local task %s_%s could not start: %s",
+                                        *task.key, error)
+                            self._states[task.key] = TaskState("FAILED", 127)
                 self._lock.wait(0.01 if self._running else 0.5)
 
     def _may_start(self, task: _Task) -> bool:
