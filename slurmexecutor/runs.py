@@ -70,8 +70,9 @@ class RunInfo:
 
     @property
     def live(self) -> bool:
-        """Some call may still produce a result."""
-        return any(call.status in ("running", "pending") for call in self.calls.values())
+        """Its client still runs here, or some call may still produce a result."""
+        return spool.process_alive(self.meta["host"], self.meta["pid"]) or any(
+            call.status in ("running", "pending") for call in self.calls.values())
 
 
 def list_runs(folder: Path) -> list[Path]:
@@ -121,6 +122,9 @@ def _read_streams(run_dir: Path, key: bytes, info: RunInfo,
     """From every result stream: which task claimed which chunk, each call's outcome."""
     claims: dict[tuple[int, int], int] = {}
     outcomes: dict[int, tuple[str, str]] = {}
+    calls_of: dict[tuple[int, int], list[int]] = {}
+    for call_id, place in chunk_of.items():
+        calls_of.setdefault(place, []).append(call_id)
     for path in sorted(run_dir.glob("b*.t*.r*.out")):
         batch, index = spool.parse_stream_name(path.name)
         task = info.task(batch, index)
@@ -135,7 +139,7 @@ def _read_streams(run_dir: Path, key: bytes, info: RunInfo,
                     task.ended = True
             elif kind == "claim":
                 claims[(batch, call_id)] = index
-                calls = [c for c, place in chunk_of.items() if place == (batch, call_id)]
+                calls = calls_of.get((batch, call_id), [])
                 claimed += calls
                 if task:
                     task.call_ids += calls
@@ -175,25 +179,25 @@ def classify(info: RunInfo, states: dict[TaskKey, TaskState] | None) -> RunInfo:
             call.status = "cancelled"
         elif call.task is not None:
             task = info.task(call.batch, call.task)
-            call.status = _task_status(task, asked) if task else "lost"
+            call.status = _task_status(task, asked, client_alive) if task else "lost"
         else:  # not claimed yet: pending while a task of its batch may still take it
             journal = info.journals[call.batch]
             may_grow = client_alive and sum(a["size"] for a in journal["arrays"]) < (
                 journal["planned"])
-            alive = any(_task_status(t, asked) in ("running", "pending")
+            alive = any(_task_status(t, asked, client_alive) in ("running", "pending")
                         for t in info.tasks if t.batch == call.batch)
             call.status = "pending" if alive or may_grow else "lost"
     return info
 
 
-def _task_status(task: TaskInfo, asked_scheduler: bool) -> str:
+def _task_status(task: TaskInfo, asked_scheduler: bool, client_alive: bool) -> str:
     """What an unfinished call of this task is: running, pending, or lost."""
     if task.ended:
         return "lost"
-    if not asked_scheduler:  # a local run: its processes tell
+    if not asked_scheduler:  # a local run: its processes tell (its client starts tasks)
         if task.worker:
             return "running" if spool.process_alive(*task.worker) else "lost"
-        return "pending"
+        return "pending" if client_alive else "lost"
     if task.state is not None and not task.state.final:
         return "running" if task.state.running or task.started else "pending"
     return "lost"  # ended, or left the queue, without this call's result
