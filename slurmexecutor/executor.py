@@ -325,6 +325,7 @@ class SlurmExecutor(Executor):
                     if owner[call_id] == number:
                         self.futures[call_id].chunk = (number, index)
                         self._attempts[call_id] = batch.attempt
+            batch.index_places()
             self.monitor.add_batch(batch, {c: FutureSink(self.futures[c])
                                            for c in batch.open_calls})
             for array in journal["arrays"]:
@@ -563,6 +564,8 @@ class SlurmExecutor(Executor):
         batch = Batch(number, [chunk.call_ids for chunk in chunks], planned, steal, attempt,
                       self.resources.get("time"), throttled)
         sinks = {call_id: sink for chunk in chunks for call_id, sink in chunk.sinks.items()}
+        if kind != "map":
+            batch.index_places()  # each call has its own future: track which one runs
         self.monitor.add_batch(batch, sinks)
         self._submit_tasks(batch, planned)
 

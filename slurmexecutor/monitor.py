@@ -129,6 +129,13 @@ class Batch:
     def __post_init__(self) -> None:
         self.unclaimed = set(range(len(self.chunks)))
         self.open_calls = {call_id for chunk in self.chunks for call_id in chunk}
+        #: call -> (chunk, position), for batches whose calls have futures of their own
+        #: (a map's chunk has one future: it is running as soon as the chunk is claimed)
+        self.place: dict[int, tuple[int, int]] = {}
+
+    def index_places(self) -> None:
+        self.place = {call_id: (index, position) for index, chunk in enumerate(self.chunks)
+                      for position, call_id in enumerate(chunk)}
 
 
 @dataclass(eq=False)
@@ -346,20 +353,34 @@ class Monitor:
         elif call_id in batch.open_calls:  # later duplicates (requeues) are ignored
             ok, value = self._outcome(task, kind, call_id, body)
             self._resolve(batch, call_id, ok, value, transitions)
+            self._after_result(batch, call_id, transitions)
 
     def _on_claim(self, task: Task, chunk: int, transitions: list) -> None:
         batch = task.batch
         batch.unclaimed.discard(chunk)
         self.claimed_by[(batch.number, chunk)] = task
-        seen = set()
         for call_id in batch.chunks[chunk]:
             if call_id in batch.open_calls:
                 task.unresolved.add(call_id)
                 self.task_of_call[call_id] = task
+        self._mark_next_running(batch, chunk, 0, transitions)
+
+    def _mark_next_running(self, batch: Batch, chunk: int, start: int,
+                           transitions: list) -> None:
+        """A chunk's calls run in order: the first open one from `start` is running now.
+        The others stay pending (so `Future.cancel()` still works on them)."""
+        calls = batch.chunks[chunk]
+        for call_id in calls[start:]:
+            if call_id in batch.open_calls:
                 sink = self.sinks.get(call_id)
-                if sink is not None and id(sink) not in seen:
-                    seen.add(id(sink))
+                if sink is not None:
                     transitions.append((sink, None, True, None))
+                return
+
+    def _after_result(self, batch: Batch, call_id: int, transitions: list) -> None:
+        place = batch.place.get(call_id)
+        if place is not None:
+            self._mark_next_running(batch, place[0], place[1] + 1, transitions)
 
     def _outcome(self, task: Task, kind: str, call_id: int, body: Any) -> tuple[bool, Any]:
         if kind == "ok":

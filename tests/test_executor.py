@@ -297,6 +297,19 @@ def test_cancel_before_start_never_runs(make_executor, tmp_path):
     assert victim.cancelled() and not marker.exists()
 
 
+def test_cancel_a_call_queued_behind_another_in_its_chunk(make_executor, tmp_path):
+    ex = make_executor(chunksize=3)
+    first = ex.submit(sleep_then, 3, "first")
+    marker = tmp_path / "queued-ran"
+    queued = ex.submit(touch_then, str(marker))
+    last = ex.submit(square, 4)
+    assert wait_until(first.running)
+    assert not queued.running()  # its chunk is claimed, but it has not started
+    assert queued.cancel() is True
+    assert first.result(timeout=60) == "first" and last.result(timeout=60) == 16
+    assert queued.cancelled() and not marker.exists()
+
+
 def test_cancel_inside_the_window_drops_the_call(make_executor, tmp_path):
     ex = make_executor(submit_window=1.0)
     marker = tmp_path / "dropped-ran"
