@@ -13,3 +13,11 @@ def table(header: list[str], rows: list[list[str]]) -> str:
 
     rule = "  ".join("-" * width for width in widths)
     return "\n".join([line(header), rule, *(line(row) for row in rows)])
+
+
+def load_line() -> str:
+    """The machine's load average: the benchmarks share it with whatever else runs."""
+    import os
+
+    return "load average (1, 5, 15 min) at the end: " + ", ".join(
+        f"{load:.1f}" for load in os.getloadavg())

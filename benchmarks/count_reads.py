@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from _cluster import cluster_cpus, slurm_cluster
-from _report import table
+from _report import load_line, table
 
 from slurmexecutor import SlurmExecutor, map_reduce
 from slurmexecutor.countreads import (
@@ -160,8 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table(["method", "tasks", "median s", "best s", "speed-up",
                  f"vs ideal {ideal:.2f} s", "/ideal"], rows))
     print(f"  ideal = serial / {cores} cores; the three Counters are equal.")
-    print("load average (1, 5, 15 min) at the end: "
-          + ", ".join(f"{load:.1f}" for load in os.getloadavg()))
+    print(load_line())
     return 0
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
 import subprocess
@@ -34,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from _cluster import cluster_cpus, slurm_cluster
-from _report import table
+from _report import load_line, table
 
 from slurmexecutor import SlurmExecutor
 
@@ -310,8 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         results = measure(cases, repeat, args.poll_interval, progress)
     report(cases, results, repeat)
     print(f"\n(benchmark took {time.perf_counter() - started:.0f} s)")
-    print("load average (1, 5, 15 min) at the end: "
-          + ", ".join(f"{load:.1f}" for load in os.getloadavg()))
+    print(load_line())
     return 0
 
 
