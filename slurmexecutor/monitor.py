@@ -167,15 +167,6 @@ class Task:
         return self.batch.attempt
 
 
-@dataclass
-class Counts:
-    """What the monitor has seen; progress bars read it."""
-
-    total: int = 0
-    done: int = 0
-    failed: int = 0
-
-
 class Monitor:
     """Watches the run folder and the backend; resolves the sinks of calls."""
 
@@ -195,7 +186,6 @@ class Monitor:
         self.task_of_call: dict[int, Task] = {}
         self.claimed_by: dict[tuple[int, int], Task] = {}  # (batch, chunk) -> its task
         self.cursors: dict[str, spool.StreamCursor] = {}
-        self.counts = Counts()
         self._lock = threading.RLock()
         self._deferred: list = []  # transitions made outside a tick, applied by the next
         self._wake = threading.Event()
@@ -211,7 +201,6 @@ class Monitor:
         with self._lock:
             self.batches[batch.number] = batch
             self.sinks.update(sinks)
-            self.counts.total += len(sinks)
         self._wake.set()
 
     def add_tasks(self, batch: Batch, tasks: list[Task]) -> None:
@@ -585,10 +574,6 @@ class Monitor:
         sink = self.sinks.pop(call_id, None)
         if value is None and not ok:
             return  # a cancelled call: its future is already cancelled
-        if ok:
-            self.counts.done += 1
-        else:
-            self.counts.failed += 1
         if sink is not None:
             transitions.append((sink, call_id, ok, value))
 
