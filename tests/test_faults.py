@@ -206,7 +206,13 @@ def finished_run(make_executor) -> tuple[SlurmExecutor, list]:
     ex = make_executor(chunksize=4)
     futures = [ex.submit(inc, i) for i in range(4)]
     assert [f.result(timeout=60) for f in futures] == [1, 2, 3, 4]
-    ex.shutdown()
+    ex.shutdown()  # returns once the results are in: the worker may still be ending
+
+    def ended() -> bool:
+        return all(any(kind == "end" for kind, _, _ in spool.read_records(
+            spool.StreamCursor(path), ex.key)) for path in ex.run_dir.glob("b*.out"))
+
+    assert wait_until(ended)
     return ex, futures
 
 
