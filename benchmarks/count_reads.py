@@ -21,7 +21,6 @@ its result. The three Counters must be equal. Each figure is the median of --rep
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -36,7 +35,7 @@ from pathlib import Path
 from _cluster import cluster_cpus, slurm_cluster
 from _report import load_line, table
 
-from slurmexecutor import SlurmExecutor, map_reduce
+from slurmexecutor import SlurmExecutor, map_reduce, spool
 from slurmexecutor.countreads import (
     Region,
     count_reads_serial,
@@ -75,7 +74,7 @@ def run_map_reduce(backend: str, fractions: int, poll_interval: float | None) ->
             seconds = time.perf_counter() - started
         finally:
             ex.shutdown()
-        journals = [json.loads(path.read_text()) for path in ex.run_dir.glob("b*.json")]
+        journals = spool.read_journals(ex.run_dir)
         return Outcome(counts, seconds, sum(a["size"] for journal in journals for a in journal["arrays"]))
 
     return run

@@ -21,7 +21,6 @@ shared by the cases that need it.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import statistics
 import subprocess
@@ -35,7 +34,7 @@ from pathlib import Path
 from _cluster import cluster_cpus, slurm_cluster
 from _report import load_line, table
 
-from slurmexecutor import SlurmExecutor
+from slurmexecutor import SlurmExecutor, spool
 
 SQUEUE_POLL_S = 0.02
 ARRAY_CAP = 1000  # MaxArraySize=1001 on the test cluster; the brief caps at 1000
@@ -174,7 +173,7 @@ def run_case(case: Case, folder: Path, poll_interval: float) -> Run:
     shutdown_seconds = time.perf_counter() - shutdown_started
     assert results == list(range(1, case.calls + 1)), f"{case.label}: wrong results"
 
-    journals = [json.loads(path.read_text()) for path in sorted(ex.run_dir.glob("b*.json"))]
+    journals = spool.read_journals(ex.run_dir)
     job_ids = [array["job_id"] for journal in journals for array in journal["arrays"]]
     tasks = sum(array["size"] for journal in journals for array in journal["arrays"])
     wait_done(job_ids)  # leave a quiet cluster for the next measurement

@@ -301,8 +301,7 @@ class SlurmExecutor(Executor):
 
     def _reattach(self) -> None:
         """Rebuild the futures and the monitor's batches and tasks from the journals."""
-        journals = sorted((spool.read_json(path) for path in self.run_dir.glob("b*.json")),
-                          key=lambda journal: journal["batch"])
+        journals = spool.read_journals(self.run_dir)
         owner: dict[int, int] = {}  # call -> the latest batch that carries it (retries)
         for journal in journals:
             for ranges in journal["chunks"]:
@@ -563,18 +562,18 @@ class SlurmExecutor(Executor):
         spool.write_json(spool.journal_path(self.run_dir, number), journal)
         batch = Batch(number, [chunk.call_ids for chunk in chunks], planned, steal, attempt,
                       self.resources.get("time"), throttled)
-        sinks = {call_id: sink for chunk in chunks for call_id, sink in chunk.sinks.items()}
+        sinks = chunks_sinks(chunks)
         if kind != "map":
             batch.index_places()  # each call has its own future: track which one runs
         self.monitor.add_batch(batch, sinks)
         self._submit_tasks(batch, planned)
 
-    def _launch_safely(self, *args: Any, **kwargs: Any) -> None:
-        """`_launch`, but a failure (disk full, no Slurm) fails the calls, not the caller's
-        thread: they get the error instead of waiting forever."""
-        chunks: list[Chunk] = args[2]
+    def _launch_safely(self, functions: list[bytes], names: list[str], chunks: list[Chunk],
+                       **options: Any) -> None:
+        """`_launch`, but a failure (disk full, no Slurm) fails the calls, which get the
+        error instead of waiting forever; it is raised to the caller too."""
         try:
-            self._launch(*args, **kwargs)
+            self._launch(functions, names, chunks, **options)
         except Exception as error:
             failure = error if isinstance(error, SubmissionError) else SubmissionError(
                 f"could not write or submit the batch: {error!r}")

@@ -97,8 +97,7 @@ def read_run(run_dir: Path, key: bytes) -> RunInfo:
     info = RunInfo(run_dir.name, run_dir, spool.read_json(run_dir / "run.json"))
     info.cancelled = (run_dir / "cancelled").exists()
     chunk_of: dict[int, tuple[int, int]] = {}  # a retried call belongs to its last batch
-    for path in sorted(run_dir.glob("b*.json")):
-        journal = spool.read_json(path)
+    for journal in spool.read_journals(run_dir):
         info.journals[journal["batch"]] = journal
         info.functions += [name for name in journal["functions"] if name not in info.functions]
         for array in journal["arrays"]:

@@ -300,6 +300,12 @@ def read_json(path: Path) -> Any:
     return json.loads(path.read_text())
 
 
+def read_journals(run_dir: Path) -> list[dict]:
+    """A run's batch journals, in batch order (by number: b10000 comes after b9999)."""
+    journals = [read_json(path) for path in run_dir.glob("b*.json")]
+    return sorted(journals, key=lambda journal: journal["batch"])
+
+
 def compress_ids(ids: list[int]) -> list[list[int]]:
     """[1, 2, 3, 7] -> [[1, 4], [7, 8]]: half-open ranges, for compact journals."""
     ranges: list[list[int]] = []

@@ -83,8 +83,9 @@ class Supervisor:
         self.position: tuple[int, int] | None = None  # the child's last announcement
         self.stopping = False
         # requeued: first run again what the earlier attempt had claimed
-        self.reruns = [index for index in range(manifest["chunks"]) if attempt > 0 and
-                       spool.claim_owner(self.claim(index)) == str(task)]
+        self.reruns = [index for index in range(manifest["chunks"])
+                       if spool.claim_owner(self.claim(index)) == str(task)
+                       ] if attempt > 0 else []
 
     def claim(self, index: int) -> Path:
         return spool.claim_path(self.run_dir, self.batch, index)

@@ -83,7 +83,7 @@ def return_lock():
 
 
 def batches(executor: SlurmExecutor) -> list[dict]:
-    return [spool.read_json(path) for path in sorted(executor.run_dir.glob("b*.json"))]
+    return spool.read_journals(executor.run_dir)
 
 
 # -- Future semantics ----------------------------------------------------------------
