@@ -28,6 +28,7 @@ _EXPORTS = {
     "SerializationError": "errors",
     "IntegrityError": "errors",
     "RunNotFoundError": "errors",
+    "RunInUseError": "errors",
     "RemoteError": "errors",
     "RemoteTraceback": "errors",
     "TaskFailedError": "errors",

@@ -9,6 +9,7 @@ does. Everything else derives from `SlurmExecutorError`:
      +-- SerializationError       an argument or a result could not be pickled
      +-- IntegrityError           a spool file failed authentication or is truncated
      +-- RunNotFoundError         attach() to a run that is not in the folder
+     +-- RunInUseError            attach() to a run whose client still holds its lease
      +-- RemoteError              a call raised an exception that does not unpickle here
      +-- TaskFailedError          the array task carrying the call ended without its result
           +-- JobTimeoutError        the time limit (Slurm TIMEOUT)
@@ -43,6 +44,11 @@ class IntegrityError(SlurmExecutorError):
 
 class RunNotFoundError(SlurmExecutorError, LookupError):
     """No run of that name in the folder."""
+
+
+class RunInUseError(SlurmExecutorError):
+    """The run's lease is live: another client still drives it (`take_over=True` to
+    take it anyway)."""
 
 
 class RemoteError(SlurmExecutorError):
