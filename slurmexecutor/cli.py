@@ -193,6 +193,8 @@ def status_command(args: argparse.Namespace) -> int:
     [info] = _read(run_dir.parent, [run_dir])
     print(_runs_table([info]))
     print()
+    if info.lease_text:
+        print(f"  {info.lease_text}")
     idle = 0
     for task in info.tasks:
         state = task.state.state if task.state else ("ended" if task.ended else "-")
@@ -214,7 +216,7 @@ def status_command(args: argparse.Namespace) -> int:
 
 def _runs_table(infos: list[runs.RunInfo]) -> str:
     header = ("RUN", "CREATED", "BACKEND", "FUNCTION", "CALLS", "DONE", "FAILED", "RUNNING",
-              "PENDING", "JOBS")
+              "PENDING", "LEASE", "JOBS")
     rows = [header]
     for info in infos:
         functions = ",".join(name.rsplit(".", 1)[-1] for name in info.functions) or "-"
@@ -224,7 +226,7 @@ def _runs_table(infos: list[runs.RunInfo]) -> str:
             info.meta["backend"], functions[:30], str(len(info.calls)), str(info.count("done")),
             str(failed), str(info.count("running")),
             str(info.count("pending")) + (" (cancelled)" if info.cancelled else ""),
-            ",".join(info.job_ids) or "-"))
+            info.lease_state, ",".join(info.job_ids) or "-"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
                      for row in rows)
@@ -267,10 +269,16 @@ def cancel_command(args: argparse.Namespace) -> int:
 def clean_command(args: argparse.Namespace) -> int:
     folder = _folder(args)
     for info in _read(folder, runs.list_runs(folder)):
-        if info.live:
-            print(f"kept {info.run_id}: still live")
+        if info.client_alive:
+            print(f"kept {info.run_id}: still live ({info.lease_text or 'its client runs'})")
+        elif info.live:
+            print(f"kept {info.run_id}: still live (calls running or pending)")
         else:
-            runs.remove_run(info)
+            try:
+                runs.remove_run(info)
+            except SlurmExecutorError as error:  # leased since it was read
+                print(f"kept {info.run_id}: {error}")
+                continue
             print(f"removed {info.run_id}")
     return 0
 

@@ -117,7 +117,7 @@ class TaskFailedError(SlurmExecutorError):
         return text
 
 
-def _rebuild(cls: type, message: str, state: dict) -> TaskFailedError:
+def _rebuild(cls: type[TaskFailedError], message: str, state: dict) -> TaskFailedError:
     error = cls.__new__(cls)
     Exception.__init__(error, message)
     error.__dict__.update(state)

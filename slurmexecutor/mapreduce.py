@@ -130,28 +130,29 @@ class MapReduceTask:
         return cancelled
 
     def failures(self) -> list[FractionFailure]:
-        return [self._failure(index) for index, fraction in enumerate(self.fractions)
-                if fraction.done() and not fraction.cancelled() and fraction.exception()]
+        return [self._failure(index, error) for index, fraction in enumerate(self.fractions)
+                if fraction.done() and not fraction.cancelled()
+                and (error := fraction.exception()) is not None]
 
     # -- folding ------------------------------------------------------------------------
 
-    def _failure(self, index: int) -> FractionFailure:
-        return FractionFailure(index, self._starts[index], self.sizes[index],
-                               self.fractions[index].exception())
+    def _failure(self, index: int, error: BaseException) -> FractionFailure:
+        return FractionFailure(index, self._starts[index], self.sizes[index], error)
 
     def _on_fraction_done(self, fraction: Future) -> None:
-        failed = fraction.cancelled() or fraction.exception() is not None
+        cancelled = fraction.cancelled()
+        error = None if cancelled else fraction.exception()
+        failed = cancelled or error is not None
         self._bar.advance(not failed)
         with self._lock:
             self._remaining -= 1
             last = self._remaining == 0
         if failed and not self._permissive and not self.future.done():
-            if fraction.cancelled():
+            if error is None:  # cancelled
                 self.future.cancel()
             else:
                 index = self.fractions.index(fraction)
-                error = fraction.exception()
-                _note(error, f"in map_reduce {self._failure(index)}")
+                _note(error, f"in map_reduce {self._failure(index, error)}")
                 self._set(exception=error)
                 self._executor.cancel(self.fractions)
             self._release_executor()

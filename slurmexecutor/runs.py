@@ -13,9 +13,11 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from . import lease as leases
 from . import spool
-from .errors import RunNotFoundError
+from .errors import RunInUseError, RunNotFoundError
 from .schedulers import Backend, TaskKey, TaskState, state_of
 
 
@@ -56,6 +58,25 @@ class RunInfo:
     calls: dict[int, CallStatus] = field(default_factory=dict)
     journals: dict[int, dict] = field(default_factory=dict)
     cancelled: bool = False
+    lease: dict | None = None  # its lease file; None for runs from before leases
+
+    @property
+    def client_alive(self) -> bool:
+        """Its client still drives it: a live lease (any host), or, without a lease
+        file, its process on this host."""
+        if self.lease is not None:
+            return leases.is_live(self.lease)
+        return spool.process_alive(self.meta["host"], self.meta["pid"])
+
+    @property
+    def lease_state(self) -> str:
+        """held, stale (its client stopped renewing it), released, or - (no lease file)."""
+        return leases.state(self.lease)
+
+    @property
+    def lease_text(self) -> str:
+        """Who holds the lease and how fresh its heartbeat is ("" without a lease)."""
+        return leases.describe(self.lease) if self.lease is not None else ""
 
     def count(self, status: str) -> int:
         return sum(1 for call in self.calls.values() if call.status == status)
@@ -70,8 +91,8 @@ class RunInfo:
 
     @property
     def live(self) -> bool:
-        """Its client still runs here, or some call may still produce a result."""
-        return spool.process_alive(self.meta["host"], self.meta["pid"]) or any(
+        """Its client still drives it, or some call may still produce a result."""
+        return self.client_alive or any(
             call.status in ("running", "pending") for call in self.calls.values())
 
 
@@ -96,6 +117,7 @@ def read_run(run_dir: Path, key: bytes) -> RunInfo:
     until `classify` weighs the scheduler's word (or, for local runs, the processes)."""
     info = RunInfo(run_dir.name, run_dir, spool.read_json(run_dir / "run.json"))
     info.cancelled = (run_dir / "cancelled").exists()
+    info.lease = leases.read_lease(run_dir)
     chunk_of: dict[int, tuple[int, int]] = {}  # a retried call belongs to its last batch
     for journal in spool.read_journals(run_dir):
         info.journals[journal["batch"]] = journal
@@ -125,7 +147,10 @@ def _read_streams(run_dir: Path, key: bytes, info: RunInfo,
     for call_id, place in chunk_of.items():
         calls_of.setdefault(place, []).append(call_id)
     for path in sorted(run_dir.glob("b*.t*.r*.out")):
-        batch, index = spool.parse_stream_name(path.name)
+        parsed = spool.parse_stream_name(path.name)
+        if parsed is None:
+            continue
+        batch, index = parsed
         task = info.task(batch, index)
         cursor = spool.StreamCursor(path)
         claimed: list[int] = []
@@ -150,7 +175,7 @@ def _read_streams(run_dir: Path, key: bytes, info: RunInfo,
     return claims, outcomes
 
 
-def _outcome(kind: str, body: object) -> tuple[str, str]:
+def _outcome(kind: str, body: Any) -> tuple[str, str]:
     if kind == "ok":
         return "done", ""
     if kind == "skip":
@@ -167,9 +192,9 @@ def classify(info: RunInfo, states: dict[TaskKey, TaskState] | None) -> RunInfo:
     """Decide pending/running/lost for calls without a result. `states` is the
     scheduler's answer for Slurm runs; None for local runs (judged by their processes)."""
     asked = states is not None
-    client_alive = spool.process_alive(info.meta["host"], info.meta["pid"])
-    for task in info.tasks:
-        if asked:
+    client_alive = info.client_alive
+    if states is not None:
+        for task in info.tasks:
             task.state = state_of(states, task.job_id, task.array_index)
     for call in info.calls.values():
         if call.status != "unknown":
@@ -177,8 +202,8 @@ def classify(info: RunInfo, states: dict[TaskKey, TaskState] | None) -> RunInfo:
         if info.cancelled:
             call.status = "cancelled"
         elif call.task is not None:
-            task = info.task(call.batch, call.task)
-            call.status = _task_status(task, asked, client_alive) if task else "lost"
+            owner = info.task(call.batch, call.task)
+            call.status = _task_status(owner, asked, client_alive) if owner else "lost"
         else:  # not claimed yet: pending while a task of its batch may still take it
             journal = info.journals[call.batch]
             may_grow = client_alive and sum(a["size"] for a in journal["arrays"]) < (
@@ -225,7 +250,10 @@ def cancel_run(info: RunInfo, backend: Backend | None) -> int:
 
 
 def remove_run(info: RunInfo) -> None:
-    """Delete a run's files; refuses while it is live."""
+    """Delete a run's files; refuses while it is live (its lease read again here)."""
+    record = leases.read_lease(info.path)
+    if record is not None and leases.is_live(record):
+        raise RunInUseError(f"run {info.run_id} is in use: {leases.describe(record)}")
     if info.live:
         raise RuntimeError(f"run {info.run_id} is still live; cancel it first")
     shutil.rmtree(info.path)

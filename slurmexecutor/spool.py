@@ -7,6 +7,8 @@ both can see. The folder is the journal: a new client can find every run in it a
       key                            32 random bytes (0600): the HMAC key of this folder
       <run>/                         one executor session
         run.json                     when, where, which backend (plain JSON)
+        lease                        the driving client's heartbeat: host, pid, token, ttl,
+                                     last renewal (JSON; see lease.py)
         b0003.json                   batch journal: calls per chunk, array job ids
         b0003.fn                     the batch's functions, pickled once (signed blob)
         b0003.batch                  manifest for its tasks: functions file, chunk count

@@ -10,9 +10,11 @@
     "starting call k of chunk j" <---- pipe --------     for each call: skip it if the
                                                          client cancelled it, else run it
                                                          and append its result record
-    child died mid-call (os._exit, segfault, kill)?
-      append a `crash` record for that one call and
-      fork a new child that resumes after it
+    "done"                   <---- pipe --------     nothing left to claim (or stopped)
+    the child ended without saying "done" (os._exit,
+      any exit code, 0 too; segfault; kill)? append
+      a `crash` record for the one call it announced
+      last and fork a new child that resumes after it
     SIGUSR1 (Slurm's warning before the time limit):
       append a `limit` record; the child finishes
       the call it is running and claims nothing more
@@ -39,6 +41,7 @@ from . import spool
 
 POSITION = struct.Struct(">II")  # chunk index, call position within the chunk
 CLAIMED = 0xFFFFFFFF  # the position sent when a chunk is claimed, before its first call
+DONE = (CLAIMED, CLAIMED)  # the child's last message: it finished and claims nothing more
 STOP_SIGNAL = signal.SIGUSR1
 
 
@@ -81,6 +84,7 @@ class Supervisor:
         self.manifest, self.out, self.key = manifest, out, key
         self.child_pid: int | None = None
         self.position: tuple[int, int] | None = None  # the child's last announcement
+        self.done = False  # the child said it finished (DONE): its end is no crash
         self.stopping = False
         # requeued: first run again what the earlier attempt had claimed
         self.reruns = [index for index in range(manifest["chunks"])
@@ -100,10 +104,12 @@ class Supervisor:
     def run(self) -> None:
         resume: tuple[int, int] | None = None  # (chunk, position) to continue from
         while not self.stopping:
-            position, status = self._run_child(resume)
-            if status == 0:
+            position, done, status = self._run_child(resume)
+            if done:  # its exit status does not matter: every call it ran has its record
                 return
-            if position is None:  # died before it claimed anything: nothing will work
+            # it ended without saying so: whatever the exit status (os._exit(0) too), the
+            # call it announced last crashed; the others of its chunk still have to run
+            if position is None:  # died before it ran a call: nothing will work
                 text = _describe(status)["text"]
                 print(f"slurmexecutor worker: the child {text} before running a call",
                       file=sys.stderr, flush=True)
@@ -124,8 +130,9 @@ class Supervisor:
                 resume = (chunk, call + 1)
 
     def _run_child(self, resume: tuple[int, int] | None
-                   ) -> tuple[tuple[int, int] | None, int]:
-        """Fork a child; return (the chunk and call it was in when it ended, status)."""
+                   ) -> tuple[tuple[int, int] | None, bool, int]:
+        """Fork a child; return (the chunk and call it announced last, whether it said it
+        was done, its exit code as `os.waitstatus_to_exitcode` gives it)."""
         read_end, write_end = os.pipe()
         pid = os.fork()
         if pid == 0:  # the child
@@ -134,6 +141,7 @@ class Supervisor:
             code = 0
             try:
                 ChildRunner(self, write_end).run(resume)
+                os.write(write_end, POSITION.pack(*DONE))
             except BaseException:  # noqa: BLE001  (report it, then exit non-zero)
                 traceback.print_exc()
                 code = 1
@@ -143,7 +151,8 @@ class Supervisor:
                 os._exit(code)
         os.close(write_end)
         self.child_pid = pid
-        self.position, buffer, status = None, b"", None
+        self.position, self.done = None, False
+        buffer, status = b"", None
         # wait for the child itself, not for the pipe to close: processes the user's code
         # forks inherit the pipe and may outlive the child
         while status is None:
@@ -159,13 +168,17 @@ class Supervisor:
             buffer = self._take_positions(buffer + data)
         os.close(read_end)
         self.child_pid = None
-        return self.position, os.waitstatus_to_exitcode(status)
+        return self.position, self.done, os.waitstatus_to_exitcode(status)
 
     def _take_positions(self, buffer: bytes) -> bytes:
         whole = len(buffer) - len(buffer) % POSITION.size
-        for self.position in POSITION.iter_unpack(buffer[:whole]):
-            if self.position[0] in self.reruns:
-                self.reruns.remove(self.position[0])
+        for position in POSITION.iter_unpack(buffer[:whole]):
+            if position == DONE:
+                self.done = True
+                continue
+            self.position = position
+            if position[0] in self.reruns:
+                self.reruns.remove(position[0])
         return buffer[whole:]
 
 
@@ -233,10 +246,8 @@ class ChildRunner:
             if position + count <= first:
                 position += count
                 continue
-            try:
-                arguments, error = _loads(blob), None
-            except Exception as exc:  # noqa: BLE001  (fails this part's calls only)
-                arguments, error = None, exc
+            arguments: list | None = None  # unpickled once its first call is announced:
+            error: Exception | None = None  # unpickling runs user code, which may crash
             for offset in range(count):
                 if position >= first:
                     if _ChildStop.requested:
@@ -248,7 +259,12 @@ class ChildRunner:
                         os.write(self.pipe, POSITION.pack(index, position))
                         sys.stderr.flush()
                         print(f"--- slurmexecutor call {call_id} ---", flush=True)
-                        call = None if error else arguments[offset]
+                        if arguments is None and error is None:
+                            try:
+                                arguments = _loads(blob)
+                            except Exception as exc:  # noqa: BLE001  (this part's calls)
+                                error = exc
+                        call = arguments[offset] if arguments is not None else None
                         sup.out.write(self._call(call_id, fn_index, call, error))
                 position += 1
 
@@ -261,9 +277,9 @@ class ChildRunner:
               error: BaseException | None) -> tuple:
         import cloudpickle
 
+        if error is not None or call is None:  # its arguments could not be unpickled
+            return _raised_record(call_id, error or ValueError("no arguments"))
         try:
-            if error is not None:
-                raise error
             fn = self._function(fn_index)
             args, kwargs = call
             value = fn(*args, **kwargs)
@@ -280,7 +296,8 @@ class _CancelList:
     """The call ids the client cancelled in a chunk; re-read only when the file grows."""
 
     def __init__(self, path: Path) -> None:
-        self.path, self.size, self.cancelled = path, -1, set()
+        self.path, self.size = path, -1
+        self.cancelled: set[int] = set()
 
     def ids(self) -> set[int]:
         try:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import resource
 import signal
 import subprocess
 import sys
@@ -308,8 +307,11 @@ def test_100k_call_map_with_bounded_client_memory(slurm_cluster, tmp_path):
     total, before, after = map(int, done.stdout.split())
     assert total == sum(range(1, 100_001))
     print(f"100,000-call map: peak RSS {after / 1024:.0f} MiB (at start {before / 1024:.0f})")
+    # ru_maxrss is in KiB on Linux; a platform reporting 0 would make the bound vacuous
+    assert 0 < before <= after, (before, after)
+    # the client's peak RSS grows by less than 150 MiB over the whole map (it grew by
+    # about 38 MiB when this map ran on the local backend)
     assert after - before < 150 * 1024, f"client grew by {(after - before) / 1024:.0f} MiB"
-    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss > 0
 
 
 # -- regressions found in review -------------------------------------------------------

@@ -53,7 +53,10 @@ REMAINDER = -1
 def state_of(states: dict[TaskKey, TaskState], job_id: str | None,
              index: int | None) -> TaskState | None:
     """A task's state from a `states()` answer, falling back to its array's remainder."""
-    return states.get((job_id, index)) or states.get((job_id, REMAINDER))
+    if job_id is None:  # no array job yet: nothing the scheduler could report
+        return None
+    found = states.get((job_id, index)) if index is not None else None
+    return found or states.get((job_id, REMAINDER))
 
 
 class Backend(abc.ABC):

@@ -144,6 +144,7 @@ class LocalBackend(Backend):
     def _reap(self) -> None:
         now = time.monotonic()
         for key, task in list(self._running.items()):
+            assert task.process is not None  # _start sets it before the task runs
             code = task.process.poll()
             if code is None:
                 self._enforce_limits(task, now)
@@ -168,6 +169,8 @@ class LocalBackend(Backend):
 
     @staticmethod
     def _signal(task: _Task, signum: int, group: bool = True) -> None:
+        if task.process is None:  # not started: no process to signal
+            return
         try:
             if group:
                 os.killpg(task.process.pid, signum)

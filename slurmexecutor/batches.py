@@ -1,0 +1,133 @@
+"""Writing batches to the run folder and submitting their arrays (the owner's I/O).
+
+A batch is C chunks of calls that up to `planned` array tasks claim:
+
+    bNNNN.fn        the functions, pickled once per batch (retries reuse the original's)
+    bNNNN.batch     the manifest every task reads: functions file, C, planned tasks
+    bNNNN.cJJJJ.in  the chunks: call ids and pickled arguments, signed
+    bNNNN.json      the journal: calls per chunk, the arrays submitted (for `attach`)
+    bNNNN.aOFF.sh   the batch script of the array that starts at task OFF
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cloudpickle
+
+from . import spool
+from .errors import SerializationError
+from .schedulers import Backend
+from .schedulers.script import ScriptSpec, render_script
+
+
+@dataclass
+class Chunk:
+    """Calls that run together: (function index, pickled [(args, kwargs)...], count)."""
+
+    call_ids: list[int]
+    parts: list[tuple[int, bytes, int]]
+
+
+@dataclass
+class BatchSpec:
+    """What the owner writes for a batch."""
+
+    kind: str  # submit, map, fractions, retry
+    functions: list[bytes] | str  # pickled table, or an earlier batch's functions file
+    names: list[str]
+    chunks: list[Chunk]
+    planned: int
+    steal: bool = True
+    attempt: int = 1
+
+
+def dumps(obj: Any, what: str) -> bytes:
+    """cloudpickle `obj`, or raise SerializationError naming `what` could not be."""
+    try:
+        return cloudpickle.dumps(obj)
+    except Exception as exc:
+        raise SerializationError(f"{what} cannot be pickled: {exc!r}") from exc
+
+
+def shipped_sys_path() -> list[str]:
+    """The client's sys.path, absolute, so modules next to the user import on workers."""
+    return [os.path.abspath(entry or os.getcwd()) for entry in sys.path]
+
+
+def job_name(names: list[str]) -> str:
+    """slurmexecutor-<function>, with only characters safe on an #SBATCH line."""
+    short = names[0].rsplit(".", 1)[-1] if names else ""
+    return "slurmexecutor" + ("-" + re.sub(r"[^A-Za-z0-9_.-]", "_", short) if short else "")
+
+
+def write_batch(run_dir: Path, key: bytes, number: int, spec: BatchSpec,
+                throttled: bool) -> dict:
+    """Write functions, manifest, chunks and journal; return the journal."""
+    if isinstance(spec.functions, str):
+        functions_file = spec.functions
+    else:
+        functions_file = spool.functions_path(run_dir, number).name
+        spool.write_blob(run_dir / functions_file, key, {
+            "functions": spec.functions, "names": spec.names,
+            "sys_path": shipped_sys_path()})
+    spool.write_blob(spool.manifest_path(run_dir, number), key, {
+        "functions": functions_file, "chunks": len(spec.chunks), "tasks": spec.planned,
+        "steal": spec.steal})
+    for index, chunk in enumerate(spec.chunks):
+        spool.write_blob(spool.chunk_path(run_dir, number, index), key, {
+            "calls": chunk.call_ids, "parts": chunk.parts})
+    journal = {
+        "batch": number, "kind": spec.kind, "created": time.time(), "functions": spec.names,
+        "functions_file": functions_file, "attempt": spec.attempt, "planned": spec.planned,
+        "steal": spec.steal, "throttled": throttled,
+        "chunks": [spool.compress_ids(chunk.call_ids) for chunk in spec.chunks],
+        "arrays": [],
+    }
+    spool.write_json(spool.journal_path(run_dir, number), journal)
+    return journal
+
+
+def submit_array(backend: Backend, resources: dict, run_dir: Path, journal: dict,
+                 offset: int, size: int, throttle: int | None, *, python: str,
+                 setup: list[str], sbatch_extra: list[str]) -> str:
+    """Render the batch script for tasks offset..offset+size-1 and submit it."""
+    number = journal["batch"]
+    spec = ScriptSpec(run_dir=run_dir, batch=number, size=size, offset=offset,
+                      job_name=job_name(journal["functions"]), python=python,
+                      throttle=throttle, setup=setup, sbatch_extra=sbatch_extra)
+    script = run_dir / f"{spool.batch_name(number)}.a{offset}.sh"
+    spool.write_atomic(script, render_script(resources, spec).encode())
+    return backend.submit_array(script, size, run_dir / "logs", throttle)
+
+
+def retry_chunks(run_dir: Path, key: bytes, number: int,
+                 calls: dict[int, tuple[int, ...]]) -> list[Chunk]:
+    """The calls to run again, one new chunk per original chunk (arguments re-pickled
+    only for chunks some of whose calls are not retried)."""
+    chunks = []
+    for index, wanted_ids in sorted(calls.items()):
+        stored = spool.read_blob(spool.chunk_path(run_dir, number, index), key)
+        wanted = set(wanted_ids)
+        if wanted >= set(stored["calls"]):
+            chunks.append(Chunk(list(stored["calls"]), list(stored["parts"])))
+            continue
+        ids: list[int] = []
+        parts: list[tuple[int, bytes, int]] = []
+        position = 0
+        for fn_index, blob, count in stored["parts"]:
+            arguments = cloudpickle.loads(blob)
+            for offset in range(count):
+                call_id = stored["calls"][position + offset]
+                if call_id in wanted:
+                    ids.append(call_id)
+                    parts.append((fn_index, dumps([arguments[offset]], "an argument"), 1))
+            position += count
+        chunks.append(Chunk(ids, parts))
+    return chunks

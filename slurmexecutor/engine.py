@@ -1,0 +1,566 @@
+"""The owner: one thread per executor that owns every batch, task and future transition.
+
+Caller threads only put requests on a queue (`put`) and wake the owner; they never touch
+batch or task state and never run a scheduler command or a folder write. Each round the
+owner (compare CPython's concurrent/futures/process.py, `_ExecutorManagerThread`):
+
+  1. drains the requests: calls join the submission window, ready batches are written,
+     cancels and shutdown become events;
+  2. reads the new records of live tasks' result streams (one scandir);
+  3. feeds all of it into the pure core (state.py) and carries out its actions: sbatch,
+     scontrol, scancel, squeue/sacct queries, claims, cancel files, and completing futures
+     (done-callbacks run here);
+  4. renews the run's lease, then sleeps until woken or the next deadline.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import outcomes, spool
+from .batches import BatchSpec, Chunk, retry_chunks, submit_array, write_batch
+from .errors import RunInUseError, SlurmExecutorError, SubmissionError, TaskFailedError
+from .futures import FutureSink, SlurmFuture
+from .lease import Lease
+from .schedulers import Backend
+from .state import (
+    Action,
+    BatchAdded,
+    BatchDone,
+    CancelRequested,
+    CancelTasks,
+    ClaimChunks,
+    Claimed,
+    ClaimsWon,
+    Core,
+    Deliver,
+    Event,
+    Fail,
+    FinalAnswer,
+    LiftThrottle,
+    QueryFinal,
+    QueryScheduler,
+    Record,
+    Retry,
+    SchedulerAnswer,
+    ShutdownRequested,
+    StreamState,
+    SubmitFailed,
+    SubmitTasks,
+    TasksSubmitted,
+    WriteCancel,
+    window_due,
+)
+
+log = logging.getLogger("slurmexecutor")
+
+
+# -- requests (caller threads -> owner) ---------------------------------------------------
+
+
+@dataclass
+class Submit:
+    future: SlurmFuture
+    fn_key: Any
+    fn: Callable
+    fn_blob: bytes
+    fn_name: str
+    arguments: bytes  # pickled [(args, kwargs)]
+
+
+@dataclass
+class Launch:
+    spec: BatchSpec
+    sinks: dict[int, FutureSink]
+
+
+@dataclass
+class CancelCalls:
+    call_ids: frozenset[int]
+
+
+@dataclass
+class NotifyCancelled:
+    future: SlurmFuture
+
+
+@dataclass
+class Shutdown:
+    cancel_futures: bool
+
+
+@dataclass
+class Window:
+    """Calls submitted close together, waiting to go out as one batch."""
+
+    opened: float
+    touched: float
+    functions: list[bytes] = field(default_factory=list)
+    names: list[str] = field(default_factory=list)
+    index: dict[Any, int] = field(default_factory=dict)
+    keep: list[Callable] = field(default_factory=list)  # ids in `index` stay valid
+    calls: dict[int, Submit] = field(default_factory=dict)
+
+    def add(self, request: Submit) -> int:
+        position = self.index.get(request.fn_key)
+        if position is None:
+            position = self.index[request.fn_key] = len(self.functions)
+            self.functions.append(request.fn_blob)
+            self.names.append(request.fn_name)
+            self.keep.append(request.fn)
+        self.calls[request.future.call_id] = request
+        return position
+
+
+@dataclass
+class Settings:
+    resources: dict
+    python: str
+    setup: list[str]
+    sbatch_extra: list[str]
+    chunksize: int | None
+    submit_window: float
+    max_window: float
+    max_batch: int
+    slots: int
+
+
+class Engine:
+    """The owner thread and everything only it may touch."""
+
+    def __init__(self, run_dir: Path, key: bytes, backend: Backend, core: Core,
+                 settings: Settings, lease: Lease) -> None:
+        self.run_dir, self.key, self.backend, self.core = run_dir, key, backend, core
+        self.settings, self.lease = settings, lease
+        self.sinks: dict[int, FutureSink] = {}
+        self.attempts: dict[int, int] = {}  # read by futures (plain dict reads)
+        self.log_of_chunk: dict[tuple[int, int], Path] = {}
+        self.window_generation = 0  # bumped each time a window goes out
+        self.next_batch = 0
+        self._requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._flush = False
+        self._stopping = False
+        self._window: Window | None = None
+        self._journals: dict[int, dict] = {}
+        self._cursors: dict[str, spool.StreamCursor] = {}
+        self._events: list[Event] = []
+        self._next_renewal = 0.0
+        self.error: BaseException | None = None  # why the owner stopped early
+        self._thread = threading.Thread(target=self._run, name="slurmexecutor-owner",
+                                        daemon=True)
+
+    # -- caller side (any thread) ------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def put(self, request: Any) -> None:
+        self._requests.put(request)
+        self._wake.set()
+
+    def flush(self) -> None:
+        """Send the submission window out now (someone waits for a result)."""
+        self._flush = True
+        self._wake.set()
+
+    def notify_cancelled(self, future: SlurmFuture) -> None:
+        self.put(NotifyCancelled(future))
+
+    def is_owner_thread(self) -> bool:
+        return threading.current_thread() is self._thread
+
+    def join(self, timeout: float | None = None) -> None:
+        if self._thread.is_alive() and not self.is_owner_thread():
+            self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    # -- the loop ------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            wait = 0.01
+            while True:
+                busy = self._drain()
+                now = time.monotonic()
+                if self._window is not None and (self._flush or self._stopping or now >= (
+                        self._window_due())):
+                    self._launch_window()
+                self._flush = False
+                busy |= self._read_streams()
+                busy |= self._step()
+                self._renew_lease(now)
+                if self._stopping and self.core.idle and self._window is None and (
+                        self._requests.empty()):
+                    return
+                wait = 0.01 if busy else min(wait * 1.5, 0.1 if not self.core.idle else 1.0)
+                if self._window is not None:
+                    wait = max(0.0, min(wait, self._window_due() - time.monotonic()))
+                self._wake.wait(wait)
+                self._wake.clear()
+        except _TakenOver:
+            pass
+        except BaseException as error:
+            log.exception("slurmexecutor: the executor's owner thread failed")
+            self._abandon(SlurmExecutorError(f"the executor's owner thread failed: {error!r}"))
+        finally:
+            self._close()
+
+    def _window_due(self) -> float:
+        assert self._window is not None
+        return window_due(self._window.opened, self._window.touched, self.settings.submit_window,
+                          self.settings.max_window)
+
+    def _drain(self) -> bool:
+        busy = False
+        while True:
+            try:
+                request = self._requests.get_nowait()
+            except queue.Empty:
+                return busy
+            busy = True
+            if isinstance(request, Submit):
+                now = time.monotonic()
+                window = self._window = self._window or Window(now, now)
+                window.add(request)
+                window.touched = now
+                if len(window.calls) >= self.settings.max_batch:
+                    self._launch_window()
+            elif isinstance(request, Launch):
+                self._launch_window()  # earlier submits go out first
+                self._launch(request.spec, request.sinks)
+            elif isinstance(request, CancelCalls):
+                self._events.append(CancelRequested(request.call_ids))
+            elif isinstance(request, NotifyCancelled):
+                self._drop_from_window(request.future)
+            elif isinstance(request, Shutdown):
+                self._shutdown(request.cancel_futures)
+
+    def _drop_from_window(self, future: SlurmFuture) -> None:
+        if self._window is not None and self._window.calls.pop(future.call_id, None) is not None:
+            FutureSink(future).launch()  # CANCELLED -> CANCELLED_AND_NOTIFIED: waiters wake
+
+    def _shutdown(self, cancel_futures: bool) -> None:
+        self._stopping = True
+        self._events.append(ShutdownRequested(cancel_futures))
+        if not cancel_futures:
+            return
+        if self._window is not None:
+            for request in self._window.calls.values():
+                request.future.cancel()
+                FutureSink(request.future).launch()
+            self._window = None
+        self._events.append(CancelRequested(frozenset(self.core.open_calls()), kill=False))
+
+    def _step(self) -> bool:
+        """Feed the pending events to the core and carry out its actions, until quiet."""
+        busy = bool(self._events)
+        while True:
+            events, self._events = self._events, []
+            actions = self.core.step(events, time.monotonic())
+            for action in actions:
+                try:
+                    self._do(action)
+                except Exception:
+                    log.exception("slurmexecutor: %s failed", type(action).__name__)
+            busy |= bool(actions)
+            if not self._events:
+                return busy
+
+    # -- batches -------------------------------------------------------------------------
+
+    def _launch_window(self) -> None:
+        window, self._window = self._window, None
+        if window is None:
+            return
+        self.window_generation += 1
+        calls = [r for r in window.calls.values() if FutureSink(r.future).launch()]
+        if not calls:
+            return
+        size = self.settings.chunksize or auto_chunksize(len(calls), self.settings.slots)
+        chunks = []
+        for start in range(0, len(calls), size):
+            group = calls[start:start + size]
+            chunks.append(Chunk([r.future.call_id for r in group],
+                                [(window.index[r.fn_key], r.arguments, 1) for r in group]))
+        spec = BatchSpec("submit", window.functions, window.names, chunks,
+                         min(self.settings.slots, len(chunks)))
+        self._launch(spec, {r.future.call_id: FutureSink(r.future) for r in calls})
+
+    def _launch(self, spec: BatchSpec, sinks: dict[int, FutureSink]) -> None:
+        """Write a batch and hand it to the core, which asks for its tasks. The sinks'
+        futures are already RUNNING (a map's) or made so here."""
+        cancelled = set()
+        for sink in {id(s.future): s for s in sinks.values()}.values():
+            if not sink.future.running() and not sink.future.done() and not sink.launch():
+                cancelled.add(id(sink.future))
+        if cancelled:  # cancelled before the owner got to them: they never leave
+            sinks = {c: s for c, s in sinks.items() if id(s.future) not in cancelled}
+            spec = without_calls(spec, set(sinks))
+            if not spec.chunks:
+                return
+        self.sinks.update(sinks)
+        number, self.next_batch = self.next_batch, self.next_batch + 1
+        throttled = spec.steal and spec.planned > 1
+        call_ids = [c for chunk in spec.chunks for c in chunk.call_ids]
+        try:
+            journal = write_batch(self.run_dir, self.key, number, spec, throttled)
+        except Exception as error:  # noqa: BLE001  (disk full, ...): fail, do not hang
+            failure = SubmissionError(f"could not write the batch: {error!r}")
+            self._fail_now(tuple(call_ids), failure)
+            return
+        self._journals[number] = journal
+        for index, chunk in enumerate(spec.chunks):
+            for call_id in chunk.call_ids:
+                future = sinks[call_id].future if call_id in sinks else None
+                if isinstance(future, SlurmFuture):
+                    future.chunk = (number, index)
+                if spec.attempt > 1:
+                    self.attempts[call_id] = spec.attempt
+        self._events.append(BatchAdded(
+            number, [chunk.call_ids for chunk in spec.chunks], spec.planned, spec.steal,
+            spec.attempt, self.settings.resources.get("time"), throttled))
+
+    def queue_event(self, event: Event) -> None:
+        """For attach, before the owner starts: an event for its first round."""
+        self._events.append(event)
+
+    def add_journal(self, journal: dict) -> None:
+        """For attach: a batch written by an earlier client."""
+        self._journals[journal["batch"]] = journal
+        self.next_batch = max(self.next_batch, journal["batch"] + 1)
+
+    # -- actions -------------------------------------------------------------------------
+
+    def _do(self, action: Action) -> None:
+        if isinstance(action, Deliver):
+            sink = self.sinks.pop(action.call_id, None)
+            if sink is not None:
+                ok, value = outcomes.decode(self.run_dir, action.kind, action.call_id,
+                                            action.body, action.task)
+                sink.deliver(action.call_id, ok, value)
+        elif isinstance(action, Fail):
+            self._fail(action)
+        elif isinstance(action, SubmitTasks):
+            self._submit_tasks(action)
+        elif isinstance(action, QueryScheduler):
+            try:
+                self._events.append(SchedulerAnswer(self.backend.states(action.job_ids)))
+            except Exception as error:  # noqa: BLE001  (results still come in)
+                log.warning("slurmexecutor: asking the scheduler failed: %s", error)
+        elif isinstance(action, QueryFinal):
+            alive = frozenset(key for key, (host, pid) in action.workers.items()
+                              if spool.process_alive(host, pid))
+            self._events.append(FinalAnswer(action.tasks, self.backend.final_states(
+                action.keys), alive))
+        elif isinstance(action, Claimed):
+            path = outcomes.log_file(self.run_dir, action.task)
+            if path is not None:
+                self.log_of_chunk[(action.batch, action.chunk)] = path
+            sink = self.sinks.get(action.call_ids[0]) if action.call_ids else None
+            if sink is not None:
+                sink.claimed(len(action.call_ids))
+        elif isinstance(action, WriteCancel):
+            spool.append_cancelled(spool.cancel_path(self.run_dir, action.batch, action.chunk),
+                                   list(action.call_ids))
+        elif isinstance(action, ClaimChunks):
+            won = tuple(chunk for chunk in action.chunks if spool.try_claim(
+                spool.claim_path(self.run_dir, action.batch, chunk), "client"))
+            self._events.append(ClaimsWon(action.batch, won))
+        elif isinstance(action, CancelTasks):
+            self.backend.cancel(list(action.refs))
+        elif isinstance(action, LiftThrottle):
+            self._lift_throttle(action.batch)
+        elif isinstance(action, Retry):
+            self._retry(action)
+        elif isinstance(action, BatchDone):
+            self._journals.pop(action.batch, None)
+            prefix = spool.batch_name(action.batch) + "."
+            for name in [n for n in self._cursors if n.startswith(prefix)]:
+                del self._cursors[name]
+
+    def _fail(self, action: Fail) -> None:
+        failure = action.failure
+        if failure.task is not None and issubclass(failure.error_type, TaskFailedError):
+            log.warning("job %s_%s: %d call(s) failed: %s", failure.task.job_id,
+                        failure.task.array_index, len(action.call_ids), failure.message)
+        for call_id in action.call_ids:
+            sink = self.sinks.pop(call_id, None)
+            if sink is not None:
+                sink.deliver(call_id, False, outcomes.failure_error(self.run_dir, failure,
+                                                                    call_id))
+
+    def _submit_tasks(self, action: SubmitTasks) -> None:
+        journal = self._journals[action.batch]
+        offset, end = action.first, action.first + action.count
+        settings = self.settings
+        while offset < end:
+            throttle = 1 if action.throttled else settings.resources.get("array_parallelism")
+            try:
+                size = min(self.backend.max_array_size(), end - offset)
+                job_id = submit_array(self.backend, settings.resources, self.run_dir, journal,
+                                      offset, size, throttle, python=settings.python,
+                                      setup=settings.setup, sbatch_extra=settings.sbatch_extra)
+            except Exception as error:  # noqa: BLE001  (fail the calls, do not hang them)
+                if not isinstance(error, SubmissionError):
+                    error = SubmissionError(f"could not submit the batch: {error!r}")
+                log.warning("batch %d: %s", action.batch, error)
+                self._events.append(SubmitFailed(action.batch, error))
+                return
+            journal["arrays"].append({"job_id": job_id, "offset": offset, "size": size})
+            self._events.append(TasksSubmitted(action.batch, job_id, offset, size))
+            offset += size
+            try:
+                spool.write_json(spool.journal_path(self.run_dir, action.batch), journal)
+            except OSError as error:  # the job runs; only reattaching would miss it
+                log.warning("batch %d: could not update its journal: %s", action.batch, error)
+
+    def _lift_throttle(self, number: int) -> None:
+        journal = self._journals[number]
+        journal["throttled"] = False
+        spool.write_json(spool.journal_path(self.run_dir, number), journal)
+        throttle = self.settings.resources.get("array_parallelism") or 0
+        for array in journal["arrays"]:
+            try:
+                self.backend.set_throttle(array["job_id"], throttle)
+            except SubmissionError as error:  # the array may have ended meanwhile
+                log.info("batch %d: could not lift the throttle: %s", number, error)
+
+    def _retry(self, action: Retry) -> None:
+        journal = self._journals[action.batch]
+        call_ids = tuple(c for calls in action.calls.values() for c in calls)
+        log.warning("retrying %d call(s) of batch %d after %s (attempt %d)", len(call_ids),
+                    action.batch, action.state, action.attempt)
+        try:
+            chunks = retry_chunks(self.run_dir, self.key, action.batch, dict(action.calls))
+        except Exception as error:  # noqa: BLE001
+            self._fail_now(call_ids, SubmissionError(f"could not prepare the retry: {error!r}"))
+            return
+        spec = BatchSpec("retry", journal["functions_file"], journal["functions"], chunks,
+                         min(self.settings.slots, len(chunks)), attempt=action.attempt)
+        self._launch(spec, {c: self.sinks[c] for c in call_ids if c in self.sinks})
+
+    def _fail_now(self, call_ids: tuple[int, ...], error: BaseException) -> None:
+        for call_id in call_ids:
+            sink = self.sinks.pop(call_id, None)
+            if sink is not None:
+                sink.deliver(call_id, False, error)
+
+    # -- reading the folder --------------------------------------------------------------
+
+    def _read_streams(self) -> bool:
+        if not self.core.tasks:
+            return False
+        try:
+            entries = list(os.scandir(self.run_dir))
+        except FileNotFoundError:
+            return False
+        found = False
+        for entry in entries:
+            parsed = spool.parse_stream_name(entry.name)
+            if parsed is None or parsed not in self.core.tasks:
+                continue
+            cursor = self._cursors.get(entry.name)
+            if cursor is None:
+                cursor = self._cursors[entry.name] = spool.StreamCursor(Path(entry.path))
+            if entry.stat().st_size <= cursor.offset:
+                continue
+            batch, task = parsed
+            for kind, call_id, body in spool.read_records(cursor, self.key):
+                self._events.append(Record(batch, task, kind, call_id, body))
+                found = True
+            truncated = (f"{cursor.path} ({cursor.pending_bytes} bytes at byte "
+                         f"{cursor.offset})") if cursor.pending_bytes else None
+            self._events.append(StreamState(batch, task, cursor.error, truncated))
+        return found
+
+    # -- the lease and the end -----------------------------------------------------------
+
+    def _renew_lease(self, now: float) -> None:
+        if now < self._next_renewal:
+            return
+        self._next_renewal = now + self.lease.renew_every
+        try:
+            kept = self.lease.renew()
+        except OSError as error:
+            log.warning("slurmexecutor: could not renew the run's lease: %s", error)
+            return
+        if not kept:
+            log.warning("slurmexecutor: run %s was taken over by another client",
+                        self.run_dir.name)
+            self._abandon(RunInUseError(
+                f"run {self.run_dir.name} was taken over by another client (attach "
+                "with take_over=True); this client stopped following it"))
+            raise _TakenOver
+
+    def _abandon(self, error: BaseException) -> None:
+        """Fail every future this owner still holds (it cannot follow them any more)."""
+        self.error = error
+        if self._window is not None:
+            for request in self._window.calls.values():
+                if FutureSink(request.future).launch():
+                    request.future.set_exception(error)
+            self._window = None
+        for call_id in list(self.sinks):
+            self.sinks.pop(call_id).deliver(call_id, False, error)
+        while True:
+            try:
+                request = self._requests.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(request, Submit) and FutureSink(request.future).launch():
+                request.future.set_exception(error)
+            elif isinstance(request, Launch):
+                for call_id, sink in request.sinks.items():
+                    sink.deliver(call_id, False, error)
+
+    def _close(self) -> None:
+        self._stopping = True
+        try:
+            self.backend.close()
+        finally:
+            if not isinstance(self.error, RunInUseError):
+                try:
+                    self.lease.release()
+                except OSError as error:
+                    log.warning("slurmexecutor: could not release the run's lease: %s", error)
+
+
+class _TakenOver(Exception):
+    """Stops the owner loop after another client took the run over."""
+
+
+def without_calls(spec: BatchSpec, keep: set[int]) -> BatchSpec:
+    """The batch with only the calls in `keep` (a part is kept or dropped whole)."""
+    chunks = []
+    for chunk in spec.chunks:
+        ids: list[int] = []
+        parts = []
+        position = 0
+        for part in chunk.parts:
+            part_ids = chunk.call_ids[position:position + part[2]]
+            position += part[2]
+            if any(c in keep for c in part_ids):
+                ids += part_ids
+                parts.append(part)
+        if ids:
+            chunks.append(Chunk(ids, parts))
+    return BatchSpec(spec.kind, spec.functions, spec.names, chunks,
+                     min(spec.planned, len(chunks)), spec.steal, spec.attempt)
+
+
+def auto_chunksize(calls: int, slots: int, chunks_per_slot: int = 4) -> int:
+    """Chunks enough for `chunks_per_slot` per slot: tasks claim them as they go."""
+    return max(1, -(-calls // (chunks_per_slot * slots)))
+

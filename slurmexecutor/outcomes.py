@@ -1,0 +1,95 @@
+"""Turning the core's verdicts into what a future gets: a value or an exception.
+
+`decode` reads a worker's record of a call (ok, raised, unpicklable, crash, skip);
+`failure_error` builds the exception for a `Failure`, with the task's log tail.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+from pathlib import Path
+from typing import Any
+
+from .errors import (
+    IntegrityError,
+    JobCancelledError,
+    RemoteError,
+    RemoteTraceback,
+    SerializationError,
+    TaskFailedError,
+    WorkerCrashedError,
+)
+from .futures import read_tail
+from .state import Failure, TaskRef
+
+log = logging.getLogger("slurmexecutor")
+
+
+def log_file(run_dir: Path, task: TaskRef | None) -> Path | None:
+    if task is None or task.job_id is None:
+        return None
+    return run_dir / "logs" / f"{task.job_id}_{task.array_index}.log"
+
+
+def decode(run_dir: Path, kind: str, call_id: int, body: Any, task: TaskRef
+           ) -> tuple[bool, Any]:
+    """A worker's record of a call -> (ok, value or exception)."""
+    if kind == "ok":
+        try:
+            return True, pickle.loads(body)
+        except BaseException as exc:  # noqa: BLE001  (even SystemExit from __setstate__)
+            return False, SerializationError(
+                f"the result of call {call_id} cannot be unpickled here: {exc!r}")
+    if kind == "raised":
+        return False, rebuild_exception(body)
+    if kind == "unpicklable":
+        return False, SerializationError(body)
+    if kind == "crash":
+        log.warning("job %s_%s: the worker died running call %d (%s)", task.job_id,
+                    task.array_index, call_id, body["text"])
+        return False, task_error(run_dir, WorkerCrashedError,
+                                 f"the worker died running this call: {body['text']}", task,
+                                 call_id, state="CRASHED", exit_code=body["exit_code"],
+                                 signal=body["signal"])
+    if kind == "skip":
+        return False, task_error(run_dir, JobCancelledError,
+                                 "the call was cancelled before it started", task, call_id,
+                                 state="CANCELLED")
+    return False, IntegrityError(f"unknown record kind {kind!r} for call {call_id}")
+
+
+def failure_error(run_dir: Path, failure: Failure, call_id: int) -> BaseException:
+    """The exception a call gets for a `Failure` decided by the core."""
+    if failure.error is not None:
+        return failure.error
+    if issubclass(failure.error_type, TaskFailedError):
+        return task_error(run_dir, failure.error_type, failure.message, failure.task,
+                          call_id, state=failure.state, exit_code=failure.exit_code,
+                          signal=failure.signal)
+    return failure.error_type(failure.message)
+
+
+def task_error(run_dir: Path, error_type: type[TaskFailedError], message: str,
+               task: TaskRef | None, call_id: int, *, state: str | None,
+               exit_code: int | None = None, signal: int | None = None) -> TaskFailedError:
+    path = log_file(run_dir, task)
+    return error_type(
+        message, job_id=task.job_id if task else None,
+        array_index=task.array_index if task else None, state=state, exit_code=exit_code,
+        signal=signal, log_path=path, log_tail=read_tail(path),
+        attempts=task.attempt if task else 1, call_id=call_id)
+
+
+def rebuild_exception(body: dict) -> BaseException:
+    """The exception a call raised, as its own type when it unpickles here."""
+    error: BaseException | None = None
+    if body.get("blob") is not None:
+        try:
+            error = pickle.loads(body["blob"])
+        except Exception:  # noqa: BLE001
+            error = None
+    if not isinstance(error, BaseException):
+        error = RemoteError(f"{body['type']}: {body['message']}")
+    error.__cause__ = RemoteTraceback(f'\n"""\n{body["tb"]}"""')
+    return error

@@ -1,0 +1,636 @@
+"""The decision core: a pure state machine over batches, array tasks and calls.
+
+    events in (engine -> core)                 actions out (core -> engine)
+    --------------------------                 ----------------------------
+    BatchAdded, TasksSubmitted, SubmitFailed   SubmitTasks, LiftThrottle, CancelTasks
+    Record: start/claim/limit/end/outcome      Deliver: this record decides its call
+    StreamState: a broken or truncated stream  Fail: calls failed (why, which task)
+    SchedulerAnswer, FinalAnswer               QueryScheduler, QueryFinal
+    CancelRequested, ClaimsWon, Shutdown       WriteCancel, ClaimChunks, Retry
+                                               Claimed, BatchDone
+
+`Core.step(events, now)` returns the actions; it does no I/O and has no clock or thread
+of its own, so every policy (when a task is settled, when a call is lost, retries,
+scale-out, cancellation) is unit-tested with plain values (tests/test_state.py). The
+engine (engine.py) is the only caller: one owner thread per executor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import (
+    ERROR_FOR_STATE,
+    CallLostError,
+    IntegrityError,
+    JobCancelledError,
+    JobTimeoutError,
+    TaskFailedError,
+    WorkerCrashedError,
+)
+from .schedulers import TaskKey, TaskState, state_of
+
+#: Final states after which Slurm may requeue the task: settle them only when a second
+#: scheduler answer still shows them final.
+REQUEUEABLE = frozenset({"NODE_FAIL", "PREEMPTED", "REQUEUED", "BOOT_FAIL"})
+
+
+@dataclass(frozen=True)
+class Config:
+    """The policies' knobs (seconds)."""
+
+    poll_interval: float
+    result_grace: float
+    retry_on: frozenset[str] = frozenset()
+    max_retries: int = 0
+    probe: float = 0.3  # a first task that ran this long with chunks left: scale out
+    pending_grace: float = 2.0  # a throttled batch that waited this long: scale out
+    vanish_grace: float = 5.0  # a task missing from the queue this long has left it
+
+
+# -- events ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BatchAdded:
+    batch: int
+    chunks: list[list[int]]
+    planned: int
+    steal: bool = True
+    attempt: int = 1
+    time_limit: str | None = None
+    throttled: bool = False
+    arrays: tuple[tuple[str, int, int], ...] = ()  # (job id, offset, size) already out
+    open_calls: frozenset[int] | None = None  # None: all of its calls
+
+
+@dataclass(frozen=True)
+class TasksSubmitted:
+    batch: int
+    job_id: str
+    offset: int
+    size: int
+
+
+@dataclass(frozen=True)
+class SubmitFailed:
+    batch: int
+    error: BaseException
+
+
+@dataclass(frozen=True)
+class Record:
+    batch: int
+    task: int
+    kind: str
+    call_id: int | None
+    body: Any
+
+
+@dataclass(frozen=True)
+class StreamState:
+    """What the engine saw of a task's stream: a failed signature, or bytes of an
+    incomplete record at its end."""
+
+    batch: int
+    task: int
+    error: str | None = None
+    truncated: str | None = None
+
+
+@dataclass(frozen=True)
+class SchedulerAnswer:
+    states: Mapping[TaskKey, TaskState]
+
+
+@dataclass(frozen=True)
+class FinalAnswer:
+    tasks: tuple[tuple[int, int], ...]  # the (batch, task) that were asked about
+    finals: Mapping[TaskKey, TaskState]
+    alive: frozenset[tuple[int, int]] = frozenset()  # (batch, task) whose worker lives
+
+
+@dataclass(frozen=True)
+class CancelRequested:
+    call_ids: frozenset[int]
+    kill: bool = True  # also scancel tasks that hold nothing but cancelled calls
+
+
+@dataclass(frozen=True)
+class ClaimsWon:
+    batch: int
+    chunks: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ShutdownRequested:
+    cancel_futures: bool
+
+
+Event = (BatchAdded | TasksSubmitted | SubmitFailed | Record | StreamState
+         | SchedulerAnswer | FinalAnswer | CancelRequested | ClaimsWon | ShutdownRequested)
+
+# -- actions -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TaskRef:
+    """Which array task, for error messages and log files."""
+
+    batch: int
+    index: int
+    job_id: str | None
+    array_index: int | None
+    attempt: int = 1
+
+
+@dataclass(frozen=True)
+class SubmitTasks:
+    batch: int
+    first: int
+    count: int
+    throttled: bool
+
+
+@dataclass(frozen=True)
+class LiftThrottle:
+    batch: int
+
+
+@dataclass(frozen=True)
+class CancelTasks:
+    refs: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class QueryScheduler:
+    job_ids: frozenset[str]
+
+
+@dataclass(frozen=True)
+class QueryFinal:
+    tasks: tuple[tuple[int, int], ...]  # (batch, task)
+    keys: tuple[TaskKey, ...]  # their (job id, array index)
+    workers: Mapping[tuple[int, int], tuple[str, int]]  # (batch, task) -> (host, pid)
+
+
+@dataclass(frozen=True)
+class Deliver:
+    call_id: int
+    kind: str
+    body: Any
+    task: TaskRef
+
+
+@dataclass(frozen=True)
+class Failure:
+    """Why calls failed; the engine turns it into an exception (with the log tail)."""
+
+    error_type: type[BaseException]
+    message: str
+    task: TaskRef | None = None
+    state: str | None = None
+    exit_code: int | None = None
+    signal: int | None = None
+    error: BaseException | None = None  # a ready exception (e.g. a submission error)
+
+
+@dataclass(frozen=True)
+class Fail:
+    call_ids: tuple[int, ...]
+    failure: Failure
+
+
+@dataclass(frozen=True)
+class WriteCancel:
+    batch: int
+    chunk: int
+    call_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ClaimChunks:
+    """Claim chunks for the client, so that no task will run them."""
+
+    batch: int
+    chunks: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Retry:
+    batch: int
+    attempt: int  # of the new batch
+    calls: Mapping[int, tuple[int, ...]]  # chunk -> its calls to run again
+    state: str
+
+
+@dataclass(frozen=True)
+class Claimed:
+    batch: int
+    chunk: int
+    task: TaskRef
+    call_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class BatchDone:
+    batch: int
+
+
+Action = (SubmitTasks | LiftThrottle | CancelTasks | QueryScheduler | QueryFinal | Deliver
+          | Fail | WriteCancel | ClaimChunks | Retry | Claimed | BatchDone)
+
+# -- state -------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class Batch:
+    number: int
+    chunks: list[list[int]]
+    planned: int
+    steal: bool
+    attempt: int
+    time_limit: str | None
+    throttled: bool
+    created: float
+    open_calls: set[int]
+    unclaimed: set[int] = field(default_factory=set)
+    submitted: int = 0
+    first_start: float | None = None
+    tasks: list[Task] = field(default_factory=list)
+    last_failed: Task | None = None
+    submit_error: BaseException | None = None
+    chunk_of: dict[int, int] = field(default_factory=dict)  # call -> its chunk
+    owner: dict[int, Task] = field(default_factory=dict)  # call -> the task that claimed it
+
+
+@dataclass(eq=False)
+class Task:
+    batch: Batch
+    index: int
+    job_id: str | None
+    array_index: int | None
+    registered: float
+    unresolved: set[int] = field(default_factory=set)
+    started: bool = False
+    worker: tuple[str, int] | None = None
+    limit_notice: bool = False
+    ended: bool = False
+    final: TaskState | None = None
+    final_since: float = 0.0
+    final_polls: int = 0
+    error: str | None = None
+    truncated: str | None = None
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return (self.batch.number, self.index)
+
+    @property
+    def ref(self) -> TaskRef:
+        return TaskRef(self.batch.number, self.index, self.job_id, self.array_index,
+                       self.batch.attempt)
+
+
+class Core:
+    """Batches, tasks and calls, and every decision about them."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.batches: dict[int, Batch] = {}
+        self.tasks: dict[tuple[int, int], Task] = {}  # live tasks only
+        self.doomed: set[int] = set()  # calls the user cancelled after launch
+        self.cancelling = False  # shutdown(cancel_futures=True): no more retries
+        self.next_poll = 0.0
+        self._out: list[Action] = []
+
+    # -- the one entry point -------------------------------------------------------------
+
+    def step(self, events: Iterable[Event], now: float) -> list[Action]:
+        """Apply `events`, then the clock's decisions; return what to do."""
+        self._out = []
+        for event in events:
+            self._apply(event, now)
+        self._tick(now)
+        out, self._out = self._out, []
+        return out
+
+    @property
+    def idle(self) -> bool:
+        return not self.batches
+
+    def open_calls(self) -> set[int]:
+        return {c for batch in self.batches.values() for c in batch.open_calls}
+
+    # -- events --------------------------------------------------------------------------
+
+    def _apply(self, event: Event, now: float) -> None:
+        if isinstance(event, BatchAdded):
+            self._add_batch(event, now)
+        elif isinstance(event, TasksSubmitted):
+            batch = self.batches.get(event.batch)
+            if batch is not None:
+                self._add_tasks(batch, event.job_id, event.offset, event.size, now)
+        elif isinstance(event, SubmitFailed):
+            self._submit_failed(event)
+        elif isinstance(event, Record):
+            task = self.tasks.get((event.batch, event.task))
+            if task is not None:
+                self._on_record(task, event, now)
+        elif isinstance(event, StreamState):
+            task = self.tasks.get((event.batch, event.task))
+            if task is not None:
+                task.error = task.error or event.error
+                task.truncated = event.truncated
+        elif isinstance(event, SchedulerAnswer):
+            self._on_states(event.states, now)
+        elif isinstance(event, FinalAnswer):
+            self._on_finals(event, now)
+        elif isinstance(event, CancelRequested):
+            self._cancel(event)
+        elif isinstance(event, ClaimsWon):
+            self._claims_won(event)
+        elif isinstance(event, ShutdownRequested):
+            self.cancelling = self.cancelling or event.cancel_futures
+
+    def _add_batch(self, event: BatchAdded, now: float) -> None:
+        calls = {c for chunk in event.chunks for c in chunk}
+        open_calls = calls if event.open_calls is None else calls & event.open_calls
+        batch = Batch(event.batch, event.chunks, event.planned, event.steal, event.attempt,
+                      event.time_limit, event.throttled, now, set(open_calls),
+                      unclaimed=set(range(len(event.chunks))))
+        batch.chunk_of = {c: i for i, chunk in enumerate(event.chunks) for c in chunk}
+        self.batches[batch.number] = batch
+        for job_id, offset, size in event.arrays:
+            self._add_tasks(batch, job_id, offset, size, now)
+        if not batch.open_calls:
+            return
+        if not event.arrays:
+            self._out.append(SubmitTasks(batch.number, 0, batch.planned, batch.throttled))
+
+    def _add_tasks(self, batch: Batch, job_id: str, offset: int, size: int,
+                   now: float) -> None:
+        for index in range(offset, offset + size):
+            task = Task(batch, index, job_id, index - offset, now)
+            self.tasks[task.key] = task
+            batch.tasks.append(task)
+        batch.submitted = max(batch.submitted, offset + size)
+
+    def _submit_failed(self, event: SubmitFailed) -> None:
+        batch = self.batches.get(event.batch)
+        if batch is None:
+            return
+        batch.planned = batch.submitted  # no more attempts at scaling out
+        batch.submit_error = event.error
+        if not self._live(batch):
+            self._fail(batch, sorted(batch.open_calls),
+                       Failure(type(event.error), str(event.error), error=event.error))
+
+    def _on_record(self, task: Task, record: Record, now: float) -> None:
+        batch, kind = task.batch, record.kind
+        if kind == "start":
+            task.started = True
+            task.worker = (record.body["host"], record.body["pid"])
+            batch.first_start = batch.first_start or now
+        elif kind == "claim":
+            assert record.call_id is not None
+            chunk = record.call_id
+            batch.unclaimed.discard(chunk)
+            calls = tuple(c for c in batch.chunks[chunk] if c in batch.open_calls)
+            task.unresolved.update(calls)
+            batch.owner.update(dict.fromkeys(calls, task))
+            self._out.append(Claimed(batch.number, chunk, task.ref, calls))
+        elif kind == "limit":
+            task.limit_notice = True
+        elif kind == "end":
+            task.ended = True
+        elif record.call_id in batch.open_calls:  # later duplicates (requeues) are ignored
+            call_id = record.call_id
+            self._close(batch, call_id)
+            self._out.append(Deliver(call_id, kind, record.body, task.ref))
+
+    def _on_states(self, states: Mapping[TaskKey, TaskState], now: float) -> None:
+        vanished: list[Task] = []
+        for task in self._watched():
+            state = state_of(dict(states), task.job_id, task.array_index)
+            if state is None:
+                if now - task.registered > 2 * self.config.poll_interval + (
+                        self.config.vanish_grace):
+                    vanished.append(task)
+            elif state.final:
+                if task.final is None:
+                    task.final, task.final_since = state, now
+                task.final_polls += 1
+            else:
+                if task.final is not None:  # requeued: pending or running again
+                    task.final, task.final_polls = None, 0
+                task.started = task.started or state.running
+        if vanished:
+            self._out.append(QueryFinal(
+                tuple(t.key for t in vanished),
+                tuple((t.job_id or "", t.array_index or 0) for t in vanished),
+                {t.key: t.worker for t in vanished if t.worker is not None}))
+
+    def _on_finals(self, event: FinalAnswer, now: float) -> None:
+        for key in event.tasks:
+            task = self.tasks.get(key)
+            if task is None or key in event.alive:
+                continue  # settled meanwhile, or its worker still runs (local)
+            if task.final is None:
+                job_key = (task.job_id or "", task.array_index or 0)
+                task.final = event.finals.get(job_key, TaskState("UNKNOWN"))
+                task.final_since = now
+            task.final_polls += 2  # gone from the queue: it will not come back
+
+    def _cancel(self, event: CancelRequested) -> None:
+        by_chunk: dict[tuple[int, int], list[int]] = {}
+        for batch in self.batches.values():
+            for call_id in sorted(event.call_ids & batch.open_calls):
+                self.doomed.add(call_id)
+                by_chunk.setdefault((batch.number, batch.chunk_of[call_id]), []).append(call_id)
+        for (number, chunk), call_ids in sorted(by_chunk.items()):
+            self._out.append(WriteCancel(number, chunk, tuple(call_ids)))
+        for number in sorted({number for number, _ in by_chunk}):
+            batch = self.batches[number]
+            whole = tuple(sorted(c for c in batch.unclaimed if self._all_doomed(batch, c)))
+            if whole:
+                self._out.append(ClaimChunks(number, whole))
+            if event.kill and not any(not self._all_doomed(batch, c) for c in batch.unclaimed):
+                refs = tuple(f"{t.job_id}_{t.array_index}" for t in self._live(batch)
+                             if t.job_id is not None and t.unresolved
+                             and t.unresolved <= self.doomed)
+                if refs:
+                    self._out.append(CancelTasks(refs))
+
+    def _all_doomed(self, batch: Batch, chunk: int) -> bool:
+        return all(c in self.doomed for c in batch.chunks[chunk] if c in batch.open_calls)
+
+    def _claims_won(self, event: ClaimsWon) -> None:
+        batch = self.batches.get(event.batch)
+        if batch is None:
+            return
+        for chunk in event.chunks:
+            batch.unclaimed.discard(chunk)
+            calls = [c for c in batch.chunks[chunk] if c in batch.open_calls]
+            self._fail(batch, calls, Failure(
+                JobCancelledError, "the call was cancelled before it started",
+                state="CANCELLED"))
+
+    # -- the clock -----------------------------------------------------------------------
+
+    def _tick(self, now: float) -> None:
+        if not self.batches:
+            return
+        if now >= self.next_poll:
+            job_ids = frozenset(t.job_id for t in self._watched() if t.job_id is not None)
+            if job_ids:
+                self.next_poll = now + self.config.poll_interval
+                self._out.append(QueryScheduler(job_ids))
+        for task in list(self.tasks.values()):
+            self._settle_task(task, now)
+        for batch in list(self.batches.values()):
+            self._settle_batch(batch, now)
+
+    def _settle_task(self, task: Task, now: float) -> None:
+        """Retire a task that has ended; fail (or retry) the claimed calls it left."""
+        batch = task.batch
+        if task.error:
+            self._fail(batch, sorted(task.unresolved), Failure(IntegrityError, task.error,
+                                                                task.ref))
+        elif task.ended:
+            if task.limit_notice:
+                batch.last_failed = task  # stopped claiming at the time limit
+            if task.unresolved:
+                self._fail_unfinished(task, sorted(task.unresolved))
+        elif task.final and now - task.final_since >= self.config.result_grace and (
+                task.final.state not in REQUEUEABLE or task.final_polls >= 2):
+            if task.unresolved or batch.unclaimed:
+                batch.last_failed = task
+            if task.unresolved:
+                self._fail_unfinished(task, sorted(task.unresolved))
+            if not batch.steal and task.index in batch.unclaimed:  # nobody else may take it
+                batch.unclaimed.discard(task.index)
+                self._out.append(ClaimChunks(batch.number, (task.index,)))
+                calls = [c for c in batch.chunks[task.index] if c in batch.open_calls]
+                self._fail_unfinished(task, calls, started=False)
+        else:
+            return
+        self.tasks.pop(task.key, None)
+
+    def _settle_batch(self, batch: Batch, now: float) -> None:
+        live = self._live(batch)
+        if not batch.unclaimed and batch.submitted:  # nothing left for tasks yet to start
+            self._cancel_pending([t for t in live if not t.started])
+        if not batch.open_calls:  # all done: tasks that did not start are not needed
+            self._cancel_pending([t for t in live if not t.started and t.key in self.tasks])
+            for task in live:
+                self.tasks.pop(task.key, None)
+            del self.batches[batch.number]
+            self._out.append(BatchDone(batch.number))
+            return
+        if not batch.unclaimed or batch.submitted == 0:
+            return
+        if batch.throttled:
+            probe_over = (batch.first_start is not None
+                          and now - batch.first_start >= self.config.probe)
+            if probe_over or now - batch.created >= self.config.pending_grace:
+                batch.throttled = False
+                self._out.append(LiftThrottle(batch.number))
+        if not self._live(batch):  # nobody is left to claim them
+            chunks = tuple(sorted(batch.unclaimed))
+            calls = [c for chunk in chunks for c in batch.chunks[chunk] if c in batch.open_calls]
+            self._out.append(ClaimChunks(batch.number, chunks))
+            batch.unclaimed.clear()
+            failed = batch.last_failed
+            if failed is None or batch.submit_error is not None:
+                error = batch.submit_error
+                self._fail(batch, calls, Failure(type(error), str(error), error=error)
+                           if error is not None else Failure(
+                               CallLostError, "no array task of its batch was left to run "
+                               "this call"))
+            else:
+                self._fail_unfinished(failed, calls, started=False)
+
+    def _cancel_pending(self, tasks: list[Task]) -> None:
+        pending = [t for t in tasks if t.job_id is not None]
+        if pending:
+            self._out.append(CancelTasks(tuple(f"{t.job_id}_{t.array_index}"
+                                               for t in pending)))
+            for task in pending:
+                self.tasks.pop(task.key, None)
+
+    def _fail_unfinished(self, task: Task, call_ids: list[int], started: bool = True) -> None:
+        """Calls a task left without results: retry them, or fail them with the error
+        that fits how the task ended."""
+        batch, state = task.batch, task.final
+        cancelled = [c for c in call_ids if c in self.doomed]
+        if cancelled:
+            self._fail(batch, cancelled, Failure(
+                JobCancelledError, "the call was cancelled", task.ref, "CANCELLED"))
+            call_ids = [c for c in call_ids if c not in self.doomed]
+        if not call_ids:
+            return
+        if (state is not None and not task.ended and state.state in self.config.retry_on
+                and batch.attempt <= self.config.max_retries and not self.cancelling):
+            calls: dict[int, list[int]] = {}
+            for call_id in call_ids:
+                calls.setdefault(batch.chunk_of[call_id], []).append(call_id)
+                self._close(batch, call_id)
+            self._out.append(Retry(batch.number, batch.attempt + 1,
+                                   {k: tuple(v) for k, v in calls.items()}, state.state))
+            return
+        if task.truncated and not task.ended and started:
+            self._fail(batch, call_ids, Failure(IntegrityError, (
+                f"{task.truncated}: its task ended "
+                f"({state.state if state else 'state unknown'}) in an incomplete record"),
+                task.ref))
+            return
+        what = "this call finished" if started else "this call could start"
+        error_type: type[TaskFailedError]
+        if task.limit_notice:
+            error_type, message = JobTimeoutError, (
+                f"the call did not finish within the time limit ({batch.time_limit})")
+        elif task.ended:
+            error_type, message = CallLostError, (
+                "the worker ended without running this call (see the log)")
+        elif state is None or state.state == "UNKNOWN":
+            error_type, message = CallLostError, (
+                "the task left the queue without a result and the scheduler has no record "
+                "of how it ended (no accounting)")
+        else:
+            error_type = ERROR_FOR_STATE.get(state.state, WorkerCrashedError)
+            message = f"the task ended ({state.state}) before {what}"
+        name = "TIMEOUT" if error_type is JobTimeoutError else (
+            state.state if state else None)
+        self._fail(batch, call_ids, Failure(
+            error_type, message, task.ref, name, state.exit_code if state else None,
+            state.signal if state else None))
+
+    # -- helpers -------------------------------------------------------------------------
+
+    def _watched(self) -> list[Task]:
+        return [t for t in self.tasks.values() if t.job_id is not None and not t.ended]
+
+    def _live(self, batch: Batch) -> list[Task]:
+        return [t for t in batch.tasks if t.key in self.tasks]
+
+    def _close(self, batch: Batch, call_id: int) -> None:
+        batch.open_calls.discard(call_id)
+        task = batch.owner.pop(call_id, None)
+        if task is not None:
+            task.unresolved.discard(call_id)
+
+    def _fail(self, batch: Batch, call_ids: list[int], failure: Failure) -> None:
+        call_ids = [c for c in call_ids if c in batch.open_calls]
+        for call_id in call_ids:
+            self._close(batch, call_id)
+        if call_ids:
+            self._out.append(Fail(tuple(call_ids), failure))
+
+
+def window_due(opened: float, touched: float, quiet: float, longest: float) -> float:
+    """When a submission window goes out: `quiet` s after its last call, `longest` s
+    after its first at the latest."""
+    return min(touched + quiet, opened + longest)
