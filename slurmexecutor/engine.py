@@ -27,7 +27,13 @@ from typing import Any
 
 from . import outcomes, spool
 from .batches import BatchSpec, Chunk, retry_chunks, submit_array, write_batch
-from .errors import RunInUseError, SlurmExecutorError, SubmissionError, TaskFailedError
+from .errors import (
+    JobCancelledError,
+    RunInUseError,
+    SlurmExecutorError,
+    SubmissionError,
+    TaskFailedError,
+)
 from .futures import FutureSink, SlurmFuture
 from .lease import Lease
 from .schedulers import Backend
@@ -348,7 +354,7 @@ class Engine:
             sink = self.sinks.pop(action.call_id, None)
             if sink is not None:
                 ok, value = outcomes.decode(self.run_dir, action.kind, action.call_id,
-                                            action.body, action.task)
+                                            action.body, action.task, action.cancelled_here)
                 sink.deliver(action.call_id, ok, value)
         elif isinstance(action, Fail):
             self._fail(action)
@@ -392,7 +398,8 @@ class Engine:
 
     def _fail(self, action: Fail) -> None:
         failure = action.failure
-        if failure.task is not None and issubclass(failure.error_type, TaskFailedError):
+        if failure.task is not None and issubclass(failure.error_type, TaskFailedError) and (
+                failure.error_type is not JobCancelledError):
             log.warning("job %s_%s: %d call(s) failed: %s", failure.task.job_id,
                         failure.task.array_index, len(action.call_ids), failure.message)
         for call_id in action.call_ids:
@@ -480,8 +487,9 @@ class Engine:
             for kind, call_id, body in spool.read_records(cursor, self.key):
                 self._events.append(Record(batch, task, kind, call_id, body))
                 found = True
-            truncated = (f"{cursor.path} ({cursor.pending_bytes} bytes at byte "
-                         f"{cursor.offset})") if cursor.pending_bytes else None
+            truncated = (f"{cursor.path} is truncated ({cursor.pending_bytes} bytes of an "
+                         f"incomplete record at byte {cursor.offset})"
+                         ) if cursor.pending_bytes else None
             self._events.append(StreamState(batch, task, cursor.error, truncated))
         return found
 

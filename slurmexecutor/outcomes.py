@@ -32,8 +32,8 @@ def log_file(run_dir: Path, task: TaskRef | None) -> Path | None:
     return run_dir / "logs" / f"{task.job_id}_{task.array_index}.log"
 
 
-def decode(run_dir: Path, kind: str, call_id: int, body: Any, task: TaskRef
-           ) -> tuple[bool, Any]:
+def decode(run_dir: Path, kind: str, call_id: int, body: Any, task: TaskRef,
+           cancelled_here: bool = False) -> tuple[bool, Any]:
     """A worker's record of a call -> (ok, value or exception)."""
     if kind == "ok":
         try:
@@ -53,9 +53,10 @@ def decode(run_dir: Path, kind: str, call_id: int, body: Any, task: TaskRef
                                  call_id, state="CRASHED", exit_code=body["exit_code"],
                                  signal=body["signal"])
     if kind == "skip":
+        where = "" if cancelled_here else " outside this client"
         return False, task_error(run_dir, JobCancelledError,
-                                 "the call was cancelled before it started", task, call_id,
-                                 state="CANCELLED")
+                                 f"the call was cancelled{where} before it started", task,
+                                 call_id, state="CANCELLED")
     return False, IntegrityError(f"unknown record kind {kind!r} for call {call_id}")
 
 

@@ -182,6 +182,7 @@ class Deliver:
     kind: str
     body: Any
     task: TaskRef
+    cancelled_here: bool = False  # the user cancelled it through this client
 
 
 @dataclass(frozen=True)
@@ -409,7 +410,7 @@ class Core:
         elif record.call_id in batch.open_calls:  # later duplicates (requeues) are ignored
             call_id = record.call_id
             self._close(batch, call_id)
-            self._out.append(Deliver(call_id, kind, record.body, task.ref))
+            self._out.append(Deliver(call_id, kind, record.body, task.ref, call_id in self.doomed))
 
     def _on_states(self, states: Mapping[TaskKey, TaskState], now: float) -> None:
         vanished: list[Task] = []
@@ -584,7 +585,7 @@ class Core:
         if task.truncated and not task.ended and started:
             self._fail(batch, call_ids, Failure(IntegrityError, (
                 f"{task.truncated}: its task ended "
-                f"({state.state if state else 'state unknown'}) in an incomplete record"),
+                f"({state.state if state else 'state unknown'}) while writing it"),
                 task.ref))
             return
         what = "this call finished" if started else "this call could start"

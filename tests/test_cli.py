@@ -33,7 +33,13 @@ def run_client(tmp_path: Path, body: str) -> str:
     script = tmp_path / "client.py"
     script.write_text(textwrap.dedent(f"""
         import os, sys, time
-        from slurmexecutor import SlurmExecutor
+        from slurmexecutor import SlurmExecutor, spool
+
+        def wait_submitted(ex):
+            # until the owner thread has submitted the batch (sbatch answered)
+            while not any(j["arrays"] for j in spool.read_journals(ex.run_dir)):
+                time.sleep(0.05)
+
         ex = SlurmExecutor({str(tmp_path / 'spool')!r}, backend="slurm", poll_interval=0.3)
         print(ex.run_id, flush=True)
     """) + textwrap.dedent(body))
@@ -105,7 +111,7 @@ def test_status_lists_runs_and_failed_calls(tmp_path):
 def test_cancel_a_run_of_a_client_that_went_away(tmp_path):
     run = run_client(tmp_path, """
         futures = [ex.submit(time.sleep, 120) for _ in range(3)]
-        ex._flush_window()
+        wait_submitted(ex)
         os._exit(0)  # the client leaves; its jobs stay on the cluster
     """)
     jobs = cli("status", run, folder=tmp_path / "spool").stdout
@@ -129,7 +135,7 @@ def test_clean_removes_finished_runs_only(tmp_path):
     finished = run_client(tmp_path, "ex.submit(abs, -1).result(); ex.shutdown()\n")
     live = run_client(tmp_path, """
         ex.submit(time.sleep, 120)
-        ex._flush_window()
+        wait_submitted(ex)
         os._exit(0)
     """)
     output = cli("clean", folder=tmp_path / "spool").stdout

@@ -20,6 +20,7 @@ import pytest
 from conftest import cluster, wait_until
 
 from slurmexecutor import (
+    JobCancelledError,
     RemoteTraceback,
     SerializationError,
     SlurmExecutor,
@@ -285,29 +286,33 @@ def test_worker_does_not_import_the_client_side():
 # -- cancel and shutdown -------------------------------------------------------------
 
 
-def test_cancel_before_start_never_runs(make_executor, tmp_path):
+def test_handed_over_calls_cannot_be_cancelled_but_can_be_stopped(make_executor, tmp_path):
+    """ProcessPoolExecutor's contract: once a call has left the client it is RUNNING
+    and cancel() is False; ex.cancel() still stops it before it starts."""
     ex = make_executor(array_parallelism=1, chunksize=1)
     blocker = ex.submit(sleep_then, 3, "done")
     marker = tmp_path / "victim-ran"
     victim = ex.submit(touch_then, str(marker))
-    assert wait_until(blocker.running)
-    assert victim.cancel() is True
+    assert wait_until(lambda: victim.chunk is not None)
+    assert victim.running() and victim.cancel() is False
+    ex.cancel([victim])
+    assert isinstance(victim.exception(timeout=60), JobCancelledError)
     assert blocker.result(timeout=60) == "done"
-    time.sleep(2)
-    assert victim.cancelled() and not marker.exists()
+    time.sleep(1)
+    assert not marker.exists()
 
 
-def test_cancel_a_call_queued_behind_another_in_its_chunk(make_executor, tmp_path):
+def test_stop_a_call_queued_behind_another_in_its_chunk(make_executor, tmp_path):
     ex = make_executor(chunksize=3)
     first = ex.submit(sleep_then, 3, "first")
     marker = tmp_path / "queued-ran"
     queued = ex.submit(touch_then, str(marker))
     last = ex.submit(square, 4)
-    assert wait_until(first.running)
-    assert not queued.running()  # its chunk is claimed, but it has not started
-    assert queued.cancel() is True
+    assert wait_until(lambda: first.log_path is not None)  # its chunk is claimed
+    ex.cancel([queued])  # the task also holds `first` and `last`: it is not killed
     assert first.result(timeout=60) == "first" and last.result(timeout=60) == 16
-    assert queued.cancelled() and not marker.exists()
+    assert isinstance(queued.exception(timeout=60), JobCancelledError)
+    assert not marker.exists()
 
 
 def test_cancel_inside_the_window_drops_the_call(make_executor, tmp_path):
@@ -326,12 +331,13 @@ def test_shutdown_nowait_cancels_what_has_not_started(make_executor, tmp_path):
     ex = make_executor(array_parallelism=1, chunksize=1)
     blocker = ex.submit(sleep_then, 3, "done")
     victims = [ex.submit(touch_then, str(tmp_path / f"v{i}")) for i in range(3)]
-    assert wait_until(blocker.running)
+    assert wait_until(lambda: blocker.log_path is not None)
     started = time.monotonic()
     ex.shutdown(wait=False, cancel_futures=True)
     assert time.monotonic() - started < 1.0
-    assert all(v.cancelled() for v in victims)
-    assert blocker.result(timeout=60) == "done"
+    assert blocker.result(timeout=60) == "done"  # it had started: it finishes
+    for victim in victims:  # handed over but not started: stopped
+        assert isinstance(victim.exception(timeout=60), JobCancelledError)
     time.sleep(1.5)
     assert not any((tmp_path / f"v{i}").exists() for i in range(3))
 

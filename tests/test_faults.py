@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,7 @@ from slurmexecutor import (
     JobCancelledError,
     JobTimeoutError,
     NodeFailureError,
+    RunInUseError,
     SlurmExecutor,
     WorkerCrashedError,
     spool,
@@ -43,9 +45,17 @@ def inc(x):
     return x + 1
 
 
-def task_of(ex: SlurmExecutor, future):
-    """The array task that claimed the future's chunk."""
-    return ex.monitor.task_of_chunk(*future.chunk)
+@dataclass
+class TaskId:
+    job_id: str
+    array_index: int
+
+
+def task_of(ex: SlurmExecutor, future) -> TaskId:
+    """The array task that claimed the future's chunk (once the client has seen it)."""
+    assert wait_until(lambda: future.log_path is not None or future.done(), timeout=90)
+    job_id, _, index = future.log_path.stem.partition("_")
+    return TaskId(job_id, int(index))
 
 
 def squeue(*args: str) -> str:
@@ -177,7 +187,9 @@ def test_client_killed_then_reattached_loses_nothing(backend, slurm_cluster_if_s
     assert run_id, "the client printed no run id"
     client.send_signal(signal.SIGKILL)  # mid-run: some results in, most not
     client.wait()
-    ex = SlurmExecutor.attach(run_id, tmp_path / "spool", poll_interval=0.2)
+    with pytest.raises(RunInUseError):  # its lease is still fresh: refuse by default
+        SlurmExecutor.attach(run_id, tmp_path / "spool")
+    ex = SlurmExecutor.attach(run_id, tmp_path / "spool", poll_interval=0.2, take_over=True)
     assert sorted(ex.futures) == list(range(12))
     results = {call: future.result(timeout=120) for call, future in ex.futures.items()}
     assert results == {i: i * 10 for i in range(12)}
@@ -264,10 +276,7 @@ def test_truncated_result_is_rejected(make_executor):
 
 
 def test_tampered_input_is_never_unpickled(make_executor):
-    ex = make_executor(submit_window=5)
-    future = ex.submit(inc, 1)
-    window = ex._window
-    ex._window = None
+    ex = make_executor()
     # write the batch, then corrupt its chunk before the worker reads it
     original = spool.write_blob
 
@@ -278,10 +287,10 @@ def test_tampered_input_is_never_unpickled(make_executor):
 
     spool.write_blob = corrupting
     try:
-        ex._launch_window(window)
+        future = ex.submit(inc, 1)
+        error = future.exception(timeout=60)
     finally:
         spool.write_blob = original
-    error = future.exception(timeout=60)
     assert isinstance(error, (WorkerCrashedError, CallLostError)), error
     assert "failed authentication" in error.log_tail
 

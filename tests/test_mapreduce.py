@@ -7,8 +7,9 @@ import time
 from collections import Counter
 
 import pytest
+from conftest import wait_until
 
-from slurmexecutor import JobCancelledError, map_reduce, map_reduce_async, reducers
+from slurmexecutor import JobCancelledError, map_reduce, map_reduce_async, reducers, spool
 from slurmexecutor.mapreduce import split_fractions
 from slurmexecutor.reducers import as_reducer
 
@@ -114,7 +115,10 @@ def test_cancel_a_running_map_reduce(make_executor):
         except (JobCancelledError, Exception) as error:  # noqa: BLE001
             assert fraction.cancelled() or isinstance(error, JobCancelledError), error
     assert time.monotonic() - started < 30
-    assert not ex.monitor.live_tasks()
+    jobs = {array["job_id"] for journal in spool.read_journals(ex.run_dir)
+            for array in journal["arrays"]}
+    assert wait_until(lambda: all(state.final for state in ex.backend.states(jobs).values()),
+                      timeout=30)  # no task of it is left running or pending
 
 
 def test_status_counts_of_the_async_handle(make_executor):
