@@ -1,0 +1,234 @@
+"""The pure core (state.py): every policy tested with plain values, no processes."""
+
+from __future__ import annotations
+
+from slurmexecutor.errors import (
+    CallLostError,
+    IntegrityError,
+    JobCancelledError,
+    JobTimeoutError,
+    NodeFailureError,
+    SubmissionError,
+    WorkerCrashedError,
+)
+from slurmexecutor.schedulers import TaskState
+from slurmexecutor.state import (
+    BatchAdded,
+    BatchDone,
+    CancelRequested,
+    CancelTasks,
+    ClaimChunks,
+    ClaimsWon,
+    Config,
+    Core,
+    Deliver,
+    Fail,
+    FinalAnswer,
+    LiftThrottle,
+    QueryFinal,
+    QueryScheduler,
+    Record,
+    Retry,
+    SchedulerAnswer,
+    ShutdownRequested,
+    StreamState,
+    SubmitFailed,
+    SubmitTasks,
+    TasksSubmitted,
+    window_due,
+)
+
+
+def core(**options) -> Core:
+    config = {"poll_interval": 1.0, "result_grace": 0.0, **options}
+    return Core(Config(**config))
+
+
+def of(actions, kind):
+    return [a for a in actions if isinstance(a, kind)]
+
+
+def started_batch(machine: Core, chunks=((0, 1), (2, 3)), planned=2, now=0.0, **options):
+    """A batch with its array submitted as job 7 and task 0 started."""
+    actions = machine.step([BatchAdded(0, [list(c) for c in chunks], planned, **options)], now)
+    [submit] = of(actions, SubmitTasks)
+    machine.step([TasksSubmitted(0, "7", 0, submit.count),
+                  Record(0, 0, "start", None, {"host": "h", "pid": 1})], now)
+    return submit
+
+
+def failed(actions) -> dict[int, type]:
+    return {c: a.failure.error_type for a in of(actions, Fail) for c in a.call_ids}
+
+
+def test_a_new_batch_asks_for_its_planned_tasks_throttled():
+    machine = core()
+    [submit] = of(machine.step([BatchAdded(0, [[0, 1], [2]], 2, throttled=True)], 0), SubmitTasks)
+    assert (submit.first, submit.count, submit.throttled) == (0, 2, True)
+
+
+def test_results_are_delivered_once_and_the_batch_retires():
+    machine = core()
+    started_batch(machine)
+    out = machine.step([Record(0, 0, "claim", 0, None), Record(0, 0, "ok", 0, b"a"),
+                        Record(0, 0, "ok", 0, b"again"), Record(0, 0, "ok", 1, b"b")], 0.1)
+    assert [(d.call_id, d.body) for d in of(out, Deliver)] == [(0, b"a"), (1, b"b")]
+    out = machine.step([Record(0, 0, "claim", 1, None)] + [
+        Record(0, 0, "ok", c, b"x") for c in (2, 3)] + [Record(0, 0, "end", None, {})], 0.2)
+    assert of(out, BatchDone) and machine.idle
+    assert of(out, CancelTasks) == [CancelTasks(("7_1",))]  # the unneeded pending task
+
+
+def test_scheduler_is_asked_once_per_poll_interval_for_all_arrays():
+    machine = core(poll_interval=2.0)
+    started_batch(machine)
+    assert len(of(machine.step([], 5.0), QueryScheduler)) == 1
+    assert not of(machine.step([], 6.0), QueryScheduler)
+    assert of(machine.step([], 7.1), QueryScheduler) == [QueryScheduler(frozenset({"7"}))]
+
+
+def test_a_task_that_ended_fails_exactly_the_calls_it_held():
+    machine = core()
+    started_batch(machine, chunks=((0, 1), (2, 3)))
+    machine.step([Record(0, 0, "claim", 0, None), Record(0, 0, "ok", 0, b"")], 0)
+    out = machine.step([SchedulerAnswer({("7", 0): TaskState("FAILED", 1),
+                                         ("7", 1): TaskState("RUNNING")})], 1.0)
+    assert failed(out) == {1: WorkerCrashedError}
+    assert not machine.idle  # chunk 1 is still for task 1
+
+
+def test_the_result_grace_holds_back_a_verdict():
+    machine = core(result_grace=3.0)
+    started_batch(machine, chunks=((0,),), planned=1)
+    machine.step([Record(0, 0, "claim", 0, None)], 0)
+    assert not failed(machine.step([SchedulerAnswer({("7", 0): TaskState("COMPLETED")})], 1.0))
+    assert not failed(machine.step([], 3.9))
+    out = machine.step([], 4.1)
+    assert failed(out) == {0: WorkerCrashedError}
+
+
+def test_requeueable_states_wait_for_a_second_answer_and_requeue_undoes_them():
+    machine = core()
+    started_batch(machine, chunks=((0,),), planned=1)
+    machine.step([Record(0, 0, "claim", 0, None)], 0)
+    assert not failed(machine.step([SchedulerAnswer({("7", 0): TaskState("NODE_FAIL")})], 1))
+    assert not failed(machine.step([SchedulerAnswer({("7", 0): TaskState("PENDING")})], 3))
+    assert not failed(machine.step([SchedulerAnswer({("7", 0): TaskState("NODE_FAIL")})], 5))
+    out = machine.step([SchedulerAnswer({("7", 0): TaskState("NODE_FAIL")})], 7)
+    assert failed(out) == {0: NodeFailureError}
+
+
+def test_retries_carry_unfinished_calls_to_a_new_batch_chunk_by_chunk():
+    machine = core(retry_on=frozenset({"NODE_FAIL"}), max_retries=1)
+    started_batch(machine, chunks=((0, 1), (2, 3)), planned=1)
+    machine.step([Record(0, 0, "claim", 0, None), Record(0, 0, "ok", 0, b""),
+                  Record(0, 0, "claim", 1, None)], 0)
+    machine.step([SchedulerAnswer({("7", 0): TaskState("NODE_FAIL")})], 1)
+    out = machine.step([SchedulerAnswer({("7", 0): TaskState("NODE_FAIL")})], 3)
+    [retry] = of(out, Retry)
+    assert retry.attempt == 2 and dict(retry.calls) == {0: (1,), 1: (2, 3)}
+    assert not failed(out)
+
+
+def test_retries_never_carry_cancelled_calls_and_stop_at_shutdown_cancel():
+    machine = core(retry_on=frozenset({"NODE_FAIL"}), max_retries=3)
+    started_batch(machine, chunks=((0, 1, 2),), planned=1)
+    machine.step([Record(0, 0, "claim", 0, None), CancelRequested(frozenset({1}))], 0)
+    machine.step([SchedulerAnswer({("7", 0): TaskState("NODE_FAIL")})], 1)
+    out = machine.step([SchedulerAnswer({("7", 0): TaskState("NODE_FAIL")})], 3)
+    assert dict(of(out, Retry)[0].calls) == {0: (0, 2)}
+    assert failed(out) == {1: JobCancelledError}
+
+    machine = core(retry_on=frozenset({"NODE_FAIL"}), max_retries=3)
+    started_batch(machine, chunks=((0,),), planned=1)
+    machine.step([Record(0, 0, "claim", 0, None), ShutdownRequested(cancel_futures=True)], 0)
+    machine.step([SchedulerAnswer({("7", 0): TaskState("NODE_FAIL")})], 1)
+    out = machine.step([SchedulerAnswer({("7", 0): TaskState("NODE_FAIL")})], 3)
+    assert not of(out, Retry) and failed(out) == {0: NodeFailureError}
+
+
+def test_cancel_claims_whole_unclaimed_chunks_and_kills_only_tasks_holding_nothing_else():
+    machine = core()
+    started_batch(machine, chunks=((0, 1), (2, 3), (4,)), planned=2)
+    machine.step([Record(0, 1, "start", None, {"host": "h", "pid": 2}),
+                  Record(0, 0, "claim", 0, None), Record(0, 1, "claim", 1, None)], 0)
+    out = machine.step([CancelRequested(frozenset({0, 2, 3, 4}))], 0.1)
+    assert of(out, ClaimChunks) == [ClaimChunks(0, (2,))]
+    assert of(out, CancelTasks) == [CancelTasks(("7_1",))]  # task 0 still holds call 1
+    assert not of(out, Fail)  # nothing is failed before the claims are known
+    out = machine.step([ClaimsWon(0, (2,))], 0.2)
+    assert failed(out) == {4: JobCancelledError}
+
+
+def test_cancel_without_kill_only_skips():
+    machine = core()
+    started_batch(machine, chunks=((0, 1),), planned=1)
+    machine.step([Record(0, 0, "claim", 0, None)], 0)
+    out = machine.step([CancelRequested(frozenset({0, 1}), kill=False)], 0.1)
+    assert not of(out, CancelTasks)
+    out = machine.step([Record(0, 0, "ok", 0, b"ran"), Record(0, 0, "skip", 1, None)], 0.2)
+    assert [(d.call_id, d.kind, d.cancelled_here) for d in of(out, Deliver)] == [
+        (0, "ok", True), (1, "skip", True)]
+
+
+def test_scale_out_after_the_probe_or_the_pending_grace():
+    machine = core(probe=0.3, pending_grace=2.0)
+    machine.step([BatchAdded(0, [[0], [1]], 2, throttled=True)], 0)
+    machine.step([TasksSubmitted(0, "7", 0, 2)], 0)
+    assert not of(machine.step([], 1.0), LiftThrottle)
+    assert of(machine.step([], 2.1), LiftThrottle) == [LiftThrottle(0)]  # waited in the queue
+
+    machine = core(probe=0.3, pending_grace=2.0)
+    started_batch(machine, chunks=((0,), (1,)), planned=2, throttled=True)
+    assert not of(machine.step([], 0.2), LiftThrottle)
+    assert of(machine.step([], 0.35), LiftThrottle)
+
+
+def test_work_done_by_the_first_task_never_scales_out():
+    machine = core(probe=0.3)
+    started_batch(machine, chunks=((0,), (1,)), planned=2, throttled=True)
+    out = machine.step([Record(0, 0, "claim", 0, None), Record(0, 0, "claim", 1, None)], 0.1)
+    assert of(out, CancelTasks) == [CancelTasks(("7_1",))]
+    assert not of(machine.step([], 1.0), LiftThrottle)
+
+
+def test_a_submission_error_fails_the_calls_when_no_task_is_left():
+    machine = core()
+    machine.step([BatchAdded(0, [[0, 1]], 1)], 0)
+    error = SubmissionError("sbatch: error: invalid partition")
+    out = machine.step([SubmitFailed(0, error)], 0.1)
+    [fail] = of(out, Fail)
+    assert fail.call_ids == (0, 1) and fail.failure.error is error
+
+
+def test_a_vanished_task_is_asked_about_once_then_lost():
+    machine = core(poll_interval=1.0, vanish_grace=5.0)
+    started_batch(machine, chunks=((0,),), planned=1)
+    machine.step([Record(0, 0, "claim", 0, None)], 0)
+    out = machine.step([SchedulerAnswer({})], 3.0)
+    assert not of(out, QueryFinal)  # too early: it may just not be listed yet
+    out = machine.step([SchedulerAnswer({})], 8.0)
+    [query] = of(out, QueryFinal)
+    assert query.workers == {(0, 0): ("h", 1)}
+    assert not failed(machine.step([FinalAnswer(query.tasks, {}, frozenset({(0, 0)}))], 8.1))
+    out = machine.step([FinalAnswer(query.tasks, {}, frozenset())], 9.0)
+    assert failed(out) == {0: CallLostError}
+
+
+def test_time_limit_and_broken_streams():
+    machine = core()
+    started_batch(machine, chunks=((0, 1),), planned=1, time_limit="0:10")
+    out = machine.step([Record(0, 0, "claim", 0, None), Record(0, 0, "limit", None, {}),
+                        Record(0, 0, "ok", 0, b""), Record(0, 0, "end", None, {})], 0)
+    assert failed(out) == {1: JobTimeoutError}
+
+    machine = core()
+    started_batch(machine, chunks=((0, 1),), planned=1)
+    machine.step([Record(0, 0, "claim", 0, None)], 0)
+    out = machine.step([StreamState(0, 0, error="record at byte 9 failed authentication")], 1)
+    assert failed(out) == {0: IntegrityError, 1: IntegrityError}
+
+
+def test_window_due():
+    assert window_due(0.0, 0.5, quiet=0.05, longest=1.0) == 0.55
+    assert window_due(0.0, 0.99, quiet=0.05, longest=1.0) == 1.0
