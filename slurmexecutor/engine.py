@@ -15,7 +15,6 @@ owner (compare CPython's concurrent/futures/process.py, `_ExecutorManagerThread`
 
 from __future__ import annotations
 
-import logging
 import os
 import queue
 import threading
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from . import outcomes, spool
+from ._log import log
 from .batches import BatchSpec, Chunk, retry_chunks, submit_array, write_batch
 from .errors import (
     JobCancelledError,
@@ -65,9 +65,6 @@ from .state import (
     WriteCancel,
     window_due,
 )
-
-log = logging.getLogger("slurmexecutor")
-
 
 # -- requests (caller threads -> owner) ---------------------------------------------------
 
@@ -217,7 +214,7 @@ class Engine:
                 self._wake.clear()
         except _TakenOver:
             pass
-        except BaseException as error:
+        except BaseException as error:  # noqa: BLE001  (no future may hang on a bug)
             log.exception("slurmexecutor: the executor's owner thread failed")
             self._abandon(SlurmExecutorError(f"the executor's owner thread failed: {error!r}"))
         finally:
@@ -278,7 +275,7 @@ class Engine:
             for action in actions:
                 try:
                     self._do(action)
-                except Exception:
+                except Exception:  # noqa: BLE001  (one failed action must not stop the rest)
                     log.exception("slurmexecutor: %s failed", type(action).__name__)
             busy |= bool(actions)
             if not self._events:

@@ -30,7 +30,6 @@ state.py; the owner in engine.py only carries them out.
 
 from __future__ import annotations
 
-import logging
 import os
 import secrets
 import socket
@@ -44,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from . import spool
+from ._log import log
 from .batches import BatchSpec, Chunk, dumps
 from .engine import CancelCalls, Engine, Launch, Settings, Shutdown, Submit, auto_chunksize
 from .errors import RunNotFoundError
@@ -53,8 +53,6 @@ from .progress import CallProgress
 from .schedulers import make_backend
 from .schedulers.script import validate_resources
 from .state import Config, Core
-
-log = logging.getLogger("slurmexecutor")
 
 DEFAULT_RETRY_ON = ("NODE_FAIL", "PREEMPTED")
 __all__ = ["DEFAULT_RETRY_ON", "SlurmExecutor", "SlurmFuture", "call_log", "default_folder"]

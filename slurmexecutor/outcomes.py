@@ -6,11 +6,11 @@
 
 from __future__ import annotations
 
-import logging
 import pickle
 from pathlib import Path
 from typing import Any
 
+from ._log import log
 from .errors import (
     IntegrityError,
     JobCancelledError,
@@ -22,8 +22,6 @@ from .errors import (
 )
 from .futures import read_tail
 from .state import Failure, TaskRef
-
-log = logging.getLogger("slurmexecutor")
 
 
 def log_file(run_dir: Path, task: TaskRef | None) -> Path | None:

@@ -8,7 +8,6 @@ SIGTERM, then SIGKILL, and the TIMEOUT state.
 from __future__ import annotations
 
 import itertools
-import logging
 import os
 import signal
 import subprocess
@@ -19,10 +18,10 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
+from .._log import log
 from . import Backend, TaskKey, TaskState
 from .script import time_limit_seconds, warning_seconds
 
-log = logging.getLogger("slurmexecutor")
 KILL_WAIT = 2.0  # seconds between SIGTERM and SIGKILL, like Slurm's KillWait
 _job_numbers = itertools.count(1)
 

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import logging
 import re
 import subprocess
 from collections.abc import Collection
 from pathlib import Path
 
+from .._log import log
 from ..errors import SubmissionError
 from . import REMAINDER, Backend, TaskKey, TaskState
-
-log = logging.getLogger("slurmexecutor")
 
 #: squeue columns: array job id, array index, state, raw exit status, reason.
 SQUEUE_FORMAT = "ArrayJobID:|,ArrayTaskID:|,State:|,exit_code:|,Reason:"
