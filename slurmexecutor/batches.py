@@ -131,3 +131,27 @@ def retry_chunks(run_dir: Path, key: bytes, number: int,
             position += count
         chunks.append(Chunk(ids, parts))
     return chunks
+
+
+def without_calls(spec: BatchSpec, keep: set[int]) -> BatchSpec:
+    """The batch with only the calls in `keep` (a part is kept or dropped whole)."""
+    chunks = []
+    for chunk in spec.chunks:
+        ids: list[int] = []
+        parts = []
+        position = 0
+        for part in chunk.parts:
+            part_ids = chunk.call_ids[position:position + part[2]]
+            position += part[2]
+            if any(c in keep for c in part_ids):
+                ids += part_ids
+                parts.append(part)
+        if ids:
+            chunks.append(Chunk(ids, parts))
+    return BatchSpec(spec.kind, spec.functions, spec.names, chunks,
+                     min(spec.planned, len(chunks)), spec.steal, spec.attempt)
+
+
+def auto_chunksize(calls: int, slots: int, chunks_per_slot: int = 4) -> int:
+    """Chunks enough for `chunks_per_slot` per slot: tasks claim them as they go."""
+    return max(1, -(-calls // (chunks_per_slot * slots)))

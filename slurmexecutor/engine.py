@@ -19,14 +19,20 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from . import outcomes, spool
 from ._log import log
-from .batches import BatchSpec, Chunk, retry_chunks, submit_array, write_batch
+from .batches import (
+    BatchSpec,
+    Chunk,
+    auto_chunksize,
+    retry_chunks,
+    submit_array,
+    without_calls,
+    write_batch,
+)
 from .errors import (
     JobCancelledError,
     RunInUseError,
@@ -34,10 +40,7 @@ from .errors import (
     SubmissionError,
     TaskFailedError,
 )
-from .futures import FutureSink, SlurmFuture
-from .lease import Lease
-from .schedulers import Backend
-from .state import (
+from .events import (
     Action,
     BatchAdded,
     BatchDone,
@@ -46,7 +49,6 @@ from .state import (
     ClaimChunks,
     Claimed,
     ClaimsWon,
-    Core,
     Deliver,
     Event,
     Fail,
@@ -63,77 +65,12 @@ from .state import (
     SubmitTasks,
     TasksSubmitted,
     WriteCancel,
-    window_due,
 )
-
-# -- requests (caller threads -> owner) ---------------------------------------------------
-
-
-@dataclass
-class Submit:
-    future: SlurmFuture
-    fn_key: Any
-    fn: Callable
-    fn_blob: bytes
-    fn_name: str
-    arguments: bytes  # pickled [(args, kwargs)]
-
-
-@dataclass
-class Launch:
-    spec: BatchSpec
-    sinks: dict[int, FutureSink]
-
-
-@dataclass
-class CancelCalls:
-    call_ids: frozenset[int]
-
-
-@dataclass
-class NotifyCancelled:
-    future: SlurmFuture
-
-
-@dataclass
-class Shutdown:
-    cancel_futures: bool
-
-
-@dataclass
-class Window:
-    """Calls submitted close together, waiting to go out as one batch."""
-
-    opened: float
-    touched: float
-    functions: list[bytes] = field(default_factory=list)
-    names: list[str] = field(default_factory=list)
-    index: dict[Any, int] = field(default_factory=dict)
-    keep: list[Callable] = field(default_factory=list)  # ids in `index` stay valid
-    calls: dict[int, Submit] = field(default_factory=dict)
-
-    def add(self, request: Submit) -> int:
-        position = self.index.get(request.fn_key)
-        if position is None:
-            position = self.index[request.fn_key] = len(self.functions)
-            self.functions.append(request.fn_blob)
-            self.names.append(request.fn_name)
-            self.keep.append(request.fn)
-        self.calls[request.future.call_id] = request
-        return position
-
-
-@dataclass
-class Settings:
-    resources: dict
-    python: str
-    setup: list[str]
-    sbatch_extra: list[str]
-    chunksize: int | None
-    submit_window: float
-    max_window: float
-    max_batch: int
-    slots: int
+from .futures import FutureSink, SlurmFuture
+from .lease import Lease
+from .handoff import CancelCalls, Launch, NotifyCancelled, Settings, Shutdown, Submit, Window
+from .schedulers import Backend
+from .state import Core, window_due
 
 
 class Engine:
@@ -544,28 +481,3 @@ class Engine:
 
 class _TakenOver(Exception):
     """Stops the owner loop after another client took the run over."""
-
-
-def without_calls(spec: BatchSpec, keep: set[int]) -> BatchSpec:
-    """The batch with only the calls in `keep` (a part is kept or dropped whole)."""
-    chunks = []
-    for chunk in spec.chunks:
-        ids: list[int] = []
-        parts = []
-        position = 0
-        for part in chunk.parts:
-            part_ids = chunk.call_ids[position:position + part[2]]
-            position += part[2]
-            if any(c in keep for c in part_ids):
-                ids += part_ids
-                parts.append(part)
-        if ids:
-            chunks.append(Chunk(ids, parts))
-    return BatchSpec(spec.kind, spec.functions, spec.names, chunks,
-                     min(spec.planned, len(chunks)), spec.steal, spec.attempt)
-
-
-def auto_chunksize(calls: int, slots: int, chunks_per_slot: int = 4) -> int:
-    """Chunks enough for `chunks_per_slot` per slot: tasks claim them as they go."""
-    return max(1, -(-calls // (chunks_per_slot * slots)))
-

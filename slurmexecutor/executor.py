@@ -44,12 +44,13 @@ from typing import Any
 
 from . import spool
 from ._log import log
-from .batches import BatchSpec, Chunk, dumps
-from .engine import CancelCalls, Engine, Launch, Settings, Shutdown, Submit, auto_chunksize
+from .batches import BatchSpec, Chunk, auto_chunksize, dumps
+from .engine import Engine
 from .errors import RunNotFoundError
 from .futures import ChunkSink, FutureSink, SlurmFuture, call_log
 from .lease import Lease
 from .progress import CallProgress
+from .handoff import CancelCalls, Launch, Settings, Shutdown, Submit
 from .schedulers import make_backend
 from .schedulers.script import validate_resources
 from .state import Config, Core

@@ -20,8 +20,8 @@ from .errors import (
     TaskFailedError,
     WorkerCrashedError,
 )
+from .events import Failure, TaskRef
 from .futures import read_tail
-from .state import Failure, TaskRef
 
 
 def log_file(run_dir: Path, task: TaskRef | None) -> Path | None:

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from . import spool
 from .engine import Engine
+from .events import BatchAdded
 from .futures import FutureSink, SlurmFuture
-from .state import BatchAdded
 
 
 def reattach(engine: Engine, time_limit: str | None) -> dict[int, SlurmFuture]:

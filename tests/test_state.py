@@ -11,16 +11,13 @@ from slurmexecutor.errors import (
     SubmissionError,
     WorkerCrashedError,
 )
-from slurmexecutor.schedulers import TaskState
-from slurmexecutor.state import (
+from slurmexecutor.events import (
     BatchAdded,
     BatchDone,
     CancelRequested,
     CancelTasks,
     ClaimChunks,
     ClaimsWon,
-    Config,
-    Core,
     Deliver,
     Fail,
     FinalAnswer,
@@ -35,8 +32,9 @@ from slurmexecutor.state import (
     SubmitFailed,
     SubmitTasks,
     TasksSubmitted,
-    window_due,
 )
+from slurmexecutor.schedulers import TaskState
+from slurmexecutor.state import Config, Core, window_due
 
 
 def core(**options) -> Core:

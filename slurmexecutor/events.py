@@ -1,0 +1,207 @@
+"""The vocabulary between the owner thread and the pure core (state.py).
+
+Events are what the owner saw or was asked (records read, scheduler answers, caller
+requests); actions are what the core decided (submit, scancel, resolve a future, ...).
+All are frozen dataclasses of plain values, so the core's tests need no processes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .schedulers import TaskKey, TaskState
+
+# -- events ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BatchAdded:
+    batch: int
+    chunks: list[list[int]]
+    planned: int
+    steal: bool = True
+    attempt: int = 1
+    time_limit: str | None = None
+    throttled: bool = False
+    arrays: tuple[tuple[str, int, int], ...] = ()  # (job id, offset, size) already out
+    open_calls: frozenset[int] | None = None  # None: all of its calls
+
+
+@dataclass(frozen=True)
+class TasksSubmitted:
+    batch: int
+    job_id: str
+    offset: int
+    size: int
+
+
+@dataclass(frozen=True)
+class SubmitFailed:
+    batch: int
+    error: BaseException
+
+
+@dataclass(frozen=True)
+class Record:
+    batch: int
+    task: int
+    kind: str
+    call_id: int | None
+    body: Any
+
+
+@dataclass(frozen=True)
+class StreamState:
+    """What the engine saw of a task's stream: a failed signature, or bytes of an
+    incomplete record at its end."""
+
+    batch: int
+    task: int
+    error: str | None = None
+    truncated: str | None = None
+
+
+@dataclass(frozen=True)
+class SchedulerAnswer:
+    states: Mapping[TaskKey, TaskState]
+
+
+@dataclass(frozen=True)
+class FinalAnswer:
+    tasks: tuple[tuple[int, int], ...]  # the (batch, task) that were asked about
+    finals: Mapping[TaskKey, TaskState]
+    alive: frozenset[tuple[int, int]] = frozenset()  # (batch, task) whose worker lives
+
+
+@dataclass(frozen=True)
+class CancelRequested:
+    call_ids: frozenset[int]
+    kill: bool = True  # also scancel tasks that hold nothing but cancelled calls
+
+
+@dataclass(frozen=True)
+class ClaimsWon:
+    batch: int
+    chunks: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ShutdownRequested:
+    cancel_futures: bool
+
+
+Event = (BatchAdded | TasksSubmitted | SubmitFailed | Record | StreamState
+         | SchedulerAnswer | FinalAnswer | CancelRequested | ClaimsWon | ShutdownRequested)
+
+# -- actions -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TaskRef:
+    """Which array task, for error messages and log files."""
+
+    batch: int
+    index: int
+    job_id: str | None
+    array_index: int | None
+    attempt: int = 1
+
+
+@dataclass(frozen=True)
+class SubmitTasks:
+    batch: int
+    first: int
+    count: int
+    throttled: bool
+
+
+@dataclass(frozen=True)
+class LiftThrottle:
+    batch: int
+
+
+@dataclass(frozen=True)
+class CancelTasks:
+    refs: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class QueryScheduler:
+    job_ids: frozenset[str]
+
+
+@dataclass(frozen=True)
+class QueryFinal:
+    tasks: tuple[tuple[int, int], ...]  # (batch, task)
+    keys: tuple[TaskKey, ...]  # their (job id, array index)
+    workers: Mapping[tuple[int, int], tuple[str, int]]  # (batch, task) -> (host, pid)
+
+
+@dataclass(frozen=True)
+class Deliver:
+    call_id: int
+    kind: str
+    body: Any
+    task: TaskRef
+    cancelled_here: bool = False  # the user cancelled it through this client
+
+
+@dataclass(frozen=True)
+class Failure:
+    """Why calls failed; the engine turns it into an exception (with the log tail)."""
+
+    error_type: type[BaseException]
+    message: str
+    task: TaskRef | None = None
+    state: str | None = None
+    exit_code: int | None = None
+    signal: int | None = None
+    error: BaseException | None = None  # a ready exception (e.g. a submission error)
+
+
+@dataclass(frozen=True)
+class Fail:
+    call_ids: tuple[int, ...]
+    failure: Failure
+
+
+@dataclass(frozen=True)
+class WriteCancel:
+    batch: int
+    chunk: int
+    call_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ClaimChunks:
+    """Claim chunks for the client, so that no task will run them."""
+
+    batch: int
+    chunks: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Retry:
+    batch: int
+    attempt: int  # of the new batch
+    calls: Mapping[int, tuple[int, ...]]  # chunk -> its calls to run again
+    state: str
+
+
+@dataclass(frozen=True)
+class Claimed:
+    batch: int
+    chunk: int
+    task: TaskRef
+    call_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class BatchDone:
+    batch: int
+
+
+Action = (SubmitTasks | LiftThrottle | CancelTasks | QueryScheduler | QueryFinal | Deliver
+          | Fail | WriteCancel | ClaimChunks | Retry | Claimed | BatchDone)

@@ -1,0 +1,81 @@
+"""What caller threads hand the owner thread (engine.py), and the submission window.
+
+Callers build these in their own thread (pickling happens there, so a bad argument fails
+at `submit`), put them on the owner's queue, and never touch them again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .batches import BatchSpec
+from .futures import FutureSink, SlurmFuture
+
+
+@dataclass
+class Submit:
+    future: SlurmFuture
+    fn_key: Any
+    fn: Callable
+    fn_blob: bytes
+    fn_name: str
+    arguments: bytes  # pickled [(args, kwargs)]
+
+
+@dataclass
+class Launch:
+    spec: BatchSpec
+    sinks: dict[int, FutureSink]
+
+
+@dataclass
+class CancelCalls:
+    call_ids: frozenset[int]
+
+
+@dataclass
+class NotifyCancelled:
+    future: SlurmFuture
+
+
+@dataclass
+class Shutdown:
+    cancel_futures: bool
+
+
+@dataclass
+class Window:
+    """Calls submitted close together, waiting to go out as one batch."""
+
+    opened: float
+    touched: float
+    functions: list[bytes] = field(default_factory=list)
+    names: list[str] = field(default_factory=list)
+    index: dict[Any, int] = field(default_factory=dict)
+    keep: list[Callable] = field(default_factory=list)  # ids in `index` stay valid
+    calls: dict[int, Submit] = field(default_factory=dict)
+
+    def add(self, request: Submit) -> int:
+        position = self.index.get(request.fn_key)
+        if position is None:
+            position = self.index[request.fn_key] = len(self.functions)
+            self.functions.append(request.fn_blob)
+            self.names.append(request.fn_name)
+            self.keep.append(request.fn)
+        self.calls[request.future.call_id] = request
+        return position
+
+
+@dataclass
+class Settings:
+    resources: dict
+    python: str
+    setup: list[str]
+    sbatch_extra: list[str]
+    chunksize: int | None
+    submit_window: float
+    max_window: float
+    max_batch: int
+    slots: int
