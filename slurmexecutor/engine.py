@@ -67,8 +67,8 @@ from .events import (
     WriteCancel,
 )
 from .futures import FutureSink, SlurmFuture
-from .lease import Lease
 from .handoff import CancelCalls, Launch, NotifyCancelled, Settings, Shutdown, Submit, Window
+from .lease import Lease
 from .schedulers import Backend
 from .state import Core, window_due
 

@@ -48,9 +48,9 @@ from .batches import BatchSpec, Chunk, auto_chunksize, dumps
 from .engine import Engine
 from .errors import RunNotFoundError
 from .futures import ChunkSink, FutureSink, SlurmFuture, call_log
+from .handoff import CancelCalls, Launch, Settings, Shutdown, Submit
 from .lease import Lease
 from .progress import CallProgress
-from .handoff import CancelCalls, Launch, Settings, Shutdown, Submit
 from .schedulers import make_backend
 from .schedulers.script import validate_resources
 from .state import Config, Core
