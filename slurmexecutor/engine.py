@@ -60,6 +60,7 @@ from .events import (
     Retry,
     SchedulerAnswer,
     ShutdownRequested,
+    StreamsRead,
     StreamState,
     SubmitFailed,
     SubmitTasks,
@@ -403,6 +404,7 @@ class Engine:
     def _read_streams(self) -> bool:
         if not self.core.tasks:
             return False
+        started = time.monotonic()
         try:
             entries = list(os.scandir(self.run_dir))
         except FileNotFoundError:
@@ -425,6 +427,7 @@ class Engine:
                          f"incomplete record at byte {cursor.offset})"
                          ) if cursor.pending_bytes else None
             self._events.append(StreamState(batch, task, cursor.error, truncated))
+        self._events.append(StreamsRead(started))
         return found
 
     # -- the lease and the end -----------------------------------------------------------

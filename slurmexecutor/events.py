@@ -64,6 +64,13 @@ class StreamState:
 
 
 @dataclass(frozen=True)
+class StreamsRead:
+    """The owner read every live task's stream, in a scan that began at `started`."""
+
+    started: float
+
+
+@dataclass(frozen=True)
 class SchedulerAnswer:
     states: Mapping[TaskKey, TaskState]
 
@@ -92,7 +99,7 @@ class ShutdownRequested:
     cancel_futures: bool
 
 
-Event = (BatchAdded | TasksSubmitted | SubmitFailed | Record | StreamState
+Event = (BatchAdded | TasksSubmitted | SubmitFailed | Record | StreamState | StreamsRead
          | SchedulerAnswer | FinalAnswer | CancelRequested | ClaimsWon | ShutdownRequested)
 
 # -- actions -----------------------------------------------------------------------------

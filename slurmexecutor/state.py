@@ -50,6 +50,7 @@ from .events import (
     Retry,
     SchedulerAnswer,
     ShutdownRequested,
+    StreamsRead,
     StreamState,
     SubmitFailed,
     SubmitTasks,
@@ -139,6 +140,9 @@ class Core:
         self.doomed: set[int] = set()  # calls the user cancelled after launch
         self.cancelling = False  # shutdown(cancel_futures=True): no more retries
         self.next_poll = 0.0
+        #: when the latest complete read of the streams began: a task the scheduler
+        #: calls ended is judged only on a read that began after we learned it
+        self.scanned = float("-inf")
         self._out: list[Action] = []
 
     # -- the one entry point -------------------------------------------------------------
@@ -179,6 +183,8 @@ class Core:
             if task is not None:
                 task.error = task.error or event.error
                 task.truncated = event.truncated
+        elif isinstance(event, StreamsRead):
+            self.scanned = max(self.scanned, event.started)
         elif isinstance(event, SchedulerAnswer):
             self._on_states(event.states, now)
         elif isinstance(event, FinalAnswer):
@@ -340,6 +346,7 @@ class Core:
             if task.unresolved:
                 self._fail_unfinished(task, sorted(task.unresolved))
         elif task.final and now - task.final_since >= self.config.result_grace and (
+                self.scanned > task.final_since) and (
                 task.final.state not in REQUEUEABLE or task.final_polls >= 2):
             if task.unresolved or batch.unclaimed:
                 batch.last_failed = task

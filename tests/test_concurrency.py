@@ -202,7 +202,7 @@ class Scenario:
         operations = [self.submit] * 7 + [self.map] * 2 + [self.cancel_future] * 3 + [
             self.cancel_many] * 2 + [self.wait_some] * 2 + [self.result] * 2 + [
             lambda rng: time.sleep(rng.uniform(0, 0.05))] * 2
-        count = rng.randint(3, 8)
+        count = rng.randint(4, 10)
         shut_at = rng.randint(0, count) if index == self.shutter else None
         for step in range(count + 1):
             if step == shut_at:
@@ -296,18 +296,18 @@ def test_random_concurrent_use(seed, tmp_path):
     # the end of the script: shutdown(wait=True) again (allowed, as in the stdlib)
     finisher = threading.Thread(target=ex.shutdown, kwargs={"wait": True}, daemon=True)
     finisher.start()
-    finisher.join(60)
+    finisher.join(30)
     if finisher.is_alive():
-        scenario.violation("a final shutdown(wait=True) did not return within 60 s")
+        scenario.violation("a final shutdown(wait=True) did not return within 30 s")
     futures = [call.future for call in scenario.calls]
     if not wait_until(lambda: all(f.done() for f in futures), timeout=HANG):
         scenario.violation(f"not done: {[c.key for c in scenario.calls if not c.future.done()]}")
-    _, not_done = cf.wait(futures, timeout=10)
+    _, not_done = cf.wait(futures, timeout=5)
     if not_done:
         scenario.violation(f"concurrent.futures.wait() left {len(not_done)} future(s) "
                            f"not done, e.g. {next(iter(not_done))!r}")
     try:
-        completed = sum(1 for _ in cf.as_completed(futures, timeout=10))
+        completed = sum(1 for _ in cf.as_completed(futures, timeout=5))
     except cf.TimeoutError as error:
         scenario.violation(f"as_completed() did not finish: {error}")
     else:

@@ -28,6 +28,7 @@ from slurmexecutor.events import (
     Retry,
     SchedulerAnswer,
     ShutdownRequested,
+    StreamsRead,
     StreamState,
     SubmitFailed,
     SubmitTasks,
@@ -91,6 +92,8 @@ def test_a_task_that_ended_fails_exactly_the_calls_it_held():
     machine.step([Record(0, 0, "claim", 0, None), Record(0, 0, "ok", 0, b"")], 0)
     out = machine.step([SchedulerAnswer({("7", 0): TaskState("FAILED", 1),
                                          ("7", 1): TaskState("RUNNING")})], 1.0)
+    assert not failed(out)  # not before the folder was read again
+    out = machine.step([StreamsRead(1.1)], 1.2)
     assert failed(out) == {1: WorkerCrashedError}
     assert not machine.idle  # chunk 1 is still for task 1
 
@@ -100,9 +103,19 @@ def test_the_result_grace_holds_back_a_verdict():
     started_batch(machine, chunks=((0,),), planned=1)
     machine.step([Record(0, 0, "claim", 0, None)], 0)
     assert not failed(machine.step([SchedulerAnswer({("7", 0): TaskState("COMPLETED")})], 1.0))
-    assert not failed(machine.step([], 3.9))
+    assert not failed(machine.step([StreamsRead(3.8)], 3.9))
     out = machine.step([], 4.1)
     assert failed(out) == {0: WorkerCrashedError}
+
+
+def test_a_verdict_waits_for_a_read_of_the_folder_that_began_after_the_end():
+    machine = core()
+    started_batch(machine, chunks=((0,),), planned=1)
+    machine.step([Record(0, 0, "claim", 0, None)], 0)
+    machine.step([StreamsRead(0.9), SchedulerAnswer({("7", 0): TaskState("COMPLETED")})], 1.0)
+    assert not failed(machine.step([StreamsRead(0.95)], 5.0))  # began before: stale
+    out = machine.step([Record(0, 0, "ok", 0, b"late"), StreamsRead(5.0)], 5.1)
+    assert [d.call_id for d in of(out, Deliver)] == [0] and not failed(out)
 
 
 def test_requeueable_states_wait_for_a_second_answer_and_requeue_undoes_them():
@@ -112,7 +125,8 @@ def test_requeueable_states_wait_for_a_second_answer_and_requeue_undoes_them():
     assert not failed(machine.step([SchedulerAnswer({("7", 0): TaskState("NODE_FAIL")})], 1))
     assert not failed(machine.step([SchedulerAnswer({("7", 0): TaskState("PENDING")})], 3))
     assert not failed(machine.step([SchedulerAnswer({("7", 0): TaskState("NODE_FAIL")})], 5))
-    out = machine.step([SchedulerAnswer({("7", 0): TaskState("NODE_FAIL")})], 7)
+    out = machine.step([SchedulerAnswer({("7", 0): TaskState("NODE_FAIL")}),
+                        StreamsRead(6)], 7)
     assert failed(out) == {0: NodeFailureError}
 
 
@@ -122,7 +136,8 @@ def test_retries_carry_unfinished_calls_to_a_new_batch_chunk_by_chunk():
     machine.step([Record(0, 0, "claim", 0, None), Record(0, 0, "ok", 0, b""),
                   Record(0, 0, "claim", 1, None)], 0)
     machine.step([SchedulerAnswer({("7", 0): TaskState("NODE_FAIL")})], 1)
-    out = machine.step([SchedulerAnswer({("7", 0): TaskState("NODE_FAIL")})], 3)
+    out = machine.step([SchedulerAnswer({("7", 0): TaskState("NODE_FAIL")}), StreamsRead(2)],
+                       3)
     [retry] = of(out, Retry)
     assert retry.attempt == 2 and dict(retry.calls) == {0: (1,), 1: (2, 3)}
     assert not failed(out)
@@ -133,7 +148,8 @@ def test_retries_never_carry_cancelled_calls_and_stop_at_shutdown_cancel():
     started_batch(machine, chunks=((0, 1, 2),), planned=1)
     machine.step([Record(0, 0, "claim", 0, None), CancelRequested(frozenset({1}))], 0)
     machine.step([SchedulerAnswer({("7", 0): TaskState("NODE_FAIL")})], 1)
-    out = machine.step([SchedulerAnswer({("7", 0): TaskState("NODE_FAIL")})], 3)
+    out = machine.step([SchedulerAnswer({("7", 0): TaskState("NODE_FAIL")}), StreamsRead(2)],
+                       3)
     assert dict(of(out, Retry)[0].calls) == {0: (0, 2)}
     assert failed(out) == {1: JobCancelledError}
 
@@ -141,7 +157,8 @@ def test_retries_never_carry_cancelled_calls_and_stop_at_shutdown_cancel():
     started_batch(machine, chunks=((0,),), planned=1)
     machine.step([Record(0, 0, "claim", 0, None), ShutdownRequested(cancel_futures=True)], 0)
     machine.step([SchedulerAnswer({("7", 0): TaskState("NODE_FAIL")})], 1)
-    out = machine.step([SchedulerAnswer({("7", 0): TaskState("NODE_FAIL")})], 3)
+    out = machine.step([SchedulerAnswer({("7", 0): TaskState("NODE_FAIL")}), StreamsRead(2)],
+                       3)
     assert not of(out, Retry) and failed(out) == {0: NodeFailureError}
 
 
@@ -209,7 +226,8 @@ def test_a_vanished_task_is_asked_about_once_then_lost():
     [query] = of(out, QueryFinal)
     assert query.workers == {(0, 0): ("h", 1)}
     assert not failed(machine.step([FinalAnswer(query.tasks, {}, frozenset({(0, 0)}))], 8.1))
-    out = machine.step([FinalAnswer(query.tasks, {}, frozenset())], 9.0)
+    assert not failed(machine.step([FinalAnswer(query.tasks, {}, frozenset())], 9.0))
+    out = machine.step([StreamsRead(9.05)], 9.1)
     assert failed(out) == {0: CallLostError}
 
 
