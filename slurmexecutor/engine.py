@@ -402,6 +402,10 @@ class Engine:
     # -- reading the folder --------------------------------------------------------------
 
     def _read_streams(self) -> bool:
+        """Read the new records of live tasks. Streams are found by one scandir; those of
+        tasks the scheduler says have ended are also opened by name and read to their end
+        (an open revalidates NFS's cached attributes: close-to-open consistency), since a
+        cached directory listing or size may hide what they wrote last."""
         if not self.core.tasks:
             return False
         started = time.monotonic()
@@ -409,24 +413,35 @@ class Engine:
             entries = list(os.scandir(self.run_dir))
         except FileNotFoundError:
             return False
-        found = False
+        fresh: dict[str, tuple[int, int]] = {}  # stream name -> (batch, task) to read
         for entry in entries:
             parsed = spool.parse_stream_name(entry.name)
             if parsed is None or parsed not in self.core.tasks:
                 continue
             cursor = self._cursors.get(entry.name)
+            if cursor is None or entry.stat().st_size > cursor.offset:
+                fresh[entry.name] = parsed
+        for key, task in self.core.tasks.items():
+            if task.final is not None and not task.ended:
+                names = [n for n in self._cursors if spool.parse_stream_name(n) == key]
+                first = spool.stream_path(self.run_dir, key[0], key[1], 0).name
+                for name in names or [first]:
+                    fresh.setdefault(name, key)
+        found = False
+        for name, (batch, task_index) in fresh.items():
+            cursor = self._cursors.get(name)
             if cursor is None:
-                cursor = self._cursors[entry.name] = spool.StreamCursor(Path(entry.path))
-            if entry.stat().st_size <= cursor.offset:
-                continue
-            batch, task = parsed
-            for kind, call_id, body in spool.read_records(cursor, self.key):
-                self._events.append(Record(batch, task, kind, call_id, body))
+                cursor = spool.StreamCursor(self.run_dir / name)
+            records = spool.read_records(cursor, self.key)
+            if cursor.offset or cursor.error:  # it exists: follow it from now on
+                self._cursors[name] = cursor
+            for kind, call_id, body in records:
+                self._events.append(Record(batch, task_index, kind, call_id, body))
                 found = True
             truncated = (f"{cursor.path} is truncated ({cursor.pending_bytes} bytes of an "
                          f"incomplete record at byte {cursor.offset})"
                          ) if cursor.pending_bytes else None
-            self._events.append(StreamState(batch, task, cursor.error, truncated))
+            self._events.append(StreamState(batch, task_index, cursor.error, truncated))
         self._events.append(StreamsRead(started))
         return found
 

@@ -56,6 +56,10 @@ from .schedulers.script import validate_resources
 from .state import Config, Core
 
 DEFAULT_RETRY_ON = ("NODE_FAIL", "PREEMPTED")
+#: seconds a task that Slurm says has ended, but whose `end` record the client has not
+#: read, is given for its results to show up: NFS caches attributes and directory
+#: listings for up to 60 s by default (acregmax, acdirmax)
+DEFAULT_RESULT_GRACE = 60.0
 __all__ = ["DEFAULT_RETRY_ON", "SlurmExecutor", "SlurmFuture", "call_log", "default_folder"]
 
 _live_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
@@ -145,7 +149,8 @@ class SlurmExecutor(Executor):
         poll = poll_interval if poll_interval is not None else (0.05 if local else 2.0)
         core = Core(Config(
             poll_interval=poll,
-            result_grace=result_grace if result_grace is not None else (0.0 if local else 1.0),
+            result_grace=result_grace if result_grace is not None else (
+                0.0 if local else DEFAULT_RESULT_GRACE),
             retry_on=frozenset(retry_on), max_retries=max_retries))
         self._engine = Engine(self.run_dir, self.key, self.backend, core, Settings(
             resources=self.resources, python=python or sys.executable, setup=setup,

@@ -114,6 +114,7 @@ class Task:
     worker: tuple[str, int] | None = None
     limit_notice: bool = False
     ended: bool = False
+    killed: bool = False  # its worker was ended by a signal (scancel, time limit)
     final: TaskState | None = None
     final_since: float = 0.0
     final_polls: int = 0
@@ -245,8 +246,9 @@ class Core:
             self._out.append(Claimed(batch.number, chunk, task.ref, calls))
         elif kind == "limit":
             task.limit_notice = True
-        elif kind == "end":
+        elif kind == "end":  # the last record of an attempt: its stream is complete
             task.ended = True
+            task.killed = bool(record.body and record.body.get("signal"))
         elif record.call_id in batch.open_calls:  # later duplicates (requeues) are ignored
             call_id = record.call_id
             self._close(batch, call_id)
@@ -267,6 +269,8 @@ class Core:
             else:
                 if task.final is not None:  # requeued: pending or running again
                     task.final, task.final_polls = None, 0
+                    if task.killed:  # the end record was its killed attempt's
+                        task.ended = task.killed = False
                 task.started = task.started or state.running
         if vanished:
             self._out.append(QueryFinal(
@@ -335,18 +339,23 @@ class Core:
             self._settle_batch(batch, now)
 
     def _settle_task(self, task: Task, now: float) -> None:
-        """Retire a task that has ended; fail (or retry) the claimed calls it left."""
+        """Retire a task that has ended; fail (or retry) the claimed calls it left.
+
+        Its stream is complete once its `end` record is read. Without one (the worker was
+        killed outright, or a shared filesystem shows the client its writes late), the
+        scheduler's final state counts only after `result_grace` s, and only on a read of
+        the folder that began after the client learned that state: late is not lost."""
         batch = task.batch
         if task.error:
             self._fail(batch, sorted(task.unresolved), Failure(IntegrityError, task.error,
                                                                 task.ref))
-        elif task.ended:
+        elif task.ended and not task.killed:
             if task.limit_notice:
                 batch.last_failed = task  # stopped claiming at the time limit
             if task.unresolved:
                 self._fail_unfinished(task, sorted(task.unresolved))
-        elif task.final and now - task.final_since >= self.config.result_grace and (
-                self.scanned > task.final_since) and (
+        elif task.final and self.scanned > task.final_since and (
+                task.killed or now - task.final_since >= self.config.result_grace) and (
                 task.final.state not in REQUEUEABLE or task.final_polls >= 2):
             if task.unresolved or batch.unclaimed:
                 batch.last_failed = task
@@ -414,7 +423,8 @@ class Core:
             call_ids = [c for c in call_ids if c not in self.doomed]
         if not call_ids:
             return
-        if (state is not None and not task.ended and state.state in self.config.retry_on
+        live_end = not task.ended or task.killed  # Slurm ended it, not the worker itself
+        if (state is not None and live_end and state.state in self.config.retry_on
                 and batch.attempt <= self.config.max_retries and not self.cancelling):
             calls: dict[int, list[int]] = {}
             for call_id in call_ids:
@@ -423,7 +433,7 @@ class Core:
             self._out.append(Retry(batch.number, batch.attempt + 1,
                                    {k: tuple(v) for k, v in calls.items()}, state.state))
             return
-        if task.truncated and not task.ended and started:
+        if task.truncated and live_end and started:
             self._fail(batch, call_ids, Failure(IntegrityError, (
                 f"{task.truncated}: its task ended "
                 f"({state.state if state else 'state unknown'}) while writing it"),
@@ -434,7 +444,7 @@ class Core:
         if task.limit_notice:
             error_type, message = JobTimeoutError, (
                 f"the call did not finish within the time limit ({batch.time_limit})")
-        elif task.ended:
+        elif task.ended and not task.killed:
             error_type, message = CallLostError, (
                 "the worker ended without running this call (see the log)")
         elif state is None or state.state == "UNKNOWN":
@@ -444,6 +454,10 @@ class Core:
         else:
             error_type = ERROR_FOR_STATE.get(state.state, WorkerCrashedError)
             message = f"the task ended ({state.state}) before {what}"
+            if not task.ended:  # no end record: a result may still be on its way
+                message += (f"; no result was seen within result_grace="
+                            f"{self.config.result_grace:g} s of the end (if a shared "
+                            "filesystem shows results late, raise result_grace)")
         name = "TIMEOUT" if error_type is JobTimeoutError else (
             state.state if state else None)
         self._fail(batch, call_ids, Failure(
@@ -453,7 +467,8 @@ class Core:
     # -- helpers -------------------------------------------------------------------------
 
     def _watched(self) -> list[Task]:
-        return [t for t in self.tasks.values() if t.job_id is not None and not t.ended]
+        return [t for t in self.tasks.values()
+                if t.job_id is not None and (not t.ended or t.killed)]
 
     def _live(self, batch: Batch) -> list[Task]:
         return [t for t in batch.tasks if t.key in self.tasks]

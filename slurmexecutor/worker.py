@@ -58,6 +58,7 @@ def main(argv: list[str]) -> int:
     out.write(("start", None, _where_am_i(attempt)))
     supervisor = Supervisor(run_dir, batch, task, manifest, out, key, attempt)
     signal.signal(STOP_SIGNAL, supervisor.on_stop_signal)
+    signal.signal(signal.SIGTERM, supervisor.on_terminate)
     supervisor.run()
     out.write(("end", None, {"time": time.time(), "stopped": supervisor.stopping}))
     out.close()
@@ -101,6 +102,20 @@ class Supervisor:
         if self.child_pid:
             os.kill(self.child_pid, STOP_SIGNAL)
 
+    def on_terminate(self, signum: int, frame: object) -> None:
+        """Slurm ends the task (scancel, time limit, preemption): kill the child, then
+        write the `end` record, so the client knows the stream is complete and need not
+        wait for late writes of a shared filesystem."""
+        if self.child_pid:
+            try:
+                os.kill(self.child_pid, signal.SIGKILL)
+                os.waitpid(self.child_pid, 0)
+            except (ProcessLookupError, ChildProcessError):
+                pass
+        self.out.write(("end", None, {"time": time.time(), "stopped": self.stopping,
+                                      "signal": signum}))
+        os._exit(128 + signum)
+
     def run(self) -> None:
         resume: tuple[int, int] | None = None  # (chunk, position) to continue from
         while not self.stopping:
@@ -138,6 +153,9 @@ class Supervisor:
         if pid == 0:  # the child
             os.close(read_end)
             signal.signal(STOP_SIGNAL, _ChildStop.request)
+            # the supervisor answers SIGTERM for both (it kills this child, then records
+            # the end); a handler, not SIG_IGN, so processes the call starts get the default
+            signal.signal(signal.SIGTERM, _ignore)
             code = 0
             try:
                 ChildRunner(self, write_end).run(resume)
@@ -188,6 +206,10 @@ def _describe(code: int) -> dict:
         name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else ""
         return {"signal": -code, "exit_code": None, "text": f"killed by signal {-code} {name}"}
     return {"signal": None, "exit_code": code, "text": f"exited with code {code}"}
+
+
+def _ignore(signum: int, frame: object) -> None:
+    """SIGTERM in the child: the supervisor decides (see Supervisor.on_terminate)."""
 
 
 class _ChildStop:

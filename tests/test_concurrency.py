@@ -109,17 +109,18 @@ class Scenario:
             self.violation(f"{what} raised {error!r} before shutdown was called")
 
     def submit(self, rng: random.Random) -> None:
-        key, x = f"s{next(self.counter)}", rng.randrange(1, 1000)
-        after = self.shutdown_returned.is_set()
-        try:
-            future = self.ex.submit(mark, str(self.markers), key, x)
-        except RuntimeError as error:
-            self.refused("submit", error)
-            return
-        if after:
-            self.violation(f"submit accepted after shutdown returned ({key})")
-        with self.lock:
-            self.calls.append(Call(future, key, x))
+        for _ in range(rng.randint(1, 3)):
+            key, x = f"s{next(self.counter)}", rng.randrange(1, 1000)
+            after = self.shutdown_returned.is_set()
+            try:
+                future = self.ex.submit(mark, str(self.markers), key, x)
+            except RuntimeError as error:
+                self.refused("submit", error)
+                return
+            if after:
+                self.violation(f"submit accepted after shutdown returned ({key})")
+            with self.lock:
+                self.calls.append(Call(future, key, x))
 
     def map(self, rng: random.Random) -> None:
         n = rng.randint(1, 4)

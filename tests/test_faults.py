@@ -108,7 +108,7 @@ def cluster_node(command: str, cluster_dir: Path, node: str) -> None:
 
 @pytest.mark.slurm
 def test_node_failure_is_retried_on_another_node(slurm_cluster, tmp_path, caplog):
-    ex = SlurmExecutor(tmp_path / "spool", backend="slurm", poll_interval=0.5,
+    ex = SlurmExecutor(tmp_path / "spool", backend="slurm", poll_interval=0.5, result_grace=5,
                        requeue=False, max_retries=1, chunksize=2)
     futures = [ex.submit(sleep_then, 20, i) for i in range(2)]
     assert wait_until(futures[0].running)
@@ -132,7 +132,7 @@ def test_node_failure_is_retried_on_another_node(slurm_cluster, tmp_path, caplog
 
 @pytest.mark.slurm
 def test_node_failure_without_retries_names_the_state(slurm_cluster, tmp_path):
-    ex = SlurmExecutor(tmp_path / "spool", backend="slurm", poll_interval=0.5,
+    ex = SlurmExecutor(tmp_path / "spool", backend="slurm", poll_interval=0.5, result_grace=5,
                        requeue=False)
     lost, kept = ex.submit_many(sleep_then, [(60, "x"), (0.5, "kept")], chunksize=1)
     assert kept.result(timeout=60) == "kept"

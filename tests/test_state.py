@@ -248,3 +248,38 @@ def test_time_limit_and_broken_streams():
 def test_window_due():
     assert window_due(0.0, 0.5, quiet=0.05, longest=1.0) == 0.55
     assert window_due(0.0, 0.99, quiet=0.05, longest=1.0) == 1.0
+
+
+def test_without_an_end_record_the_verdict_waits_for_the_result_grace():
+    machine = core(result_grace=60.0)
+    started_batch(machine, chunks=((0, 1),), planned=1)
+    machine.step([Record(0, 0, "claim", 0, None)], 0)
+    machine.step([SchedulerAnswer({("7", 0): TaskState("COMPLETED")})], 1.0)
+    assert not failed(machine.step([StreamsRead(30.0)], 30.0))
+    out = machine.step([Record(0, 0, "ok", 0, b"late"), StreamsRead(40.0)], 40.0)
+    assert [d.call_id for d in of(out, Deliver)] == [0]  # a late result is not lost
+    out = machine.step([StreamsRead(61.5)], 61.5)
+    [fail] = of(out, Fail)
+    assert fail.call_ids == (1,) and "raise result_grace" in fail.failure.message
+
+
+def test_a_killed_worker_end_record_settles_at_once_with_the_scheduler_state():
+    machine = core(result_grace=60.0)
+    started_batch(machine, chunks=((0, 1),), planned=1)
+    machine.step([Record(0, 0, "claim", 0, None), Record(0, 0, "ok", 0, b""),
+                  Record(0, 0, "end", None, {"signal": 15})], 0)
+    assert not failed(machine.step([StreamsRead(0.5)], 0.5))  # which state? ask first
+    out = machine.step([SchedulerAnswer({("7", 0): TaskState("CANCELLED")}),
+                        StreamsRead(1.1)], 1.1)
+    out += machine.step([StreamsRead(1.2)], 1.2)
+    assert failed(out) == {1: JobCancelledError}
+
+
+def test_a_requeue_after_a_killed_end_waits_for_the_next_attempt():
+    machine = core(result_grace=0.0)
+    started_batch(machine, chunks=((0,),), planned=1)
+    machine.step([Record(0, 0, "claim", 0, None), Record(0, 0, "end", None, {"signal": 15}),
+                  SchedulerAnswer({("7", 0): TaskState("PREEMPTED")}), StreamsRead(0.1)], 0.1)
+    machine.step([SchedulerAnswer({("7", 0): TaskState("PENDING")}), StreamsRead(2)], 2.1)
+    out = machine.step([Record(0, 0, "ok", 0, b"second attempt"), StreamsRead(3)], 3.1)
+    assert [d.call_id for d in of(out, Deliver)] == [0] and not failed(out)
