@@ -52,7 +52,7 @@ from .handoff import CancelCalls, Launch, Settings, Shutdown, Submit
 from .lease import Lease
 from .progress import CallProgress
 from .schedulers import make_backend
-from .schedulers.script import validate_resources
+from .schedulers.script import link_package, validate_extra, validate_resources
 from .state import Config, Core
 
 DEFAULT_RETRY_ON = ("NODE_FAIL", "PREEMPTED")
@@ -125,6 +125,7 @@ class SlurmExecutor(Executor):
         **resources: Any,
     ) -> None:
         self.resources = validate_resources(resources)
+        setup, sbatch_extra = [str(line) for line in setup], validate_extra(list(sbatch_extra))
         if chunksize is not None and chunksize < 1:
             raise ValueError(f"chunksize must be >= 1, not {chunksize!r}")
         if max_retries < 0:
@@ -139,7 +140,7 @@ class SlurmExecutor(Executor):
         spool.ensure_private_dir(self.run_dir / "logs")
         lease = Lease(self.run_dir)
         lease.acquire(take_over=_take_over)
-        setup, sbatch_extra = list(setup), list(sbatch_extra)
+        link_package(self.folder)
         if _run is None:
             spool.write_json(self.run_dir / "run.json", {
                 "created": time.time(), "host": socket.gethostname(), "pid": os.getpid(),

@@ -7,6 +7,7 @@ script with bash (the `#SBATCH` lines are comments there) and honours `time`.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import shlex
 import sys
@@ -70,9 +71,53 @@ def validate_resources(resources: dict) -> dict:
     if parallel is not None and (not isinstance(parallel, int) or parallel < 1):
         raise ValueError(f"array_parallelism must be a positive int, not {parallel!r}")
     for name, value in checked.items():
-        if isinstance(value, str) and ("\n" in value or not value.strip()):
+        text = str(value)
+        if "\n" in text or "\r" in text or not text.strip():
             raise ValueError(f"resource {name}={value!r} must be a non-empty single line")
+        if '"' in text:
+            raise ValueError(f"resource {name}={value!r} must not contain a double quote")
     return checked
+
+
+def validate_extra(options: list[str]) -> list[str]:
+    """Raw sbatch options: each one line, starting with '-'."""
+    for option in options:
+        text = str(option)
+        if "\n" in text or "\r" in text or not text.startswith("-"):
+            raise ValueError(f"sbatch_extra item {option!r} must be one '--option[=value]' "
+                             "on a single line")
+    return [str(option) for option in options]
+
+
+def directive(flag: str, value: object) -> str:
+    """`--flag=value`, the value double-quoted when it has blanks, so that sbatch keeps
+    it one option (`#SBATCH` lines are split at blanks)."""
+    text = str(value)
+    if '"' in text or "\n" in text:
+        raise ValueError(f"{flag}={text!r}: a double quote or newline cannot be passed")
+    return f'{flag}="{text}"' if any(c.isspace() for c in text) else f"{flag}={text}"
+
+
+def python_path_dir(folder: Path) -> Path:
+    """A folder holding only a link to this package, for the workers' PYTHONPATH: the
+    client's whole site-packages must not shadow the worker interpreter's own."""
+    package = Path(slurmexecutor.__file__).resolve().parent
+    tag = hashlib.sha256(str(package).encode()).hexdigest()[:12]
+    return folder / ".pythonpath" / tag
+
+
+def link_package(folder: Path) -> Path:
+    """Create `python_path_dir(folder)` with its `slurmexecutor` link; return the dir."""
+    target = python_path_dir(folder)
+    link = target / "slurmexecutor"
+    package = Path(slurmexecutor.__file__).resolve().parent
+    if not link.is_symlink():
+        target.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            link.symlink_to(package, target_is_directory=True)
+        except FileExistsError:  # another client made it: it points at the same place
+            pass
+    return target
 
 
 _TIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
@@ -121,13 +166,14 @@ class ScriptSpec:
 
 def sbatch_directives(resources: dict, spec: ScriptSpec) -> list[str]:
     """The `--option=value` list for sbatch, in a stable order."""
-    options = [f"--job-name={resources.get('job_name', spec.job_name)}"]
+    options = [directive("--job-name", resources.get("job_name", spec.job_name))]
     array = f"--array=0-{spec.size - 1}"
     throttle = resources.get("array_parallelism") if spec.throttle is None else spec.throttle
     if throttle:
         array += f"%{throttle}"
     options.append(array)
-    options.append(f"--output={spec.run_dir / 'logs' / '%A_%a.log'}")
+    logs = str(spec.run_dir / "logs").replace("%", "%%")  # % starts a Slurm pattern
+    options.append(directive("--output", f"{logs}/%A_%a.log"))
     if "time" in resources:
         warn = warning_seconds(time_limit_seconds(resources["time"]))
         options.append(f"--signal=B:USR1@{warn}")
@@ -141,18 +187,17 @@ def sbatch_directives(resources: dict, spec: ScriptSpec) -> list[str]:
             elif value:
                 options.append(f"--{flag}")
         elif value is not None:
-            options.append(f"--{flag}={value}")
+            options.append(directive(f"--{flag}", value))
     options.extend(spec.sbatch_extra)
     return options
 
 
 def render_script(resources: dict, spec: ScriptSpec) -> str:
     """The batch script: directives, setup lines, then exec into the worker."""
-    package_root = Path(slurmexecutor.__file__).resolve().parent.parent
     lines = ["#!/bin/bash"]
     lines += [f"#SBATCH {option}" for option in sbatch_directives(resources, spec)]
     lines += list(spec.setup)
-    lines.append(f"export PYTHONPATH={shlex.quote(str(package_root))}"
+    lines.append(f"export PYTHONPATH={shlex.quote(str(python_path_dir(spec.run_dir.parent)))}"
                  '${PYTHONPATH:+:$PYTHONPATH}')
     task = f'$(( {spec.offset} + ${{SLURMEXECUTOR_TASK:-$SLURM_ARRAY_TASK_ID}} ))'
     lines.append(

@@ -1,0 +1,71 @@
+"""Paths and option values reach Slurm and the workers intact (quoting)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from slurmexecutor import SlurmExecutor
+from slurmexecutor.schedulers.script import ScriptSpec, python_path_dir, render_script
+
+
+def where_am_i(x):
+    return x, os.getcwd() is not None
+
+
+class Multiline:
+    def __str__(self) -> str:
+        return "4G\n#SBATCH --partition=evil"
+
+
+def test_a_folder_with_spaces_percent_and_non_ascii_works(backend, tmp_path):
+    folder = tmp_path / "my runs %x 100% é"
+    with SlurmExecutor(folder, backend=backend, poll_interval=0.2) as ex:
+        assert ex.submit(where_am_i, 3).result(timeout=120) == (3, True)
+        assert list(ex.map(abs, [-1, -2])) == [1, 2]
+        future = ex.submit(print, "hello from a strange folder")
+        future.result(timeout=120)
+        assert "hello from a strange folder" in future.log()
+    assert list((folder / ex.run_id / "logs").glob("*.log"))
+
+
+@pytest.mark.slurm
+def test_values_with_blanks_stay_one_option(slurm_cluster, tmp_path):
+    name = "my job --comment=injected"
+    with SlurmExecutor(tmp_path, backend="slurm", job_name=name, comment="two words",
+                       poll_interval=0.2) as ex:
+        future = ex.submit(abs, -5)
+        assert future.result(timeout=120) == 5
+        job = future.log_path.stem.partition("_")[0]
+        shown = subprocess.run(["scontrol", "show", "job", job], capture_output=True,
+                               text=True, check=False).stdout
+    if shown:  # still within MinJobAge
+        assert f"JobName={name}" in shown and "Comment=two words" in shown
+
+
+@pytest.mark.parametrize("resources", [
+    {"mem": Multiline()}, {"comment": "a\nb"}, {"job_name": 'say "hi"'}, {"nice": "\r"},
+])
+def test_values_that_could_inject_options_are_refused(resources, tmp_path):
+    with pytest.raises(ValueError, match="single line|double quote"):
+        SlurmExecutor(tmp_path, backend="local", **resources)
+    assert not list(tmp_path.glob("2*"))  # refused before anything was created
+
+
+@pytest.mark.parametrize("extra", [["--export=ALL\n#SBATCH --x"], ["export=ALL"]])
+def test_bad_sbatch_extra_is_refused(extra, tmp_path):
+    with pytest.raises(ValueError, match="sbatch_extra"):
+        SlurmExecutor(tmp_path, backend="local", sbatch_extra=extra)
+
+
+def test_worker_pythonpath_holds_only_this_package(tmp_path):
+    with SlurmExecutor(tmp_path, backend="local") as ex:
+        script = render_script({}, ScriptSpec(run_dir=ex.run_dir, batch=0, size=1))
+    directory = python_path_dir(tmp_path)
+    assert f"export PYTHONPATH={directory}" in script
+    assert sorted(path.name for path in directory.iterdir()) == ["slurmexecutor"]
+    assert (directory / "slurmexecutor").resolve() == Path(
+        __import__("slurmexecutor").__file__).resolve().parent
