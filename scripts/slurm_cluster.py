@@ -4,6 +4,7 @@
 Usage::
 
     slurm_cluster.py up DIR [--nodes N] [--cpus C] [--max-array-size M] [--timeout S]
+                            [--shared REAL --mount MNT [--lag L]]
     slurm_cluster.py down DIR
     slurm_cluster.py env DIR
     slurm_cluster.py kill-node DIR NODENAME
@@ -17,15 +18,35 @@ files are in DIR, plus any job processes left over from this cluster's slurmstep
 ``kill-node`` simulates a node crash (SIGKILL of that node's slurmd, slurmstepd and
 job processes); ``start-node`` starts that node's slurmd again.
 
+A login node with a lagging shared filesystem (``--shared REAL --mount MNT --lag L``): each
+slurmd runs in a mount namespace of its own (``unshare -m --propagation private``) where the
+folder REAL is bind-mounted at MNT, so every job reads and writes REAL directly at path MNT;
+in the namespace of the caller (the "login node", where the client and the tests run) MNT
+is ``scripts/lagfs.py``, a FUSE view of REAL that shows what the jobs write only L seconds
+(default 2) after they wrote it, while the caller's own writes through MNT show at once.
+``down`` stops lagfs (pid file ``DIR/run/lagfs.pid``, log ``DIR/log/lagfs.log``) and
+makes sure MNT is unmounted. For example::
+
+    python3 scripts/slurm_cluster.py up /tmp/c --shared /tmp/shared --mount /tmp/mnt --lag 2
+    export SLURM_CONF=/tmp/c/slurm.conf
+    sbatch -o /dev/null --wrap 'echo hi > /tmp/mnt/x'  # in /tmp/shared at once,
+    ls /tmp/mnt                                        # but here only after ~2 s
+    python3 scripts/slurm_cluster.py down /tmp/c
+
+This needs root, ``unshare`` (util-linux), /dev/fuse, Debian ``fuse3`` and the ``mfusepy``
+package (``bash scripts/bootstrap.sh test`` installs them). REAL and MNT are created if
+missing; they must not contain each other and MNT must not be a mount point already.
+
 Nothing is written outside DIR and the system munged is never touched. The settings
 follow shared/SLURM-NOTES.md: no cgroups, no accounting, a scheduler tuned for fast
 turnaround of short test jobs. Progress goes to stderr; only the export line goes to
-stdout. Python standard library only.
+stdout. Python standard library only (lagfs needs ``mfusepy``).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import secrets
 import shlex
@@ -41,6 +62,7 @@ from pathlib import Path
 SLURMCTLD = "/usr/sbin/slurmctld"
 SLURMD = "/usr/sbin/slurmd"
 MUNGED = "/usr/sbin/munged"
+LAGFS = Path(__file__).resolve().with_name("lagfs.py")
 
 # Set in the environment of our slurmd daemons; slurmstepd inherits it, which is
 # how this script recognises the step daemons (and so the jobs) of its own cluster.
@@ -79,6 +101,9 @@ class Layout:
         self.jobcomp = self.logs / "jobcomp.txt"
         self.slurmctld_pid = self.run / "slurmctld.pid"
         self.slurmctld_log = self.logs / "slurmctld.log"
+        self.shared_settings = self.run / "shared.json"
+        self.lagfs_pid = self.run / "lagfs.pid"
+        self.lagfs_log = self.logs / "lagfs.log"
 
     def slurmd_pid(self, node: str) -> Path:
         return self.run / f"slurmd-{node}.pid"
@@ -89,6 +114,14 @@ class Layout:
     def launcher_log(self, name: str) -> Path:
         """Stdout/stderr of a daemon's launching process (early start-up errors)."""
         return self.logs / f"{name}.out"
+
+    def shared(self) -> Shared | None:
+        """The shared-folder settings of the cluster in DIR (None: it has none)."""
+        try:
+            data = json.loads(self.shared_settings.read_text())
+        except (OSError, ValueError):
+            return None
+        return Shared(Path(data["real"]), Path(data["mount"]), float(data["lag"]))
 
     def export_line(self) -> str:
         return f"export SLURM_CONF={shlex.quote(str(self.conf))}"
@@ -103,6 +136,18 @@ class Layout:
                 if word.startswith("NodeName="):
                     nodes.append(word.removeprefix("NodeName="))
         return nodes
+
+
+class Shared:
+    """A shared folder REAL: at MNT for the jobs, and late at MNT for the caller (lagfs)."""
+
+    def __init__(self, real: Path, mount: Path, lag: float) -> None:
+        self.real = real
+        self.mount = mount
+        self.lag = lag
+
+    def to_json(self) -> str:
+        return json.dumps({"real": str(self.real), "mount": str(self.mount), "lag": self.lag})
 
 
 # --------------------------------------------------------------------------- processes
@@ -263,6 +308,7 @@ def running_daemons(layout: Layout) -> dict[str, int]:
     pid_files.update(layout.run.glob("slurmd-*.pid") if layout.run.is_dir() else [])
     for path in sorted(pid_files):
         found[path.stem] = daemon_pid(path, SLURMD, conf)
+    found["lagfs"] = lagfs_pid(layout)
     return {name: pid for name, pid in found.items() if pid is not None}
 
 
@@ -381,8 +427,128 @@ def start_slurmctld(layout: Layout) -> None:
 def start_slurmd(layout: Layout, node: str) -> None:
     (layout.spool / node).mkdir(parents=True, exist_ok=True)
     argv = [SLURMD, "-f", str(layout.conf), "-N", node]
+    shared = layout.shared()
+    if shared is not None:
+        # A mount namespace of its own, inherited by every job of this node, where MNT is
+        # REAL itself. A copy of the caller's lagfs mount (when the node starts after it,
+        # as with start-node) is dropped there first so that it does not keep lagfs alive.
+        mnt, real = shlex.quote(str(shared.mount)), shlex.quote(str(shared.real))
+        script = f'umount -l {mnt} 2>/dev/null; mount --bind {real} {mnt} && exec "$@"'
+        argv = ["unshare", "-m", "--propagation", "private", "sh", "-c", script, "sh", *argv]
     spawn_daemon(layout, f"slurmd-{node}", argv, daemon_env(layout, node))
-    wait_for_pid(layout.slurmd_pid(node), SLURMD, str(layout.conf), f"slurmd {node}", 15)
+    pid = wait_for_pid(layout.slurmd_pid(node), SLURMD, str(layout.conf), f"slurmd {node}", 15)
+    if shared is not None:
+        check_node_sees_real(pid, node, shared)
+
+
+# ------------------------------------------------------------------- the shared folder
+
+
+def mount_points() -> dict[str, str]:
+    """Mount point -> filesystem type, in this process's mount namespace (last wins)."""
+    found = {}
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields = line.split()
+        if " - " not in line or len(fields) < 5:
+            continue
+        after = line.split(" - ", 1)[1].split()
+        # Spaces and the like are written as octal escapes (\040).
+        point = fields[4].encode().decode("unicode_escape").encode("latin-1").decode()
+        found[point] = after[0] if after else ""
+    return found
+
+
+def is_lagfs_mounted(mount: Path) -> bool:
+    return mount_points().get(str(mount)) == "fuse.lagfs"
+
+
+def lagfs_pid(layout: Layout) -> int | None:
+    """The live pid of this cluster's lagfs, checked against its command line."""
+    shared = layout.shared()
+    pid = read_pid(layout.lagfs_pid)
+    if shared is None or pid is None or not is_alive(pid):
+        return None
+    args = cmdline(pid)
+    if not any(Path(arg).name == LAGFS.name for arg in args) or str(shared.mount) not in args:
+        return None
+    return pid
+
+
+def check_node_sees_real(pid: int, node: str, shared: Shared) -> None:
+    """The node's slurmd (and so its jobs) must see REAL itself at MNT."""
+    try:
+        seen = os.stat(f"/proc/{pid}/root{shared.mount}")
+        real = os.stat(shared.real)
+    except OSError as exc:
+        raise ClusterError(f"slurmd {node}: cannot check its view of {shared.mount}: {exc}")
+    if (seen.st_dev, seen.st_ino) != (real.st_dev, real.st_ino):
+        raise ClusterError(f"slurmd {node} does not see {shared.real} at {shared.mount}")
+
+
+def start_lagfs(layout: Layout, shared: Shared, timeout: float = 15.0) -> None:
+    """Mount the lagging view of REAL at MNT in our namespace; wait until it is mounted."""
+    env = {key: value for key, value in os.environ.items()
+           if key not in (MARKER_DIR, MARKER_NODE, "SLURM_JOB_ID")}
+    argv = [
+        sys.executable, str(LAGFS), str(shared.real), str(shared.mount),
+        "--lag", str(shared.lag), "--pid-file", str(layout.lagfs_pid),
+    ]
+    with open(os.devnull, "rb") as devnull, open(layout.lagfs_log, "ab") as out:
+        proc = subprocess.Popen(argv, stdin=devnull, stdout=out, stderr=out, env=env,
+                                cwd=layout.root, start_new_session=True, close_fds=True)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise ClusterError(
+                f"lagfs exited with {proc.returncode}:\n{tail(layout.lagfs_log)}")
+        if is_lagfs_mounted(shared.mount) and lagfs_pid(layout) == proc.pid:
+            return
+        time.sleep(0.05)
+    raise ClusterError(f"lagfs did not mount {shared.mount} within {timeout:.0f} s")
+
+
+def stop_lagfs(layout: Layout) -> bool:
+    """Stop this cluster's lagfs and make sure its mount point is unmounted."""
+    shared = layout.shared()
+    if shared is None:
+        return False
+    pid = lagfs_pid(layout)
+    if pid is not None:
+        terminate([pid])  # lagfs unmounts MNT when it gets SIGTERM
+    deadline = time.monotonic() + 5.0
+    while is_lagfs_mounted(shared.mount) and time.monotonic() < deadline:
+        if pid is None or not is_alive(pid):  # killed, or not unmounted: do it ourselves
+            for command in (["fusermount3", "-u", "-z"], ["umount", "-l"]):
+                if shutil.which(command[0]):
+                    subprocess.run([*command, str(shared.mount)], check=False,
+                                   stdin=subprocess.DEVNULL, capture_output=True, timeout=30)
+                if not is_lagfs_mounted(shared.mount):
+                    break
+        time.sleep(0.05)
+    if is_lagfs_mounted(shared.mount):
+        log(f"warning: {shared.mount} is still mounted")
+    return pid is not None
+
+
+def check_shared(layout: Layout, shared: Shared) -> None:
+    """Refuse a shared folder or mount point that up would break or that would break up."""
+    if shutil.which("unshare") is None:
+        raise ClusterError("--shared needs `unshare` (util-linux)")
+    if not Path("/dev/fuse").exists():
+        raise ClusterError("--shared needs FUSE (/dev/fuse); apt-get install -y fuse3")
+    if shared.lag < 0:
+        raise ClusterError("--lag must be >= 0")
+    real, mount = str(shared.real), str(shared.mount)
+    if os.path.commonpath([real, mount]) in (real, mount):
+        raise ClusterError(f"--shared {real} and --mount {mount} must not contain each other")
+    wiped = (layout.state, layout.spool, layout.run, layout.logs, layout.munge_dir)
+    for path in (shared.real, shared.mount):
+        if any(path == folder or folder in path.parents for folder in wiped):
+            raise ClusterError(f"{path} is inside {layout.root}'s own folders, which up wipes")
+        if path.exists() and not path.is_dir():
+            raise ClusterError(f"{path} exists and is not a folder")
+    if mount in mount_points():
+        raise ClusterError(f"{mount} is a mount point already; unmount it first")
 
 
 # ---------------------------------------------------------------------------- slurm.conf
@@ -553,7 +719,14 @@ def print_log_tails(layout: Layout) -> None:
 # ----------------------------------------------------------------------------- commands
 
 
-def cmd_up(layout: Layout, nodes_count: int, cpus: int, max_array_size: int, timeout: float) -> int:
+def cmd_up(
+    layout: Layout,
+    nodes_count: int,
+    cpus: int,
+    max_array_size: int,
+    timeout: float,
+    shared: Shared | None = None,
+) -> int:
     started = time.monotonic()
     deadline = started + timeout
     running = running_daemons(layout)
@@ -570,6 +743,9 @@ def cmd_up(layout: Layout, nodes_count: int, cpus: int, max_array_size: int, tim
 
     # Leftovers of an earlier cluster that was not shut down cleanly.
     kill_trees(job_process_roots(layout))
+    stop_lagfs(layout)
+    if shared is not None:
+        check_shared(layout, shared)
     for stale in (
         layout.state,
         layout.spool,
@@ -584,10 +760,16 @@ def cmd_up(layout: Layout, nodes_count: int, cpus: int, max_array_size: int, tim
     ports = free_ports(1 + len(nodes))
     layout.conf.write_text(render_conf(layout, nodes, cpus, max_array_size, ports[0], ports[1:]))
     try:
+        if shared is not None:
+            shared.real.mkdir(parents=True, exist_ok=True)
+            shared.mount.mkdir(parents=True, exist_ok=True)
+            layout.shared_settings.write_text(shared.to_json())
         start_munged(layout)
         start_slurmctld(layout)
         for node in nodes:
-            start_slurmd(layout, node)
+            start_slurmd(layout, node)  # before lagfs, so no node holds a copy of its mount
+        if shared is not None:
+            start_lagfs(layout, shared)
         wait_idle(layout, nodes, deadline)
     except (ClusterError, OSError, subprocess.SubprocessError) as exc:
         log(f"up failed: {exc}")
@@ -599,6 +781,11 @@ def cmd_up(layout: Layout, nodes_count: int, cpus: int, max_array_size: int, tim
         f"cluster up in {time.monotonic() - started:.1f} s: {len(nodes)} node(s) x {cpus} CPUs,"
         f" slurmctld port {ports[0]}"
     )
+    if shared is not None:
+        log(
+            f"jobs see {shared.real} at {shared.mount}; here {shared.mount} shows it"
+            f" {shared.lag:g} s late (lagfs)"
+        )
     print(layout.export_line(), flush=True)
     return 0
 
@@ -607,13 +794,15 @@ def cmd_down(layout: Layout) -> int:
     daemons = running_daemons(layout)
     munged = daemons.pop("munged", None)
     slurmctld = daemons.pop("slurmctld", None)
+    daemons.pop("lagfs", None)
     if slurmctld is not None:  # first, so that nothing new is launched
         terminate([slurmctld])
     terminate(daemons.values())  # the slurmd daemons
     killed = kill_trees(job_process_roots(layout))
+    lagfs = stop_lagfs(layout)  # after the nodes: nothing of theirs holds its mount now
     if munged is not None:  # last: the others talk to it while shutting down
         terminate([munged])
-    stopped = len(daemons) + (slurmctld is not None) + (munged is not None)
+    stopped = len(daemons) + (slurmctld is not None) + (munged is not None) + lagfs
     log(f"stopped {stopped} daemon(s) and {len(killed)} job process(es) in {layout.root}")
     return 0
 
@@ -659,6 +848,19 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         default=60.0,
         help="seconds to wait for idle nodes (default 60)",
     )
+    up.add_argument(
+        "--shared",
+        type=Path,
+        metavar="REAL",
+        help="a shared folder the jobs see at MNT directly and the caller late (lagfs)",
+    )
+    up.add_argument("--mount", type=Path, metavar="MNT", help="where jobs and caller see REAL")
+    up.add_argument(
+        "--lag",
+        type=float,
+        metavar="L",
+        help="seconds before the caller sees what jobs write under MNT (default 2)",
+    )
 
     down = sub.add_parser("down", help="stop the cluster in DIR (safe to repeat)")
     down.add_argument("dir", type=Path, metavar="DIR")
@@ -684,7 +886,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     layout = Layout(args.dir)
     try:
         if args.command == "up":
-            return cmd_up(layout, args.nodes, args.cpus, args.max_array_size, args.timeout)
+            shared = None
+            if (args.shared is None) != (args.mount is None):
+                raise ClusterError("--shared and --mount go together")
+            if args.shared is not None:
+                lag = 2.0 if args.lag is None else args.lag
+                shared = Shared(args.shared.expanduser().resolve(),
+                                args.mount.expanduser().resolve(), lag)
+            elif args.lag is not None:
+                raise ClusterError("--lag needs --shared and --mount")
+            return cmd_up(
+                layout, args.nodes, args.cpus, args.max_array_size, args.timeout, shared
+            )
         if args.command == "down":
             return cmd_down(layout)
         if args.command == "env":
