@@ -37,10 +37,11 @@ This needs root, ``unshare`` (util-linux), /dev/fuse, Debian ``fuse3`` and the `
 package (``bash scripts/bootstrap.sh test`` installs them). REAL and MNT are created if
 missing; they must not contain each other and MNT must not be a mount point already.
 
-Nothing is written outside DIR and the system munged is never touched. The settings
-follow shared/SLURM-NOTES.md: no cgroups, no accounting, a scheduler tuned for fast
-turnaround of short test jobs. Progress goes to stderr; only the export line goes to
-stdout. Python standard library only (lagfs needs ``mfusepy``).
+Nothing is written outside DIR (but for REAL and MNT with ``--shared``) and the system
+munged is never touched. The settings follow shared/SLURM-NOTES.md: no cgroups, no
+accounting, a scheduler tuned for fast turnaround of short test jobs. Progress goes to
+stderr; only the export line goes to stdout. Python standard library only (lagfs needs
+``mfusepy``).
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ _EXPORTS = {
     "MapReduceTask": "mapreduce",
     "reducers": None,
     "errors": None,
-    "progress": "progress",
+    "progress": "bars",
     "SlurmExecutorError": "errors",
     "SubmissionError": "errors",
     "SerializationError": "errors",

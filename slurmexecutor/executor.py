@@ -44,13 +44,13 @@ from typing import Any
 
 from . import spool
 from ._log import log
+from .bars import CallProgress
 from .batches import BatchSpec, Chunk, auto_chunksize, dumps
 from .engine import Engine
 from .errors import RunNotFoundError
 from .futures import ChunkSink, FutureSink, SlurmFuture, call_log
 from .handoff import CancelCalls, Launch, Settings, Shutdown, Submit
 from .lease import Lease
-from .progress import CallProgress
 from .schedulers import make_backend
 from .schedulers.script import link_package, validate_extra, validate_resources
 from .state import Config, Core

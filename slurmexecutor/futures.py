@@ -15,7 +15,7 @@ from concurrent.futures import Future, InvalidStateError
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .progress import CallProgress
+from .bars import CallProgress
 
 if TYPE_CHECKING:
     from .engine import Engine

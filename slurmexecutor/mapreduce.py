@@ -23,7 +23,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from .progress import CallProgress
+from .bars import CallProgress
 from .reducers import _MISSING, Reducer, as_reducer
 
 

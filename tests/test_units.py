@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from slurmexecutor import IntegrityError, spool
+from slurmexecutor.bars import CallProgress, progress
 from slurmexecutor.errors import JobTimeoutError, TaskFailedError
-from slurmexecutor.progress import CallProgress, progress
 from slurmexecutor.schedulers import REMAINDER, TaskState, state_of
 from slurmexecutor.schedulers.script import (
     ScriptSpec,
