@@ -134,7 +134,9 @@ class SlurmBackend(Backend):
             if "Invalid job id" in done.stderr:  # a lone id that has left the queue
                 return {}
             raise SubmissionError(f"squeue failed: {done.stderr.strip()}")
-        return parse_squeue(done.stdout)
+        states = parse_squeue(done.stdout)
+        log.debug("squeue: %s", states)
+        return states
 
     def final_states(self, keys: Collection[TaskKey]) -> dict[TaskKey, TaskState]:
         """Ask accounting (sacct) once; remember when the cluster has none."""
