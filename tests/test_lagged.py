@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import CLUSTER_SCRIPT, cluster, wait_until
+from conftest import cluster, wait_until
 
 from slurmexecutor import (
     JobCancelledError,
