@@ -78,3 +78,34 @@ def _stop(folder: Path) -> None:
                    capture_output=True, check=False)
     shutil.rmtree(folder, ignore_errors=True)
     log(f"stopped the cluster in {folder}")
+
+
+@contextmanager
+def lagged_cluster(lag: float, nodes: int = 1, cpus: int = 16) -> Iterator[Path]:
+    """A cluster whose nodes write a shared folder that this process sees `lag` s late
+    (scripts/lagfs.py); yield the folder as this process sees it. SLURM_CONF is set
+    while inside."""
+    existing = os.environ.get("SLURM_CONF")
+    folder = Path(tempfile.mkdtemp(prefix="slxlag-"))
+    shared, mount = folder / "shared", folder / "mnt"
+    shared.mkdir(mode=0o700)
+    mount.mkdir()
+    up = [sys.executable, str(CLUSTER_SCRIPT), "up", str(folder / "cluster"), "--nodes",
+          str(nodes), "--cpus", str(cpus), "--shared", str(shared), "--mount", str(mount),
+          "--lag", str(lag)]
+    done = subprocess.run(up, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        _stop(folder / "cluster")
+        shutil.rmtree(folder, ignore_errors=True)
+        raise RuntimeError(f"could not start a lagged cluster:\n{done.stderr.strip()}")
+    log(f"started a cluster with a {lag:g} s lag in {folder}")
+    os.environ["SLURM_CONF"] = str(folder / "cluster" / "slurm.conf")
+    try:
+        yield mount
+    finally:
+        if existing is None:
+            os.environ.pop("SLURM_CONF", None)
+        else:
+            os.environ["SLURM_CONF"] = existing
+        _stop(folder / "cluster")
+        shutil.rmtree(folder, ignore_errors=True)
