@@ -133,12 +133,12 @@ class Engine:
         try:
             wait = 0.01
             while True:
+                flush, self._flush = self._flush, False  # before draining: none is lost
                 busy = self._drain()
                 now = time.monotonic()
-                if self._window is not None and (self._flush or self._stopping or now >= (
+                if self._window is not None and (flush or self._stopping or now >= (
                         self._window_due())):
                     self._launch_window()
-                self._flush = False
                 busy |= self._read_streams()
                 busy |= self._step()
                 self._renew_lease(now)
@@ -202,7 +202,6 @@ class Engine:
                 request.future.cancel()
                 FutureSink(request.future).launch()
             self._window = None
-        self._events.append(CancelRequested(frozenset(self.core.open_calls()), kill=False))
 
     def _step(self) -> bool:
         """Feed the pending events to the core and carry out its actions, until quiet."""

@@ -194,8 +194,10 @@ class Core:
             self._cancel(event)
         elif isinstance(event, ClaimsWon):
             self._claims_won(event)
-        elif isinstance(event, ShutdownRequested):
-            self.cancelling = self.cancelling or event.cancel_futures
+        elif isinstance(event, ShutdownRequested) and event.cancel_futures:
+            # everything handed over so far: skip what has not started, kill nothing
+            self.cancelling = True
+            self._cancel(CancelRequested(frozenset(self.open_calls()), kill=False))
 
     def _add_batch(self, event: BatchAdded, now: float) -> None:
         calls = {c for chunk in event.chunks for c in chunk}
@@ -416,23 +418,19 @@ class Core:
         """Calls a task left without results: retry them, or fail them with the error
         that fits how the task ended."""
         batch, state = task.batch, task.final
-        cancelled = [c for c in call_ids if c in self.doomed]
-        if cancelled:
-            self._fail(batch, cancelled, Failure(
-                JobCancelledError, "the call was cancelled", task.ref, "CANCELLED"))
-            call_ids = [c for c in call_ids if c not in self.doomed]
-        if not call_ids:
-            return
         live_end = not task.ended or task.killed  # Slurm ended it, not the worker itself
-        if (state is not None and live_end and state.state in self.config.retry_on
+        again = [c for c in call_ids if c not in self.doomed]  # never retry a cancelled call
+        if (again and state is not None and live_end and state.state in self.config.retry_on
                 and batch.attempt <= self.config.max_retries and not self.cancelling):
             calls: dict[int, list[int]] = {}
-            for call_id in call_ids:
+            for call_id in again:
                 calls.setdefault(batch.chunk_of[call_id], []).append(call_id)
                 self._close(batch, call_id)
             self._out.append(Retry(batch.number, batch.attempt + 1,
                                    {k: tuple(v) for k, v in calls.items()}, state.state))
-            return
+            call_ids = [c for c in call_ids if c in self.doomed]
+            if not call_ids:
+                return
         if task.truncated and live_end and started:
             self._fail(batch, call_ids, Failure(IntegrityError, (
                 f"{task.truncated}: its task ended "
