@@ -650,7 +650,8 @@ def test_attach_with_take_over_drives_a_live_run(make_executor, tmp_path):
 def test_retries_never_resubmit_cancelled_calls(make_executor, tmp_path):
     """Contract 12: a task dies in a retryable state after ex.cancel() of two of its
     calls: the retry carries the other two only, and the cancelled ones never run."""
-    ex = make_executor(chunksize=4, submit_window=0.5, max_retries=1, retry_on=("FAILED",))
+    ex = make_executor(chunksize=4, submit_window=0.5, max_retries=1, retry_on=("FAILED",),
+                       result_grace=5)  # SIGKILL of the whole task: no end record
     go, once = tmp_path / "go", tmp_path / "killed-once"
     markers = [tmp_path / f"call{i}" for i in range(4)]
     killer = ex.submit(kill_own_task_once, str(markers[0]), str(go), str(once), "survived")
