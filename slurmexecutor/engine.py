@@ -93,6 +93,7 @@ class Engine:
         self._window: Window | None = None
         self._journals: dict[int, dict] = {}
         self._cursors: dict[str, spool.StreamCursor] = {}
+        self._late_sinks: dict[int, FutureSink] = {}  # failed calls of unfinished chunks
         self._events: list[Event] = []
         self._next_renewal = 0.0
         self.error: BaseException | None = None  # why the owner stopped early
@@ -286,10 +287,12 @@ class Engine:
     def _do(self, action: Action) -> None:
         if isinstance(action, Deliver):
             sink = self.sinks.pop(action.call_id, None)
+            if sink is None and action.late:
+                sink = self._late_sinks.pop(action.call_id, None)
             if sink is not None:
                 ok, value = outcomes.decode(self.run_dir, action.kind, action.call_id,
                                             action.body, action.task, action.cancelled_here)
-                sink.deliver(action.call_id, ok, value)
+                sink.deliver(action.call_id, ok, value, replace=action.late)
         elif isinstance(action, Fail):
             self._fail(action)
         elif isinstance(action, SubmitTasks):
@@ -326,6 +329,8 @@ class Engine:
             self._retry(action)
         elif isinstance(action, BatchDone):
             self._journals.pop(action.batch, None)
+            self._late_sinks = {c: s for c, s in self._late_sinks.items()
+                                if not s.future.done()}
             prefix = spool.batch_name(action.batch) + "."
             for name in [n for n in self._cursors if n.startswith(prefix)]:
                 del self._cursors[name]
@@ -341,6 +346,8 @@ class Engine:
             if sink is not None:
                 sink.deliver(call_id, False, outcomes.failure_error(self.run_dir, failure,
                                                                     call_id))
+                if not sink.future.done():  # a map chunk: a late result may still win
+                    self._late_sinks[call_id] = sink
 
     def _submit_tasks(self, action: SubmitTasks) -> None:
         journal = self._journals[action.batch]
@@ -405,7 +412,7 @@ class Engine:
         tasks the scheduler says have ended are also opened by name and read to their end
         (an open revalidates NFS's cached attributes: close-to-open consistency), since a
         cached directory listing or size may hide what they wrote last."""
-        if not self.core.tasks:
+        if not self.core.tasks and not self.core.lingering:
             return False
         started = time.monotonic()
         try:
@@ -415,12 +422,13 @@ class Engine:
         fresh: dict[str, tuple[int, int]] = {}  # stream name -> (batch, task) to read
         for entry in entries:
             parsed = spool.parse_stream_name(entry.name)
-            if parsed is None or parsed not in self.core.tasks:
+            if parsed is None or (parsed not in self.core.tasks
+                                  and parsed not in self.core.lingering):
                 continue
             cursor = self._cursors.get(entry.name)
             if cursor is None or entry.stat().st_size > cursor.offset:
                 fresh[entry.name] = parsed
-        for key, task in self.core.tasks.items():
+        for key, task in [*self.core.tasks.items(), *self.core.lingering.items()]:
             if task.final is not None and not task.ended:
                 names = [n for n in self._cursors if spool.parse_stream_name(n) == key]
                 first = spool.stream_path(self.run_dir, key[0], key[1], 0).name

@@ -153,6 +153,7 @@ class Deliver:
     body: Any
     task: TaskRef
     cancelled_here: bool = False  # the user cancelled it through this client
+    late: bool = False  # after a verdict: it wins where the future is still unresolved
 
 
 @dataclass(frozen=True)

@@ -101,7 +101,7 @@ class FutureSink:
     def claimed(self, calls: int) -> None:
         """A task took the call's chunk."""
 
-    def deliver(self, call_id: int, ok: bool, value: Any) -> None:
+    def deliver(self, call_id: int, ok: bool, value: Any, replace: bool = False) -> None:
         if self.future.done():
             return
         try:
@@ -128,9 +128,12 @@ class ChunkSink(FutureSink):
         if self.progress:
             self.progress.started(calls)
 
-    def deliver(self, call_id: int, ok: bool, value: Any) -> None:
+    def deliver(self, call_id: int, ok: bool, value: Any, replace: bool = False) -> None:
         slot = call_id - self.first_call
-        if self.outcomes[slot] is not None:
+        previous = self.outcomes[slot]
+        if previous is not None:  # a late result replaces a failure, never a result
+            if replace and not previous[0] and not self.future.done():
+                self.outcomes[slot] = (ok, value)
             return
         self.outcomes[slot] = (ok, value)
         self.missing -= 1

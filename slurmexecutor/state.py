@@ -120,6 +120,8 @@ class Task:
     final_polls: int = 0
     error: str | None = None
     truncated: str | None = None
+    verdicts: set[int] = field(default_factory=set)  # calls failed without a result
+    linger_until: float = 0.0
 
     @property
     def key(self) -> tuple[int, int]:
@@ -141,6 +143,9 @@ class Core:
         self.doomed: set[int] = set()  # calls the user cancelled after launch
         self.cancelling = False  # shutdown(cancel_futures=True): no more retries
         self.next_poll = 0.0
+        #: settled tasks that had no end record: read on for another result_grace, so a
+        #: result that comes after all still wins where its future is unresolved
+        self.lingering: dict[tuple[int, int], Task] = {}
         #: when the latest complete read of the streams began: a task the scheduler
         #: calls ended is judged only on a read that began after we learned it
         self.scanned = float("-inf")
@@ -151,6 +156,8 @@ class Core:
     def step(self, events: Iterable[Event], now: float) -> list[Action]:
         """Apply `events`, then the clock's decisions; return what to do."""
         self._out = []
+        for key in [k for k, t in self.lingering.items() if now > t.linger_until]:
+            del self.lingering[key]
         for event in events:
             self._apply(event, now)
         self._tick(now)
@@ -179,6 +186,8 @@ class Core:
             task = self.tasks.get((event.batch, event.task))
             if task is not None:
                 self._on_record(task, event, now)
+            elif (event.batch, event.task) in self.lingering:
+                self._on_late_record(self.lingering[(event.batch, event.task)], event)
         elif isinstance(event, StreamState):
             task = self.tasks.get((event.batch, event.task))
             if task is not None:
@@ -255,6 +264,18 @@ class Core:
             call_id = record.call_id
             self._close(batch, call_id)
             self._out.append(Deliver(call_id, kind, record.body, task.ref, call_id in self.doomed))
+
+    def _on_late_record(self, task: Task, record: Record) -> None:
+        call_id = record.call_id
+        if record.kind == "end" or not task.verdicts:
+            self.lingering.pop(task.key, None)
+        elif call_id in task.verdicts and record.kind not in ("start", "claim", "limit"):
+            task.verdicts.discard(call_id)
+            for batch in self.batches.values():  # a retry may carry it: it is done now
+                if call_id in batch.open_calls:
+                    self._close(batch, call_id)
+            self._out.append(Deliver(call_id, record.kind, record.body, task.ref,
+                                     call_id in self.doomed, late=True))
 
     def _on_states(self, states: Mapping[TaskKey, TaskState], now: float) -> None:
         vanished: list[Task] = []
@@ -361,6 +382,10 @@ class Core:
                 task.final.state not in REQUEUEABLE or task.final_polls >= 2):
             if task.unresolved or batch.unclaimed:
                 batch.last_failed = task
+            if task.unresolved and not task.ended:  # its results may still be on the way
+                task.verdicts = set(task.unresolved)
+                task.linger_until = now + self.config.result_grace
+                self.lingering[task.key] = task
             if task.unresolved:
                 self._fail_unfinished(task, sorted(task.unresolved))
             if not batch.steal and task.index in batch.unclaimed:  # nobody else may take it

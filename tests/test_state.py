@@ -283,3 +283,20 @@ def test_a_requeue_after_a_killed_end_waits_for_the_next_attempt():
     machine.step([SchedulerAnswer({("7", 0): TaskState("PENDING")}), StreamsRead(2)], 2.1)
     out = machine.step([Record(0, 0, "ok", 0, b"second attempt"), StreamsRead(3)], 3.1)
     assert [d.call_id for d in of(out, Deliver)] == [0] and not failed(out)
+
+
+def test_a_result_that_comes_after_the_verdict_still_wins_where_it_can():
+    machine = core(result_grace=10.0, retry_on=frozenset({"NODE_FAIL"}), max_retries=1)
+    started_batch(machine, chunks=((0, 1),), planned=1)
+    machine.step([Record(0, 0, "claim", 0, None)], 0)
+    machine.step([SchedulerAnswer({("7", 0): TaskState("NODE_FAIL")})], 1)
+    out = machine.step([SchedulerAnswer({("7", 0): TaskState("NODE_FAIL")}),
+                        StreamsRead(11.5)], 11.5)
+    [retry] = of(out, Retry)
+    assert dict(retry.calls) == {0: (0, 1)}
+    machine.step([BatchAdded(1, [[0, 1]], 1, attempt=2)], 11.6)  # the retry batch
+    out = machine.step([Record(0, 0, "ok", 1, b"late after all")], 12.0)
+    [late] = of(out, Deliver)
+    assert (late.call_id, late.late) == (1, True)
+    assert machine.batches[1].open_calls == {0}  # the retry no longer waits for call 1
+    assert not of(machine.step([Record(0, 0, "ok", 0, b"too late")], 30.0), Deliver)
