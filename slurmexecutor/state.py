@@ -443,19 +443,23 @@ class Core:
         """Calls a task left without results: retry them, or fail them with the error
         that fits how the task ended."""
         batch, state = task.batch, task.final
+        cancelled = [c for c in call_ids if c in self.doomed]
+        if cancelled:  # the user's word wins: never retried, never blamed on the task
+            self._fail(batch, cancelled, Failure(
+                JobCancelledError, "the call was cancelled", task.ref, "CANCELLED"))
+            call_ids = [c for c in call_ids if c not in self.doomed]
+        if not call_ids:
+            return
         live_end = not task.ended or task.killed  # Slurm ended it, not the worker itself
-        again = [c for c in call_ids if c not in self.doomed]  # never retry a cancelled call
-        if (again and state is not None and live_end and state.state in self.config.retry_on
+        if (state is not None and live_end and state.state in self.config.retry_on
                 and batch.attempt <= self.config.max_retries and not self.cancelling):
             calls: dict[int, list[int]] = {}
-            for call_id in again:
+            for call_id in call_ids:
                 calls.setdefault(batch.chunk_of[call_id], []).append(call_id)
                 self._close(batch, call_id)
             self._out.append(Retry(batch.number, batch.attempt + 1,
                                    {k: tuple(v) for k, v in calls.items()}, state.state))
-            call_ids = [c for c in call_ids if c in self.doomed]
-            if not call_ids:
-                return
+            return
         if task.truncated and live_end and started:
             self._fail(batch, call_ids, Failure(IntegrityError, (
                 f"{task.truncated}: its task ended "

@@ -151,7 +151,7 @@ def test_retries_never_carry_cancelled_calls_and_stop_at_shutdown_cancel():
     out = machine.step([SchedulerAnswer({("7", 0): TaskState("NODE_FAIL")}), StreamsRead(2)],
                        3)
     assert dict(of(out, Retry)[0].calls) == {0: (0, 2)}
-    assert failed(out) == {1: NodeFailureError}  # what ended it, but not carried on
+    assert failed(out) == {1: JobCancelledError}
 
     machine = core(retry_on=frozenset({"NODE_FAIL"}), max_retries=3)
     started_batch(machine, chunks=((0,),), planned=1)
@@ -159,7 +159,7 @@ def test_retries_never_carry_cancelled_calls_and_stop_at_shutdown_cancel():
     machine.step([SchedulerAnswer({("7", 0): TaskState("NODE_FAIL")})], 1)
     out = machine.step([SchedulerAnswer({("7", 0): TaskState("NODE_FAIL")}), StreamsRead(2)],
                        3)
-    assert not of(out, Retry) and failed(out) == {0: NodeFailureError}
+    assert not of(out, Retry) and failed(out) == {0: JobCancelledError}
 
 
 def test_cancel_claims_whole_unclaimed_chunks_and_kills_only_tasks_holding_nothing_else():
