@@ -324,7 +324,7 @@ class Engine:
         elif isinstance(action, CancelTasks):
             self.backend.cancel(list(action.refs))
         elif isinstance(action, LiftThrottle):
-            self._lift_throttle(action.batch)
+            self._lift_throttle(action.batch, action.to)
         elif isinstance(action, Retry):
             self._retry(action)
         elif isinstance(action, BatchDone):
@@ -374,12 +374,15 @@ class Engine:
             except OSError as error:  # the job runs; only reattaching would miss it
                 log.warning("batch %d: could not update its journal: %s", action.batch, error)
 
-    def _lift_throttle(self, number: int) -> None:
+    def _lift_throttle(self, number: int, to: int) -> None:
         journal = self._journals[number]
-        journal["throttled"] = False
+        journal["throttled"] = to > 0
         spool.write_json(spool.journal_path(self.run_dir, number), journal)
-        throttle = self.settings.resources.get("array_parallelism") or 0
-        for array in journal["arrays"]:
+        limit = self.settings.resources.get("array_parallelism") or 0
+        arrays = journal["arrays"]
+        share = -(-to // max(1, len(arrays)))  # split over arrays cut at MaxArraySize
+        throttle = min(share, limit) if to and limit else (share if to else limit)
+        for array in arrays:
             try:
                 self.backend.set_throttle(array["job_id"], throttle)
             except SubmissionError as error:  # the array may have ended meanwhile

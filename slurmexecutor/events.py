@@ -127,6 +127,7 @@ class SubmitTasks:
 @dataclass(frozen=True)
 class LiftThrottle:
     batch: int
+    to: int = 0  # tasks of the batch at once; 0: as many as it planned
 
 
 @dataclass(frozen=True)

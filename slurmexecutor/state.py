@@ -17,6 +17,7 @@ engine (engine.py) is the only caller: one owner thread per executor.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -73,8 +74,8 @@ class Config:
     result_grace: float
     retry_on: frozenset[str] = frozenset()
     max_retries: int = 0
-    probe: float = 0.3  # a first task that ran this long with chunks left: scale out
-    pending_grace: float = 2.0  # a throttled batch that waited this long: scale out
+    probe: float = 0.3  # how often a throttled batch's running work is measured
+    horizon: float = 3.0  # one more task per this many seconds of estimated work left
     vanish_grace: float = 5.0  # a task missing from the queue this long has left it
 
 
@@ -98,6 +99,9 @@ class Batch:
     tasks: list[Task] = field(default_factory=list)
     last_failed: Task | None = None
     submit_error: BaseException | None = None
+    throttle: int = 1  # tasks allowed to run at once while throttled
+    done: int = 0  # results read so far (the measure of the work's cost)
+    next_scale: float = 0.0
     chunk_of: dict[int, int] = field(default_factory=dict)  # call -> its chunk
     owner: dict[int, Task] = field(default_factory=dict)  # call -> the task that claimed it
 
@@ -215,6 +219,7 @@ class Core:
                       event.time_limit, event.throttled, now, set(open_calls),
                       unclaimed=set(range(len(event.chunks))))
         batch.chunk_of = {c: i for i, chunk in enumerate(event.chunks) for c in chunk}
+        batch.throttle = 1 if event.throttled else event.planned
         self.batches[batch.number] = batch
         for job_id, offset, size in event.arrays:
             self._add_tasks(batch, job_id, offset, size, now)
@@ -262,6 +267,7 @@ class Core:
             task.killed = bool(record.body and record.body.get("signal"))
         elif record.call_id in batch.open_calls:  # later duplicates (requeues) are ignored
             call_id = record.call_id
+            batch.done += 1
             self._close(batch, call_id)
             self._out.append(Deliver(call_id, kind, record.body, task.ref, call_id in self.doomed))
 
@@ -410,12 +416,8 @@ class Core:
             return
         if not batch.unclaimed or batch.submitted == 0:
             return
-        if batch.throttled:
-            probe_over = (batch.first_start is not None
-                          and now - batch.first_start >= self.config.probe)
-            if probe_over or now - batch.created >= self.config.pending_grace:
-                batch.throttled = False
-                self._out.append(LiftThrottle(batch.number))
+        if batch.throttled and batch.first_start is not None and now >= batch.next_scale:
+            self._scale_out(batch, now)
         if not self._live(batch):  # nobody is left to claim them
             chunks = tuple(sorted(batch.unclaimed))
             calls = [c for chunk in chunks for c in batch.chunks[chunk] if c in batch.open_calls]
@@ -430,6 +432,23 @@ class Core:
                                "this call"))
             else:
                 self._fail_unfinished(failed, calls, started=False)
+
+    def _scale_out(self, batch: Batch, now: float) -> None:
+        """Let more of the batch's tasks run when the work measured so far says so: one
+        task per `horizon` s of estimated remaining work, never fewer than now. Waiting in
+        the queue says nothing about the work, so it never scales a batch out."""
+        elapsed = now - (batch.first_start or now)
+        if elapsed < self.config.probe:
+            batch.next_scale = (batch.first_start or now) + self.config.probe
+            return
+        batch.next_scale = now + self.config.probe
+        per_call = elapsed * batch.throttle / max(batch.done, 1)  # task-seconds per call
+        work = len(batch.open_calls) * per_call
+        wanted = min(batch.planned, max(1, math.ceil(work / self.config.horizon)))
+        if wanted > batch.throttle:
+            batch.throttle = wanted
+            batch.throttled = wanted < batch.planned
+            self._out.append(LiftThrottle(batch.number, wanted if batch.throttled else 0))
 
     def _cancel_pending(self, tasks: list[Task]) -> None:
         pending = [t for t in tasks if t.job_id is not None]

@@ -186,17 +186,34 @@ def test_cancel_without_kill_only_skips():
         (0, "ok", True), (1, "skip", True)]
 
 
-def test_scale_out_after_the_probe_or_the_pending_grace():
-    machine = core(probe=0.3, pending_grace=2.0)
-    machine.step([BatchAdded(0, [[0], [1]], 2, throttled=True)], 0)
-    machine.step([TasksSubmitted(0, "7", 0, 2)], 0)
-    assert not of(machine.step([], 1.0), LiftThrottle)
-    assert of(machine.step([], 2.1), LiftThrottle) == [LiftThrottle(0)]  # waited in the queue
+def test_scale_out_follows_the_measured_work_not_the_queue():
+    machine = core(probe=0.3, horizon=3.0)
+    chunks = [[c] for c in range(40)]
+    machine.step([BatchAdded(0, chunks, 16, throttled=True)], 0)
+    machine.step([TasksSubmitted(0, "7", 0, 16)], 0)
+    assert not of(machine.step([], 30.0), LiftThrottle)  # pending 30 s: says nothing
+    machine.step([Record(0, 0, "start", None, {"host": "h", "pid": 1}),
+                  Record(0, 0, "claim", 0, None)], 30.0)
+    assert not of(machine.step([], 30.2), LiftThrottle)  # before the probe
+    # 0.31 s, no call done: each costs at least 0.31 s, 40 left: 12.4 s of work -> 5 tasks
+    assert of(machine.step([], 30.31), LiftThrottle) == [LiftThrottle(0, 5)]
+    assert not of(machine.step([], 30.4), LiftThrottle)  # measured again a probe later
+    # 1.4 s, 5 tasks, 2 calls done: ~3.5 task-seconds per call, 38 left: all 16 tasks
+    out = machine.step([Record(0, 0, "ok", 0, b""), Record(0, 0, "claim", 1, None),
+                        Record(0, 0, "ok", 1, b"")], 31.4)
+    assert of(out, LiftThrottle) == [LiftThrottle(0, 0)]
 
-    machine = core(probe=0.3, pending_grace=2.0)
-    started_batch(machine, chunks=((0,), (1,)), planned=2, throttled=True)
-    assert not of(machine.step([], 0.2), LiftThrottle)
-    assert of(machine.step([], 0.35), LiftThrottle)
+
+def test_cheap_work_never_scales_out():
+    machine = core(probe=0.3, horizon=3.0)
+    started_batch(machine, chunks=[(c,) for c in range(100)], planned=16, throttled=True)
+    out = []
+    for step in range(10):  # 100 calls of 1 ms: 0.1 s of work
+        now = 0.05 * step
+        records = [Record(0, 0, kind, c, b"" if kind == "ok" else None)
+                   for c in range(step * 10, step * 10 + 10) for kind in ("claim", "ok")]
+        out += machine.step(records, now)
+    assert not of(out, LiftThrottle) and machine.idle
 
 
 def test_work_done_by_the_first_task_never_scales_out():
