@@ -152,6 +152,12 @@ def without_calls(spec: BatchSpec, keep: set[int]) -> BatchSpec:
                      min(spec.planned, len(chunks)), spec.steal, spec.attempt)
 
 
+#: at most this many chunks (so files) per batch, whatever the cluster's size
+MAX_CHUNKS = 1024
+
+
 def auto_chunksize(calls: int, slots: int, chunks_per_slot: int = 4) -> int:
-    """Chunks enough for `chunks_per_slot` per slot: tasks claim them as they go."""
-    return max(1, -(-calls // (chunks_per_slot * slots)))
+    """Calls per chunk: `chunks_per_slot` chunks per slot for balance, but never more
+    than MAX_CHUNKS chunks, so a big cluster does not turn a map into a file per call."""
+    chunks = max(1, min(chunks_per_slot * slots, MAX_CHUNKS))
+    return max(1, -(-calls // chunks))

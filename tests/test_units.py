@@ -12,6 +12,7 @@ import pytest
 
 from slurmexecutor import IntegrityError, spool
 from slurmexecutor.bars import CallProgress, progress
+from slurmexecutor.batches import MAX_CHUNKS, auto_chunksize
 from slurmexecutor.errors import JobTimeoutError, TaskFailedError
 from slurmexecutor.schedulers import REMAINDER, TaskState, state_of
 from slurmexecutor.schedulers.script import (
@@ -24,6 +25,7 @@ from slurmexecutor.schedulers.script import (
 from slurmexecutor.schedulers.slurm import (
     parse_exit_code,
     parse_max_array_size,
+    parse_node_cpus,
     parse_sacct,
     parse_squeue,
     parse_total_cpus,
@@ -78,6 +80,15 @@ def test_parse_scontrol_and_sinfo():
     assert parse_max_array_size("MaxArraySize            = 5000\nMinJobAge = 10 sec") == 5000
     assert parse_max_array_size("nothing here") == 1001
     assert parse_total_cpus("1/15/0/16\n0/48/0/48\n") == 64
+    # a node in two partitions counts once
+    assert parse_node_cpus("n1|16\nn2|16\nn1|16\nn3|8\n") == 40
+
+
+def test_chunks_follow_the_work_and_are_capped_per_batch():
+    assert auto_chunksize(300, 16) == 5  # 64 chunks for 16 slots
+    assert auto_chunksize(16, 16) == 1  # few expensive calls: one per chunk
+    assert auto_chunksize(10_000, 10_000) == 10  # not a file per call on a big cluster
+    assert -(-1_000_000 // auto_chunksize(1_000_000, 10_000)) <= MAX_CHUNKS
 
 
 # -- resources and the script ----------------------------------------------------------

@@ -92,6 +92,17 @@ def parse_max_array_size(config: str) -> int:
     return int(match.group(1)) if match else 1001
 
 
+def parse_node_cpus(sinfo: str) -> int:
+    """Sum the CPUs of `sinfo -h -N -o %N|%c` lines, each node once (a node in several
+    partitions is listed once per partition)."""
+    cpus: dict[str, int] = {}
+    for line in sinfo.splitlines():
+        node, _, count = line.strip().partition("|")
+        if node and count.strip().isdigit():
+            cpus[node] = int(count)
+    return sum(cpus.values())
+
+
 def parse_total_cpus(sinfo: str) -> int:
     """Sum the T of `sinfo -h -o %C` lines ("allocated/idle/other/total")."""
     total = 0
@@ -165,10 +176,10 @@ class SlurmBackend(Backend):
 
     def slots(self) -> int:
         if self._slots is None:
-            args = ["sinfo", "-h", "-o", "%C"]
+            args = ["sinfo", "-h", "-N", "-o", "%N|%c"]
             if self.resources.get("partition"):
                 args += ["-p", str(self.resources["partition"])]
-            cpus = parse_total_cpus(run_command(args, check=False).stdout) or 1
+            cpus = parse_node_cpus(run_command(args, check=False).stdout) or 1
             per_task = int(self.resources.get("cpus_per_task") or 1)
             self._slots = max(1, cpus // per_task)
             if self.resources.get("array_parallelism"):
