@@ -15,6 +15,7 @@ import os
 import re
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,9 +23,25 @@ from typing import Any
 import cloudpickle
 
 from . import spool
-from .errors import SerializationError
+from ._log import log
+from .errors import SerializationError, SubmissionError
 from .schedulers import Backend
 from .schedulers.script import ScriptSpec, render_script
+
+
+@dataclass
+class Settings:
+    """How an executor launches its batches."""
+
+    resources: dict
+    python: str
+    setup: list[str]
+    sbatch_extra: list[str]
+    chunksize: int | None
+    submit_window: float
+    max_window: float
+    max_batch: int
+    slots: int
 
 
 @dataclass
@@ -94,17 +111,48 @@ def write_batch(run_dir: Path, key: bytes, number: int, spec: BatchSpec,
     return journal
 
 
-def submit_array(backend: Backend, resources: dict, run_dir: Path, journal: dict,
-                 offset: int, size: int, throttle: int | None, *, python: str,
-                 setup: list[str], sbatch_extra: list[str]) -> str:
-    """Render the batch script for tasks offset..offset+size-1 and submit it."""
-    number = journal["batch"]
-    spec = ScriptSpec(run_dir=run_dir, batch=number, size=size, offset=offset,
-                      job_name=job_name(journal["functions"]), python=python,
-                      throttle=throttle, setup=setup, sbatch_extra=sbatch_extra)
-    script = run_dir / f"{spool.batch_name(number)}.a{offset}.sh"
-    spool.write_atomic(script, render_script(resources, spec).encode())
-    return backend.submit_array(script, size, run_dir / "logs", throttle)
+def submit_arrays(backend: Backend, settings: Settings, run_dir: Path, journal: dict,
+                  first: int, count: int, throttled: bool) -> Iterator[tuple[str, int, int]]:
+    """Submit tasks first..first+count-1 as arrays cut at MaxArraySize, each recorded in
+    the journal as it goes out; yield (job id, offset, size). Raises SubmissionError."""
+    number, offset, end = journal["batch"], first, first + count
+    throttle = 1 if throttled else settings.resources.get("array_parallelism")
+    while offset < end:
+        try:
+            size = min(backend.max_array_size(), end - offset)
+            spec = ScriptSpec(run_dir=run_dir, batch=number, size=size, offset=offset,
+                              job_name=job_name(journal["functions"]), python=settings.python,
+                              throttle=throttle, setup=settings.setup,
+                              sbatch_extra=settings.sbatch_extra)
+            script = run_dir / f"{spool.batch_name(number)}.a{offset}.sh"
+            spool.write_atomic(script, render_script(settings.resources, spec).encode())
+            job_id = backend.submit_array(script, size, run_dir / "logs", throttle)
+        except SubmissionError:
+            raise
+        except Exception as error:  # disk full, ...: the calls fail, they do not hang
+            raise SubmissionError(f"could not submit the batch: {error!r}") from error
+        journal["arrays"].append({"job_id": job_id, "offset": offset, "size": size})
+        try:
+            spool.write_json(spool.journal_path(run_dir, number), journal)
+        except OSError as error:  # the job runs; only reattaching would miss it
+            log.warning("batch %d: could not update its journal: %s", number, error)
+        yield job_id, offset, size
+        offset += size
+
+
+def lift_throttle(backend: Backend, settings: Settings, run_dir: Path, journal: dict,
+                  to: int) -> None:
+    """Let `to` tasks of the batch run at once (0: all it planned, or array_parallelism)."""
+    journal["throttled"] = to > 0
+    spool.write_json(spool.journal_path(run_dir, journal["batch"]), journal)
+    limit = settings.resources.get("array_parallelism") or 0
+    share = -(-to // max(1, len(journal["arrays"])))  # split over arrays cut at MaxArraySize
+    throttle = min(share, limit) if to and limit else (share if to else limit)
+    for array in journal["arrays"]:
+        try:
+            backend.set_throttle(array["job_id"], throttle)
+        except SubmissionError as error:  # the array may have ended meanwhile
+            log.info("batch %d: could not lift the throttle: %s", journal["batch"], error)
 
 
 def retry_chunks(run_dir: Path, key: bytes, number: int,

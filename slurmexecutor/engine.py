@@ -15,21 +15,23 @@ owner (compare CPython's concurrent/futures/process.py, `_ExecutorManagerThread`
 
 from __future__ import annotations
 
-import os
 import queue
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
+from . import events as ev
 from . import outcomes, spool
 from ._log import log
 from .batches import (
     BatchSpec,
     Chunk,
+    Settings,
     auto_chunksize,
+    lift_throttle,
     retry_chunks,
-    submit_array,
+    submit_arrays,
     without_calls,
     write_batch,
 )
@@ -40,38 +42,13 @@ from .errors import (
     SubmissionError,
     TaskFailedError,
 )
-from .events import (
-    Action,
-    BatchAdded,
-    BatchDone,
-    CancelRequested,
-    CancelTasks,
-    ClaimChunks,
-    Claimed,
-    ClaimsWon,
-    Deliver,
-    Event,
-    Fail,
-    FinalAnswer,
-    LiftThrottle,
-    QueryFinal,
-    QueryScheduler,
-    Record,
-    Retry,
-    SchedulerAnswer,
-    ShutdownRequested,
-    StreamsRead,
-    StreamState,
-    SubmitFailed,
-    SubmitTasks,
-    TasksSubmitted,
-    WriteCancel,
-)
+from .events import Action, Event
 from .futures import FutureSink, SlurmFuture
-from .handoff import CancelCalls, Launch, NotifyCancelled, Settings, Shutdown, Submit, Window
+from .handoff import CancelCalls, Launch, NotifyCancelled, Shutdown, Submit, Window
 from .lease import Lease
 from .schedulers import Backend
 from .state import Core, window_due
+from .streams import StreamReader
 
 
 class Engine:
@@ -92,7 +69,7 @@ class Engine:
         self._stopping = False
         self._window: Window | None = None
         self._journals: dict[int, dict] = {}
-        self._cursors: dict[str, spool.StreamCursor] = {}
+        self._streams = StreamReader(run_dir, key)
         self._late_sinks: dict[int, FutureSink] = {}  # failed calls of unfinished chunks
         self._events: list[Event] = []
         self._next_renewal = 0.0
@@ -183,7 +160,7 @@ class Engine:
                 self._launch_window()  # earlier submits go out first
                 self._launch(request.spec, request.sinks)
             elif isinstance(request, CancelCalls):
-                self._events.append(CancelRequested(request.call_ids))
+                self._events.append(ev.CancelRequested(request.call_ids))
             elif isinstance(request, NotifyCancelled):
                 self._drop_from_window(request.future)
             elif isinstance(request, Shutdown):
@@ -195,7 +172,7 @@ class Engine:
 
     def _shutdown(self, cancel_futures: bool) -> None:
         self._stopping = True
-        self._events.append(ShutdownRequested(cancel_futures))
+        self._events.append(ev.ShutdownRequested(cancel_futures))
         if not cancel_futures:
             return
         if self._window is not None:
@@ -269,7 +246,7 @@ class Engine:
                     future.chunk = (number, index)
                 if spec.attempt > 1:
                     self.attempts[call_id] = spec.attempt
-        self._events.append(BatchAdded(
+        self._events.append(ev.BatchAdded(
             number, [chunk.call_ids for chunk in spec.chunks], spec.planned, spec.steal,
             spec.attempt, self.settings.resources.get("time"), throttled))
 
@@ -285,7 +262,7 @@ class Engine:
     # -- actions -------------------------------------------------------------------------
 
     def _do(self, action: Action) -> None:
-        if isinstance(action, Deliver):
+        if isinstance(action, ev.Deliver):
             sink = self.sinks.pop(action.call_id, None)
             if sink is None and action.late:
                 sink = self._late_sinks.pop(action.call_id, None)
@@ -293,49 +270,48 @@ class Engine:
                 ok, value = outcomes.decode(self.run_dir, action.kind, action.call_id,
                                             action.body, action.task, action.cancelled_here)
                 sink.deliver(action.call_id, ok, value, replace=action.late)
-        elif isinstance(action, Fail):
+        elif isinstance(action, ev.Fail):
             self._fail(action)
-        elif isinstance(action, SubmitTasks):
+        elif isinstance(action, ev.SubmitTasks):
             self._submit_tasks(action)
-        elif isinstance(action, QueryScheduler):
+        elif isinstance(action, ev.QueryScheduler):
             try:
-                self._events.append(SchedulerAnswer(self.backend.states(action.job_ids)))
+                self._events.append(ev.SchedulerAnswer(self.backend.states(action.job_ids)))
             except Exception as error:  # noqa: BLE001  (results still come in)
                 log.warning("slurmexecutor: asking the scheduler failed: %s", error)
-        elif isinstance(action, QueryFinal):
+        elif isinstance(action, ev.QueryFinal):
             alive = frozenset(key for key, (host, pid) in action.workers.items()
                               if spool.process_alive(host, pid))
-            self._events.append(FinalAnswer(action.tasks, self.backend.final_states(
+            self._events.append(ev.FinalAnswer(action.tasks, self.backend.final_states(
                 action.keys), alive))
-        elif isinstance(action, Claimed):
+        elif isinstance(action, ev.Claimed):
             path = outcomes.log_file(self.run_dir, action.task)
             if path is not None:
                 self.log_of_chunk[(action.batch, action.chunk)] = path
             sink = self.sinks.get(action.call_ids[0]) if action.call_ids else None
             if sink is not None:
                 sink.claimed(len(action.call_ids))
-        elif isinstance(action, WriteCancel):
+        elif isinstance(action, ev.WriteCancel):
             spool.append_cancelled(spool.cancel_path(self.run_dir, action.batch, action.chunk),
                                    list(action.call_ids))
-        elif isinstance(action, ClaimChunks):
+        elif isinstance(action, ev.ClaimChunks):
             won = tuple(chunk for chunk in action.chunks if spool.try_claim(
                 spool.claim_path(self.run_dir, action.batch, chunk), "client"))
-            self._events.append(ClaimsWon(action.batch, won))
-        elif isinstance(action, CancelTasks):
+            self._events.append(ev.ClaimsWon(action.batch, won))
+        elif isinstance(action, ev.CancelTasks):
             self.backend.cancel(list(action.refs))
-        elif isinstance(action, LiftThrottle):
-            self._lift_throttle(action.batch, action.to)
-        elif isinstance(action, Retry):
+        elif isinstance(action, ev.LiftThrottle):
+            lift_throttle(self.backend, self.settings, self.run_dir,
+                          self._journals[action.batch], action.to)
+        elif isinstance(action, ev.Retry):
             self._retry(action)
-        elif isinstance(action, BatchDone):
+        elif isinstance(action, ev.BatchDone):
             self._journals.pop(action.batch, None)
             self._late_sinks = {c: s for c, s in self._late_sinks.items()
                                 if not s.future.done()}
-            prefix = spool.batch_name(action.batch) + "."
-            for name in [n for n in self._cursors if n.startswith(prefix)]:
-                del self._cursors[name]
+            self._streams.forget(action.batch)
 
-    def _fail(self, action: Fail) -> None:
+    def _fail(self, action: ev.Fail) -> None:
         failure = action.failure
         if failure.task is not None and issubclass(failure.error_type, TaskFailedError) and (
                 failure.error_type is not JobCancelledError):
@@ -349,46 +325,18 @@ class Engine:
                 if not sink.future.done():  # a map chunk: a late result may still win
                     self._late_sinks[call_id] = sink
 
-    def _submit_tasks(self, action: SubmitTasks) -> None:
-        journal = self._journals[action.batch]
-        offset, end = action.first, action.first + action.count
-        settings = self.settings
-        while offset < end:
-            throttle = 1 if action.throttled else settings.resources.get("array_parallelism")
-            try:
-                size = min(self.backend.max_array_size(), end - offset)
-                job_id = submit_array(self.backend, settings.resources, self.run_dir, journal,
-                                      offset, size, throttle, python=settings.python,
-                                      setup=settings.setup, sbatch_extra=settings.sbatch_extra)
-            except Exception as error:  # noqa: BLE001  (fail the calls, do not hang them)
-                if not isinstance(error, SubmissionError):
-                    error = SubmissionError(f"could not submit the batch: {error!r}")
-                log.warning("batch %d: %s", action.batch, error)
-                self._events.append(SubmitFailed(action.batch, error))
-                return
-            journal["arrays"].append({"job_id": job_id, "offset": offset, "size": size})
-            self._events.append(TasksSubmitted(action.batch, job_id, offset, size))
-            offset += size
-            try:
-                spool.write_json(spool.journal_path(self.run_dir, action.batch), journal)
-            except OSError as error:  # the job runs; only reattaching would miss it
-                log.warning("batch %d: could not update its journal: %s", action.batch, error)
+    def _submit_tasks(self, action: ev.SubmitTasks) -> None:
+        arrays = submit_arrays(self.backend, self.settings, self.run_dir,
+                               self._journals[action.batch], action.first, action.count,
+                               action.throttled)
+        try:
+            for job_id, offset, size in arrays:
+                self._events.append(ev.TasksSubmitted(action.batch, job_id, offset, size))
+        except SubmissionError as error:
+            log.warning("batch %d: %s", action.batch, error)
+            self._events.append(ev.SubmitFailed(action.batch, error))
 
-    def _lift_throttle(self, number: int, to: int) -> None:
-        journal = self._journals[number]
-        journal["throttled"] = to > 0
-        spool.write_json(spool.journal_path(self.run_dir, number), journal)
-        limit = self.settings.resources.get("array_parallelism") or 0
-        arrays = journal["arrays"]
-        share = -(-to // max(1, len(arrays)))  # split over arrays cut at MaxArraySize
-        throttle = min(share, limit) if to and limit else (share if to else limit)
-        for array in arrays:
-            try:
-                self.backend.set_throttle(array["job_id"], throttle)
-            except SubmissionError as error:  # the array may have ended meanwhile
-                log.info("batch %d: could not lift the throttle: %s", number, error)
-
-    def _retry(self, action: Retry) -> None:
+    def _retry(self, action: ev.Retry) -> None:
         journal = self._journals[action.batch]
         call_ids = tuple(c for calls in action.calls.values() for c in calls)
         log.warning("retrying %d call(s) of batch %d after %s (attempt %d)", len(call_ids),
@@ -408,52 +356,16 @@ class Engine:
             if sink is not None:
                 sink.deliver(call_id, False, error)
 
-    # -- reading the folder --------------------------------------------------------------
-
     def _read_streams(self) -> bool:
-        """Read the new records of live tasks. Streams are found by one scandir; those of
-        tasks the scheduler says have ended are also opened by name and read to their end
-        (an open revalidates NFS's cached attributes: close-to-open consistency), since a
-        cached directory listing or size may hide what they wrote last."""
-        if not self.core.tasks and not self.core.lingering:
+        """New records of live tasks (and of settled ones still awaited) become events."""
+        core = self.core
+        if not core.tasks and not core.lingering:
             return False
-        started = time.monotonic()
-        try:
-            entries = list(os.scandir(self.run_dir))
-        except FileNotFoundError:
-            return False
-        fresh: dict[str, tuple[int, int]] = {}  # stream name -> (batch, task) to read
-        for entry in entries:
-            parsed = spool.parse_stream_name(entry.name)
-            if parsed is None or (parsed not in self.core.tasks
-                                  and parsed not in self.core.lingering):
-                continue
-            cursor = self._cursors.get(entry.name)
-            if cursor is None or entry.stat().st_size > cursor.offset:
-                fresh[entry.name] = parsed
-        for key, task in [*self.core.tasks.items(), *self.core.lingering.items()]:
-            if task.final is not None and not task.ended:
-                names = [n for n in self._cursors if spool.parse_stream_name(n) == key]
-                first = spool.stream_path(self.run_dir, key[0], key[1], 0).name
-                for name in names or [first]:
-                    fresh.setdefault(name, key)
-        found = False
-        for name, (batch, task_index) in fresh.items():
-            cursor = self._cursors.get(name)
-            if cursor is None:
-                cursor = spool.StreamCursor(self.run_dir / name)
-            records = spool.read_records(cursor, self.key)
-            if cursor.offset or cursor.error:  # it exists: follow it from now on
-                self._cursors[name] = cursor
-            for kind, call_id, body in records:
-                self._events.append(Record(batch, task_index, kind, call_id, body))
-                found = True
-            truncated = (f"{cursor.path} is truncated ({cursor.pending_bytes} bytes of an "
-                         f"incomplete record at byte {cursor.offset})"
-                         ) if cursor.pending_bytes else None
-            self._events.append(StreamState(batch, task_index, cursor.error, truncated))
-        self._events.append(StreamsRead(started))
-        return found
+        watched = {**core.tasks, **core.lingering}
+        ended = [k for k, t in watched.items() if t.final is not None and not t.ended]
+        events = self._streams.read(watched, ended)
+        self._events += events
+        return any(isinstance(event, ev.Record) for event in events)
 
     # -- the lease and the end -----------------------------------------------------------
 
@@ -475,7 +387,7 @@ class Engine:
             raise _TakenOver
 
     def _abandon(self, error: BaseException) -> None:
-        """Fail every future this owner still holds (it cannot follow them any more)."""
+        """ev.Fail every future this owner still holds (it cannot follow them any more)."""
         self.error = error
         if self._window is not None:
             for request in self._window.calls.values():

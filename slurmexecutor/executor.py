@@ -45,11 +45,11 @@ from typing import Any
 from . import spool
 from ._log import log
 from .bars import CallProgress
-from .batches import BatchSpec, Chunk, auto_chunksize, dumps
+from .batches import BatchSpec, Chunk, Settings, auto_chunksize, dumps
 from .engine import Engine
 from .errors import RunNotFoundError
 from .futures import ChunkSink, FutureSink, SlurmFuture, call_log
-from .handoff import CancelCalls, Launch, Settings, Shutdown, Submit
+from .handoff import CancelCalls, Launch, Shutdown, Submit
 from .lease import Lease
 from .schedulers import make_backend
 from .schedulers.script import link_package, validate_extra, validate_resources
@@ -160,7 +160,9 @@ class SlurmExecutor(Executor):
         self._lock = threading.Lock()  # call ids, and the shutdown flag vs. new requests
         self._next_call = 0
         self._shutdown = False
-        self._functions: dict[Any, tuple[int, Callable, bytes]] = {}  # key -> (window gen, ...)
+        #: functions pickled for the current submission window: key -> (function, pickle)
+        self._functions: dict[Any, tuple[Callable, bytes]] = {}
+        self._functions_window = -1
         #: every call's future, by call id, for runs reattached with `attach`
         self.futures: dict[int, SlurmFuture] = {}
         if _run is not None:
@@ -291,8 +293,7 @@ class SlurmExecutor(Executor):
     def _check_open(self) -> None:
         if self._shutdown:
             raise RuntimeError("cannot schedule new futures after shutdown")
-        if self._engine.error is not None or not self._engine.alive and (
-                self._engine._thread.ident is not None):
+        if self._engine.error is not None or not self._engine.alive:
             raise RuntimeError(f"this executor has stopped: {self._engine.error}")
 
     def _reserve(self, count: int) -> int:
@@ -308,16 +309,12 @@ class SlurmExecutor(Executor):
     def _pickled(self, fn: Callable) -> tuple[Any, bytes]:
         """The function pickled once per submission window (bound methods included)."""
         key = function_key(fn)
-        generation = self._engine.window_generation
+        if self._functions_window != self._engine.window_generation:
+            self._functions, self._functions_window = {}, self._engine.window_generation
         cached = self._functions.get(key)
-        if cached is not None and cached[0] == generation and cached[1] is not None:
-            return key, cached[2]
-        blob = dumps(fn, f"the function {_name(fn)}")
-        if len(self._functions) > 64 or any(g != generation for g, _, _ in
-                                             list(self._functions.values())[:1]):
-            self._functions = {}
-        self._functions[key] = (generation, fn, blob)
-        return key, blob
+        if cached is None:  # the function is kept too: its id stays unique meanwhile
+            cached = self._functions[key] = (fn, dumps(fn, f"the function {_name(fn)}"))
+        return key, cached[1]
 
 
 def _chained_results(executor: SlurmExecutor, futures: list[SlurmFuture],

@@ -66,16 +66,3 @@ class Window:
             self.keep.append(request.fn)
         self.calls[request.future.call_id] = request
         return position
-
-
-@dataclass
-class Settings:
-    resources: dict
-    python: str
-    setup: list[str]
-    sbatch_extra: list[str]
-    chunksize: int | None
-    submit_window: float
-    max_window: float
-    max_batch: int
-    slots: int

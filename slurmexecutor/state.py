@@ -19,122 +19,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 
+from . import events as ev
 from .errors import (
-    ERROR_FOR_STATE,
     CallLostError,
     IntegrityError,
     JobCancelledError,
-    JobTimeoutError,
-    TaskFailedError,
-    WorkerCrashedError,
 )
-from .events import (
-    Action,
-    BatchAdded,
-    BatchDone,
-    CancelRequested,
-    CancelTasks,
-    ClaimChunks,
-    Claimed,
-    ClaimsWon,
-    Deliver,
-    Event,
-    Fail,
-    Failure,
-    FinalAnswer,
-    LiftThrottle,
-    QueryFinal,
-    QueryScheduler,
-    Record,
-    Retry,
-    SchedulerAnswer,
-    ShutdownRequested,
-    StreamsRead,
-    StreamState,
-    SubmitFailed,
-    SubmitTasks,
-    TaskRef,
-    TasksSubmitted,
-    WriteCancel,
-)
+from .events import Action, Event, Failure
+from .ledger import REQUEUEABLE, Batch, Config, Task, task_failure
 from .schedulers import TaskKey, TaskState, state_of
-
-#: Final states after which Slurm may requeue the task: settle them only when a second
-#: scheduler answer still shows them final.
-REQUEUEABLE = frozenset({"NODE_FAIL", "PREEMPTED", "REQUEUED", "BOOT_FAIL"})
-
-
-@dataclass(frozen=True)
-class Config:
-    """The policies' knobs (seconds)."""
-
-    poll_interval: float
-    result_grace: float
-    retry_on: frozenset[str] = frozenset()
-    max_retries: int = 0
-    probe: float = 0.3  # how often a throttled batch's running work is measured
-    horizon: float = 3.0  # one more task per this many seconds of estimated work left
-    vanish_grace: float = 5.0  # a task missing from the queue this long has left it
-
-
-# -- state -------------------------------------------------------------------------------
-
-
-@dataclass(eq=False)
-class Batch:
-    number: int
-    chunks: list[list[int]]
-    planned: int
-    steal: bool
-    attempt: int
-    time_limit: str | None
-    throttled: bool
-    created: float
-    open_calls: set[int]
-    unclaimed: set[int] = field(default_factory=set)
-    submitted: int = 0
-    first_start: float | None = None
-    tasks: list[Task] = field(default_factory=list)
-    last_failed: Task | None = None
-    submit_error: BaseException | None = None
-    throttle: int = 1  # tasks allowed to run at once while throttled
-    done: int = 0  # results read so far (the measure of the work's cost)
-    next_scale: float = 0.0
-    chunk_of: dict[int, int] = field(default_factory=dict)  # call -> its chunk
-    owner: dict[int, Task] = field(default_factory=dict)  # call -> the task that claimed it
-
-
-@dataclass(eq=False)
-class Task:
-    batch: Batch
-    index: int
-    job_id: str | None
-    array_index: int | None
-    registered: float
-    unresolved: set[int] = field(default_factory=set)
-    started: bool = False
-    worker: tuple[str, int] | None = None
-    limit_notice: bool = False
-    ended: bool = False
-    killed: bool = False  # its worker was ended by a signal (scancel, time limit)
-    final: TaskState | None = None
-    final_since: float = 0.0
-    final_polls: int = 0
-    error: str | None = None
-    truncated: str | None = None
-    verdicts: set[int] = field(default_factory=set)  # calls failed without a result
-    linger_until: float = 0.0
-
-    @property
-    def key(self) -> tuple[int, int]:
-        return (self.batch.number, self.index)
-
-    @property
-    def ref(self) -> TaskRef:
-        return TaskRef(self.batch.number, self.index, self.job_id, self.array_index,
-                       self.batch.attempt)
 
 
 class Core:
@@ -178,45 +72,45 @@ class Core:
     # -- events --------------------------------------------------------------------------
 
     def _apply(self, event: Event, now: float) -> None:
-        if isinstance(event, BatchAdded):
+        if isinstance(event, ev.BatchAdded):
             self._add_batch(event, now)
-        elif isinstance(event, TasksSubmitted):
+        elif isinstance(event, ev.TasksSubmitted):
             batch = self.batches.get(event.batch)
             if batch is not None:
                 self._add_tasks(batch, event.job_id, event.offset, event.size, now)
-        elif isinstance(event, SubmitFailed):
+        elif isinstance(event, ev.SubmitFailed):
             self._submit_failed(event)
-        elif isinstance(event, Record):
+        elif isinstance(event, ev.Record):
             task = self.tasks.get((event.batch, event.task))
             if task is not None:
                 self._on_record(task, event, now)
             elif (event.batch, event.task) in self.lingering:
                 self._on_late_record(self.lingering[(event.batch, event.task)], event)
-        elif isinstance(event, StreamState):
+        elif isinstance(event, ev.StreamState):
             task = self.tasks.get((event.batch, event.task))
             if task is not None:
                 task.error = task.error or event.error
                 task.truncated = event.truncated
-        elif isinstance(event, StreamsRead):
+        elif isinstance(event, ev.StreamsRead):
             self.scanned = max(self.scanned, event.started)
-        elif isinstance(event, SchedulerAnswer):
+        elif isinstance(event, ev.SchedulerAnswer):
             self._on_states(event.states, now)
-        elif isinstance(event, FinalAnswer):
+        elif isinstance(event, ev.FinalAnswer):
             self._on_finals(event, now)
-        elif isinstance(event, CancelRequested):
+        elif isinstance(event, ev.CancelRequested):
             self._cancel(event)
-        elif isinstance(event, ClaimsWon):
+        elif isinstance(event, ev.ClaimsWon):
             self._claims_won(event)
-        elif isinstance(event, ShutdownRequested) and event.cancel_futures:
+        elif isinstance(event, ev.ShutdownRequested) and event.cancel_futures:
             # everything handed over so far: skip what has not started, kill nothing
             self.cancelling = True
-            self._cancel(CancelRequested(frozenset(self.open_calls()), kill=False))
+            self._cancel(ev.CancelRequested(frozenset(self.open_calls()), kill=False))
 
-    def _add_batch(self, event: BatchAdded, now: float) -> None:
+    def _add_batch(self, event: ev.BatchAdded, now: float) -> None:
         calls = {c for chunk in event.chunks for c in chunk}
         open_calls = calls if event.open_calls is None else calls & event.open_calls
         batch = Batch(event.batch, event.chunks, event.planned, event.steal, event.attempt,
-                      event.time_limit, event.throttled, now, set(open_calls),
+                      event.time_limit, set(open_calls),
                       unclaimed=set(range(len(event.chunks))))
         batch.chunk_of = {c: i for i, chunk in enumerate(event.chunks) for c in chunk}
         batch.throttle = 1 if event.throttled else event.planned
@@ -226,7 +120,7 @@ class Core:
         if not batch.open_calls:
             return
         if not event.arrays:
-            self._out.append(SubmitTasks(batch.number, 0, batch.planned, batch.throttled))
+            self._out.append(ev.SubmitTasks(batch.number, 0, batch.planned, batch.throttled))
 
     def _add_tasks(self, batch: Batch, job_id: str, offset: int, size: int,
                    now: float) -> None:
@@ -236,7 +130,7 @@ class Core:
             batch.tasks.append(task)
         batch.submitted = max(batch.submitted, offset + size)
 
-    def _submit_failed(self, event: SubmitFailed) -> None:
+    def _submit_failed(self, event: ev.SubmitFailed) -> None:
         batch = self.batches.get(event.batch)
         if batch is None:
             return
@@ -246,7 +140,7 @@ class Core:
             self._fail(batch, sorted(batch.open_calls),
                        Failure(type(event.error), str(event.error), error=event.error))
 
-    def _on_record(self, task: Task, record: Record, now: float) -> None:
+    def _on_record(self, task: Task, record: ev.Record, now: float) -> None:
         batch, kind = task.batch, record.kind
         if kind == "start":
             task.started = True
@@ -259,7 +153,7 @@ class Core:
             calls = tuple(c for c in batch.chunks[chunk] if c in batch.open_calls)
             task.unresolved.update(calls)
             batch.owner.update(dict.fromkeys(calls, task))
-            self._out.append(Claimed(batch.number, chunk, task.ref, calls))
+            self._out.append(ev.Claimed(batch.number, chunk, task.ref, calls))
         elif kind == "limit":
             task.limit_notice = True
         elif kind == "end":  # the last record of an attempt: its stream is complete
@@ -269,9 +163,9 @@ class Core:
             call_id = record.call_id
             batch.done += 1
             self._close(batch, call_id)
-            self._out.append(Deliver(call_id, kind, record.body, task.ref, call_id in self.doomed))
+            self._out.append(ev.Deliver(call_id, kind, record.body, task.ref, call_id in self.doomed))
 
-    def _on_late_record(self, task: Task, record: Record) -> None:
+    def _on_late_record(self, task: Task, record: ev.Record) -> None:
         call_id = record.call_id
         if record.kind == "end" or not task.verdicts:
             self.lingering.pop(task.key, None)
@@ -280,13 +174,14 @@ class Core:
             for batch in self.batches.values():  # a retry may carry it: it is done now
                 if call_id in batch.open_calls:
                     self._close(batch, call_id)
-            self._out.append(Deliver(call_id, record.kind, record.body, task.ref,
+            self._out.append(ev.Deliver(call_id, record.kind, record.body, task.ref,
                                      call_id in self.doomed, late=True))
 
     def _on_states(self, states: Mapping[TaskKey, TaskState], now: float) -> None:
         vanished: list[Task] = []
+        states = dict(states)  # once, not per task
         for task in self._watched():
-            state = state_of(dict(states), task.job_id, task.array_index)
+            state = state_of(states, task.job_id, task.array_index)
             if state is None:
                 if now - task.registered > 2 * self.config.poll_interval + (
                         self.config.vanish_grace):
@@ -302,12 +197,12 @@ class Core:
                         task.ended = task.killed = False
                 task.started = task.started or state.running
         if vanished:
-            self._out.append(QueryFinal(
+            self._out.append(ev.QueryFinal(
                 tuple(t.key for t in vanished),
                 tuple((t.job_id or "", t.array_index or 0) for t in vanished),
                 {t.key: t.worker for t in vanished if t.worker is not None}))
 
-    def _on_finals(self, event: FinalAnswer, now: float) -> None:
+    def _on_finals(self, event: ev.FinalAnswer, now: float) -> None:
         for key in event.tasks:
             task = self.tasks.get(key)
             if task is None or key in event.alive:
@@ -318,30 +213,30 @@ class Core:
                 task.final_since = now
             task.final_polls += 2  # gone from the queue: it will not come back
 
-    def _cancel(self, event: CancelRequested) -> None:
+    def _cancel(self, event: ev.CancelRequested) -> None:
         by_chunk: dict[tuple[int, int], list[int]] = {}
         for batch in self.batches.values():
             for call_id in sorted(event.call_ids & batch.open_calls):
                 self.doomed.add(call_id)
                 by_chunk.setdefault((batch.number, batch.chunk_of[call_id]), []).append(call_id)
         for (number, chunk), call_ids in sorted(by_chunk.items()):
-            self._out.append(WriteCancel(number, chunk, tuple(call_ids)))
+            self._out.append(ev.WriteCancel(number, chunk, tuple(call_ids)))
         for number in sorted({number for number, _ in by_chunk}):
             batch = self.batches[number]
             whole = tuple(sorted(c for c in batch.unclaimed if self._all_doomed(batch, c)))
             if whole:
-                self._out.append(ClaimChunks(number, whole))
+                self._out.append(ev.ClaimChunks(number, whole))
             if event.kill and not any(not self._all_doomed(batch, c) for c in batch.unclaimed):
                 refs = tuple(f"{t.job_id}_{t.array_index}" for t in self._live(batch)
                              if t.job_id is not None and t.unresolved
                              and t.unresolved <= self.doomed)
                 if refs:
-                    self._out.append(CancelTasks(refs))
+                    self._out.append(ev.CancelTasks(refs))
 
     def _all_doomed(self, batch: Batch, chunk: int) -> bool:
         return all(c in self.doomed for c in batch.chunks[chunk] if c in batch.open_calls)
 
-    def _claims_won(self, event: ClaimsWon) -> None:
+    def _claims_won(self, event: ev.ClaimsWon) -> None:
         batch = self.batches.get(event.batch)
         if batch is None:
             return
@@ -361,7 +256,7 @@ class Core:
             job_ids = frozenset(t.job_id for t in self._watched() if t.job_id is not None)
             if job_ids:
                 self.next_poll = now + self.config.poll_interval
-                self._out.append(QueryScheduler(job_ids))
+                self._out.append(ev.QueryScheduler(job_ids))
         for task in list(self.tasks.values()):
             self._settle_task(task, now)
         for batch in list(self.batches.values()):
@@ -396,7 +291,7 @@ class Core:
                 self._fail_unfinished(task, sorted(task.unresolved))
             if not batch.steal and task.index in batch.unclaimed:  # nobody else may take it
                 batch.unclaimed.discard(task.index)
-                self._out.append(ClaimChunks(batch.number, (task.index,)))
+                self._out.append(ev.ClaimChunks(batch.number, (task.index,)))
                 calls = [c for c in batch.chunks[task.index] if c in batch.open_calls]
                 self._fail_unfinished(task, calls, started=False)
         else:
@@ -412,7 +307,7 @@ class Core:
             for task in live:
                 self.tasks.pop(task.key, None)
             del self.batches[batch.number]
-            self._out.append(BatchDone(batch.number))
+            self._out.append(ev.BatchDone(batch.number))
             return
         if not batch.unclaimed or batch.submitted == 0:
             return
@@ -421,7 +316,7 @@ class Core:
         if not self._live(batch):  # nobody is left to claim them
             chunks = tuple(sorted(batch.unclaimed))
             calls = [c for chunk in chunks for c in batch.chunks[chunk] if c in batch.open_calls]
-            self._out.append(ClaimChunks(batch.number, chunks))
+            self._out.append(ev.ClaimChunks(batch.number, chunks))
             batch.unclaimed.clear()
             failed = batch.last_failed
             if failed is None or batch.submit_error is not None:
@@ -447,13 +342,12 @@ class Core:
         wanted = min(batch.planned, max(1, math.ceil(work / self.config.horizon)))
         if wanted > batch.throttle:
             batch.throttle = wanted
-            batch.throttled = wanted < batch.planned
-            self._out.append(LiftThrottle(batch.number, wanted if batch.throttled else 0))
+            self._out.append(ev.LiftThrottle(batch.number, wanted if batch.throttled else 0))
 
     def _cancel_pending(self, tasks: list[Task]) -> None:
         pending = [t for t in tasks if t.job_id is not None]
         if pending:
-            self._out.append(CancelTasks(tuple(f"{t.job_id}_{t.array_index}"
+            self._out.append(ev.CancelTasks(tuple(f"{t.job_id}_{t.array_index}"
                                                for t in pending)))
             for task in pending:
                 self.tasks.pop(task.key, None)
@@ -476,7 +370,7 @@ class Core:
             for call_id in call_ids:
                 calls.setdefault(batch.chunk_of[call_id], []).append(call_id)
                 self._close(batch, call_id)
-            self._out.append(Retry(batch.number, batch.attempt + 1,
+            self._out.append(ev.Retry(batch.number, batch.attempt + 1,
                                    {k: tuple(v) for k, v in calls.items()}, state.state))
             return
         if task.truncated and live_end and started:
@@ -485,30 +379,7 @@ class Core:
                 f"({state.state if state else 'state unknown'}) while writing it"),
                 task.ref))
             return
-        what = "this call finished" if started else "this call could start"
-        error_type: type[TaskFailedError]
-        if task.limit_notice:
-            error_type, message = JobTimeoutError, (
-                f"the call did not finish within the time limit ({batch.time_limit})")
-        elif task.ended and not task.killed:
-            error_type, message = CallLostError, (
-                "the worker ended without running this call (see the log)")
-        elif state is None or state.state == "UNKNOWN":
-            error_type, message = CallLostError, (
-                "the task left the queue without a result and the scheduler has no record "
-                "of how it ended (no accounting)")
-        else:
-            error_type = ERROR_FOR_STATE.get(state.state, WorkerCrashedError)
-            message = f"the task ended ({state.state}) before {what}"
-            if not task.ended:  # no end record: a result may still be on its way
-                message += (f"; no result was seen within result_grace="
-                            f"{self.config.result_grace:g} s of the end (if a shared "
-                            "filesystem shows results late, raise result_grace)")
-        name = "TIMEOUT" if error_type is JobTimeoutError else (
-            state.state if state else None)
-        self._fail(batch, call_ids, Failure(
-            error_type, message, task.ref, name, state.exit_code if state else None,
-            state.signal if state else None))
+        self._fail(batch, call_ids, task_failure(task, started, self.config.result_grace))
 
     # -- helpers -------------------------------------------------------------------------
 
@@ -530,7 +401,7 @@ class Core:
         for call_id in call_ids:
             self._close(batch, call_id)
         if call_ids:
-            self._out.append(Fail(tuple(call_ids), failure))
+            self._out.append(ev.Fail(tuple(call_ids), failure))
 
 
 def window_due(opened: float, touched: float, quiet: float, longest: float) -> float:

@@ -1,0 +1,124 @@
+"""The core's bookkeeping (state.py): its knobs, batches and tasks, and which error fits
+how a task ended. Plain values only."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .errors import (
+    ERROR_FOR_STATE,
+    CallLostError,
+    JobTimeoutError,
+    TaskFailedError,
+    WorkerCrashedError,
+)
+from .events import Failure, TaskRef
+from .schedulers import TaskState
+
+#: Final states after which Slurm may requeue the task: settle them only when a second
+#: scheduler answer still shows them final.
+REQUEUEABLE = frozenset({"NODE_FAIL", "PREEMPTED", "REQUEUED", "BOOT_FAIL"})
+
+
+@dataclass(frozen=True)
+class Config:
+    """The policies' knobs (seconds)."""
+
+    poll_interval: float
+    result_grace: float
+    retry_on: frozenset[str] = frozenset()
+    max_retries: int = 0
+    probe: float = 0.3  # how often a throttled batch's running work is measured
+    horizon: float = 3.0  # one more task per this many seconds of estimated work left
+    vanish_grace: float = 5.0  # a task missing from the queue this long has left it
+
+
+@dataclass(eq=False)
+class Batch:
+    """Calls handed over together: chunks that up to `planned` array tasks claim."""
+
+    number: int
+    chunks: list[list[int]]
+    planned: int
+    steal: bool
+    attempt: int
+    time_limit: str | None
+    open_calls: set[int]
+    unclaimed: set[int] = field(default_factory=set)
+    submitted: int = 0
+    first_start: float | None = None
+    tasks: list[Task] = field(default_factory=list)
+    last_failed: Task | None = None
+    submit_error: BaseException | None = None
+    throttle: int = 1  # tasks allowed to run at once while throttled
+    done: int = 0  # results read so far (the measure of the work's cost)
+    next_scale: float = 0.0
+    chunk_of: dict[int, int] = field(default_factory=dict)  # call -> its chunk
+    owner: dict[int, Task] = field(default_factory=dict)  # call -> the task that claimed it
+
+    @property
+    def throttled(self) -> bool:
+        """Fewer of its tasks may run than it planned (scale-out may raise that)."""
+        return self.throttle < self.planned
+
+
+@dataclass(eq=False)
+class Task:
+    """One array task as the core follows it."""
+
+    batch: Batch
+    index: int
+    job_id: str | None
+    array_index: int | None
+    registered: float
+    unresolved: set[int] = field(default_factory=set)
+    started: bool = False
+    worker: tuple[str, int] | None = None
+    limit_notice: bool = False
+    ended: bool = False
+    killed: bool = False  # its worker was ended by a signal (scancel, time limit)
+    final: TaskState | None = None
+    final_since: float = 0.0
+    final_polls: int = 0
+    error: str | None = None
+    truncated: str | None = None
+    verdicts: set[int] = field(default_factory=set)  # calls failed without a result
+    linger_until: float = 0.0
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return (self.batch.number, self.index)
+
+    @property
+    def ref(self) -> TaskRef:
+        return TaskRef(self.batch.number, self.index, self.job_id, self.array_index,
+                       self.batch.attempt)
+
+
+def task_failure(task: Task, started: bool, result_grace: float) -> Failure:
+    """The failure that fits how `task` ended, for calls it left without a result
+    (`started`: they had begun, else they could not start)."""
+    state = task.final
+    what = "this call finished" if started else "this call could start"
+    error_type: type[TaskFailedError]
+    if task.limit_notice:
+        error_type, message = JobTimeoutError, (
+            f"the call did not finish within the time limit ({task.batch.time_limit})")
+    elif task.ended and not task.killed:
+        error_type, message = CallLostError, (
+            "the worker ended without running this call (see the log)")
+    elif state is None or state.state == "UNKNOWN":
+        error_type, message = CallLostError, (
+            "the task left the queue without a result and the scheduler has no record "
+            "of how it ended (no accounting)")
+    else:
+        error_type = ERROR_FOR_STATE.get(state.state, WorkerCrashedError)
+        message = f"the task ended ({state.state}) before {what}"
+        if not task.ended:  # no end record: a result may still be on its way
+            message += (f"; no result was seen within result_grace="
+                        f"{result_grace:g} s of the end (if a shared "
+                        "filesystem shows results late, raise result_grace)")
+    name = "TIMEOUT" if error_type is JobTimeoutError else (
+        state.state if state else None)
+    return Failure(error_type, message, task.ref, name, state.exit_code if state else None,
+                   state.signal if state else None)

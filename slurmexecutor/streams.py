@@ -1,0 +1,71 @@
+"""Reading the result streams of live tasks for the owner thread (engine.py).
+
+One scandir per round finds the streams that grew. Streams of tasks the scheduler says
+have ended are also opened by name and read to their end: an open revalidates NFS's
+cached attributes (close-to-open consistency), while a cached listing or size may hide
+what a compute node wrote last.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+from . import spool
+from .events import Event, Record, StreamsRead, StreamState
+
+TaskKey = tuple[int, int]  # (batch, task)
+
+
+class StreamReader:
+    """Cursors over a run's result streams; `read` turns new records into events."""
+
+    def __init__(self, run_dir: Path, key: bytes) -> None:
+        self.run_dir, self.key = run_dir, key
+        self._cursors: dict[str, spool.StreamCursor] = {}
+        self._names: dict[TaskKey, list[str]] = {}  # a task's streams (one per attempt)
+
+    def read(self, live: Iterable[TaskKey], ended: Iterable[TaskKey]) -> list[Event]:
+        """Events for what the streams of `live` tasks gained, then `StreamsRead`.
+        `ended`: the live tasks Slurm says have ended (opened by name as well)."""
+        started = time.monotonic()
+        live = set(live)
+        try:
+            entries = list(os.scandir(self.run_dir))
+        except FileNotFoundError:
+            return []
+        fresh: dict[str, TaskKey] = {}  # stream name -> its task, to read now
+        for entry in entries:
+            parsed = spool.parse_stream_name(entry.name)
+            if parsed is None or parsed not in live:
+                continue
+            cursor = self._cursors.get(entry.name)
+            if cursor is None or entry.stat().st_size > cursor.offset:
+                fresh[entry.name] = parsed
+        for key in ended:
+            first = spool.stream_path(self.run_dir, key[0], key[1], 0).name
+            for name in self._names.get(key) or [first]:
+                fresh.setdefault(name, key)
+        events: list[Event] = []
+        for name, (batch, task) in fresh.items():
+            cursor = self._cursors.get(name) or spool.StreamCursor(self.run_dir / name)
+            records = spool.read_records(cursor, self.key)
+            if name not in self._cursors and (cursor.offset or cursor.error):
+                self._cursors[name] = cursor  # it exists: follow it from now on
+                self._names.setdefault((batch, task), []).append(name)
+            events += [Record(batch, task, kind, call_id, body)
+                       for kind, call_id, body in records]
+            truncated = (f"{cursor.path} is truncated ({cursor.pending_bytes} bytes of an "
+                         f"incomplete record at byte {cursor.offset})"
+                         ) if cursor.pending_bytes else None
+            events.append(StreamState(batch, task, cursor.error, truncated))
+        events.append(StreamsRead(started))
+        return events
+
+    def forget(self, batch: int) -> None:
+        """A finished batch: drop its cursors."""
+        for key in [k for k in self._names if k[0] == batch]:
+            for name in self._names.pop(key):
+                self._cursors.pop(name, None)
