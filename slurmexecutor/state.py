@@ -39,6 +39,7 @@ class Core:
         self.batches: dict[int, Batch] = {}
         self.tasks: dict[tuple[int, int], Task] = {}  # live tasks only
         self.doomed: set[int] = set()  # calls the user cancelled after launch
+        self.killing: set[int] = set()  # ... whose tasks may be killed (ex.cancel)
         self.cancelling = False  # shutdown(cancel_futures=True): no more retries
         self.next_poll = 0.0
         #: settled tasks that had no end record: read on for another result_grace, so a
@@ -154,6 +155,8 @@ class Core:
             task.unresolved.update(calls)
             batch.owner.update(dict.fromkeys(calls, task))
             self._out.append(ev.Claimed(batch.number, chunk, task.ref, calls))
+            if self.killing.intersection(calls):
+                self._kill_cancelled(batch)
         elif kind == "limit":
             task.limit_notice = True
         elif kind == "end":  # the last record of an attempt: its stream is complete
@@ -218,6 +221,8 @@ class Core:
         for batch in self.batches.values():
             for call_id in sorted(event.call_ids & batch.open_calls):
                 self.doomed.add(call_id)
+                if event.kill:
+                    self.killing.add(call_id)
                 by_chunk.setdefault((batch.number, batch.chunk_of[call_id]), []).append(call_id)
         for (number, chunk), call_ids in sorted(by_chunk.items()):
             self._out.append(ev.WriteCancel(number, chunk, tuple(call_ids)))
@@ -226,12 +231,21 @@ class Core:
             whole = tuple(sorted(c for c in batch.unclaimed if self._all_doomed(batch, c)))
             if whole:
                 self._out.append(ev.ClaimChunks(number, whole))
-            if event.kill and not any(not self._all_doomed(batch, c) for c in batch.unclaimed):
-                refs = tuple(f"{t.job_id}_{t.array_index}" for t in self._live(batch)
-                             if t.job_id is not None and t.unresolved
-                             and t.unresolved <= self.doomed)
-                if refs:
-                    self._out.append(ev.CancelTasks(refs))
+            self._kill_cancelled(batch)
+
+    def _kill_cancelled(self, batch: Batch) -> None:
+        """Kill the tasks that hold nothing but calls cancelled with kill, once no chunk
+        they could still claim holds other work. Asked again at each claim: a task may
+        have claimed (and started) a cancelled chunk before the client saw it."""
+        if any(not self._all_doomed(batch, c) for c in batch.unclaimed):
+            return
+        doomed = [t for t in self._live(batch) if t.job_id is not None and t.unresolved
+                  and t.unresolved <= self.killing and not t.kill_sent]
+        for task in doomed:
+            task.kill_sent = True
+        if doomed:
+            self._out.append(ev.CancelTasks(tuple(f"{t.job_id}_{t.array_index}"
+                                                  for t in doomed)))
 
     def _all_doomed(self, batch: Batch, chunk: int) -> bool:
         return all(c in self.doomed for c in batch.chunks[chunk] if c in batch.open_calls)

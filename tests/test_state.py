@@ -317,3 +317,12 @@ def test_a_result_that_comes_after_the_verdict_still_wins_where_it_can():
     assert (late.call_id, late.late) == (1, True)
     assert machine.batches[1].open_calls == {0}  # the retry no longer waits for call 1
     assert not of(machine.step([Record(0, 0, "ok", 0, b"too late")], 30.0), Deliver)
+
+
+def test_a_task_that_claimed_a_cancelled_chunk_unseen_is_killed_when_the_claim_shows():
+    machine = core()
+    started_batch(machine, chunks=((0,),), planned=1)
+    out = machine.step([CancelRequested(frozenset({0}))], 0.1)  # claim not seen yet
+    assert of(out, ClaimChunks) == [ClaimChunks(0, (0,))] and not of(out, CancelTasks)
+    out = machine.step([ClaimsWon(0, ()), Record(0, 0, "claim", 0, None)], 0.2)
+    assert of(out, CancelTasks) == [CancelTasks(("7_0",))]  # the task won the claim
