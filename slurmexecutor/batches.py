@@ -2,11 +2,12 @@
 
 A batch is C chunks of calls that up to `planned` array tasks claim:
 
-    bNNNN.fn        the functions, pickled once per batch (retries reuse the original's)
-    bNNNN.batch     the manifest every task reads: functions file, C, planned tasks
-    bNNNN.cJJJJ.in  the chunks: call ids and pickled arguments, signed
+    bNNNN/fn        the functions, pickled once per batch (retries reuse the original's)
+    bNNNN/manifest  what every task reads: functions file, C, planned tasks
+    bNNNN/cJJJJ.in  the chunks: call ids and pickled arguments, signed
+    bNNNN/claims/   empty: tasks claim chunk J by creating claims/J (O_EXCL)
+    bNNNN/aOFF.sh   the batch script of the array that starts at task OFF
     bNNNN.json      the journal: calls per chunk, the arrays submitted (for `attach`)
-    bNNNN.aOFF.sh   the batch script of the array that starts at task OFF
 """
 
 from __future__ import annotations
@@ -87,10 +88,11 @@ def job_name(names: list[str]) -> str:
 def write_batch(run_dir: Path, key: bytes, number: int, spec: BatchSpec,
                 throttled: bool) -> dict:
     """Write functions, manifest, chunks and journal; return the journal."""
+    spool.make_batch_dir(run_dir, number)
     if isinstance(spec.functions, str):
         functions_file = spec.functions
     else:
-        functions_file = spool.functions_path(run_dir, number).name
+        functions_file = str(spool.functions_path(run_dir, number).relative_to(run_dir))
         spool.write_blob(run_dir / functions_file, key, {
             "functions": spec.functions, "names": spec.names,
             "sys_path": shipped_sys_path()})
@@ -124,7 +126,7 @@ def submit_arrays(backend: Backend, settings: Settings, run_dir: Path, journal: 
                               job_name=job_name(journal["functions"]), python=settings.python,
                               throttle=throttle, setup=settings.setup,
                               sbatch_extra=settings.sbatch_extra)
-            script = run_dir / f"{spool.batch_name(number)}.a{offset}.sh"
+            script = spool.script_path(run_dir, number, offset)
             spool.write_atomic(script, render_script(settings.resources, spec).encode())
             job_id = backend.submit_array(script, size, run_dir / "logs", throttle)
         except SubmissionError:

@@ -21,8 +21,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from . import claims, outcomes, spool
 from . import events as ev
-from . import outcomes, spool
 from ._log import log
 from .batches import (
     BatchSpec,
@@ -295,7 +295,7 @@ class Engine:
             spool.append_cancelled(spool.cancel_path(self.run_dir, action.batch, action.chunk),
                                    list(action.call_ids))
         elif isinstance(action, ev.ClaimChunks):
-            won = tuple(chunk for chunk in action.chunks if spool.try_claim(
+            won = tuple(chunk for chunk in action.chunks if claims.try_claim(
                 spool.claim_path(self.run_dir, action.batch, chunk), "client"))
             self._events.append(ev.ClaimsWon(action.batch, won))
         elif isinstance(action, ev.CancelTasks):

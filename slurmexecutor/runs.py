@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import claims as claiming
 from . import lease as leases
 from . import spool
 from .errors import RunInUseError, RunNotFoundError
@@ -146,11 +147,7 @@ def _read_streams(run_dir: Path, key: bytes, info: RunInfo,
     calls_of: dict[tuple[int, int], list[int]] = {}
     for call_id, place in chunk_of.items():
         calls_of.setdefault(place, []).append(call_id)
-    for path in sorted(run_dir.glob("b*.t*.r*.out")):
-        parsed = spool.parse_stream_name(path.name)
-        if parsed is None:
-            continue
-        batch, index = parsed
+    for batch, index, path in spool.iter_streams(run_dir):
         task = info.task(batch, index)
         cursor = spool.StreamCursor(path)
         claimed: list[int] = []
@@ -167,7 +164,7 @@ def _read_streams(run_dir: Path, key: bytes, info: RunInfo,
                 claimed += calls
                 if task:
                     task.call_ids += calls
-            elif kind != "limit" and call_id not in outcomes:
+            elif kind not in ("limit", "claims") and call_id not in outcomes:
                 outcomes[call_id] = _outcome(kind, body)
         if cursor.error:
             for call_id in claimed:
@@ -237,7 +234,7 @@ def cancel_run(info: RunInfo, backend: Backend | None) -> int:
         by_chunk.setdefault((call.batch, call.chunk), []).append(call.call_id)
     for (batch, chunk), call_ids in by_chunk.items():
         spool.append_cancelled(spool.cancel_path(info.path, batch, chunk), call_ids)
-        spool.try_claim(spool.claim_path(info.path, batch, chunk), "client")
+        claiming.try_claim(spool.claim_path(info.path, batch, chunk), "client")
     if backend is not None:
         backend.cancel(info.job_ids)
     else:

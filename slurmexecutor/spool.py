@@ -10,16 +10,20 @@ both can see. The folder is the journal: a new client can find every run in it a
         lease                        the driving client's heartbeat: host, pid, token, ttl,
                                      last renewal (JSON; see lease.py)
         b0003.json                   batch journal: calls per chunk, array job ids
-        b0003.fn                     the batch's functions, pickled once (signed blob)
-        b0003.batch                  manifest for its tasks: functions file, chunk count
-        b0003.c0005.in               call ids and arguments of chunk 5 (signed blob)
-        b0003.c0005.claim            created (O_EXCL) by the task that runs chunk 5
-        b0003.c0005.cancel           call ids of chunk 5 the client cancelled
-        b0003.t0007.r0.out           records array task 7 appended (attempt 0)
+        b0003/                       everything else of batch 3 (a finished batch's
+                                     folder is never listed again)
+          fn                         the batch's functions, pickled once (signed blob)
+          manifest                   for its tasks: functions file, chunk and task counts
+          shared                     arguments shared by many calls, pickled once (signed)
+          c0005.in                   call ids and arguments of chunk 5 (signed blob)
+          c0005.cancel               call ids of chunk 5 the client cancelled
+          claims/5                   created (O_EXCL) by the task that runs chunk 5
+          t0007.r0.out               records array task 7 appended (attempt 0)
+          a0.sh                      the batch script of the array starting at task 0
         logs/JOB_INDEX.log           an array task's stdout and stderr
 
 Signed blobs and records carry an HMAC-SHA256 of their payload AND of the file's own
-name (`run/file`); nothing is unpickled before its signature checks, so a truncated,
+name (`run/batch/file`); nothing is unpickled before its signature checks, so a truncated,
 corrupted, forged, or swapped file (one moved to another name or run) is rejected. The
 key and the folders must belong to the user and be private, or they are refused.
 A result stream is a sequence of records, each `length | hmac | payload`, appended by
@@ -37,6 +41,7 @@ import os
 import pickle
 import socket
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -86,9 +91,10 @@ def load_key(folder: Path, *, create: bool = False) -> bytes:
 
 
 def _digest(key: bytes, path: Path, payload: bytes) -> bytes:
-    """HMAC of the payload bound to its place: `run/file`, so a file moved or copied to
-    another name (or run) does not authenticate there."""
-    mac = hmac.new(key, f"{path.parent.name}/{path.name}\0".encode(), hashlib.sha256)
+    """HMAC of the payload bound to its place: `run/batch/file`, so a file moved or
+    copied to another name (or batch, or run) does not authenticate there."""
+    place = "/".join(path.parts[-3:])
+    mac = hmac.new(key, f"{place}\0".encode(), hashlib.sha256)
     mac.update(payload)
     return mac.digest()
 
@@ -219,13 +225,21 @@ def chunk_name(batch: int, chunk: int) -> str:
     return f"{batch_name(batch)}.c{chunk:04d}"
 
 
+def batch_dir(run_dir: Path, batch: int) -> Path:
+    return run_dir / batch_name(batch)
+
+
 def manifest_path(run_dir: Path, batch: int) -> Path:
     """What every task of a batch needs: its functions file, chunk and task counts."""
-    return run_dir / f"{batch_name(batch)}.batch"
+    return batch_dir(run_dir, batch) / "manifest"
 
 
 def functions_path(run_dir: Path, batch: int) -> Path:
-    return run_dir / f"{batch_name(batch)}.fn"
+    return batch_dir(run_dir, batch) / "fn"
+
+
+def shared_path(run_dir: Path, batch: int) -> Path:
+    return batch_dir(run_dir, batch) / "shared"
 
 
 def journal_path(run_dir: Path, batch: int) -> Path:
@@ -233,48 +247,72 @@ def journal_path(run_dir: Path, batch: int) -> Path:
 
 
 def chunk_path(run_dir: Path, batch: int, chunk: int) -> Path:
-    return run_dir / f"{chunk_name(batch, chunk)}.in"
+    return batch_dir(run_dir, batch) / f"c{chunk:04d}.in"
+
+
+def claims_dir(run_dir: Path, batch: int) -> Path:
+    return batch_dir(run_dir, batch) / "claims"
 
 
 def claim_path(run_dir: Path, batch: int, chunk: int) -> Path:
-    return run_dir / f"{chunk_name(batch, chunk)}.claim"
+    return claims_dir(run_dir, batch) / str(chunk)
 
 
 def cancel_path(run_dir: Path, batch: int, chunk: int) -> Path:
-    return run_dir / f"{chunk_name(batch, chunk)}.cancel"
+    return batch_dir(run_dir, batch) / f"c{chunk:04d}.cancel"
 
 
 def stream_path(run_dir: Path, batch: int, task: int, attempt: int) -> Path:
-    return run_dir / f"{task_name(batch, task)}.r{attempt}.out"
+    return batch_dir(run_dir, batch) / f"t{task:04d}.r{attempt}.out"
 
 
-def try_claim(path: Path, owner: str) -> bool:
-    """Claim a chunk: True for exactly one claimant (O_EXCL create is atomic, NFS too)."""
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return False
-    with os.fdopen(fd, "w") as handle:
-        handle.write(owner)
-    return True
+def script_path(run_dir: Path, batch: int, offset: int) -> Path:
+    return batch_dir(run_dir, batch) / f"a{offset}.sh"
 
 
-def claim_owner(path: Path) -> str | None:
-    try:
-        return path.read_text()
-    except FileNotFoundError:
-        return None
+def make_batch_dir(run_dir: Path, batch: int) -> Path:
+    """Create a batch's folder and its claims folder (private, like the run)."""
+    path = batch_dir(run_dir, batch)
+    path.mkdir(mode=0o700, exist_ok=True)
+    claims_dir(run_dir, batch).mkdir(mode=0o700, exist_ok=True)
+    return path
 
 
 def parse_stream_name(name: str) -> tuple[int, int] | None:
-    """`b0003.t0007.r0.out` -> (3, 7); None for any other file name."""
+    """`t0007.r1.out` (in a batch's folder) -> (7, 1): task and attempt; None for any
+    other file name."""
     parts = name.split(".")
-    if len(parts) != 4 or parts[3] != "out" or not parts[0].startswith("b"):
+    if len(parts) != 3 or parts[2] != "out" or not parts[0].startswith("t") or (
+            not parts[1].startswith("r")):
         return None
     try:
         return int(parts[0][1:]), int(parts[1][1:])
     except ValueError:
         return None
+
+
+def parse_batch_name(name: str) -> int | None:
+    """`b0003` -> 3; None for any other name (journals end in .json)."""
+    if not name.startswith("b") or not name[1:].isdigit():
+        return None
+    return int(name[1:])
+
+
+def iter_streams(run_dir: Path) -> Iterator[tuple[int, int, Path]]:
+    """Every result stream of a run: (batch, task, path), in batch and task order."""
+    try:
+        batches = sorted((number, entry.path) for entry in os.scandir(run_dir)
+                         if (number := parse_batch_name(entry.name)) is not None)
+    except FileNotFoundError:
+        return
+    for number, path in batches:
+        streams = []
+        for entry in os.scandir(path):
+            parsed = parse_stream_name(entry.name)
+            if parsed is not None:
+                streams.append((parsed, Path(entry.path)))
+        for (task, _attempt), stream in sorted(streams):
+            yield number, task, stream
 
 
 def read_cancelled(path: Path) -> set[int]:

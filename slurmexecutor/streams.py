@@ -1,6 +1,7 @@
 """Reading the result streams of live tasks for the owner thread (engine.py).
 
-One scandir per round finds the streams that grew. Streams of tasks the scheduler says
+One scandir per live batch's folder per round finds the streams that grew: finished
+batches are never listed again, so a round costs what is live, not the run's history. Streams of tasks the scheduler says
 have ended are also opened by name and read to their end: an open revalidates NFS's
 cached attributes (close-to-open consistency), while a cached listing or size may hide
 what a compute node wrote last.
@@ -32,25 +33,26 @@ class StreamReader:
         `ended`: the live tasks Slurm says have ended (opened by name as well)."""
         started = time.monotonic()
         live = set(live)
-        try:
-            entries = list(os.scandir(self.run_dir))
-        except FileNotFoundError:
-            return []
-        fresh: dict[str, TaskKey] = {}  # stream name -> its task, to read now
-        for entry in entries:
-            parsed = spool.parse_stream_name(entry.name)
-            if parsed is None or parsed not in live:
+        fresh: dict[str, TaskKey] = {}  # stream path -> its task, to read now
+        for batch in sorted({batch for batch, _ in live}):
+            try:
+                entries = list(os.scandir(spool.batch_dir(self.run_dir, batch)))
+            except FileNotFoundError:
                 continue
-            cursor = self._cursors.get(entry.name)
-            if cursor is None or entry.stat().st_size > cursor.offset:
-                fresh[entry.name] = parsed
+            for entry in entries:
+                parsed = spool.parse_stream_name(entry.name)
+                if parsed is None or (batch, parsed[0]) not in live:
+                    continue
+                cursor = self._cursors.get(entry.path)
+                if cursor is None or entry.stat().st_size > cursor.offset:
+                    fresh[entry.path] = (batch, parsed[0])
         for key in ended:
-            first = spool.stream_path(self.run_dir, key[0], key[1], 0).name
+            first = str(spool.stream_path(self.run_dir, key[0], key[1], 0))
             for name in self._names.get(key) or [first]:
                 fresh.setdefault(name, key)
         events: list[Event] = []
         for name, (batch, task) in fresh.items():
-            cursor = self._cursors.get(name) or spool.StreamCursor(self.run_dir / name)
+            cursor = self._cursors.get(name) or spool.StreamCursor(Path(name))
             records = spool.read_records(cursor, self.key)
             if name not in self._cursors and (cursor.offset or cursor.error):
                 self._cursors[name] = cursor  # it exists: follow it from now on

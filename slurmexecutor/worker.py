@@ -4,13 +4,14 @@
     --------------------------------------------       ---------------------------------
     write a `start` record
     fork a child ---------------------------------->   while a chunk can be claimed (an
-                                                       O_EXCL claim file; task i starts at
-                                                       chunk i*C/K, then takes any left):
+                                                       O_EXCL claim file, see claims.py:
+                                                       its stride first, then the rest):
                                                          write a `claim` record
     "starting call k of chunk j" <---- pipe --------     for each call: skip it if the
                                                          client cancelled it, else run it
                                                          and append its result record
-    "done"                   <---- pipe --------     nothing left to claim (or stopped)
+    "done"                   <---- pipe --------     nothing left to claim (or stopped):
+                                                       a `claims` record (its cost)
     the child ended without saying "done" (os._exit,
       any exit code, 0 too; segfault; kill)? append
       a `crash` record for the one call it announced
@@ -21,7 +22,7 @@
     append an `end` record
 
 After a Slurm requeue (SLURM_RESTART_COUNT > 0) the task first runs again the chunks its
-earlier attempt claimed; the client keeps the first result of each call. The worker
+earlier attempts claimed (their `claim` records); the client keeps the first result of each call. The worker
 imports nothing of the client side, and the supervisor never unpickles user objects.
 """
 
@@ -37,7 +38,7 @@ import time
 import traceback
 from pathlib import Path
 
-from . import spool
+from . import claims, spool
 
 POSITION = struct.Struct(">II")  # chunk index, call position within the chunk
 CLAIMED = 0xFFFFFFFF  # the position sent when a chunk is claimed, before its first call
@@ -87,13 +88,8 @@ class Supervisor:
         self.position: tuple[int, int] | None = None  # the child's last announcement
         self.done = False  # the child said it finished (DONE): its end is no crash
         self.stopping = False
-        # requeued: first run again what the earlier attempt had claimed
-        self.reruns = [index for index in range(manifest["chunks"])
-                       if spool.claim_owner(self.claim(index)) == str(task)
-                       ] if attempt > 0 else []
-
-    def claim(self, index: int) -> Path:
-        return spool.claim_path(self.run_dir, self.batch, index)
+        # requeued: first run again what the earlier attempts had claimed
+        self.reruns = _claimed_before(run_dir, batch, task, attempt, key)
 
     def on_stop_signal(self, signum: int, frame: object) -> None:
         if not self.stopping:
@@ -200,6 +196,17 @@ class Supervisor:
         return buffer[whole:]
 
 
+def _claimed_before(run_dir: Path, batch: int, task: int, attempt: int,
+                    key: bytes) -> list[int]:
+    """The chunks this task's earlier attempts claimed, from their streams."""
+    chunks: list[int] = []
+    for earlier in range(attempt):
+        cursor = spool.StreamCursor(spool.stream_path(run_dir, batch, task, earlier))
+        chunks += [call_id for kind, call_id, _ in spool.read_records(cursor, key)
+                   if kind == "claim" and call_id not in chunks]
+    return chunks
+
+
 def _describe(code: int) -> dict:
     """A child's exit code as reported by waitstatus_to_exitcode (negative: a signal)."""
     if code < 0:
@@ -241,19 +248,20 @@ class ChildRunner:
             self._run_chunk(resume[0], resume[1])
         for index in list(self.sup.reruns):
             self._run_chunk(index, 0)
-        for index in self._claim_order():
-            if _ChildStop.requested:
+        manifest, task = self.sup.manifest, self.sup.task
+        order = claims.claim_order(manifest["chunks"], manifest["tasks"], task) if (
+            manifest["steal"]) else [task] if task < manifest["chunks"] else []
+        claimer = claims.Claimer(spool.claims_dir(self.sup.run_dir, self.sup.batch), order,
+                                 str(task))
+        try:
+            if _ChildStop.requested:  # claim nothing it cannot start
                 return
-            if spool.try_claim(self.sup.claim(index), str(self.sup.task)):
+            for index in claimer.claims():
                 self._run_chunk(index, 0)
-
-    def _claim_order(self) -> list[int]:
-        chunks, tasks, task = (self.sup.manifest["chunks"], self.sup.manifest["tasks"],
-                               self.sup.task)
-        if not self.sup.manifest["steal"]:
-            return [task] if task < chunks else []
-        first = task * chunks // tasks
-        return [(first + step) % chunks for step in range(chunks)]
+                if _ChildStop.requested:
+                    return
+        finally:
+            self.sup.out.write(("claims", None, claimer.stats()))
 
     def _run_chunk(self, index: int, first: int) -> None:
         sup = self.sup

@@ -351,8 +351,11 @@ def test_folder_and_key_are_private(make_executor):
     assert stat.S_IMODE(ex.run_dir.stat().st_mode) == 0o700
     assert stat.S_IMODE((ex.folder / "key").stat().st_mode) == 0o600
     ex.submit(square, 2).result(timeout=60)
-    for path in ex.run_dir.glob("b*"):
-        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+    for path in ex.run_dir.rglob("*"):
+        if path.is_dir():
+            assert stat.S_IMODE(path.stat().st_mode) == 0o700, path
+        elif path.suffix != ".log":
+            assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
 
 
 def test_future_gives_its_log(make_executor):
@@ -428,9 +431,10 @@ def test_no_accounting_is_not_fatal(slurm_cluster, tmp_path):
 def claims_by_task(ex: SlurmExecutor) -> dict[str, int]:
     """How many chunks each task's stream claimed."""
     counts = {}
-    for path in ex.run_dir.glob("b*.out"):
+    for batch, task, path in spool.iter_streams(ex.run_dir):
         records = spool.read_records(spool.StreamCursor(path), ex.key)
-        counts[path.name] = sum(1 for kind, _, _ in records if kind == "claim")
+        counts[f"{spool.task_name(batch, task)}.{path.name}"] = sum(
+            1 for kind, _, _ in records if kind == "claim")
     return counts
 
 
@@ -462,7 +466,7 @@ def test_cheap_calls_take_one_task_and_slow_ones_fan_out(make_executor):
     assert sum(a["size"] for a in journal["arrays"]) == slow  # scaled out to all
     claims = {name: count for name, count in claims_by_task(ex).items()
               if name.startswith(spool.batch_name(journal["batch"]))}
-    # several tasks (with 2+ slots) worked; streams are b0001.t0003.r0.out, one per task
-    # and attempt, so count the distinct task indices
+    # several tasks (with 2+ slots) worked; names are b0001.t0003.t0003.r0.out, one per
+    # task and attempt, so count the distinct task indices
     working = {name.split(".")[1] for name, count in claims.items() if count}
     assert len(working) >= min(slow, 2), claims

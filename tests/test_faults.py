@@ -92,7 +92,7 @@ def test_time_limit_fails_unfinished_calls_and_keeps_finished_ones(make_executor
         assert isinstance(error, JobTimeoutError), error
         assert f"time limit ({limit})" in str(error) and error.state == "TIMEOUT"
     # the worker was warned (SIGUSR1) and recorded it before it was killed
-    streams = list(ex.run_dir.glob("b*.out"))
+    streams = [path for _, _, path in spool.iter_streams(ex.run_dir)]
     records = [r for path in streams for r in spool.read_records(spool.StreamCursor(path),
                                                                   ex.key)]
     assert any(kind == "limit" for kind, _, _ in records)
@@ -158,7 +158,7 @@ def test_slurm_requeue_does_not_run_a_call_twice_to_the_client(slurm_cluster, tm
     subprocess.run(["scontrol", "requeue", f"{task.job_id}_{task.array_index}"], check=True)
     assert second.result(timeout=120) == ("b", "1")  # ran again after the requeue
     assert first.result() == ("a", "0")  # the first attempt's result still wins
-    streams = sorted(path.name for path in ex.run_dir.glob("b*.out"))
+    streams = sorted(path.name for _, _, path in spool.iter_streams(ex.run_dir))
     assert len(streams) == 2 and streams[1].endswith(".r1.out")
 
 
@@ -221,7 +221,7 @@ def finished_run(make_executor) -> tuple[SlurmExecutor, list]:
 
     def ended() -> bool:
         return all(any(kind == "end" for kind, _, _ in spool.read_records(
-            spool.StreamCursor(path), ex.key)) for path in ex.run_dir.glob("b*.out"))
+            spool.StreamCursor(path), ex.key)) for _, _, path in spool.iter_streams(ex.run_dir))
 
     assert wait_until(ended)
     return ex, futures
@@ -241,7 +241,7 @@ def last_result_span(data: bytes) -> tuple[int, int]:
 
 def test_tampered_result_is_rejected(make_executor):
     ex, _ = finished_run(make_executor)
-    [stream] = ex.run_dir.glob("b*.out")
+    [stream] = [path for _, _, path in spool.iter_streams(ex.run_dir)]
     data = bytearray(stream.read_bytes())
     _, end = last_result_span(bytes(data))
     data[end - 3] ^= 0xFF  # flip bits inside the last result's payload
@@ -259,11 +259,11 @@ def test_tampered_result_is_rejected(make_executor):
 
 def test_truncated_result_is_rejected(make_executor):
     ex, _ = finished_run(make_executor)
-    [stream] = ex.run_dir.glob("b*.out")
+    [stream] = [path for _, _, path in spool.iter_streams(ex.run_dir)]
     cursor = spool.StreamCursor(stream)
     records = spool.read_records(cursor, ex.key)
     assert [kind for kind, _, _ in records] == ["start", "claim", "ok", "ok", "ok", "ok",
-                                                "end"]
+                                                "claims", "end"]
     data = stream.read_bytes()
     start, end = last_result_span(data)
     stream.write_bytes(data[: (start + end) // 2])  # cut through the last result

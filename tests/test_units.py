@@ -204,8 +204,9 @@ def test_record_stream_keeps_complete_records_only(tmp_path):
 def test_ids_compress_and_expand():
     assert spool.compress_ids([1, 2, 3, 7, 9, 10]) == [[1, 4], [7, 8], [9, 11]]
     assert spool.expand_ids([[1, 4], [7, 8]]) == [1, 2, 3, 7]
-    assert spool.parse_stream_name("b0003.t0007.r1.out") == (3, 7)
-    assert spool.parse_stream_name("b0003.t0007.in") is None
+    assert spool.parse_stream_name("t0007.r1.out") == (7, 1)
+    assert spool.parse_stream_name("c0007.in") is None
+    assert spool.parse_batch_name("b0003") == 3 and spool.parse_batch_name("b0003.json") is None
 
 
 # -- errors ----------------------------------------------------------------------------

@@ -41,11 +41,12 @@ def make_run(tmp_path: Path, chunks: list[list[tuple[int, list[tuple]]]]) -> tup
     folder = tmp_path / "runs"
     key = spool.load_key(folder, create=True)
     run_dir = spool.ensure_private_dir(folder / "run")
+    spool.make_batch_dir(run_dir, 0)
     functions = spool.functions_path(run_dir, 0)
     spool.write_blob(functions, key, {"functions": [cloudpickle.dumps(exit_at)],
                                       "names": [f"{__name__}.exit_at"], "sys_path": [HERE]})
     spool.write_blob(spool.manifest_path(run_dir, 0), key, {
-        "functions": functions.name, "chunks": len(chunks), "tasks": 1, "steal": True})
+        "functions": str(functions.relative_to(run_dir)), "chunks": len(chunks), "tasks": 1, "steal": True})
     for index, parts in enumerate(chunks):
         calls, blobs = [], []
         for first, arguments in parts:

@@ -1,0 +1,85 @@
+"""How array tasks share a batch's chunks: O_EXCL claim files, O(C + K) metadata cost.
+
+Task i of K owns the stride i, i+K, i+2K, ... of the C chunks and takes it in ascending
+order; once its stride is taken, it steals from the ends of the others' strides (task
+i+1's first), so a thief and a stride's owner meet in the middle, and thieves start on
+different victims, instead of all racing for the same chunk.
+Which chunks are taken it learns from ONE listing of `bNNNN/claims/`, and again after
+each claim it lost; a taken chunk never becomes free, so what the listing said stays
+true. Per task the cost is one listing, one create per chunk it runs, and one create
+plus one listing per race it lost: O(C + K) for the batch, not O(C x K) blind creates.
+
+Correct on NFS: the create is atomic (O_EXCL) and decides; a stale listing only costs a
+lost race. A claim is never undone, so a task that dies fails exactly what it claimed.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+
+def try_claim(path: Path, owner: str) -> bool:
+    """Claim a chunk: True for exactly one claimant (O_EXCL create is atomic, NFS too)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as handle:
+        handle.write(owner)
+    return True
+
+
+def claim_order(chunks: int, tasks: int, task: int) -> list[int]:
+    """The order in which task `task` of `tasks` tries the chunks: its own stride
+    ascending, then the others' strides from their ends, one chunk of each in turn,
+    beginning with the next task's (so thieves start on different victims)."""
+    tasks = max(1, tasks)
+    task %= tasks
+    strides = [range(owner, chunks, tasks) for owner in range(tasks)]
+    order = list(strides[task])
+    for depth in range(1, len(strides[0]) + 1):
+        for offset in range(1, tasks):
+            stride = strides[(task + offset) % tasks]
+            if depth <= len(stride):
+                order.append(stride[-depth])
+    return order
+
+
+class Claimer:
+    """One task's claims on one batch, with the metadata operations it cost."""
+
+    def __init__(self, claims_dir: Path, order: list[int], owner: str) -> None:
+        self.claims_dir, self.order, self.owner = claims_dir, order, owner
+        self.taken: set[int] = set()
+        self.attempts = self.won = self.listings = 0
+        self._listed = False
+
+    def claims(self) -> Iterator[int]:
+        """Yield each chunk this task won, in order; stop when every chunk is taken."""
+        for chunk in self.order:
+            if not self._listed:
+                self._list()
+            if chunk in self.taken:
+                continue
+            self.attempts += 1
+            if try_claim(self.claims_dir / str(chunk), self.owner):
+                self.won += 1
+                self.taken.add(chunk)
+                yield chunk
+            else:  # somebody was quicker: learn what else is gone
+                self.taken.add(chunk)
+                self._listed = False
+
+    def _list(self) -> None:
+        self.listings += 1
+        self._listed = True
+        try:
+            names = os.listdir(self.claims_dir)
+        except FileNotFoundError:
+            names = []
+        self.taken.update(int(name) for name in names if name.isdigit())
+
+    def stats(self) -> dict[str, int]:
+        return {"attempts": self.attempts, "won": self.won, "listings": self.listings}
