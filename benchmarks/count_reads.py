@@ -74,8 +74,8 @@ def run_map_reduce(backend: str, fractions: int, poll_interval: float | None) ->
             seconds = time.perf_counter() - started
         finally:
             ex.shutdown()
-        journals = spool.read_journals(ex.run_dir)
-        return Outcome(counts, seconds, sum(a["size"] for journal in journals for a in journal["arrays"]))
+        started_tasks = {(batch, task) for batch, task, _ in spool.iter_streams(ex.run_dir)}
+        return Outcome(counts, seconds, len(started_tasks))
 
     return run
 

@@ -177,7 +177,7 @@ def run_case(case: Case, folder: Path, poll_interval: float) -> Run:
     job_ids = [array["job_id"] for journal in journals for array in journal["arrays"]]
     tasks = sum(array["size"] for journal in journals for array in journal["arrays"])
     wait_done(job_ids)  # leave a quiet cluster for the next measurement
-    ran = len(list(ex.run_dir.glob("b*.out")))
+    ran = len(list(spool.iter_streams(ex.run_dir)))
     return Run(seconds, len(job_ids), tasks, ran, shutdown_seconds)
 
 

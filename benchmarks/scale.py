@@ -255,6 +255,8 @@ def count(value: int | None) -> str:
 
 def ratio(new: dict, old: dict, field: str, limit: float) -> str:
     """new/old; a '<' or '>' where a side was cut at the limit (its value is a bound)."""
+    if new.get("timeout") and old.get("timeout"):
+        return "-"
     if field == "wall":
         a, b = new.get("wall", limit), old.get("wall", limit)
         sign = {(False, True): "<", (True, False): ">"}.get(("wall" not in new,

@@ -1,9 +1,10 @@
-"""map_reduce: split an input into N fractions, run each as one array task, fold.
+"""map_reduce: split an input into N fractions, fold each on a worker, fold the partials.
 
     total = map_reduce(count_reads, regions, 20, reducer=sum, executor=ex, bam=path)
 
     items --split--> fraction 0 .. fraction N-1            (contiguous, never empty)
-                        |  one array of N tasks
+                        |  one batch: a chunk per fraction, claimed by its array tasks
+                        |  like any chunk (as many tasks as the work measured calls for)
                         v
     worker:   partial_k = reducer.fold(fn(item, *args, **kwargs) for item in fraction_k)
                         |  only N partials travel back
@@ -211,9 +212,8 @@ def map_reduce_async(fn: Callable, items: Iterable, fractions: int,
         from .executor import SlurmExecutor
 
         executor = SlurmExecutor()
-    futures = executor.submit_many(
-        fold_fraction, [(fn, part, folder, args, kwargs) for part in parts], chunksize=1,
-        task_per_chunk=True)
+    futures = executor.submit_many(  # one chunk per fraction, claimed like any chunk
+        fold_fraction, [(fn, part, folder, args, kwargs) for part in parts], chunksize=1)
     return MapReduceTask(futures, [len(part) for part in parts], folder, initial,
                          permissive, executor, owns, progress)
 
@@ -223,7 +223,8 @@ def map_reduce(fn: Callable, items: Iterable, fractions: int, reducer: Any = sum
                permissive: bool = False, progress: bool | None = None,
                **kwargs: Any) -> Any:
     """Apply `fn(item, *args, **kwargs)` to every item on the cluster and fold with
-    `reducer`, running each of `fractions` contiguous fractions as one array task.
+    `reducer`, each of `fractions` contiguous fractions folded on a worker (a chunk that
+    the batch's array tasks claim).
 
     Strict by default: the first failing fraction raises its error (naming the fraction)
     and cancels the rest. With `permissive=True` returns a `MapReduceResult` whose

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import operator
 import time
 from collections import Counter
@@ -57,12 +58,16 @@ def test_counters_with_sum_the_divide_and_slurm_way(make_executor):
     assert counts == Counter({0: 4, 1: 3, 2: 3}) and isinstance(counts, Counter)
 
 
-def test_one_array_task_per_fraction(make_executor):
+def test_fractions_are_claimed_like_chunks(make_executor):
     ex = make_executor()
-    task = map_reduce_async(identity, range(50), 5, executor=ex)
+    task = map_reduce_async(identity, range(50), 20, executor=ex)
     assert task.result(timeout=120) == sum(range(50))
-    logs = {fraction.log_path for fraction in task.fractions}  # one log per array task
-    assert len(task.fractions) == 5 and len(logs) == 5
+    assert len(task.fractions) == 20
+    # cheap fractions: the first task folds them all, no task is started per fraction
+    logs = {fraction.log_path for fraction in task.fractions}
+    assert len(logs) == 1 and None not in logs
+    [journal] = [json.loads(p.read_text()) for p in ex.run_dir.glob("b*.json")]
+    assert journal["steal"] and len(journal["chunks"]) == 20
 
 
 def test_dict_and_generator_input(make_executor):
