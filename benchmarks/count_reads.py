@@ -51,7 +51,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 class Outcome:
     counts: Counter[str]
     seconds: float  # the counting only: no executor start-up or shutdown
-    tasks: int = 0  # array tasks (0: not run as an array)
+    tasks: int = 0  # array tasks started (0: not run as an array)
 
 
 Runner = Callable[[str, list[Region], Path], Outcome]

@@ -7,20 +7,23 @@ For slots in (16, 1,000, 10,000) and calls in (1,000, 100,000), a map of a trivi
 (`list(ex.map(abs, range(n)))`, default executor options) runs on a throwaway Slurm cluster of
 that many declared CPUs (1 x 16, 1 x 1,000, 10 x 1,000 nodes; MaxArraySize 1001) that is busy
 at submit time, as production clusters are: a blocker job holds every CPU of every node for
---block s (5) and the map starts as soon as squeue shows it running. Each row reports the wall
-time of the map, when the first array task started (after the map call), array tasks started
-(result streams in the run folder), files in the run folder (and logs/ apart), claim attempts
-(summed from the tasks' `end` records, "-" where the code does not record them), the client's
-peak RSS and the scheduler commands it ran (counted by wrapper scripts first on its PATH).
-Then a map of --local-calls (1,000,000) calls on the local backend: wall time and peak RSS.
+--block s (5) and the map starts as soon as squeue shows it running (and sinfo no idle CPU).
+Each row: wall time of the map; when the first array task started, counted from the map call
+(so about --block s when the blocker worked); array tasks started (result streams in the run
+folder, flat `bNNNN.tIIII.rA.out` or `bNNNN/tIIII.rA.out`); files in the run folder (logs/
+apart); claim attempts (summed from the tasks' `claims` records, or the "claims" of their
+`end` records; "-" where the code records none, as the baseline); the client's peak RSS; the
+scheduler commands it ran (counted by wrapper scripts first on its PATH). Then a map of
+--local-calls (1,000,000) calls on the local backend: wall time and peak RSS.
 
 "baseline" is the code at commit f6fc2d0 (`git archive`d to a temporary folder), "current" is
 this working tree. Every measurement runs in a fresh subprocess (`scale.py --one ...`) with
 PYTHONPATH on its own tree, on a fresh cluster that is torn down after it (scancel of every
 job, `slurm_cluster.py down`, and a kill by pid of whatever of that cluster is left).
 A measurement is cut at --limit s (120): the row shows "> 120" and the counts so far.
---quick: slots 16 and 1,000, 1,000 calls, a local map of 100,000 calls (~3 min); the full
-run takes ~15-20 min, most of it the baseline on the big clusters.
+--quick: slots 16 and 1,000, 1,000 calls, a local map of 100,000 calls (~1.5 min). The full
+run takes ~15 min, most of it the baseline on the big clusters, which loads this 2-core host
+(load average 50-100) while it runs.
 """
 
 from __future__ import annotations
@@ -65,13 +68,11 @@ def run_dir_of(folder: Path) -> Path | None:
     return runs[0] if len(runs) == 1 else None
 
 
-def folder_stats(folder: Path, since: float) -> dict[str, Any]:
-    """Counts of the run in `folder`, read with this interpreter's slurmexecutor.spool."""
-    from slurmexecutor import spool
-
+def walk_run(folder: Path) -> tuple[dict[str, Any], list[Path]]:
+    """Files in the run folder (apart: logs/) and its result streams."""
     run = run_dir_of(folder)
     if run is None:
-        return {}
+        return {}, []
     files = logs = 0
     streams = []
     for root, _, names in os.walk(run):
@@ -80,18 +81,30 @@ def folder_stats(folder: Path, since: float) -> dict[str, Any]:
             continue
         files += len(names)
         streams += [Path(root, name) for name in names if is_stream(Path(root, name))]
+    return {"tasks": len(streams), "files": files, "logs": logs}, streams
+
+
+def folder_stats(folder: Path, since: float) -> dict[str, Any]:
+    """Counts of the run in `folder`; records read with this interpreter's spool module."""
+    from slurmexecutor import spool
+
+    counts, streams = walk_run(folder)
+    if not counts:
+        return {}
     key = spool.load_key(folder)
     starts, ended, attempts = [], 0, None
     for path in streams:
-        for kind, _, body in spool.read_records(spool.StreamCursor(path), key):
-            if kind == "start":
-                starts.append(body["time"])
-            elif kind == "end":
-                ended += 1
-                if isinstance(body.get("claims"), dict):
-                    attempts = (attempts or 0) + int(body["claims"]["attempts"])
-    return {"tasks": len(streams), "ended": ended, "files": files, "logs": logs,
-            "claims": attempts, "first": min(starts) - since if starts else None}
+        records = spool.read_records(spool.StreamCursor(path), key)
+        starts += [body["time"] for kind, _, body in records if kind == "start"]
+        ended += sum(kind == "end" for kind, _, _ in records)
+        # claim statistics: `claims` records (one per child), else the `end` record's key
+        stats = [body for kind, _, body in records if kind == "claims"] or [
+            body["claims"] for kind, _, body in records
+            if kind == "end" and isinstance(body.get("claims"), dict)]
+        if stats:
+            attempts = (attempts or 0) + sum(int(stat["attempts"]) for stat in stats)
+    return {**counts, "ended": ended, "claims": attempts,
+            "first": min(starts) - since if starts else None}
 
 
 def run_one(backend: str, calls: int, folder: Path, limit: float,
@@ -220,8 +233,9 @@ def measure(tree: Path, backend: str, calls: int, args: argparse.Namespace,
     record = work / "commands.log"
     env = {**os.environ, "PYTHONPATH": str(tree),
            "PATH": f"{wrappers(work / 'bin', record)}{os.pathsep}{os.environ['PATH']}"}
-    argv = [sys.executable, __file__, "--one", backend, str(calls), str(work / "ex"),
-            str(args.limit)] + ([str(args.poll_interval)] if args.poll_interval else [])
+    argv = [sys.executable, str(Path(__file__).resolve()), "--one", backend, str(calls),
+            str(work / "ex"), str(args.limit)]
+    argv += [str(args.poll_interval)] if args.poll_interval else []
     err = work / "stderr.txt"
     with open(err, "wb") as stderr:
         child = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=stderr,
@@ -233,7 +247,8 @@ def measure(tree: Path, backend: str, calls: int, args: argparse.Namespace,
             SC.kill_trees({child.pid})
             out, _ = child.communicate()
     lines = [line for line in out.splitlines() if line.startswith("{")]
-    result: dict[str, Any] = json.loads(lines[-1]) if lines else {"timeout": True}
+    result: dict[str, Any] = json.loads(lines[-1]) if lines else {
+        "timeout": True, **walk_run(work / "ex")[0]}
     if not lines:
         log(f"the child printed no result; its stderr ends with:\n{SC.tail(err)}")
     assert not lines or Path(result["source"]).parent == tree, result["source"]

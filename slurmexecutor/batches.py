@@ -16,7 +16,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,7 +49,7 @@ class Settings:
 class Chunk:
     """Calls that run together: (function index, pickled [(args, kwargs)...], count)."""
 
-    call_ids: list[int]
+    call_ids: Sequence[int]
     parts: list[tuple[int, bytes, int]]
 
 

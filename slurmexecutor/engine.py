@@ -43,7 +43,7 @@ from .errors import (
     TaskFailedError,
 )
 from .events import Action, Event
-from .futures import FutureSink, SlurmFuture
+from .futures import FutureSink, SinkTable, SlurmFuture
 from .handoff import CancelCalls, Launch, NotifyCancelled, Shutdown, Submit, Window
 from .lease import Lease
 from .schedulers import Backend
@@ -58,9 +58,7 @@ class Engine:
                  settings: Settings, lease: Lease) -> None:
         self.run_dir, self.key, self.backend, self.core = run_dir, key, backend, core
         self.settings, self.lease = settings, lease
-        self.sinks: dict[int, FutureSink] = {}
-        self.attempts: dict[int, int] = {}  # read by futures (plain dict reads)
-        self.log_of_chunk: dict[tuple[int, int], Path] = {}
+        self.sinks = SinkTable()
         self.window_generation = 0  # bumped each time a window goes out
         self.next_batch = 0
         self._requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
@@ -214,21 +212,20 @@ class Engine:
                                 [(window.index[r.fn_key], r.arguments, 1) for r in group]))
         spec = BatchSpec("submit", window.functions, window.names, chunks,
                          min(self.settings.slots, len(chunks)))
-        self._launch(spec, {r.future.call_id: FutureSink(r.future) for r in calls})
+        self._launch(spec, [FutureSink(r.future) for r in calls])
 
-    def _launch(self, spec: BatchSpec, sinks: dict[int, FutureSink]) -> None:
+    def _launch(self, spec: BatchSpec, sinks: list[FutureSink] | None) -> None:
         """Write a batch and hand it to the core, which asks for its tasks. The sinks'
-        futures are already RUNNING (a map's) or made so here."""
-        cancelled = set()
-        for sink in {id(s.future): s for s in sinks.values()}.values():
-            if not sink.future.running() and not sink.future.done() and not sink.launch():
-                cancelled.add(id(sink.future))
-        if cancelled:  # cancelled before the owner got to them: they never leave
-            sinks = {c: s for c, s in sinks.items() if id(s.future) not in cancelled}
-            spec = without_calls(spec, set(sinks))
-            if not spec.chunks:
-                return
-        self.sinks.update(sinks)
+        futures are already RUNNING (a map's) or made so here. A retry (`sinks` None)
+        keeps the sinks its calls have."""
+        if sinks is not None:
+            kept = [s for s in sinks if s.future.running() or s.future.done() or s.launch()]
+            if len(kept) < len(sinks):  # cancelled before the owner got to them: they
+                spec = without_calls(spec, {c for s in kept for c in s.call_ids})  # stay
+                if not spec.chunks:
+                    return
+            for sink in kept:
+                self.sinks.add(sink)
         number, self.next_batch = self.next_batch, self.next_batch + 1
         throttled = spec.steal and spec.planned > 1
         call_ids = [c for chunk in spec.chunks for c in chunk.call_ids]
@@ -241,11 +238,13 @@ class Engine:
         self._journals[number] = journal
         for index, chunk in enumerate(spec.chunks):
             for call_id in chunk.call_ids:
-                future = sinks[call_id].future if call_id in sinks else None
-                if isinstance(future, SlurmFuture):
+                held = self.sinks.get(call_id)
+                future = held.future if held is not None else None
+                if held is not None and isinstance(future, SlurmFuture):
                     future.chunk = (number, index)
-                if spec.attempt > 1:
-                    self.attempts[call_id] = spec.attempt
+                    future._attempt = spec.attempt
+                    if len(held.call_ids) > 1:  # a map chunk: one future for all
+                        break
         self._events.append(ev.BatchAdded(
             number, [chunk.call_ids for chunk in spec.chunks], spec.planned, spec.steal,
             spec.attempt, self.settings.resources.get("time"), throttled))
@@ -263,7 +262,7 @@ class Engine:
 
     def _do(self, action: Action) -> None:
         if isinstance(action, ev.Deliver):
-            sink = self.sinks.pop(action.call_id, None)
+            sink = self.sinks.pop(action.call_id)
             if sink is None and action.late:
                 sink = self._late_sinks.pop(action.call_id, None)
             if sink is not None:
@@ -286,11 +285,13 @@ class Engine:
                 action.keys), alive))
         elif isinstance(action, ev.Claimed):
             path = outcomes.log_file(self.run_dir, action.task)
-            if path is not None:
-                self.log_of_chunk[(action.batch, action.chunk)] = path
             sink = self.sinks.get(action.call_ids[0]) if action.call_ids else None
             if sink is not None:
                 sink.claimed(len(action.call_ids))
+            for future in {id(s.future): s.future for c in action.call_ids
+                           if (s := self.sinks.get(c)) is not None}.values():
+                if isinstance(future, SlurmFuture):
+                    future._log_path = path
         elif isinstance(action, ev.WriteCancel):
             spool.append_cancelled(spool.cancel_path(self.run_dir, action.batch, action.chunk),
                                    list(action.call_ids))
@@ -318,7 +319,7 @@ class Engine:
             log.warning("job %s_%s: %d call(s) failed: %s", failure.task.job_id,
                         failure.task.array_index, len(action.call_ids), failure.message)
         for call_id in action.call_ids:
-            sink = self.sinks.pop(call_id, None)
+            sink = self.sinks.pop(call_id)
             if sink is not None:
                 sink.deliver(call_id, False, outcomes.failure_error(self.run_dir, failure,
                                                                     call_id))
@@ -348,11 +349,11 @@ class Engine:
             return
         spec = BatchSpec("retry", journal["functions_file"], journal["functions"], chunks,
                          min(self.settings.slots, len(chunks)), attempt=action.attempt)
-        self._launch(spec, {c: self.sinks[c] for c in call_ids if c in self.sinks})
+        self._launch(spec, None)
 
     def _fail_now(self, call_ids: tuple[int, ...], error: BaseException) -> None:
         for call_id in call_ids:
-            sink = self.sinks.pop(call_id, None)
+            sink = self.sinks.pop(call_id)
             if sink is not None:
                 sink.deliver(call_id, False, error)
 
@@ -394,8 +395,10 @@ class Engine:
                 if FutureSink(request.future).launch():
                     request.future.set_exception(error)
             self._window = None
-        for call_id in list(self.sinks):
-            self.sinks.pop(call_id).deliver(call_id, False, error)
+        held = self.sinks.calls()
+        self.sinks.clear()
+        for call_id, sink in held:
+            sink.deliver(call_id, False, error)
         while True:
             try:
                 request = self._requests.get_nowait()
@@ -404,8 +407,9 @@ class Engine:
             if isinstance(request, Submit) and FutureSink(request.future).launch():
                 request.future.set_exception(error)
             elif isinstance(request, Launch):
-                for call_id, sink in request.sinks.items():
-                    sink.deliver(call_id, False, error)
+                for sink in request.sinks:
+                    for call_id in sink.call_ids:
+                        sink.deliver(call_id, False, error)
 
     def _close(self) -> None:
         self._stopping = True

@@ -7,7 +7,7 @@ All are frozen dataclasses of plain values, so the core's tests need no processe
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +19,7 @@ from .schedulers import TaskKey, TaskState
 @dataclass(frozen=True)
 class BatchAdded:
     batch: int
-    chunks: list[list[int]]
+    chunks: list[Sequence[int]]
     planned: int
     steal: bool = True
     attempt: int = 1

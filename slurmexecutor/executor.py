@@ -30,6 +30,7 @@ state.py; the owner in engine.py only carries them out.
 
 from __future__ import annotations
 
+import itertools
 import os
 import secrets
 import socket
@@ -213,24 +214,24 @@ class SlurmExecutor(Executor):
             chunksize: int | None = None, progress: bool | None = None) -> Iterator:
         """Like `Executor.map`: all calls go out now, as one array; results in order."""
         end_time = None if timeout is None else timeout + time.monotonic()
-        items = list(zip(*iterables))
         if not callable(fn):
             raise TypeError(f"{fn!r} is not callable")
         with self._lock:
             self._check_open()
-        bar = CallProgress(len(items), progress and bool(items), desc=_name(fn))
-        if not items:
+        count, calls = _zipped(iterables)  # sized inputs are not copied into a list
+        bar = CallProgress(count, progress and bool(count), desc=_name(fn))
+        if not count:
             return _chained_results(self, [], end_time, bar)
-        size = chunksize or self.chunksize or auto_chunksize(len(items), self._engine.settings.slots)
+        size = chunksize or self.chunksize or auto_chunksize(count, self._engine.settings.slots)
         blob = dumps(fn, f"the function {_name(fn)}")
         chunks, futures = [], []
-        sinks: dict[int, FutureSink] = {}
-        first = self._reserve(len(items))
-        for start in range(0, len(items), size):
-            part = items[start:start + size]
-            ids = list(range(first + start, first + start + len(part)))
+        sinks: list[FutureSink] = []
+        first = self._reserve(count)
+        for start in range(0, count, size):
+            part = list(itertools.islice(calls, size))
+            ids = range(first + start, first + start + len(part))
             future = SlurmFuture(self._engine, ids)
-            sinks.update(dict.fromkeys(ids, ChunkSink(future, ids[0], len(ids), progress=bar)))
+            sinks.append(ChunkSink(future, ids[0], len(ids), progress=bar))
             chunks.append(Chunk(ids, [(0, dumps([(args, {}) for args in part],
                                                 f"an argument of {_name(fn)}"), len(ids))]))
             futures.append(future)
@@ -265,7 +266,7 @@ class SlurmExecutor(Executor):
                                                          len(chunks))
         spec = BatchSpec("fractions" if task_per_chunk else "submit", [blob], [_name(fn)],
                          chunks, planned, steal=not task_per_chunk)
-        self._put_launch(spec, {f.call_id: FutureSink(f) for f in futures})
+        self._put_launch(spec, [FutureSink(f) for f in futures])
         return futures
 
     def cancel(self, futures: Iterable[Future]) -> None:
@@ -301,7 +302,7 @@ class SlurmExecutor(Executor):
             first, self._next_call = self._next_call, self._next_call + count
         return first
 
-    def _put_launch(self, spec: BatchSpec, sinks: dict[int, FutureSink]) -> None:
+    def _put_launch(self, spec: BatchSpec, sinks: list[FutureSink]) -> None:
         with self._lock:
             self._check_open()
             self._engine.put(Launch(spec, sinks))
@@ -315,6 +316,15 @@ class SlurmExecutor(Executor):
         if cached is None:  # the function is kept too: its id stays unique meanwhile
             cached = self._functions[key] = (fn, dumps(fn, f"the function {_name(fn)}"))
         return key, cached[1]
+
+
+def _zipped(iterables: tuple[Iterable, ...]) -> tuple[int, Iterator[tuple]]:
+    """How many calls a map makes, and an iterator over their argument tuples: sized
+    inputs (lists, ranges, arrays) are not copied, others are read into a list once."""
+    if all(hasattr(it, "__len__") for it in iterables):
+        return min(len(it) for it in iterables), zip(*iterables)  # type: ignore[arg-type]
+    items = list(zip(*iterables))
+    return len(items), iter(items)
 
 
 def _chained_results(executor: SlurmExecutor, futures: list[SlurmFuture],

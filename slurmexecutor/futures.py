@@ -10,11 +10,14 @@ calls too, best effort.
 
 from __future__ import annotations
 
+import bisect
 import os
+from collections.abc import Sequence
 from concurrent.futures import Future, InvalidStateError
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from . import spool
 from .bars import CallProgress
 
 if TYPE_CHECKING:
@@ -30,11 +33,13 @@ class SlurmFuture(Future):
     lone call is not held back for company.
     """
 
-    def __init__(self, engine: Engine, call_ids: list[int]) -> None:
+    def __init__(self, engine: Engine, call_ids: Sequence[int]) -> None:
         super().__init__()
         self._engine = engine
         self.call_ids = call_ids
         self.chunk: tuple[int, int] | None = None  # (batch, chunk) once handed over
+        self._attempt = 1  # set by the owner thread
+        self._log_path: Path | None = None  # ... when a task claims the call
 
     @property
     def call_id(self) -> int:
@@ -66,12 +71,12 @@ class SlurmFuture(Future):
     @property
     def attempts(self) -> int:
         """How many times the call was submitted (more than 1 after retries)."""
-        return self._engine.attempts.get(self.call_id, 1)
+        return self._attempt
 
     @property
     def log_path(self) -> Path | None:
         """The stdout/stderr log of the array task that runs (or ran) this call."""
-        return None if self.chunk is None else self._engine.log_of_chunk.get(self.chunk)
+        return self._log_path
 
     def log_tail(self, lines: int = 20) -> str:
         """The last lines of the task's log (the log is shared by the task's calls)."""
@@ -88,8 +93,10 @@ class SlurmFuture(Future):
 class FutureSink:
     """One call, one Future."""
 
-    def __init__(self, future: Future) -> None:
+    def __init__(self, future: Future, call_id: int | None = None) -> None:
         self.future = future
+        self.call_ids: Sequence[int] = (
+            [call_id] if call_id is not None else future.call_ids)  # type: ignore[attr-defined]
 
     def launch(self) -> bool:
         """The call is handed to the cluster: RUNNING, or False if it was cancelled."""
@@ -118,7 +125,8 @@ class ChunkSink(FutureSink):
 
     def __init__(self, future: Future, first_call: int, size: int,
                  progress: CallProgress | None = None) -> None:
-        super().__init__(future)
+        super().__init__(future, first_call)
+        self.call_ids = range(first_call, first_call + size)
         self.first_call = first_call
         self.outcomes: list[tuple[bool, Any] | None] = [None] * size
         self.missing = size
@@ -141,6 +149,73 @@ class ChunkSink(FutureSink):
             self.progress.advance(ok)
         if self.missing == 0:
             super().deliver(call_id, True, self.outcomes)
+
+
+class SinkTable:
+    """The owner's sinks by call id: a sink of one call is one entry, a run of
+    consecutive calls of one sink (a map chunk) is one entry too, not one per call.
+    `pop` hands out each call's sink once."""
+
+    def __init__(self) -> None:
+        self._single: dict[int, FutureSink] = {}
+        self._starts: list[int] = []  # sorted starts of the runs (a few per batch)
+        self._runs: dict[int, list] = {}  # start -> [stop, sink, calls not popped]
+
+    def add(self, sink: FutureSink) -> None:
+        ids = sink.call_ids
+        runs = [(ids.start, ids.stop)] if isinstance(ids, range) and ids.step == 1 else (
+            spool.compress_ids(ids))
+        for start, stop in runs:
+            if stop - start == 1:
+                self._single[start] = sink
+                continue
+            bisect.insort(self._starts, start)
+            self._runs[start] = [stop, sink, stop - start]
+
+    def _find(self, call_id: int) -> tuple[int, list] | None:
+        index = bisect.bisect_right(self._starts, call_id) - 1
+        if index < 0:
+            return None
+        entry = self._runs[self._starts[index]]
+        return (index, entry) if call_id < entry[0] else None
+
+    def get(self, call_id: int) -> FutureSink | None:
+        sink = self._single.get(call_id)
+        if sink is not None:
+            return sink
+        found = self._find(call_id)
+        return None if found is None else found[1][1]
+
+    def pop(self, call_id: int) -> FutureSink | None:
+        """The call's sink, for its one delivery; a run's entry goes with its last call."""
+        sink = self._single.pop(call_id, None)
+        if sink is not None:
+            return sink
+        found = self._find(call_id)
+        if found is None:
+            return None
+        index, entry = found
+        entry[2] -= 1
+        if entry[2] <= 0:
+            del self._runs[self._starts[index]]
+            del self._starts[index]
+        return entry[1]
+
+    def calls(self) -> list[tuple[int, FutureSink]]:
+        """Every call still held, with its sink (a run's popped calls too)."""
+        held = list(self._single.items())
+        for start in self._starts:
+            stop, sink, _ = self._runs[start]
+            held += [(call_id, sink) for call_id in range(start, stop)]
+        return held
+
+    def clear(self) -> None:
+        self._single.clear()
+        self._starts.clear()
+        self._runs.clear()
+
+    def __len__(self) -> int:
+        return len(self._single) + sum(entry[2] for entry in self._runs.values())
 
 
 def call_log(text: str, call_id: int) -> str:

@@ -27,7 +27,7 @@ class Submit:
 @dataclass
 class Launch:
     spec: BatchSpec
-    sinks: dict[int, FutureSink]
+    sinks: list[FutureSink]
 
 
 @dataclass

@@ -3,6 +3,7 @@ how a task ended. Plain values only."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from .errors import (
@@ -38,7 +39,7 @@ class Batch:
     """Calls handed over together: chunks that up to `planned` array tasks claim."""
 
     number: int
-    chunks: list[list[int]]
+    chunks: list[Sequence[int]]
     planned: int
     steal: bool
     attempt: int
@@ -53,8 +54,15 @@ class Batch:
     throttle: int = 1  # tasks allowed to run at once while throttled
     done: int = 0  # results read so far (the measure of the work's cost)
     next_scale: float = 0.0
-    chunk_of: dict[int, int] = field(default_factory=dict)  # call -> its chunk
     owner: dict[int, Task] = field(default_factory=dict)  # call -> the task that claimed it
+    _chunk_index: dict[int, int] | None = None  # call -> its chunk, built when first asked
+
+    def chunk_of(self, call_id: int) -> int:
+        """The chunk that holds a call (an index built on first use: cancels and retries
+        need it, a plain map does not)."""
+        if self._chunk_index is None:
+            self._chunk_index = {c: i for i, chunk in enumerate(self.chunks) for c in chunk}
+        return self._chunk_index[call_id]
 
     @property
     def throttled(self) -> bool:
@@ -85,6 +93,7 @@ class Task:
     truncated: str | None = None
     verdicts: set[int] = field(default_factory=set)  # calls failed without a result
     linger_until: float = 0.0
+    _ref: TaskRef | None = None
 
     @property
     def key(self) -> tuple[int, int]:
@@ -92,8 +101,10 @@ class Task:
 
     @property
     def ref(self) -> TaskRef:
-        return TaskRef(self.batch.number, self.index, self.job_id, self.array_index,
-                       self.batch.attempt)
+        if self._ref is None or self._ref.job_id != self.job_id:
+            self._ref = TaskRef(self.batch.number, self.index, self.job_id, self.array_index,
+                                self.batch.attempt)
+        return self._ref
 
 
 def task_failure(task: Task, started: bool, result_grace: float) -> Failure:

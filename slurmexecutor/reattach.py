@@ -8,6 +8,8 @@ owner's first rounds, and tasks that left the queue without them fail their call
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from . import spool
 from .engine import Engine
 from .events import BatchAdded
@@ -26,7 +28,7 @@ def reattach(engine: Engine, time_limit: str | None) -> dict[int, SlurmFuture]:
     for journal in journals:
         number = journal["batch"]
         engine.add_journal(journal)
-        chunks = [spool.expand_ids(ranges) for ranges in journal["chunks"]]
+        chunks: list[Sequence[int]] = [spool.expand_ids(r) for r in journal["chunks"]]
         open_calls = frozenset(c for chunk in chunks for c in chunk if owner[c] == number)
         if not open_calls:
             continue
@@ -35,10 +37,10 @@ def reattach(engine: Engine, time_limit: str | None) -> dict[int, SlurmFuture]:
                 if owner[call_id] == number:
                     future = futures[call_id]
                     future.chunk = (number, index)
-                    sink = engine.sinks[call_id] = FutureSink(future)
+                    sink = FutureSink(future)
+                    engine.sinks.add(sink)
                     sink.launch()
-                    if journal["attempt"] > 1:
-                        engine.attempts[call_id] = journal["attempt"]
+                    future._attempt = journal["attempt"]
         engine.queue_event(BatchAdded(
             number, chunks, journal["planned"], journal["steal"], journal["attempt"],
             time_limit, journal.get("throttled", False),

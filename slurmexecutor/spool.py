@@ -41,7 +41,7 @@ import os
 import pickle
 import socket
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -346,7 +346,7 @@ def read_journals(run_dir: Path) -> list[dict]:
     return sorted(journals, key=lambda journal: journal["batch"])
 
 
-def compress_ids(ids: list[int]) -> list[list[int]]:
+def compress_ids(ids: Iterable[int]) -> list[list[int]]:
     """[1, 2, 3, 7] -> [[1, 4], [7, 8]]: half-open ranges, for compact journals."""
     ranges: list[list[int]] = []
     for call_id in ids:

@@ -113,7 +113,6 @@ class Core:
         batch = Batch(event.batch, event.chunks, event.planned, event.steal, event.attempt,
                       event.time_limit, set(open_calls),
                       unclaimed=set(range(len(event.chunks))))
-        batch.chunk_of = {c: i for i, chunk in enumerate(event.chunks) for c in chunk}
         batch.throttle = 1 if event.throttled else event.planned
         self.batches[batch.number] = batch
         for job_id, offset, size in event.arrays:
@@ -223,7 +222,7 @@ class Core:
                 self.doomed.add(call_id)
                 if event.kill:
                     self.killing.add(call_id)
-                by_chunk.setdefault((batch.number, batch.chunk_of[call_id]), []).append(call_id)
+                by_chunk.setdefault((batch.number, batch.chunk_of(call_id)), []).append(call_id)
         for (number, chunk), call_ids in sorted(by_chunk.items()):
             self._out.append(ev.WriteCancel(number, chunk, tuple(call_ids)))
         for number in sorted({number for number, _ in by_chunk}):
@@ -382,7 +381,7 @@ class Core:
                 and batch.attempt <= self.config.max_retries and not self.cancelling):
             calls: dict[int, list[int]] = {}
             for call_id in call_ids:
-                calls.setdefault(batch.chunk_of[call_id], []).append(call_id)
+                calls.setdefault(batch.chunk_of(call_id), []).append(call_id)
                 self._close(batch, call_id)
             self._out.append(ev.Retry(batch.number, batch.attempt + 1,
                                    {k: tuple(v) for k, v in calls.items()}, state.state))

@@ -155,7 +155,7 @@ def test_render_shows_the_exact_script(tmp_path):
                      "#SBATCH --mem=4G", "#SBATCH --array=0-15%5",
                      "#SBATCH --signal=B:USR1@60", "module load python"):
         assert expected in lines
-    assert lines[-1].startswith("exec ") and "-m slurmexecutor.worker" in lines[-1]
+    assert lines[-1].startswith("exec ") and "from slurmexecutor.worker import main" in lines[-1]
     bad = cli("render", "--no-such-option", "1", folder=tmp_path, check=False)
     assert bad.returncode == 2 and "unrecognized arguments" in bad.stderr
 

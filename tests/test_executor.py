@@ -164,6 +164,18 @@ def test_module_importable_only_from_client_sys_path(make_executor, tmp_path, mo
     assert isinstance(point, helper_only_here.Point) and point.x == 42
 
 
+def test_a_slurmexecutor_folder_in_the_working_directory_does_not_shadow_the_workers(
+        make_executor, tmp_path, monkeypatch):
+    """Jobs start in the client's working directory; a checkout (or any folder named
+    slurmexecutor) there must not replace the package the workers run."""
+    shadow = tmp_path / "cwd" / "slurmexecutor"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('the shadow copy was imported')\n")
+    monkeypatch.chdir(shadow.parent)
+    ex = make_executor()
+    assert ex.submit(os.getcwd).result(timeout=120) == str(shadow.parent)
+
+
 def test_function_defined_in_main_script(backend, tmp_path):
     script = tmp_path / "user_script.py"
     script.write_text(textwrap.dedent(f"""

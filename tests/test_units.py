@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import io
+import shlex
 import sys
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from slurmexecutor.batches import MAX_CHUNKS, auto_chunksize
 from slurmexecutor.errors import JobTimeoutError, TaskFailedError
 from slurmexecutor.schedulers import REMAINDER, TaskState, state_of
 from slurmexecutor.schedulers.script import (
+    WORKER_ENTRY,
     ScriptSpec,
     render_script,
     sbatch_directives,
@@ -143,7 +145,7 @@ def test_script_runs_setup_then_execs_the_worker(tmp_path):
                       python="/opt/py/bin/python3", setup=["module load python"])
     lines = render_script({}, spec).splitlines()
     assert lines.index("module load python") < len(lines) - 1
-    assert lines[-1] == (f"exec /opt/py/bin/python3 -m slurmexecutor.worker {tmp_path} 7 "
+    assert lines[-1] == (f"exec /opt/py/bin/python3 -c {shlex.quote(WORKER_ENTRY)} {tmp_path} 7 "
                          '"$(( 1000 + ${SLURMEXECUTOR_TASK:-$SLURM_ARRAY_TASK_ID} ))"')
 
 

@@ -192,6 +192,12 @@ def sbatch_directives(resources: dict, spec: ScriptSpec) -> list[str]:
     return options
 
 
+#: how the batch script starts the worker: `python -c` with the working directory
+#: taken off sys.path (it stays the calls' working directory)
+WORKER_ENTRY = ("import sys; sys.path[:] = [p for p in sys.path if p not in ('', '.')]; "
+                "from slurmexecutor.worker import main; sys.exit(main(sys.argv[1:]))")
+
+
 def render_script(resources: dict, spec: ScriptSpec) -> str:
     """The batch script: directives, setup lines, then exec into the worker."""
     lines = ["#!/bin/bash"]
@@ -200,8 +206,10 @@ def render_script(resources: dict, spec: ScriptSpec) -> str:
     lines.append(f"export PYTHONPATH={shlex.quote(str(python_path_dir(spec.run_dir.parent)))}"
                  '${PYTHONPATH:+:$PYTHONPATH}')
     task = f'$(( {spec.offset} + ${{SLURMEXECUTOR_TASK:-$SLURM_ARRAY_TASK_ID}} ))'
+    # not `-m`: that puts the job's working directory first on sys.path, so a folder
+    # named slurmexecutor there (a checkout) would shadow the package shipped above
     lines.append(
-        f"exec {shlex.quote(spec.python)} -m slurmexecutor.worker "
+        f"exec {shlex.quote(spec.python)} -c {shlex.quote(WORKER_ENTRY)} "
         f'{shlex.quote(str(spec.run_dir))} {spec.batch} "{task}"'
     )
     return "\n".join(lines) + "\n"
