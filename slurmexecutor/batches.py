@@ -12,6 +12,7 @@ A batch is C chunks of calls that up to `planned` array tasks claim:
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import sys
@@ -28,6 +29,7 @@ from ._log import log
 from .errors import SerializationError, SubmissionError
 from .schedulers import Backend
 from .schedulers.script import ScriptSpec, render_script
+from .sharing import SharedArguments, SharedObjects
 
 
 @dataclass
@@ -64,12 +66,16 @@ class BatchSpec:
     planned: int
     steal: bool = True
     attempt: int = 1
+    #: arguments many calls share (sharing.py): pickles to write, an earlier batch's
+    #: shared file (a retry), or none
+    shared: list[bytes] | str | None = None
 
 
-def dumps(obj: Any, what: str) -> bytes:
-    """cloudpickle `obj`, or raise SerializationError naming `what` could not be."""
+def dumps(obj: Any, what: str, shared: SharedArguments | None = None) -> bytes:
+    """cloudpickle `obj` (shared arguments by reference), or raise SerializationError
+    naming `what` could not be."""
     try:
-        return cloudpickle.dumps(obj)
+        return shared.dumps(obj) if shared is not None else cloudpickle.dumps(obj)
     except Exception as exc:
         raise SerializationError(f"{what} cannot be pickled: {exc!r}") from exc
 
@@ -96,15 +102,21 @@ def write_batch(run_dir: Path, key: bytes, number: int, spec: BatchSpec,
         spool.write_blob(run_dir / functions_file, key, {
             "functions": spec.functions, "names": spec.names,
             "sys_path": shipped_sys_path()})
+    shared_file = spec.shared if isinstance(spec.shared, str) else None
+    if isinstance(spec.shared, list) and spec.shared:
+        path = spool.shared_path(run_dir, number)
+        spool.write_blob(path, key, {"objects": spec.shared})
+        shared_file = str(path.relative_to(run_dir))
     spool.write_blob(spool.manifest_path(run_dir, number), key, {
         "functions": functions_file, "chunks": len(spec.chunks), "tasks": spec.planned,
-        "steal": spec.steal})
+        "steal": spec.steal, "shared": shared_file})
     for index, chunk in enumerate(spec.chunks):
         spool.write_blob(spool.chunk_path(run_dir, number, index), key, {
             "calls": chunk.call_ids, "parts": chunk.parts})
     journal = {
         "batch": number, "kind": spec.kind, "created": time.time(), "functions": spec.names,
-        "functions_file": functions_file, "attempt": spec.attempt, "planned": spec.planned,
+        "functions_file": functions_file, "shared_file": shared_file,
+        "attempt": spec.attempt, "planned": spec.planned,
         "steal": spec.steal, "throttled": throttled,
         "chunks": [spool.compress_ids(chunk.call_ids) for chunk in spec.chunks],
         "arrays": [],
@@ -157,10 +169,13 @@ def lift_throttle(backend: Backend, settings: Settings, run_dir: Path, journal: 
             log.info("batch %d: could not lift the throttle: %s", journal["batch"], error)
 
 
-def retry_chunks(run_dir: Path, key: bytes, number: int,
-                 calls: dict[int, tuple[int, ...]]) -> list[Chunk]:
+def retry_chunks(run_dir: Path, key: bytes, number: int, calls: dict[int, tuple[int, ...]],
+                 shared_file: str | None) -> list[Chunk]:
     """The calls to run again, one new chunk per original chunk (arguments re-pickled
-    only for chunks some of whose calls are not retried)."""
+    only for chunks some of whose calls are not retried; shared arguments stay shared,
+    in the original batch's file)."""
+    objects = SharedObjects(lambda: spool.read_blob(run_dir / shared_file, key)["objects"]
+                            ) if shared_file else None
     chunks = []
     for index, wanted_ids in sorted(calls.items()):
         stored = spool.read_blob(spool.chunk_path(run_dir, number, index), key)
@@ -172,12 +187,14 @@ def retry_chunks(run_dir: Path, key: bytes, number: int,
         parts: list[tuple[int, bytes, int]] = []
         position = 0
         for fn_index, blob, count in stored["parts"]:
-            arguments = cloudpickle.loads(blob)
+            arguments = objects.loads(blob) if objects else cloudpickle.loads(blob)
+            shared = objects.as_shared() if objects else None
             for offset in range(count):
                 call_id = stored["calls"][position + offset]
                 if call_id in wanted:
                     ids.append(call_id)
-                    parts.append((fn_index, dumps([arguments[offset]], "an argument"), 1))
+                    parts.append((fn_index, dumps([arguments[offset]], "an argument",
+                                                  shared), 1))
             position += count
         chunks.append(Chunk(ids, parts))
     return chunks
@@ -199,15 +216,23 @@ def without_calls(spec: BatchSpec, keep: set[int]) -> BatchSpec:
         if ids:
             chunks.append(Chunk(ids, parts))
     return BatchSpec(spec.kind, spec.functions, spec.names, chunks,
-                     min(spec.planned, len(chunks)), spec.steal, spec.attempt)
+                     min(spec.planned, len(chunks)), spec.steal, spec.attempt, spec.shared)
 
 
 #: at most this many chunks (so files) per batch, whatever the cluster's size
 MAX_CHUNKS = 1024
+#: a chunk of calls measured cheap holds at least this much work (seconds)
+MIN_CHUNK_SECONDS = 0.2
 
 
-def auto_chunksize(calls: int, slots: int, chunks_per_slot: int = 4) -> int:
+def auto_chunksize(calls: int, slots: int, seconds_per_call: float | None = None,
+                   chunks_per_slot: int = 4) -> int:
     """Calls per chunk: `chunks_per_slot` chunks per slot for balance, but never more
-    than MAX_CHUNKS chunks, so a big cluster does not turn a map into a file per call."""
+    than MAX_CHUNKS chunks, so a big cluster does not turn a map into a file per call;
+    and when earlier batches of the same functions measured their calls, at least
+    MIN_CHUNK_SECONDS of work per chunk, so cheap calls do not cost a file each."""
     chunks = max(1, min(chunks_per_slot * slots, MAX_CHUNKS))
-    return max(1, -(-calls // chunks))
+    size = -(-calls // chunks)
+    if seconds_per_call is not None:
+        size = max(size, math.ceil(MIN_CHUNK_SECONDS / max(seconds_per_call, 1e-6)))
+    return max(1, min(size, calls))

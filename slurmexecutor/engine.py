@@ -59,6 +59,9 @@ class Engine:
         self.run_dir, self.key, self.backend, self.core = run_dir, key, backend, core
         self.settings, self.lease = settings, lease
         self.sinks = SinkTable()
+        #: task-seconds per call of the latest finished batch of each function set (read
+        #: by callers to chunk a map: plain dict reads)
+        self.cost: dict[tuple[str, ...], float] = {}
         self.window_generation = 0  # bumped each time a window goes out
         self.next_batch = 0
         self._requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
@@ -204,7 +207,8 @@ class Engine:
         calls = [r for r in window.calls.values() if FutureSink(r.future).launch()]
         if not calls:
             return
-        size = self.settings.chunksize or auto_chunksize(len(calls), self.settings.slots)
+        size = self.settings.chunksize or auto_chunksize(
+            len(calls), self.settings.slots, self.cost.get(tuple(window.names)))
         chunks = []
         for start in range(0, len(calls), size):
             group = calls[start:start + size]
@@ -307,7 +311,9 @@ class Engine:
         elif isinstance(action, ev.Retry):
             self._retry(action)
         elif isinstance(action, ev.BatchDone):
-            self._journals.pop(action.batch, None)
+            journal = self._journals.pop(action.batch, None)
+            if journal is not None and action.seconds_per_call is not None:
+                self.cost[tuple(journal["functions"])] = action.seconds_per_call
             self._late_sinks = {c: s for c, s in self._late_sinks.items()
                                 if not s.future.done()}
             self._streams.forget(action.batch)
@@ -343,12 +349,14 @@ class Engine:
         log.warning("retrying %d call(s) of batch %d after %s (attempt %d)", len(call_ids),
                     action.batch, action.state, action.attempt)
         try:
-            chunks = retry_chunks(self.run_dir, self.key, action.batch, dict(action.calls))
+            chunks = retry_chunks(self.run_dir, self.key, action.batch, dict(action.calls),
+                                  journal.get("shared_file"))
         except Exception as error:  # noqa: BLE001
             self._fail_now(call_ids, SubmissionError(f"could not prepare the retry: {error!r}"))
             return
         spec = BatchSpec("retry", journal["functions_file"], journal["functions"], chunks,
-                         min(self.settings.slots, len(chunks)), attempt=action.attempt)
+                         min(self.settings.slots, len(chunks)), attempt=action.attempt,
+                         shared=journal.get("shared_file"))
         self._launch(spec, None)
 
     def _fail_now(self, call_ids: tuple[int, ...], error: BaseException) -> None:

@@ -210,6 +210,10 @@ class Claimed:
 @dataclass(frozen=True)
 class BatchDone:
     batch: int
+    #: task-seconds per call the batch cost at most (from its first task's start to its
+    #: last result, times the tasks that started), None when unknown: the next batch of
+    #: the same functions is chunked by it
+    seconds_per_call: float | None = None
 
 
 Action = (SubmitTasks | LiftThrottle | CancelTasks | QueryScheduler | QueryFinal | Deliver

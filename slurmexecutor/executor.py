@@ -54,6 +54,7 @@ from .handoff import CancelCalls, Launch, Shutdown, Submit
 from .lease import Lease
 from .schedulers import make_backend
 from .schedulers.script import link_package, validate_extra, validate_resources
+from .sharing import SharedArguments
 from .state import Config, Core
 
 DEFAULT_RETRY_ON = ("NODE_FAIL", "PREEMPTED")
@@ -222,10 +223,15 @@ class SlurmExecutor(Executor):
         bar = CallProgress(count, progress and bool(count), desc=_name(fn))
         if not count:
             return _chained_results(self, [], end_time, bar)
-        size = chunksize or self.chunksize or auto_chunksize(count, self._engine.settings.slots)
+        size = chunksize or self.chunksize or auto_chunksize(
+            count, self._engine.settings.slots, self._engine.cost.get((_name(fn),)))
         blob = dumps(fn, f"the function {_name(fn)}")
         chunks, futures = [], []
         sinks: list[FutureSink] = []
+        shared = SharedArguments()  # an object passed to many calls: stored once
+        peek = list(itertools.islice(calls, max(2 * size, 16)))
+        shared.find((args, {}) for args in peek)
+        calls = itertools.chain(peek, calls)
         first = self._reserve(count)
         for start in range(0, count, size):
             part = list(itertools.islice(calls, size))
@@ -233,10 +239,11 @@ class SlurmExecutor(Executor):
             future = SlurmFuture(self._engine, ids)
             sinks.append(ChunkSink(future, ids[0], len(ids), progress=bar))
             chunks.append(Chunk(ids, [(0, dumps([(args, {}) for args in part],
-                                                f"an argument of {_name(fn)}"), len(ids))]))
+                                                f"an argument of {_name(fn)}", shared),
+                                       len(ids))]))
             futures.append(future)
         spec = BatchSpec("map", [blob], [_name(fn)], chunks,
-                         min(self._engine.settings.slots, len(chunks)))
+                         min(self._engine.settings.slots, len(chunks)), shared=shared.blobs)
         self._put_launch(spec, sinks)
         return _chained_results(self, futures, end_time, bar)
 
@@ -251,21 +258,25 @@ class SlurmExecutor(Executor):
             raise TypeError(f"{fn!r} is not callable")
         with self._lock:
             self._check_open()
-        arguments = [dumps([(tuple(args), {})], f"an argument of {_name(fn)}") for args in calls]
+        listed = [tuple(args) for args in calls]
+        shared = SharedArguments()  # an object passed to many calls: stored once
+        shared.find((args, {}) for args in listed)
+        arguments = [dumps([(args, {})], f"an argument of {_name(fn)}", shared)
+                     for args in listed]
         if not arguments:
             return []
         blob = dumps(fn, f"the function {_name(fn)}")
         first = self._reserve(len(arguments))
         futures = [SlurmFuture(self._engine, [first + i]) for i in range(len(arguments))]
-        size = chunksize or self.chunksize or auto_chunksize(len(arguments),
-                                                             self._engine.settings.slots)
+        size = chunksize or self.chunksize or auto_chunksize(
+            len(arguments), self._engine.settings.slots, self._engine.cost.get((_name(fn),)))
         chunks = [Chunk([f.call_id for f in futures[s:s + size]],
                         [(0, a, 1) for a in arguments[s:s + size]])
                   for s in range(0, len(arguments), size)]
         planned = len(chunks) if task_per_chunk else min(self._engine.settings.slots,
                                                          len(chunks))
         spec = BatchSpec("fractions" if task_per_chunk else "submit", [blob], [_name(fn)],
-                         chunks, planned, steal=not task_per_chunk)
+                         chunks, planned, steal=not task_per_chunk, shared=shared.blobs)
         self._put_launch(spec, [FutureSink(f) for f in futures])
         return futures
 

@@ -320,7 +320,10 @@ class Core:
             for task in live:
                 self.tasks.pop(task.key, None)
             del self.batches[batch.number]
-            self._out.append(ev.BatchDone(batch.number))
+            started = sum(1 for t in batch.tasks if t.started)
+            per_call = (now - batch.first_start) * started / batch.done if (
+                batch.done and batch.first_start is not None) else None
+            self._out.append(ev.BatchDone(batch.number, per_call))
             return
         if not batch.unclaimed or batch.submitted == 0:
             return

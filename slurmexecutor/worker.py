@@ -37,8 +37,12 @@ import sys
 import time
 import traceback
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import claims, spool
+
+if TYPE_CHECKING:
+    from .sharing import SharedObjects
 
 POSITION = struct.Struct(">II")  # chunk index, call position within the chunk
 CLAIMED = 0xFFFFFFFF  # the position sent when a chunk is claimed, before its first call
@@ -235,6 +239,7 @@ class ChildRunner:
         self.pipe = pipe
         self.functions: dict[int, object] = {}
         self.table: dict = {}
+        self.shared: SharedObjects | None = None
 
     def run(self, resume: tuple[int, int] | None) -> None:
         import cloudpickle  # noqa: F401  (needed to unpickle by-value functions)
@@ -244,6 +249,13 @@ class ChildRunner:
         for entry in self.table["sys_path"]:  # before any argument is unpickled
             if entry not in sys.path:
                 sys.path.append(entry)
+        shared_file = self.sup.manifest.get("shared")
+        if shared_file:  # arguments many calls share: each unpickled once, when needed
+            from .sharing import SharedObjects
+
+            sup = self.sup
+            self.shared = SharedObjects(
+                lambda: spool.read_blob(sup.run_dir / shared_file, sup.key)["objects"])
         if resume is not None:
             self._run_chunk(resume[0], resume[1])
         for index in list(self.sup.reruns):
@@ -291,7 +303,8 @@ class ChildRunner:
                         print(f"--- slurmexecutor call {call_id} ---", flush=True)
                         if arguments is None and error is None:
                             try:
-                                arguments = _loads(blob)
+                                arguments = self.shared.loads(blob) if (
+                                    self.shared) else _loads(blob)
                             except Exception as exc:  # noqa: BLE001  (this part's calls)
                                 error = exc
                         call = arguments[offset] if arguments is not None else None

@@ -28,6 +28,7 @@ from slurmexecutor import (
     WorkerCrashedError,
     spool,
 )
+from slurmexecutor.batches import MIN_CHUNK_SECONDS, auto_chunksize
 from slurmexecutor.schedulers import state_of
 
 REPO = Path(__file__).resolve().parent.parent
@@ -438,6 +439,44 @@ def test_no_accounting_is_not_fatal(slurm_cluster, tmp_path):
 
 
 # -- claiming and scale-out ----------------------------------------------------------
+
+
+def size_plus(blob: bytes, number: int) -> int:
+    return len(blob) + number
+
+
+def written(ex: SlurmExecutor) -> int:
+    return sum(path.stat().st_size for path in ex.run_dir.rglob("*")
+               if path.is_file() and path.parent.name != "logs")
+
+
+def test_an_argument_many_calls_share_is_stored_once(make_executor):
+    ex = make_executor(chunksize=5)
+    big = os.urandom(2_000_000)
+    assert list(ex.map(size_plus, [big] * 100, range(100))) == [
+        len(big) + i for i in range(100)]  # 20 chunks
+    assert written(ex) < 1.5 * len(big)  # once, not once per chunk
+    before = written(ex)
+    futures = ex.submit_many(size_plus, [(big, i) for i in range(10)], chunksize=1)
+    assert [f.result(timeout=120) for f in futures] == [len(big) + i for i in range(10)]
+    assert written(ex) - before < 1.5 * len(big)
+    small = b"x" * 100  # below SHARE_MIN_BYTES: inline, as before
+    assert list(ex.map(size_plus, [small] * 10, range(10))) == [100 + i for i in range(10)]
+
+
+def test_a_map_of_calls_measured_cheap_is_cut_into_few_chunks(make_executor):
+    ex = make_executor()
+    slots, calls = ex.backend.slots(), 20_000
+    assert sum(ex.map(square, range(calls))) == sum(x * x for x in range(calls))
+    first = batches(ex)[-1]
+    assert len(first["chunks"]) == -(-calls // auto_chunksize(calls, slots))  # unmeasured
+    cost = ex._engine.cost[(f"{__name__}.square",)]  # task-seconds per call, at most
+    assert 0 < cost < 0.001
+    assert sum(ex.map(square, range(calls))) == sum(x * x for x in range(calls))
+    second = batches(ex)[-1]
+    expected = auto_chunksize(calls, slots, cost)
+    assert expected * cost >= MIN_CHUNK_SECONDS
+    assert len(second["chunks"]) == -(-calls // expected) < len(first["chunks"])
 
 
 def claims_by_task(ex: SlurmExecutor) -> dict[str, int]:

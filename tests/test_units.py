@@ -91,6 +91,38 @@ def test_chunks_follow_the_work_and_are_capped_per_batch():
     assert auto_chunksize(16, 16) == 1  # few expensive calls: one per chunk
     assert auto_chunksize(10_000, 10_000) == 10  # not a file per call on a big cluster
     assert -(-1_000_000 // auto_chunksize(1_000_000, 10_000)) <= MAX_CHUNKS
+    # measured cheap (1 ms a call): a chunk holds at least MIN_CHUNK_SECONDS of work,
+    # whatever the cluster's size; measured expensive: balance decides, as before
+    assert auto_chunksize(1_000, 10_000, 0.001) == 200
+    assert auto_chunksize(1_000, 16, 0.001) == 200
+    assert auto_chunksize(100, 10_000, 0.001) == 100  # never more than the calls
+    assert auto_chunksize(64, 16, 5.0) == 1
+
+
+def test_a_retry_keeps_shared_arguments_shared(tmp_path):
+    from slurmexecutor.batches import BatchSpec, Chunk, retry_chunks, write_batch
+    from slurmexecutor.sharing import SharedArguments, SharedObjects
+
+    key = spool.load_key(tmp_path, create=True)
+    run_dir = spool.ensure_private_dir(tmp_path / "run")
+    big = list(range(40_000))  # pickles to > SHARE_MIN_BYTES
+    calls = [((big, i), {}) for i in range(4)]
+    shared = SharedArguments()
+    shared.find(calls)
+    assert len(shared.blobs) == 1
+    blob = shared.dumps(calls)
+    assert len(blob) < 1_000  # the chunk refers to it
+    spec = BatchSpec("map", [b"fn"], ["f"], [Chunk(range(10, 14), [(0, blob, 4)])], 1,
+                     shared=shared.blobs)
+    journal = write_batch(run_dir, key, 0, spec, throttled=False)
+    retried = retry_chunks(run_dir, key, 0, {0: (11, 13)}, journal["shared_file"])
+    [chunk] = retried
+    assert chunk.call_ids == [11, 13] and all(len(p[1]) < 1_000 for p in chunk.parts)
+    objects = SharedObjects(lambda: spool.read_blob(run_dir / journal["shared_file"],
+                                                    key)["objects"])
+    loaded = [objects.loads(part[1])[0] for part in chunk.parts]
+    assert [args[1] for args, _ in loaded] == [1, 3] and loaded[0][0][0] == big
+    assert loaded[0][0][0] is loaded[1][0][0]  # unpickled once per task
 
 
 # -- resources and the script ----------------------------------------------------------
