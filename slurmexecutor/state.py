@@ -320,6 +320,11 @@ class Core:
             for task in live:
                 self.tasks.pop(task.key, None)
             del self.batches[batch.number]
+            if self.doomed:  # forget its calls (those a lingering task may yet answer stay)
+                awaited = {c for t in self.lingering.values() for c in t.verdicts}
+                calls = {c for chunk in batch.chunks for c in chunk} - awaited
+                self.doomed -= calls
+                self.killing -= calls
             started = sum(1 for t in batch.tasks if t.started)
             per_call = (now - batch.first_start) * started / batch.done if (
                 batch.done and batch.first_start is not None) else None

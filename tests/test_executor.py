@@ -521,3 +521,34 @@ def test_cheap_calls_take_one_task_and_slow_ones_fan_out(make_executor):
     # task and attempt, so count the distinct task indices
     working = {name.split(".")[1] for name, count in claims.items() if count}
     assert len(working) >= min(slow, 2), claims
+
+
+def test_a_long_session_keeps_no_state_of_finished_batches(make_executor, backend):
+    """One executor, many maps one after another (some cancelled half-way): what the
+    owner keeps stays flat, and a round reads only live batches' folders."""
+    ex = make_executor(chunksize=3)
+    engine, core = ex._engine, ex._engine.core
+    listed: list[int] = []
+    real_read = engine._streams.read
+
+    def read(live, ended):
+        listed.append(len({batch for batch, _ in set(live)}))
+        return real_read(live, ended)
+
+    engine._streams.read = read
+    rounds = 40 if backend == "local" else 10
+    for round_number in range(rounds):
+        futures = [ex.submit(square, i) for i in range(4)]
+        assert list(ex.map(square, range(10))) == [x * x for x in range(10)]
+        if round_number % 5 == 0:
+            slow = ex.submit(sleep_then, 30)
+            assert wait_until(slow.running)  # handed over: ex.cancel must stop it
+            ex.cancel([slow])
+            assert isinstance(slow.exception(timeout=120), JobCancelledError)
+        assert [f.result(timeout=60) for f in futures] == [x * x for x in range(4)]
+    assert wait_until(lambda: core.idle and not core.tasks, timeout=60)
+    assert len(spool.read_journals(ex.run_dir)) >= 2 * rounds
+    assert len(engine.sinks) == 0 and not engine._late_sinks and not engine._journals
+    assert not engine._streams._cursors and not engine._streams._names
+    assert not core.doomed and not core.killing
+    assert max(listed) <= 3  # live batches only, never the run's history
