@@ -45,6 +45,7 @@ class Settings:
     max_window: float
     max_batch: int
     slots: int
+    backups: bool = False  # idle tasks run straggling chunks a second time
 
 
 @dataclass
@@ -92,7 +93,7 @@ def job_name(names: list[str]) -> str:
 
 
 def write_batch(run_dir: Path, key: bytes, number: int, spec: BatchSpec,
-                throttled: bool) -> dict:
+                throttled: bool, backups: bool = False) -> dict:
     """Write functions, manifest, chunks and journal; return the journal."""
     spool.make_batch_dir(run_dir, number)
     if isinstance(spec.functions, str):
@@ -109,7 +110,7 @@ def write_batch(run_dir: Path, key: bytes, number: int, spec: BatchSpec,
         shared_file = str(path.relative_to(run_dir))
     spool.write_blob(spool.manifest_path(run_dir, number), key, {
         "functions": functions_file, "chunks": len(spec.chunks), "tasks": spec.planned,
-        "steal": spec.steal, "shared": shared_file})
+        "steal": spec.steal, "shared": shared_file, "backups": backups and spec.steal})
     for index, chunk in enumerate(spec.chunks):
         spool.write_blob(spool.chunk_path(run_dir, number, index), key, {
             "calls": chunk.call_ids, "parts": chunk.parts})

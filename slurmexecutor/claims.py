@@ -16,7 +16,8 @@ lost race. A claim is never undone, so a task that dies fails exactly what it cl
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 
@@ -53,6 +54,7 @@ class Claimer:
     def __init__(self, claims_dir: Path, order: list[int], owner: str) -> None:
         self.claims_dir, self.order, self.owner = claims_dir, order, owner
         self.taken: set[int] = set()
+        self.taken_by_me: list[int] = []
         self.attempts = self.won = self.listings = 0
         self._listed = False
 
@@ -67,6 +69,7 @@ class Claimer:
             if try_claim(self.claims_dir / str(chunk), self.owner):
                 self.won += 1
                 self.taken.add(chunk)
+                self.taken_by_me.append(chunk)
                 yield chunk
             else:  # somebody was quicker: learn what else is gone
                 self.taken.add(chunk)
@@ -83,3 +86,53 @@ class Claimer:
 
     def stats(self) -> dict[str, int]:
         return {"attempts": self.attempts, "won": self.won, "listings": self.listings}
+
+
+#: a chunk claimed this many times longer ago than a chunk typically takes (as the idle
+#: task measured its own) is a straggler: an idle task runs it a second time
+STRAGGLER_FACTOR = 2.0
+
+
+def mark_done(claims_dir: Path, chunk: int) -> None:
+    """Say a chunk's calls all ran (what backups look at); one create per chunk."""
+    try_claim(claims_dir / f"{chunk}.done", "")
+
+
+class Backups:
+    """Backup executions (the MapReduce paper's): a task that found every chunk taken
+    runs again, once per chunk, a chunk claimed by another task that has not finished
+    after STRAGGLER_FACTOR x the time a chunk typically takes; the client keeps the
+    first result of each call and stops the other copy."""
+
+    def __init__(self, claims_dir: Path, owner: str) -> None:
+        self.claims_dir, self.owner = claims_dir, owner
+        self.listings = 0
+
+    def next(self, skip: set[int], typical: float, stopping: Callable[[], bool]
+             ) -> int | None:
+        """Wait for a straggler and claim its backup; None once there is none to wait
+        for (every other chunk finished, backed up, or the client's)."""
+        while not stopping():
+            self.listings += 1
+            names = set(os.listdir(self.claims_dir))
+            open_chunks = [int(n) for n in names if n.isdigit() and int(n) not in skip
+                           and f"{n}.done" not in names and f"{n}.backup" not in names]
+            ages: dict[int, float] = {}
+            for chunk in open_chunks:
+                try:
+                    path = self.claims_dir / str(chunk)
+                    if path.read_text() == "client":  # cancelled: nothing to run
+                        continue
+                    ages[chunk] = time.time() - path.stat().st_mtime
+                except FileNotFoundError:
+                    continue
+            if not ages:
+                return None
+            chunk = max(ages, key=ages.__getitem__)
+            wait = STRAGGLER_FACTOR * typical - ages[chunk]
+            if wait <= 0:
+                if try_claim(self.claims_dir / f"{chunk}.backup", self.owner):
+                    return chunk
+                continue
+            time.sleep(min(wait, 1.0))
+        return None

@@ -234,7 +234,8 @@ class Engine:
         throttled = spec.steal and spec.planned > 1
         call_ids = [c for chunk in spec.chunks for c in chunk.call_ids]
         try:
-            journal = write_batch(self.run_dir, self.key, number, spec, throttled)
+            journal = write_batch(self.run_dir, self.key, number, spec, throttled,
+                                  self.settings.backups)
         except Exception as error:  # noqa: BLE001  (disk full, ...): fail, do not hang
             failure = SubmissionError(f"could not write the batch: {error!r}")
             self._fail_now(tuple(call_ids), failure)

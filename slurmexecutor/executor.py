@@ -122,6 +122,7 @@ class SlurmExecutor(Executor):
         max_batch: int = 10_000,
         poll_interval: float | None = None,
         result_grace: float | None = None,
+        backups: bool = False,
         _run: str | None = None,
         _take_over: bool = False,
         **resources: Any,
@@ -158,7 +159,8 @@ class SlurmExecutor(Executor):
         self._engine = Engine(self.run_dir, self.key, self.backend, core, Settings(
             resources=self.resources, python=python or sys.executable, setup=setup,
             sbatch_extra=sbatch_extra, chunksize=chunksize, submit_window=submit_window,
-            max_window=max_window, max_batch=max_batch, slots=self.backend.slots()), lease)
+            max_window=max_window, max_batch=max_batch, slots=self.backend.slots(),
+            backups=backups), lease)
         self._lock = threading.Lock()  # call ids, and the shutdown flag vs. new requests
         self._next_call = 0
         self._shutdown = False

@@ -55,6 +55,7 @@ class Batch:
     done: int = 0  # results read so far (the measure of the work's cost)
     next_scale: float = 0.0
     owner: dict[int, Task] = field(default_factory=dict)  # call -> the task that claimed it
+    backup: dict[int, Task] = field(default_factory=dict)  # call -> its backup's task
     _chunk_index: dict[int, int] | None = None  # call -> its chunk, built when first asked
 
     def chunk_of(self, call_id: int) -> int:

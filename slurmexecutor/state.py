@@ -156,6 +156,15 @@ class Core:
             self._out.append(ev.Claimed(batch.number, chunk, task.ref, calls))
             if self.killing.intersection(calls):
                 self._kill_cancelled(batch)
+        elif kind == "backup":  # a second copy of a straggling chunk: first result wins
+            assert record.call_id is not None
+            chunk = record.call_id
+            calls = tuple(c for c in batch.chunks[chunk] if c in batch.open_calls)
+            task.unresolved.update(calls)
+            batch.backup.update(dict.fromkeys(calls, task))
+            done = tuple(c for c in batch.chunks[chunk] if c not in batch.open_calls)
+            if done:  # what the first copy finished: the backup skips it
+                self._out.append(ev.WriteCancel(batch.number, chunk, done))
         elif kind == "limit":
             task.limit_notice = True
         elif kind == "end":  # the last record of an attempt: its stream is complete
@@ -164,8 +173,32 @@ class Core:
         elif record.call_id in batch.open_calls:  # later duplicates (requeues) are ignored
             call_id = record.call_id
             batch.done += 1
+            other = batch.backup.get(call_id)
+            other = batch.owner.get(call_id) if other is task else other
             self._close(batch, call_id)
+            if other is not None and other is not task:
+                self._stop_copy(batch, other, call_id)
             self._out.append(ev.Deliver(call_id, kind, record.body, task.ref, call_id in self.doomed))
+
+    def _stop_copy(self, batch: Batch, other: Task, call_id: int) -> None:
+        """A call of a backed-up chunk has its result: the other copy skips it, and is
+        killed once it holds nothing still wanted (it may be running that very call)."""
+        self._out.append(ev.WriteCancel(batch.number, batch.chunk_of(call_id), (call_id,)))
+        if not other.unresolved and other.key in self.tasks and other.job_id is not None and (
+                not other.kill_sent and not batch.unclaimed):
+            other.kill_sent = True
+            self._out.append(ev.CancelTasks((f"{other.job_id}_{other.array_index}",)))
+
+    def _release_copies(self, task: Task) -> None:
+        """A task ended: the calls another live task also runs (backups) are left to it."""
+        batch = task.batch
+        for call_id in list(task.unresolved):
+            owner, backup = batch.owner.get(call_id), batch.backup.get(call_id)
+            other = backup if owner is task else owner
+            if other is not None and other is not task and other.key in self.tasks:
+                task.unresolved.discard(call_id)
+                batch.owner[call_id] = other
+                batch.backup.pop(call_id, None)
 
     def _on_late_record(self, task: Task, record: ev.Record) -> None:
         call_id = record.call_id
@@ -283,6 +316,8 @@ class Core:
         scheduler's final state counts only after `result_grace` s, and only on a read of
         the folder that began after the client learned that state: late is not lost."""
         batch = task.batch
+        if batch.backup and (task.error or task.ended or task.final):
+            self._release_copies(task)
         if task.error:
             self._fail(batch, sorted(task.unresolved), Failure(IntegrityError, task.error,
                                                                 task.ref))
@@ -322,9 +357,9 @@ class Core:
             del self.batches[batch.number]
             if self.doomed:  # forget its calls (those a lingering task may yet answer stay)
                 awaited = {c for t in self.lingering.values() for c in t.verdicts}
-                calls = {c for chunk in batch.chunks for c in chunk} - awaited
-                self.doomed -= calls
-                self.killing -= calls
+                finished = {c for chunk in batch.chunks for c in chunk} - awaited
+                self.doomed -= finished
+                self.killing -= finished
             started = sum(1 for t in batch.tasks if t.started)
             per_call = (now - batch.first_start) * started / batch.done if (
                 batch.done and batch.first_start is not None) else None
@@ -416,6 +451,10 @@ class Core:
         task = batch.owner.pop(call_id, None)
         if task is not None:
             task.unresolved.discard(call_id)
+        if batch.backup:
+            copy = batch.backup.pop(call_id, None)
+            if copy is not None:
+                copy.unresolved.discard(call_id)
 
     def _fail(self, batch: Batch, call_ids: list[int], failure: Failure) -> None:
         call_ids = [c for c in call_ids if c in batch.open_calls]

@@ -263,22 +263,43 @@ class ChildRunner:
         manifest, task = self.sup.manifest, self.sup.task
         order = claims.claim_order(manifest["chunks"], manifest["tasks"], task) if (
             manifest["steal"]) else [task] if task < manifest["chunks"] else []
-        claimer = claims.Claimer(spool.claims_dir(self.sup.run_dir, self.sup.batch), order,
-                                 str(task))
+        folder = spool.claims_dir(self.sup.run_dir, self.sup.batch)
+        claimer = claims.Claimer(folder, order, str(task))
+        backups = claims.Backups(folder, str(task)) if manifest.get("backups") else None
+        took: list[float] = []  # seconds per chunk it ran whole
         try:
             if _ChildStop.requested:  # claim nothing it cannot start
                 return
             for index in claimer.claims():
-                self._run_chunk(index, 0)
+                self._timed_chunk(index, took, backups is not None)
                 if _ChildStop.requested:
                     return
+            while backups is not None and took:  # every chunk is taken: stragglers?
+                straggler = backups.next(set(claimer.taken_by_me), sum(took) / len(took),
+                                         lambda: _ChildStop.requested)
+                if straggler is None:
+                    return
+                claimer.taken_by_me.append(straggler)
+                self._timed_chunk(straggler, took, True, record="backup")
         finally:
-            self.sup.out.write(("claims", None, claimer.stats()))
+            stats = claimer.stats()
+            if backups is not None:
+                stats["listings"] += backups.listings
+            self.sup.out.write(("claims", None, stats))
 
-    def _run_chunk(self, index: int, first: int) -> None:
+    def _timed_chunk(self, index: int, took: list[float], mark: bool,
+                     record: str = "claim") -> None:
+        started = time.monotonic()
+        if self._run_chunk(index, 0, record) and mark:
+            took.append(time.monotonic() - started)
+            claims.mark_done(spool.claims_dir(self.sup.run_dir, self.sup.batch), index)
+
+    def _run_chunk(self, index: int, first: int, record: str = "claim") -> bool:
+        """Run a chunk's calls from position `first`; False if stopped before the end.
+        `record`: how the chunk is announced (claim, or backup: a second copy)."""
         sup = self.sup
         if first == 0:  # the client knows the chunk's calls: say which chunk, first
-            sup.out.write(("claim", index, None))
+            sup.out.write((record, index, None))
             os.write(self.pipe, POSITION.pack(index, CLAIMED))
         chunk = spool.read_blob(spool.chunk_path(sup.run_dir, sup.batch, index), sup.key)
         call_ids = chunk["calls"]
@@ -293,7 +314,7 @@ class ChildRunner:
             for offset in range(count):
                 if position >= first:
                     if _ChildStop.requested:
-                        return
+                        return False
                     call_id = call_ids[position]
                     if call_id in cancel.ids():
                         sup.out.write(("skip", call_id, None))
@@ -310,6 +331,7 @@ class ChildRunner:
                         call = arguments[offset] if arguments is not None else None
                         sup.out.write(self._call(call_id, fn_index, call, error))
                 position += 1
+        return True
 
     def _function(self, index: int):
         if index not in self.functions:

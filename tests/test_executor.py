@@ -552,3 +552,37 @@ def test_a_long_session_keeps_no_state_of_finished_batches(make_executor, backen
     assert not engine._streams._cursors and not engine._streams._names
     assert not core.doomed and not core.killing
     assert max(listed) <= 3  # live batches only, never the run's history
+
+
+def slow_the_first_time(marker: str, index: int, slow: int, seconds: float) -> int:
+    """Call `slow` sleeps `seconds` on its first run only (a straggling node); a second
+    run of it, elsewhere, is quick."""
+    if index == slow and not os.path.exists(marker):
+        open(marker, "w").close()
+        time.sleep(seconds)
+    else:
+        time.sleep(0.05)
+    return index
+
+
+def test_backups_run_a_straggling_chunk_again(make_executor, tmp_path):
+    ex = make_executor(chunksize=1, backups=True)
+    marker = str(tmp_path / "first-run")
+    started = time.monotonic()
+    assert list(ex.map(slow_the_first_time, [marker] * 8, range(8), [0] * 8,
+                       [60] * 8)) == list(range(8))
+    assert time.monotonic() - started < 45  # the backup answered, not the straggler
+    records = [(kind, call_id) for _, _, path in spool.iter_streams(ex.run_dir)
+               for kind, call_id, _ in spool.read_records(spool.StreamCursor(path), ex.key)]
+    assert ("backup", 0) in records
+    assert sum(1 for kind, call_id in records if kind == "ok" and call_id == 0) == 1
+    # the straggling copy was stopped: its task is killed, not left sleeping
+    journal = batches(ex)[-1]
+    [array] = journal["arrays"]
+
+    def all_final() -> bool:
+        answer = ex.backend.states([array["job_id"]])
+        states = [state_of(answer, array["job_id"], i) for i in range(array["size"])]
+        return all(s is None or s.final for s in states)
+
+    assert wait_until(all_final, timeout=30)

@@ -33,6 +33,7 @@ from slurmexecutor.events import (
     SubmitFailed,
     SubmitTasks,
     TasksSubmitted,
+    WriteCancel,
 )
 from slurmexecutor.schedulers import TaskState
 from slurmexecutor.state import Config, Core, window_due
@@ -326,3 +327,41 @@ def test_a_task_that_claimed_a_cancelled_chunk_unseen_is_killed_when_the_claim_s
     assert of(out, ClaimChunks) == [ClaimChunks(0, (0,))] and not of(out, CancelTasks)
     out = machine.step([ClaimsWon(0, ()), Record(0, 0, "claim", 0, None)], 0.2)
     assert of(out, CancelTasks) == [CancelTasks(("7_0",))]  # the task won the claim
+
+
+def test_a_backup_copy_keeps_the_calls_alive_and_the_first_result_wins():
+    machine = core()
+    started_batch(machine)
+    machine.step([Record(0, 0, "claim", 0, None), Record(0, 0, "ok", 0, b"a"),
+                  Record(0, 1, "start", None, {"host": "h", "pid": 2}),
+                  Record(0, 1, "claim", 1, None), Record(0, 1, "ok", 2, b"c"),
+                  Record(0, 1, "ok", 3, b"d")], 0.1)
+    # task 1 is idle and runs chunk 0 again: call 0 is done, so the backup skips it
+    out = machine.step([Record(0, 1, "backup", 0, None)], 0.2)
+    assert [(w.chunk, w.call_ids) for w in of(out, WriteCancel)] == [(0, (0,))]
+    # the straggler (task 0) dies: call 1 is not failed, its backup still runs it
+    out = machine.step([SchedulerAnswer({("7", 0): TaskState("NODE_FAIL"),
+                                         ("7", 1): TaskState("RUNNING")}),
+                        StreamsRead(0.5)], 0.4)
+    out += machine.step([SchedulerAnswer({("7", 0): TaskState("NODE_FAIL"),
+                                          ("7", 1): TaskState("RUNNING")}),
+                         StreamsRead(1.5)], 1.6)
+    assert not of(out, Fail) and not of(out, Retry)
+    out = machine.step([Record(0, 1, "ok", 1, b"b")], 1.7)
+    assert [(d.call_id, d.body) for d in of(out, Deliver)] == [(1, b"b")]
+    assert of(out, BatchDone)
+
+
+def test_the_slower_copy_is_stopped_once_the_other_answered_all_it_held():
+    machine = core()
+    started_batch(machine)
+    machine.step([Record(0, 0, "claim", 0, None),
+                  Record(0, 1, "start", None, {"host": "h", "pid": 2}),
+                  Record(0, 1, "claim", 1, None), Record(0, 1, "ok", 2, b"c"),
+                  Record(0, 1, "ok", 3, b"d"), Record(0, 1, "backup", 0, None)], 0.1)
+    out = machine.step([Record(0, 1, "ok", 0, b"a")], 0.2)
+    assert [(w.chunk, w.call_ids) for w in of(out, WriteCancel)] == [(0, (0,))]
+    assert not of(out, CancelTasks)  # task 0 still holds call 1, nobody answered it
+    out = machine.step([Record(0, 0, "ok", 1, b"b")], 0.3)  # the original was quicker
+    assert [c.refs for c in of(out, CancelTasks)] == [("7_1",)]  # the backup is stopped
+    assert [d.call_id for d in of(out, Deliver)] == [1]
