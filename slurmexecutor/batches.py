@@ -24,7 +24,7 @@ from typing import Any
 
 import cloudpickle
 
-from . import spool
+from . import spool, warm
 from ._log import log
 from .errors import SerializationError, SubmissionError
 from .schedulers import Backend
@@ -46,6 +46,10 @@ class Settings:
     max_batch: int
     slots: int
     backups: bool = False  # idle tasks run straggling chunks a second time
+    keep_alive: float = 0.0  # idle tasks wait this long for the next batch (warm.py)
+
+    def resources_key(self) -> str:
+        return warm.resources_key(self.resources, self.python, self.setup, self.sbatch_extra)
 
 
 @dataclass
@@ -93,7 +97,7 @@ def job_name(names: list[str]) -> str:
 
 
 def write_batch(run_dir: Path, key: bytes, number: int, spec: BatchSpec,
-                throttled: bool, backups: bool = False) -> dict:
+                throttled: bool, settings: Settings | None = None) -> dict:
     """Write functions, manifest, chunks and journal; return the journal."""
     spool.make_batch_dir(run_dir, number)
     if isinstance(spec.functions, str):
@@ -110,7 +114,10 @@ def write_batch(run_dir: Path, key: bytes, number: int, spec: BatchSpec,
         shared_file = str(path.relative_to(run_dir))
     spool.write_blob(spool.manifest_path(run_dir, number), key, {
         "functions": functions_file, "chunks": len(spec.chunks), "tasks": spec.planned,
-        "steal": spec.steal, "shared": shared_file, "backups": backups and spec.steal})
+        "steal": spec.steal, "shared": shared_file,
+        "backups": bool(settings and settings.backups and spec.steal),
+        "keep_alive": settings.keep_alive if settings and spec.steal else 0,
+        "resources": settings.resources_key() if settings else None})
     for index, chunk in enumerate(spec.chunks):
         spool.write_blob(spool.chunk_path(run_dir, number, index), key, {
             "calls": chunk.call_ids, "parts": chunk.parts})

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import claims, outcomes, spool
+from . import claims, outcomes, spool, warm
 from . import events as ev
 from ._log import log
 from .batches import (
@@ -235,7 +235,9 @@ class Engine:
         call_ids = [c for chunk in spec.chunks for c in chunk.call_ids]
         try:
             journal = write_batch(self.run_dir, self.key, number, spec, throttled,
-                                  self.settings.backups)
+                                  self.settings)
+            if self.settings.keep_alive > 0:
+                warm.announce(self.run_dir, number)
         except Exception as error:  # noqa: BLE001  (disk full, ...): fail, do not hang
             failure = SubmissionError(f"could not write the batch: {error!r}")
             self._fail_now(tuple(call_ids), failure)
@@ -369,11 +371,12 @@ class Engine:
     def _read_streams(self) -> bool:
         """New records of live tasks (and of settled ones still awaited) become events."""
         core = self.core
-        if not core.tasks and not core.lingering:
+        if not core.tasks and not core.lingering and not core.batches:
             return False
         watched = {**core.tasks, **core.lingering}
         ended = [k for k, t in watched.items() if t.final is not None and not t.ended]
-        events = self._streams.read(watched, ended)
+        waiting = [n for n, b in core.batches.items() if not b.submit_asked]  # warm joins
+        events = self._streams.read(watched, ended, waiting)
         self._events += events
         return any(isinstance(event, ev.Record) for event in events)
 
@@ -423,6 +426,7 @@ class Engine:
     def _close(self) -> None:
         self._stopping = True
         try:
+            self._end_warm_tasks()
             self.backend.close()
         finally:
             if not isinstance(self.error, RunInUseError):
@@ -430,6 +434,23 @@ class Engine:
                     self.lease.release()
                 except OSError as error:
                     log.warning("slurmexecutor: could not release the run's lease: %s", error)
+
+
+    def _end_warm_tasks(self) -> None:
+        """No idle task holds an allocation after the executor is gone: the signal file
+        says closed (they exit at their next poll) and those known are cancelled."""
+        if self.settings.keep_alive <= 0 or isinstance(self.error, RunInUseError):
+            return
+        try:
+            warm.close(self.run_dir)
+        except OSError as error:
+            log.warning("slurmexecutor: could not tell warm tasks to end: %s", error)
+        refs = [f"{job_id}_{index}" for job_id, index in self.core.warm]
+        if refs:
+            try:
+                self.backend.cancel(refs)
+            except Exception as error:  # noqa: BLE001  (they end at keep_alive anyway)
+                log.warning("slurmexecutor: could not cancel warm tasks: %s", error)
 
 
 class _TakenOver(Exception):

@@ -64,6 +64,14 @@ class StreamState:
 
 
 @dataclass(frozen=True)
+class StreamFound:
+    """A stream of a task the core does not know yet: a warm task joined the batch."""
+
+    batch: int
+    task: int
+
+
+@dataclass(frozen=True)
 class StreamsRead:
     """The owner read every live task's stream, in a scan that began at `started`."""
 
@@ -100,7 +108,8 @@ class ShutdownRequested:
 
 
 Event = (BatchAdded | TasksSubmitted | SubmitFailed | Record | StreamState | StreamsRead
-         | SchedulerAnswer | FinalAnswer | CancelRequested | ClaimsWon | ShutdownRequested)
+         | StreamFound | SchedulerAnswer | FinalAnswer | CancelRequested | ClaimsWon
+         | ShutdownRequested)
 
 # -- actions -----------------------------------------------------------------------------
 

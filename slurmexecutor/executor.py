@@ -62,6 +62,10 @@ DEFAULT_RETRY_ON = ("NODE_FAIL", "PREEMPTED")
 #: read, is given for its results to show up: NFS caches attributes and directory
 #: listings for up to 60 s by default (acregmax, acdirmax)
 DEFAULT_RESULT_GRACE = 60.0
+#: seconds an array task with nothing left to do waits for the executor's next batch
+#: (warm.py): a follow-up call then starts in milliseconds, without sbatch; an idle
+#: task holds its CPUs that long at most, and not after shutdown
+DEFAULT_KEEP_ALIVE = 30.0
 __all__ = ["DEFAULT_RETRY_ON", "SlurmExecutor", "SlurmFuture", "call_log", "default_folder"]
 
 _live_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
@@ -123,6 +127,7 @@ class SlurmExecutor(Executor):
         poll_interval: float | None = None,
         result_grace: float | None = None,
         backups: bool = False,
+        keep_alive: float = DEFAULT_KEEP_ALIVE,
         _run: str | None = None,
         _take_over: bool = False,
         **resources: Any,
@@ -133,6 +138,9 @@ class SlurmExecutor(Executor):
             raise ValueError(f"chunksize must be >= 1, not {chunksize!r}")
         if max_retries < 0:
             raise ValueError(f"max_retries must be >= 0, not {max_retries!r}")
+        if isinstance(keep_alive, bool) or not isinstance(keep_alive, (int, float)) or (
+                keep_alive < 0):
+            raise ValueError(f"keep_alive must be seconds >= 0, not {keep_alive!r}")
         self.folder = spool.ensure_private_dir(Path(folder or default_folder()).expanduser())
         self.key = spool.load_key(self.folder, create=True)
         self.backend = make_backend(backend, self.resources)
@@ -155,12 +163,13 @@ class SlurmExecutor(Executor):
             poll_interval=poll,
             result_grace=result_grace if result_grace is not None else (
                 0.0 if local else DEFAULT_RESULT_GRACE),
-            retry_on=frozenset(retry_on), max_retries=max_retries))
+            retry_on=frozenset(retry_on), max_retries=max_retries,
+            keep_alive=float(keep_alive)))
         self._engine = Engine(self.run_dir, self.key, self.backend, core, Settings(
             resources=self.resources, python=python or sys.executable, setup=setup,
             sbatch_extra=sbatch_extra, chunksize=chunksize, submit_window=submit_window,
             max_window=max_window, max_batch=max_batch, slots=self.backend.slots(),
-            backups=backups), lease)
+            backups=backups, keep_alive=float(keep_alive)), lease)
         self._lock = threading.Lock()  # call ids, and the shutdown flag vs. new requests
         self._next_call = 0
         self._shutdown = False

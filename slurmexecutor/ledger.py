@@ -32,6 +32,8 @@ class Config:
     probe: float = 0.3  # how often a throttled batch's running work is measured
     horizon: float = 3.0  # one more task per this many seconds of estimated work left
     vanish_grace: float = 5.0  # a task missing from the queue this long has left it
+    keep_alive: float = 0.0  # idle tasks wait this long for another batch (warm.py)
+    warm_wait: float = 1.0  # a new batch waits this long for a warm task to join it
 
 
 @dataclass(eq=False)
@@ -54,6 +56,8 @@ class Batch:
     throttle: int = 1  # tasks allowed to run at once while throttled
     done: int = 0  # results read so far (the measure of the work's cost)
     next_scale: float = 0.0
+    submit_asked: bool = False  # its array was asked for (or it had one)
+    warm_until: float = 0.0  # no array before then: a warm task may join
     owner: dict[int, Task] = field(default_factory=dict)  # call -> the task that claimed it
     backup: dict[int, Task] = field(default_factory=dict)  # call -> its backup's task
     _chunk_index: dict[int, int] | None = None  # call -> its chunk, built when first asked

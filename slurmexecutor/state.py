@@ -48,6 +48,8 @@ class Core:
         #: when the latest complete read of the streams began: a task the scheduler
         #: calls ended is judged only on a read that began after we learned it
         self.scanned = float("-inf")
+        #: warm tasks seen idle: (job id, array index) -> until when they wait
+        self.warm: dict[tuple[str, int], float] = {}
         self._out: list[Action] = []
 
     # -- the one entry point -------------------------------------------------------------
@@ -94,6 +96,12 @@ class Core:
                 task.truncated = event.truncated
         elif isinstance(event, ev.StreamsRead):
             self.scanned = max(self.scanned, event.started)
+        elif isinstance(event, ev.StreamFound):
+            batch = self.batches.get(event.batch)
+            if batch is not None and (event.batch, event.task) not in self.tasks:
+                task = Task(batch, event.task, None, None, now)  # ids from its start
+                self.tasks[task.key] = task
+                batch.tasks.append(task)
         elif isinstance(event, ev.SchedulerAnswer):
             self._on_states(event.states, now)
         elif isinstance(event, ev.FinalAnswer):
@@ -119,8 +127,16 @@ class Core:
             self._add_tasks(batch, job_id, offset, size, now)
         if not batch.open_calls:
             return
-        if not event.arrays:
-            self._out.append(ev.SubmitTasks(batch.number, 0, batch.planned, batch.throttled))
+        batch.submit_asked = bool(event.arrays)
+        if not event.arrays and event.steal and any(
+                until > now for until in self.warm.values()):
+            batch.warm_until = now + self.config.warm_wait  # a warm task may take it
+        elif not event.arrays:
+            self._ask_tasks(batch)
+
+    def _ask_tasks(self, batch: Batch) -> None:
+        batch.submit_asked = True
+        self._out.append(ev.SubmitTasks(batch.number, 0, batch.planned, batch.throttled))
 
     def _add_tasks(self, batch: Batch, job_id: str, offset: int, size: int,
                    now: float) -> None:
@@ -146,6 +162,16 @@ class Core:
             task.started = True
             task.worker = (record.body["host"], record.body["pid"])
             batch.first_start = batch.first_start or now
+            if task.job_id is None and record.body.get("job_id"):  # a warm task joined
+                task.job_id = str(record.body["job_id"])
+                task.array_index = int(record.body.get("array_index") or 0)
+            self.warm.pop((task.job_id or "", task.array_index or 0), None)
+        elif kind == "idle":
+            key = (task.job_id or "", task.array_index or 0)
+            if record.body and record.body.get("leaving"):
+                self.warm.pop(key, None)
+            elif task.job_id is not None:
+                self.warm[key] = now + float((record.body or {}).get("keep_alive", 0))
         elif kind == "claim":
             assert record.call_id is not None
             chunk = record.call_id
@@ -169,6 +195,8 @@ class Core:
             task.limit_notice = True
         elif kind == "end":  # the last record of an attempt: its stream is complete
             task.ended = True
+            if not (record.body and record.body.get("joined") is not None):
+                self.warm.pop((task.job_id or "", task.array_index or 0), None)
             task.killed = bool(record.body and record.body.get("signal"))
         elif record.call_id in batch.open_calls:  # later duplicates (requeues) are ignored
             call_id = record.call_id
@@ -354,6 +382,10 @@ class Core:
             self._cancel_pending([t for t in live if not t.started and t.key in self.tasks])
             for task in live:
                 self.tasks.pop(task.key, None)
+                if self.config.keep_alive > 0 and task.started and not task.ended and (
+                        task.job_id is not None):  # it waits for the next batch now
+                    key = (task.job_id, task.array_index or 0)
+                    self.warm[key] = max(self.warm.get(key, 0.0), now + self.config.keep_alive)
             del self.batches[batch.number]
             if self.doomed:  # forget its calls (those a lingering task may yet answer stay)
                 awaited = {c for t in self.lingering.values() for c in t.verdicts}
@@ -365,6 +397,8 @@ class Core:
                 batch.done and batch.first_start is not None) else None
             self._out.append(ev.BatchDone(batch.number, per_call))
             return
+        if not batch.submit_asked and batch.unclaimed:
+            self._warm_or_submit(batch, now)
         if not batch.unclaimed or batch.submitted == 0:
             return
         if batch.throttled and batch.first_start is not None and now >= batch.next_scale:
@@ -383,6 +417,21 @@ class Core:
                                "this call"))
             else:
                 self._fail_unfinished(failed, calls, started=False)
+
+    def _warm_or_submit(self, batch: Batch, now: float) -> None:
+        """A batch left to warm tasks: its array is asked for when no warm task joined in
+        time, or when the work measured on those that joined needs more tasks (the
+        scale-out rule: one task per `horizon` s of work left)."""
+        joined = self._live(batch)
+        if not joined:
+            if now >= batch.warm_until:
+                self._ask_tasks(batch)
+            return
+        if batch.first_start is None or now - batch.first_start < self.config.probe:
+            return
+        per_call = (now - batch.first_start) * len(joined) / max(batch.done, 1)
+        if len(batch.open_calls) * per_call > self.config.horizon * len(joined):
+            self._ask_tasks(batch)
 
     def _scale_out(self, batch: Batch, now: float) -> None:
         """Let more of the batch's tasks run when the work measured so far says so: one

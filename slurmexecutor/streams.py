@@ -15,7 +15,8 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from . import spool
-from .events import Event, Record, StreamsRead, StreamState
+from .events import Event, Record, StreamFound, StreamsRead, StreamState
+from .warm import JOIN_BASE
 
 TaskKey = tuple[int, int]  # (batch, task)
 
@@ -28,19 +29,26 @@ class StreamReader:
         self._cursors: dict[str, spool.StreamCursor] = {}
         self._names: dict[TaskKey, list[str]] = {}  # a task's streams (one per attempt)
 
-    def read(self, live: Iterable[TaskKey], ended: Iterable[TaskKey]) -> list[Event]:
+    def read(self, live: Iterable[TaskKey], ended: Iterable[TaskKey],
+             batches: Iterable[int] = ()) -> list[Event]:
         """Events for what the streams of `live` tasks gained, then `StreamsRead`.
-        `ended`: the live tasks Slurm says have ended (opened by name as well)."""
+        `ended`: the live tasks Slurm says have ended (opened by name as well);
+        `batches`: live batches, whose folders are listed even without live tasks (a
+        warm task may join them: `StreamFound`)."""
         started = time.monotonic()
         live = set(live)
         fresh: dict[str, TaskKey] = {}  # stream path -> its task, to read now
-        for batch in sorted({batch for batch, _ in live}):
+        events: list[Event] = []
+        for batch in sorted({batch for batch, _ in live} | set(batches)):
             try:
                 entries = list(os.scandir(spool.batch_dir(self.run_dir, batch)))
             except FileNotFoundError:
                 continue
             for entry in entries:
                 parsed = spool.parse_stream_name(entry.name)
+                if parsed is not None and parsed[0] >= JOIN_BASE and (
+                        (batch, parsed[0]) not in live):
+                    events.append(StreamFound(batch, parsed[0]))
                 if parsed is None or (batch, parsed[0]) not in live:
                     continue
                 cursor = self._cursors.get(entry.path)
@@ -50,7 +58,6 @@ class StreamReader:
             first = str(spool.stream_path(self.run_dir, key[0], key[1], 0))
             for name in self._names.get(key) or [first]:
                 fresh.setdefault(name, key)
-        events: list[Event] = []
         for name, (batch, task) in fresh.items():
             cursor = self._cursors.get(name) or spool.StreamCursor(Path(name))
             records = spool.read_records(cursor, self.key)

@@ -47,6 +47,9 @@ if TYPE_CHECKING:
 POSITION = struct.Struct(">II")  # chunk index, call position within the chunk
 CLAIMED = 0xFFFFFFFF  # the position sent when a chunk is claimed, before its first call
 DONE = (CLAIMED, CLAIMED)  # the child's last message: it finished and claims nothing more
+IDLE = 0xFFFFFFFE  # (IDLE, 0): it ran everything it claimed and waits for a batch (warm)
+JOIN = 0xFFFFFFFD  # (JOIN, batch), then (JOIN_TASK, index): it joined another batch
+JOIN_TASK = 0xFFFFFFFC
 STOP_SIGNAL = signal.SIGUSR1
 
 
@@ -55,28 +58,35 @@ def main(argv: list[str]) -> int:
         print("usage: python -m slurmexecutor.worker RUN_DIR BATCH TASK", file=sys.stderr)
         return 2
     run_dir, batch, task = Path(argv[0]), int(argv[1]), int(argv[2])
-    os.environ.pop("SLURMEXECUTOR_TASK", None)  # not for executors the calls may start
+    attempt = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+    where = _where_am_i(attempt)
+    for name in ("SLURMEXECUTOR_TASK", "SLURMEXECUTOR_JOB"):  # not for executors the
+        os.environ.pop(name, None)  # calls may start
     key = spool.load_key(run_dir.parent)
     manifest = spool.read_blob(spool.manifest_path(run_dir, batch), key)
-    attempt = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
     out = spool.RecordWriter(spool.stream_path(run_dir, batch, task, attempt), key)
-    out.write(("start", None, _where_am_i(attempt)))
+    out.write(("start", None, where))
     supervisor = Supervisor(run_dir, batch, task, manifest, out, key, attempt)
+    supervisor.where = where
     signal.signal(STOP_SIGNAL, supervisor.on_stop_signal)
     signal.signal(signal.SIGTERM, supervisor.on_terminate)
     supervisor.run()
-    out.write(("end", None, {"time": time.time(), "stopped": supervisor.stopping}))
-    out.close()
+    supervisor.out.write(("end", None, {"time": time.time(), "stopped": supervisor.stopping}))
+    supervisor.out.close()
     return 0
 
 
 def _where_am_i(attempt: int) -> dict:
+    """Where the task runs; its job id and array index (the local backend's too), by
+    which the client follows it, also in batches it joins (warm)."""
+    environ = os.environ
     return {
         "time": time.time(),
         "host": socket.gethostname(),
         "pid": os.getpid(),
-        "job_id": os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID"),
-        "array_index": os.environ.get("SLURM_ARRAY_TASK_ID"),
+        "job_id": environ.get("SLURM_ARRAY_JOB_ID") or environ.get("SLURM_JOB_ID") or (
+            environ.get("SLURMEXECUTOR_JOB")),
+        "array_index": environ.get("SLURM_ARRAY_TASK_ID") or environ.get("SLURMEXECUTOR_TASK"),
         "attempt": attempt,
     }
 
@@ -88,8 +98,10 @@ class Supervisor:
                  out: spool.RecordWriter, key: bytes, attempt: int) -> None:
         self.run_dir, self.batch, self.task = run_dir, batch, task
         self.manifest, self.out, self.key = manifest, out, key
+        self.where: dict = {}
         self.child_pid: int | None = None
         self.position: tuple[int, int] | None = None  # the child's last announcement
+        self.joining: int | None = None
         self.done = False  # the child said it finished (DONE): its end is no crash
         self.stopping = False
         # requeued: first run again what the earlier attempts had claimed
@@ -194,10 +206,29 @@ class Supervisor:
             if position == DONE:
                 self.done = True
                 continue
+            if position[0] == IDLE:  # a crash while idle is no call's crash
+                self.position = None
+                continue
+            if position[0] == JOIN:
+                self.joining = position[1]
+                continue
+            if position[0] == JOIN_TASK and self.joining is not None:
+                self._switch(self.joining, position[1])
+                continue
             self.position = position
             if position[0] in self.reruns:
                 self.reruns.remove(position[0])
         return buffer[whole:]
+
+
+    def _switch(self, batch: int, task: int) -> None:
+        """The child joined `batch` as `task` (it wrote the old stream's end): follow."""
+        self.out.close()
+        self.batch, self.task, self.position, self.joining = batch, task, None, None
+        self.manifest = spool.read_blob(spool.manifest_path(self.run_dir, batch), self.key)
+        self.out = spool.RecordWriter(spool.stream_path(self.run_dir, batch, task, 0),
+                                      self.key)
+        self.reruns = []
 
 
 def _claimed_before(run_dir: Path, batch: int, task: int, attempt: int,
@@ -244,22 +275,35 @@ class ChildRunner:
     def run(self, resume: tuple[int, int] | None) -> None:
         import cloudpickle  # noqa: F401  (needed to unpickle by-value functions)
 
-        self.table = spool.read_blob(self.sup.run_dir / self.sup.manifest["functions"],
-                                     self.sup.key)
-        for entry in self.table["sys_path"]:  # before any argument is unpickled
-            if entry not in sys.path:
-                sys.path.append(entry)
-        shared_file = self.sup.manifest.get("shared")
-        if shared_file:  # arguments many calls share: each unpickled once, when needed
-            from .sharing import SharedObjects
-
-            sup = self.sup
-            self.shared = SharedObjects(
-                lambda: spool.read_blob(sup.run_dir / shared_file, sup.key)["objects"])
+        self._load_batch()
         if resume is not None:
             self._run_chunk(resume[0], resume[1])
         for index in list(self.sup.reruns):
             self._run_chunk(index, 0)
+        self._work()
+        keep_alive = self.sup.manifest.get("keep_alive") or 0
+        if keep_alive > 0 and not _ChildStop.requested:
+            self._serve_warm(keep_alive)
+
+    def _load_batch(self) -> None:
+        """The functions (and shared arguments) of the supervisor's current batch."""
+        sup = self.sup
+        self.table = spool.read_blob(sup.run_dir / sup.manifest["functions"], sup.key)
+        self.functions = {}
+        for entry in self.table["sys_path"]:  # before any argument is unpickled
+            if entry not in sys.path:
+                sys.path.append(entry)
+        self.shared = None
+        shared_file = sup.manifest.get("shared")
+        if shared_file:  # arguments many calls share: each unpickled once, when needed
+            from .sharing import SharedObjects
+
+            self.shared = SharedObjects(
+                lambda: spool.read_blob(sup.run_dir / shared_file, sup.key)["objects"])
+
+    def _work(self) -> None:
+        """Claim and run chunks of the current batch until none is left (then, with
+        backups, run stragglers again)."""
         manifest, task = self.sup.manifest, self.sup.task
         order = claims.claim_order(manifest["chunks"], manifest["tasks"], task) if (
             manifest["steal"]) else [task] if task < manifest["chunks"] else []
@@ -286,6 +330,35 @@ class ChildRunner:
             if backups is not None:
                 stats["listings"] += backups.listings
             self.sup.out.write(("claims", None, stats))
+
+    def _serve_warm(self, keep_alive: float) -> None:
+        """Warm: wait up to `keep_alive` idle seconds for a batch of the same resources,
+        join it, work, and wait again (see warm.py)."""
+        from . import warm
+
+        sup = self.sup
+        watcher = warm.Watcher(sup.run_dir, sup.key, sup.batch, sup.manifest.get("resources"),
+                               lambda: _ChildStop.requested)
+        while not _ChildStop.requested:
+            os.write(self.pipe, POSITION.pack(IDLE, 0))
+            sup.out.write(("idle", None, {"time": time.time(), "keep_alive": keep_alive}))
+            found = watcher.wait(keep_alive)
+            if found is None:
+                break
+            batch, manifest = found
+            index = warm.join_stream(sup.run_dir, batch)
+            sup.out.write(("end", None, {"time": time.time(), "joined": batch,
+                                         "polls": watcher.polls}))
+            os.write(self.pipe, POSITION.pack(JOIN, batch))
+            os.write(self.pipe, POSITION.pack(JOIN_TASK, index))
+            sup.batch, sup.task, sup.manifest = batch, index, manifest
+            sup.out = spool.RecordWriter(spool.stream_path(sup.run_dir, batch, index, 0),
+                                         sup.key)
+            sup.out.write(("start", None, {**sup.where, "time": time.time(), "warm": True}))
+            self._load_batch()
+            self._work()
+        sup.out.write(("idle", None, {"time": time.time(), "polls": watcher.polls,
+                                      "leaving": True}))
 
     def _timed_chunk(self, index: int, took: list[float], mark: bool,
                      record: str = "claim") -> None:

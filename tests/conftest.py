@@ -86,6 +86,7 @@ def make_executor(backend, tmp_path):
 
     def make(**options) -> SlurmExecutor:
         options.setdefault("poll_interval", 0.3 if backend == "slurm" else 0.05)
+        options.setdefault("keep_alive", 0)  # warm tasks: tests/test_warm.py
         executor = SlurmExecutor(tmp_path / "spool", backend=backend, **options)
         made.append(executor)
         return executor

@@ -130,7 +130,8 @@ class LocalBackend(Backend):
         return not throttle or running < throttle
 
     def _start(self, task: _Task) -> None:
-        env = dict(os.environ, SLURMEXECUTOR_TASK=str(task.key[1]))
+        env = dict(os.environ, SLURMEXECUTOR_TASK=str(task.key[1]),
+                   SLURMEXECUTOR_JOB=str(task.key[0]))
         with open(task.log_file, "ab") as log_file:
             task.process = subprocess.Popen(
                 ["bash", str(task.script)], stdin=subprocess.DEVNULL, stdout=log_file,

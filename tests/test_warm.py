@@ -1,0 +1,108 @@
+"""Warm tasks (keep_alive): follow-up batches join an idle task instead of sbatch."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+from conftest import wait_until
+
+from slurmexecutor import JobCancelledError, TaskFailedError, spool
+from slurmexecutor.schedulers import state_of
+from slurmexecutor.warm import JOIN_BASE, Watcher
+
+
+def inc(x: int) -> int:
+    return x + 1
+
+
+def sleep_then(seconds: float, value: object = None) -> object:
+    time.sleep(seconds)
+    return value
+
+
+def kill_my_task() -> None:
+    os.killpg(0, signal.SIGKILL)  # the whole task: supervisor and child
+
+
+def arrays(ex) -> list[dict]:
+    return [a for journal in spool.read_journals(ex.run_dir) for a in journal["arrays"]]
+
+
+def joiners(ex) -> list[tuple[int, int]]:
+    return [(batch, task) for batch, task, _ in spool.iter_streams(ex.run_dir)
+            if task >= JOIN_BASE]
+
+
+def task_done(ex, job_id: str, index: int) -> bool:
+    state = state_of(ex.backend.states([job_id]), job_id, index)
+    return state is None or state.final
+
+
+def test_follow_up_calls_run_on_the_warm_task_without_sbatch(make_executor):
+    ex = make_executor(keep_alive=60)
+    assert ex.submit(inc, 0).result(timeout=120) == 1
+    for i in range(1, 8):
+        assert ex.submit(inc, i).result(timeout=60) == i + 1
+    assert list(ex.map(inc, range(20))) == list(range(1, 21))
+    assert len(arrays(ex)) == 1  # one sbatch for all of it
+    assert len({batch for batch, _ in joiners(ex)}) >= 8
+    [array] = arrays(ex)
+    ex.shutdown()  # ends the warm task at once, not after keep_alive
+    assert wait_until(lambda: task_done(ex, array["job_id"], 0), timeout=30)
+
+
+def test_shutdown_ends_an_idle_warm_task(make_executor):
+    ex = make_executor(keep_alive=300)
+    assert ex.submit(inc, 1).result(timeout=120) == 2
+    [array] = arrays(ex)
+    time.sleep(1)  # idle now
+    assert not task_done(ex, array["job_id"], 0)
+    started = time.monotonic()
+    ex.shutdown()
+    assert wait_until(lambda: task_done(ex, array["job_id"], 0), timeout=30)
+    assert time.monotonic() - started < 30
+
+
+def test_a_warm_task_that_dies_fails_exactly_what_it_held(make_executor):
+    ex = make_executor(keep_alive=60, result_grace=2)
+    assert ex.submit(inc, 1).result(timeout=120) == 2
+    doomed, fine = ex.submit(kill_my_task), ex.submit(inc, 41)
+    error = doomed.exception(timeout=120)
+    assert isinstance(error, TaskFailedError), error
+    assert fine.result(timeout=120) == 42  # the other chunk: a new array ran it
+    assert len(arrays(ex)) == 2
+
+
+def test_cancel_kills_a_warm_task_running_the_call(make_executor):
+    ex = make_executor(keep_alive=60)
+    assert ex.submit(inc, 1).result(timeout=120) == 2
+    slow = ex.submit(sleep_then, 120, "late")
+    assert wait_until(lambda: slow.log_path is not None, timeout=60)  # claimed
+    ex.cancel([slow])
+    assert isinstance(slow.exception(timeout=60), JobCancelledError)
+    assert len(arrays(ex)) == 1
+
+
+def test_keep_alive_must_be_seconds(tmp_path):
+    from slurmexecutor import SlurmExecutor
+
+    for bad in (-1, "10", True):
+        with pytest.raises(ValueError, match="keep_alive"):
+            SlurmExecutor(tmp_path / "f", backend="local", keep_alive=bad)
+
+
+def test_the_watch_stops_at_the_time_limit_warning_and_at_close(tmp_path):
+    key = spool.load_key(tmp_path, create=True)
+    run_dir = spool.ensure_private_dir(tmp_path / "run")
+    stop = Watcher(run_dir, key, 0, "k", lambda: True)
+    assert stop.wait(30) is None and stop.polls == 0  # USR1 came: claims nothing more
+    idle = Watcher(run_dir, key, 0, "k", lambda: False)
+    started = time.monotonic()
+    assert idle.wait(0.5) is None and time.monotonic() - started < 5
+    polls_in_half_a_second = idle.polls
+    (run_dir / "batches").write_text("closed")
+    assert Watcher(run_dir, key, 0, "k", lambda: False).wait(30) is None
+    assert polls_in_half_a_second < 60  # backs off: 2 ms at first, 0.2 s at most
