@@ -2,7 +2,7 @@
 
     slurmexecutor demo [DIR]                      synthetic BAM + BEDs, count reads per region
     slurmexecutor count-reads BAM REGIONS [...]   read counts per BED region, via map_reduce
-    slurmexecutor status [RUN | FOLDER]           runs in the folder, or one run in detail
+    slurmexecutor status [RUN | FOLDER] [--all]   recent runs in the folder, or one run in detail
     slurmexecutor logs RUN [CALL]                 a run's task logs, or one call's part
     slurmexecutor cancel RUN                      scancel a run's jobs, mark its calls cancelled
     slurmexecutor clean                           delete finished runs
@@ -18,6 +18,7 @@ import argparse
 import logging
 import sys
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from . import runs, spool
@@ -71,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = commands.add_parser("status", help="runs in the folder, or one run in detail")
     status.add_argument("target", nargs="?", help="a run id (or prefix), or a folder")
+    status.add_argument("--all", action="store_true",
+                        help=f"show every run, task and failed call, not only {SHOWN} of each")
     logs = commands.add_parser("logs", help="print a run's task logs, or one call's part")
     logs.add_argument("run")
     logs.add_argument("call", nargs="?", type=int)
@@ -157,21 +160,30 @@ def demo_command(args: argparse.Namespace) -> int:
 
 # -- inspecting runs -------------------------------------------------------------------
 
+SHOWN = 20  # runs in the status table, and tasks and failed calls of one run
+
 
 def _folder(args: argparse.Namespace) -> Path:
     return Path(args.folder or default_folder()).expanduser()
 
 
-def _read(folder: Path, run_dirs: list[Path]) -> list[runs.RunInfo]:
-    """Read runs and ask Slurm about all their jobs in ONE query."""
+def _read(folder: Path, run_dirs: list[Path]) -> Iterator[runs.RunInfo]:
+    """Read and classify runs one at a time (one in memory), having asked Slurm about
+    all their jobs in ONE query (again only for jobs submitted since)."""
     key = spool.load_key(folder)
-    infos = [runs.read_run(run_dir, key) for run_dir in run_dirs]
-    slurm_jobs = {job for info in infos if info.meta["backend"] == "slurm"
-                  for job in info.job_ids}
-    states = _slurm().states(slurm_jobs) if slurm_jobs else {}
-    for info in infos:
-        runs.classify(info, states if info.meta["backend"] == "slurm" else None)
-    return infos
+    slurm_runs = {run_dir for run_dir in run_dirs
+                  if spool.read_json(run_dir / "run.json")["backend"] == "slurm"}
+    asked = {job for run_dir in slurm_runs for job in runs.journal_job_ids(run_dir)}
+    states = _slurm().states(asked) if asked else {}
+    for run_dir in run_dirs:
+        info = runs.read_run(run_dir, key)
+        if info.meta["backend"] != "slurm":
+            yield runs.classify(info, None)
+            continue
+        if missing := set(info.job_ids) - asked:
+            states.update(_slurm().states(missing))
+            asked |= missing
+        yield runs.classify(info, states)
 
 
 def _slurm():
@@ -185,8 +197,11 @@ def status_command(args: argparse.Namespace) -> int:
     if target and Path(target).is_dir() and not (Path(target) / "run.json").exists():
         folder, target = Path(target), None
     if target is None:
-        infos = _read(folder, runs.list_runs(folder))
-        print(_runs_table(infos) if infos else f"no runs in {folder}")
+        run_dirs = runs.list_runs(folder)
+        shown = run_dirs if args.all else run_dirs[-SHOWN:]
+        print(_runs_table(_read(folder, shown)) if run_dirs else f"no runs in {folder}")
+        if len(shown) < len(run_dirs):
+            print(f"({len(run_dirs) - len(shown)} older run(s) not shown: status --all)")
         return 0
     run_dir = Path(target) if (Path(target) / "run.json").exists() else runs.find_run(
         folder, target)
@@ -195,32 +210,51 @@ def status_command(args: argparse.Namespace) -> int:
     print()
     if info.lease_text:
         print(f"  {info.lease_text}")
-    idle = 0
+    idle, tasks = 0, []
     for task in info.tasks:
         state = task.state.state if task.state else ("ended" if task.ended else "-")
-        if not task.call_ids and not task.started and state in ("CANCELLED", "-"):
+        if task.joined is not None:
+            state = f"left for batch {task.joined} (warm)"
+        elif task.idle and (task.state is None or not task.state.final):
+            state = f"{state}, idle (warm: waits for the executor's next batch)"
+        if not task.calls and not task.started and state in ("CANCELLED", "-"):
             idle += 1  # not needed: the work was done before it could start
-            continue
-        print(f"  task {task.batch}.{task.index}: job {task.ref or '-'}, "
-              f"{len(task.call_ids)} calls, {state}")
+        else:
+            tasks.append(f"  task {task.batch}.{task.index}: job {task.ref or '-'}, "
+                         f"{task.calls} calls, {state}")
+    _print_some(tasks, len(tasks), args.all, "task(s)")
     if idle:
         print(f"  ({idle} more task(s) were not needed and never started)")
-    failed = [call for call in info.calls.values() if call.status in ("failed", "lost")]
+    failed = info.count("failed", "lost")
     if failed:
-        print(f"\nfailed calls ({len(failed)}):")
-        for call in failed:
-            print(f"  call {call.call_id} (batch {call.batch}, task {call.task}): "
-                  f"{call.error or 'lost: its task ended without a result'}")
+        print(f"\nfailed calls ({failed}):")
+        lines = (_failed_line(info.calls[call_id])
+                 for call_id in info.calls.ids("failed", "lost"))
+        _print_some(lines, failed, args.all, "failed call(s)")
     return 0
 
 
-def _runs_table(infos: list[runs.RunInfo]) -> str:
+def _failed_line(call: runs.CallStatus) -> str:
+    return (f"  call {call.call_id} (batch {call.batch}, task {call.task}): "
+            f"{call.error or 'lost: its task ended without a result'}")
+
+
+def _print_some(lines: Iterable[str], total: int, everything: bool, what: str) -> None:
+    """Print the first SHOWN lines, or all of them."""
+    for shown, line in enumerate(lines):
+        if shown == SHOWN and not everything:
+            print(f"  ... and {total - shown} more {what} (status --all shows them)")
+            return
+        print(line)
+
+
+def _runs_table(infos: Iterable[runs.RunInfo]) -> str:
     header = ("RUN", "CREATED", "BACKEND", "FUNCTION", "CALLS", "DONE", "FAILED", "RUNNING",
               "PENDING", "LEASE", "JOBS")
     rows = [header]
-    for info in infos:
+    for info in infos:  # a row each: the runs are not all held at once
         functions = ",".join(name.rsplit(".", 1)[-1] for name in info.functions) or "-"
-        failed = info.count("failed") + info.count("lost")
+        failed = info.count("failed", "lost")
         rows.append((
             info.run_id, time.strftime("%Y-%m-%d %H:%M", time.localtime(info.meta["created"])),
             info.meta["backend"], functions[:30], str(len(info.calls)), str(info.count("done")),

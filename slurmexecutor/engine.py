@@ -124,7 +124,7 @@ class Engine:
                 if self._stopping and self.core.idle and self._window is None and (
                         self._requests.empty()):
                     return
-                wait = 0.01 if busy else min(wait * 1.5, 0.1 if not self.core.idle else 1.0)
+                wait = 0.005 if busy else min(wait * 1.5, 0.05 if not self.core.idle else 1.0)
                 if self._window is not None:
                     wait = max(0.0, min(wait, self._window_due() - time.monotonic()))
                 self._wake.wait(wait)

@@ -2,6 +2,11 @@
 
 Everything comes from the folder (the journal, claims and result records) plus, when
 asked, ONE scheduler query for all the run's array jobs.
+
+Reading a run costs O(calls + records), and little memory per call: `Calls` keeps a
+status byte and a chunk number per call id, and an error message for failed calls only.
+A record's result bytes are dropped as soon as its kind is known; tasks and chunks are
+found by key, and `classify` judges each task and chunk once, not once per call.
 """
 
 from __future__ import annotations
@@ -11,6 +16,8 @@ import os
 import shutil
 import signal
 import time
+from array import array
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,33 +27,124 @@ from . import lease as leases
 from . import spool
 from .errors import RunInUseError, RunNotFoundError
 from .schedulers import Backend, TaskKey, TaskState, state_of
+from .warm import JOIN_BASE
+
+#: A call's status, stored as its index here (0: no such call in the run).
+STATUSES = ("", "unknown", "done", "failed", "cancelled", "running", "pending", "lost")
+CODE = {name: code for code, name in enumerate(STATUSES) if name}
+UNKNOWN, FAILED = CODE["unknown"], CODE["failed"]
 
 
 @dataclass
 class CallStatus:
+    """One call, as `RunInfo.calls` shows it (made on demand)."""
+
     call_id: int
     batch: int
     chunk: int
     task: int | None  # the array task that claimed its chunk, if any
-    status: str  # done, failed, running, pending, cancelled, lost
+    status: str  # done, failed, running, pending, cancelled, lost (unknown until classify)
     error: str = ""  # first line of the error, for failed calls
 
 
-@dataclass
+@dataclass(slots=True)
+class ChunkInfo:
+    batch: int
+    index: int
+    ranges: list[list[int]]  # its call ids, half-open ranges (as in the journal)
+    task: int | None = None  # the array task that claimed it
+    calls: int = 0  # the calls it owns: a retried call belongs to its last batch
+
+
+@dataclass(slots=True)
 class TaskInfo:
     batch: int
     index: int
     job_id: str | None
     array_index: int | None
-    call_ids: list[int] = field(default_factory=list)  # of the chunks it claimed
+    calls: int = 0  # the calls of the chunks it claimed
     started: bool = False
     ended: bool = False  # the worker wrote its end record
     worker: tuple[str, int] | None = None  # (host, pid) of its worker
     state: TaskState | None = None
+    idle: bool = False  # warm: it ran what it could and waits for the next batch
+    joined: int | None = None  # warm: it left for this batch
 
     @property
     def ref(self) -> str | None:
         return f"{self.job_id}_{self.array_index}" if self.job_id else None
+
+
+class Calls(Mapping[int, CallStatus]):
+    """A run's calls by id: a status byte and a chunk number each (5 bytes a call), and
+    the error messages of failed calls. Call ids are dense (a run numbers its calls)."""
+
+    def __init__(self) -> None:
+        self.codes = bytearray()  # by call id: an index into STATUSES
+        self.place = array("i")  # by call id: its chunk, an index into `chunks`
+        self.chunks: list[ChunkInfo] = []
+        self.errors: dict[int, str] = {}
+        self._first: dict[int, int] = {}  # batch -> the number of its chunk 0
+
+    def add_chunk(self, batch: int, index: int, ranges: list[list[int]]) -> None:
+        """Chunks come in batch order: a call in several (retries) belongs to the last."""
+        number = len(self.chunks)
+        self._first.setdefault(batch, number)
+        chunk = ChunkInfo(batch, index, ranges)
+        self.chunks.append(chunk)
+        for start, stop in ranges:
+            if stop > len(self.codes):
+                grow = stop - len(self.codes)
+                self.codes += bytes(grow)
+                self.place += array("i", [-1]) * grow
+            if self.codes.find(UNKNOWN, start, stop) >= 0:  # retried: no longer theirs
+                for call_id in range(start, stop):
+                    if self.codes[call_id]:
+                        self.chunks[self.place[call_id]].calls -= 1
+            self.codes[start:stop] = bytes([UNKNOWN]) * (stop - start)
+            self.place[start:stop] = array("i", [number]) * (stop - start)
+            chunk.calls += stop - start
+
+    def chunk_number(self, batch: int, index: int) -> int | None:
+        first = self._first.get(batch)
+        if first is None or not 0 <= first + index < len(self.chunks) or (
+                self.chunks[first + index].batch != batch):
+            return None
+        return first + index
+
+    def resolve(self, call_id: Any, code: int, error: str = "") -> None:
+        """Give an unknown call its outcome (the first one read wins)."""
+        if isinstance(call_id, int) and 0 <= call_id < len(self.codes) and (
+                self.codes[call_id] == UNKNOWN):
+            self.codes[call_id] = code
+            if error:
+                self.errors[call_id] = error
+
+    def ids(self, *statuses: str) -> Iterator[int]:
+        """Call ids with one of these statuses, ascending (C-speed scan of the codes)."""
+        wanted = {CODE[status] for status in statuses}
+        mask = self.codes.translate(bytes(code in wanted for code in range(256)))
+        position = mask.find(1)
+        while position >= 0:
+            yield position
+            position = mask.find(1, position + 1)
+
+    def count(self, *statuses: str) -> int:
+        return sum(self.codes.count(CODE[status]) for status in statuses)
+
+    def __getitem__(self, call_id: int) -> CallStatus:
+        code = self.codes[call_id] if 0 <= call_id < len(self.codes) else 0
+        if not code:
+            raise KeyError(call_id)
+        chunk = self.chunks[self.place[call_id]]
+        return CallStatus(call_id, chunk.batch, chunk.index, chunk.task, STATUSES[code],
+                          self.errors.get(call_id, ""))
+
+    def __iter__(self) -> Iterator[int]:
+        return self.ids(*CODE)
+
+    def __len__(self) -> int:
+        return len(self.codes) - self.codes.count(0)
 
 
 @dataclass
@@ -56,10 +154,12 @@ class RunInfo:
     meta: dict
     functions: list[str] = field(default_factory=list)
     tasks: list[TaskInfo] = field(default_factory=list)
-    calls: dict[int, CallStatus] = field(default_factory=dict)
+    calls: Calls = field(default_factory=Calls)
     journals: dict[int, dict] = field(default_factory=dict)
     cancelled: bool = False
     lease: dict | None = None  # its lease file; None for runs from before leases
+    _by_key: dict[tuple[int, int], TaskInfo] = field(default_factory=dict, init=False,
+                                                     repr=False)
 
     @property
     def client_alive(self) -> bool:
@@ -79,11 +179,15 @@ class RunInfo:
         """Who holds the lease and how fresh its heartbeat is ("" without a lease)."""
         return leases.describe(self.lease) if self.lease is not None else ""
 
-    def count(self, status: str) -> int:
-        return sum(1 for call in self.calls.values() if call.status == status)
+    def count(self, *statuses: str) -> int:
+        return self.calls.count(*statuses)
+
+    def add_task(self, task: TaskInfo) -> None:
+        self.tasks.append(task)
+        self._by_key[(task.batch, task.index)] = task
 
     def task(self, batch: int, index: int | None) -> TaskInfo | None:
-        return next((t for t in self.tasks if (t.batch, t.index) == (batch, index)), None)
+        return None if index is None else self._by_key.get((batch, index))
 
     @property
     def job_ids(self) -> list[str]:
@@ -93,8 +197,7 @@ class RunInfo:
     @property
     def live(self) -> bool:
         """Its client still drives it, or some call may still produce a result."""
-        return self.client_alive or any(
-            call.status in ("running", "pending") for call in self.calls.values())
+        return self.client_alive or self.count("running", "pending") > 0
 
 
 def list_runs(folder: Path) -> list[Path]:
@@ -113,68 +216,82 @@ def find_run(folder: Path, run: str) -> Path:
     return matches[0]
 
 
+def journal_job_ids(run_dir: Path) -> set[str]:
+    """The array jobs a run's journals name (what one scheduler query must cover)."""
+    return {array["job_id"] for journal in spool.read_journals(run_dir)
+            for array in journal["arrays"] if array["job_id"]}
+
+
 def read_run(run_dir: Path, key: bytes) -> RunInfo:
     """Everything the folder says about a run. Calls without a result stay "unknown"
     until `classify` weighs the scheduler's word (or, for local runs, the processes)."""
     info = RunInfo(run_dir.name, run_dir, spool.read_json(run_dir / "run.json"))
     info.cancelled = (run_dir / "cancelled").exists()
     info.lease = leases.read_lease(run_dir)
-    chunk_of: dict[int, tuple[int, int]] = {}  # a retried call belongs to its last batch
+    functions: dict[str, None] = {}
     for journal in spool.read_journals(run_dir):
-        info.journals[journal["batch"]] = journal
-        info.functions += [name for name in journal["functions"] if name not in info.functions]
-        for array in journal["arrays"]:
-            for index in range(array["offset"], array["offset"] + array["size"]):
-                info.tasks.append(TaskInfo(journal["batch"], index, array["job_id"],
-                                           index - array["offset"]))
+        batch = journal["batch"]
+        info.journals[batch] = journal
+        functions.update(dict.fromkeys(journal["functions"]))
+        for array_job in journal["arrays"]:
+            offset = array_job["offset"]
+            for index in range(offset, offset + array_job["size"]):
+                info.add_task(TaskInfo(batch, index, array_job["job_id"], index - offset))
         for chunk, ranges in enumerate(journal["chunks"]):
-            for call_id in spool.expand_ids(ranges):
-                chunk_of[call_id] = (journal["batch"], chunk)
-    claims, outcomes = _read_streams(run_dir, key, info, chunk_of)
-    for call_id, (batch, chunk) in sorted(chunk_of.items()):
-        status, error = outcomes.get(call_id, ("unknown", ""))
-        info.calls[call_id] = CallStatus(call_id, batch, chunk, claims.get((batch, chunk)),
-                                         status, error)
+            info.calls.add_chunk(batch, chunk, ranges)
+    info.functions = list(functions)
+    _read_streams(run_dir, key, info)
     return info
 
 
-def _read_streams(run_dir: Path, key: bytes, info: RunInfo,
-                  chunk_of: dict[int, tuple[int, int]]
-                  ) -> tuple[dict[tuple[int, int], int], dict[int, tuple[str, str]]]:
-    """From every result stream: which task claimed which chunk, each call's outcome."""
-    claims: dict[tuple[int, int], int] = {}
-    outcomes: dict[int, tuple[str, str]] = {}
-    calls_of: dict[tuple[int, int], list[int]] = {}
-    for call_id, place in chunk_of.items():
-        calls_of.setdefault(place, []).append(call_id)
+def _read_streams(run_dir: Path, key: bytes, info: RunInfo) -> None:
+    """From every result stream: which task claimed which chunk, each call's outcome.
+    Records are dropped one by one as they are read (an "ok" one keeps nothing)."""
+    calls, done = info.calls, CODE["done"]
+    messages: dict[str, str] = {}  # one copy of each error message
     for batch, index, path in spool.iter_streams(run_dir):
         task = info.task(batch, index)
         cursor = spool.StreamCursor(path)
+        records = spool.read_records(cursor, key)
+        records.reverse()
         claimed: list[int] = []
-        for kind, call_id, body in spool.read_records(cursor, key):
-            if kind == "start":
+        while records:
+            kind, call_id, body = records.pop()
+            if kind == "ok":
+                calls.resolve(call_id, done)
+            elif kind == "start":
+                if task is None and index >= JOIN_BASE:  # a warm task joined the batch
+                    task = TaskInfo(batch, index, body.get("job_id"), int(
+                        body.get("array_index") or 0))
+                    info.add_task(task)
                 if task:
                     task.started, task.worker = True, (body["host"], body["pid"])
+            elif kind == "idle":
+                if task:
+                    task.idle = not (body or {}).get("leaving")
             elif kind == "end":
                 if task:
-                    task.ended = True
+                    task.ended, task.idle = True, False
+                    task.joined = (body or {}).get("joined")
             elif kind == "claim":
-                claims[(batch, call_id)] = index
-                calls = calls_of.get((batch, call_id), [])
-                claimed += calls
-                if task:
-                    task.call_ids += calls
-            elif kind not in ("limit", "claims") and call_id not in outcomes:
-                outcomes[call_id] = _outcome(kind, body)
+                number = calls.chunk_number(batch, call_id)
+                if number is not None:
+                    calls.chunks[number].task = index
+                    claimed.append(number)
+                    if task:
+                        task.calls += calls.chunks[number].calls
+            elif kind not in ("limit", "claims", "backup"):
+                status, error = _outcome(kind, body)
+                calls.resolve(call_id, CODE[status], messages.setdefault(error, error))
         if cursor.error:
-            for call_id in claimed:
-                outcomes.setdefault(call_id, ("failed", cursor.error))
-    return claims, outcomes
+            for number in claimed:
+                for start, stop in calls.chunks[number].ranges:  # the calls it owns
+                    for call_id in range(start, stop):
+                        if calls.place[call_id] == number:
+                            calls.resolve(call_id, FAILED, cursor.error)
 
 
 def _outcome(kind: str, body: Any) -> tuple[str, str]:
-    if kind == "ok":
-        return "done", ""
     if kind == "skip":
         return "cancelled", ""
     if kind == "raised":
@@ -187,28 +304,59 @@ def _outcome(kind: str, body: Any) -> tuple[str, str]:
 
 def classify(info: RunInfo, states: dict[TaskKey, TaskState] | None) -> RunInfo:
     """Decide pending/running/lost for calls without a result. `states` is the
-    scheduler's answer for Slurm runs; None for local runs (judged by their processes)."""
-    asked = states is not None
-    client_alive = info.client_alive
+    scheduler's answer for Slurm runs; None for local runs (judged by their processes).
+    Each task, chunk and batch is judged once, whatever its number of calls."""
     if states is not None:
         for task in info.tasks:
             task.state = state_of(states, task.job_id, task.array_index)
-    for call in info.calls.values():
-        if call.status != "unknown":
-            continue
-        if info.cancelled:
-            call.status = "cancelled"
-        elif call.task is not None:
-            owner = info.task(call.batch, call.task)
-            call.status = _task_status(owner, asked, client_alive) if owner else "lost"
-        else:  # not claimed yet: pending while a task of its batch may still take it
-            journal = info.journals[call.batch]
-            may_grow = client_alive and sum(a["size"] for a in journal["arrays"]) < (
-                journal["planned"])
-            alive = any(_task_status(t, asked, client_alive) in ("running", "pending")
-                        for t in info.tasks if t.batch == call.batch)
-            call.status = "pending" if alive or may_grow else "lost"
+    judge = _Judge(info, states is not None)
+    calls, verdicts = info.calls, {}
+    for call_id in calls.ids("unknown"):
+        number = calls.place[call_id]
+        if number not in verdicts:
+            verdicts[number] = CODE[judge.chunk(calls.chunks[number])]
+        calls.codes[call_id] = verdicts[number]
     return info
+
+
+class _Judge:
+    """What the unfinished calls of a chunk are, each task and batch judged once."""
+
+    def __init__(self, info: RunInfo, asked_scheduler: bool) -> None:
+        self.info, self.asked = info, asked_scheduler
+        self.client_alive = info.client_alive
+        self._tasks: dict[tuple[int, int], str] = {}
+        self._batches: dict[int, str] = {}
+        self._of_batch: dict[int, list[TaskInfo]] | None = None
+
+    def chunk(self, chunk: ChunkInfo) -> str:
+        if self.info.cancelled:
+            return "cancelled"
+        if chunk.task is not None:
+            owner = self.info.task(chunk.batch, chunk.task)
+            return self.task(owner) if owner else "lost"
+        if chunk.batch not in self._batches:
+            self._batches[chunk.batch] = self._unclaimed(chunk.batch)
+        return self._batches[chunk.batch]
+
+    def _unclaimed(self, batch: int) -> str:
+        """Not claimed yet: pending while a task of its batch may still take it."""
+        if self._of_batch is None:
+            self._of_batch = {}
+            for task in self.info.tasks:
+                self._of_batch.setdefault(task.batch, []).append(task)
+        journal = self.info.journals[batch]
+        may_grow = self.client_alive and sum(a["size"] for a in journal["arrays"]) < (
+            journal["planned"])
+        alive = any(self.task(t) in ("running", "pending")
+                    for t in self._of_batch.get(batch, ()))
+        return "pending" if alive or may_grow else "lost"
+
+    def task(self, task: TaskInfo) -> str:
+        key = (task.batch, task.index)
+        if key not in self._tasks:
+            self._tasks[key] = _task_status(task, self.asked, self.client_alive)
+        return self._tasks[key]
 
 
 def _task_status(task: TaskInfo, asked_scheduler: bool, client_alive: bool) -> str:
@@ -228,13 +376,15 @@ def cancel_run(info: RunInfo, backend: Backend | None) -> int:
     """Mark the run's unfinished calls cancelled (workers skip them; we claim the chunks
     nobody took) and stop its jobs: scancel on Slurm, or signal the live local workers.
     Return how many calls."""
-    unfinished = [c for c in info.calls.values() if c.status in ("running", "pending")]
-    by_chunk: dict[tuple[int, int], list[int]] = {}
-    for call in unfinished:
-        by_chunk.setdefault((call.batch, call.chunk), []).append(call.call_id)
-    for (batch, chunk), call_ids in by_chunk.items():
-        spool.append_cancelled(spool.cancel_path(info.path, batch, chunk), call_ids)
-        claiming.try_claim(spool.claim_path(info.path, batch, chunk), "client")
+    calls = info.calls
+    by_chunk: dict[int, list[int]] = {}
+    for call_id in calls.ids("running", "pending"):
+        by_chunk.setdefault(calls.place[call_id], []).append(call_id)
+    for number, call_ids in by_chunk.items():
+        chunk = calls.chunks[number]
+        spool.append_cancelled(spool.cancel_path(info.path, chunk.batch, chunk.index),
+                               call_ids)
+        claiming.try_claim(spool.claim_path(info.path, chunk.batch, chunk.index), "client")
     if backend is not None:
         backend.cancel(info.job_ids)
     else:
@@ -242,8 +392,9 @@ def cancel_run(info: RunInfo, backend: Backend | None) -> int:
             if task.worker and not task.ended and spool.process_alive(*task.worker):
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(task.worker[1], signal.SIGTERM)
-    spool.write_json(info.path / "cancelled", {"time": time.time(), "calls": len(unfinished)})
-    return len(unfinished)
+    unfinished = sum(len(call_ids) for call_ids in by_chunk.values())
+    spool.write_json(info.path / "cancelled", {"time": time.time(), "calls": unfinished})
+    return unfinished
 
 
 def remove_run(info: RunInfo) -> None:

@@ -66,6 +66,22 @@ def test_shutdown_ends_an_idle_warm_task(make_executor):
     assert time.monotonic() - started < 30
 
 
+def test_status_shows_an_idle_warm_task(make_executor, capsys):
+    from slurmexecutor.cli import main
+
+    ex = make_executor(keep_alive=60)
+    assert ex.submit(inc, 1).result(timeout=120) == 2
+    assert ex.submit(inc, 2).result(timeout=60) == 3  # ran by the same task, warm
+
+    def shows_idle() -> bool:
+        capsys.readouterr()
+        assert main(["--folder", str(ex.folder), "status", ex.run_id]) == 0
+        out = capsys.readouterr().out
+        return "idle (warm" in out and "left for batch 1 (warm)" in out
+
+    assert wait_until(shows_idle, timeout=30)
+
+
 def test_a_warm_task_that_dies_fails_exactly_what_it_held(make_executor):
     ex = make_executor(keep_alive=60, result_grace=2)
     assert ex.submit(inc, 1).result(timeout=120) == 2
@@ -105,4 +121,4 @@ def test_the_watch_stops_at_the_time_limit_warning_and_at_close(tmp_path):
     polls_in_half_a_second = idle.polls
     (run_dir / "batches").write_text("closed")
     assert Watcher(run_dir, key, 0, "k", lambda: False).wait(30) is None
-    assert polls_in_half_a_second < 60  # backs off: 2 ms at first, 0.2 s at most
+    assert polls_in_half_a_second < 60  # backs off: 2 ms at first, 0.1 s at most
