@@ -27,6 +27,7 @@ _EXPORTS = {
     "SubmissionError": "errors",
     "SerializationError": "errors",
     "IntegrityError": "errors",
+    "EnvironmentMismatchError": "errors",
     "RunNotFoundError": "errors",
     "RunInUseError": "errors",
     "RemoteError": "errors",

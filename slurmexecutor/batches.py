@@ -90,6 +90,12 @@ def shipped_sys_path() -> list[str]:
     return [os.path.abspath(entry or os.getcwd()) for entry in sys.path]
 
 
+def client_environment() -> dict[str, str]:
+    """What a worker must match to unpickle what this client pickles."""
+    return {"python": f"{sys.version_info[0]}.{sys.version_info[1]}",
+            "cloudpickle": cloudpickle.__version__, "executable": sys.executable}
+
+
 def job_name(names: list[str]) -> str:
     """slurmexecutor-<function>, with only characters safe on an #SBATCH line."""
     short = names[0].rsplit(".", 1)[-1] if names else ""
@@ -106,7 +112,7 @@ def write_batch(run_dir: Path, key: bytes, number: int, spec: BatchSpec,
         functions_file = str(spool.functions_path(run_dir, number).relative_to(run_dir))
         spool.write_blob(run_dir / functions_file, key, {
             "functions": spec.functions, "names": spec.names,
-            "sys_path": shipped_sys_path()})
+            "sys_path": shipped_sys_path(), "env": client_environment()})
     shared_file = spec.shared if isinstance(spec.shared, str) else None
     if isinstance(spec.shared, list) and spec.shared:
         path = spool.shared_path(run_dir, number)

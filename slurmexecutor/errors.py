@@ -38,6 +38,11 @@ class SerializationError(SlurmExecutorError, TypeError):
     """A function, argument or result could not be pickled (or unpickled)."""
 
 
+class EnvironmentMismatchError(SlurmExecutorError):
+    """The worker's interpreter cannot run the client's calls: another Python major.minor
+    or cloudpickle version (the message names both and the interpreters)."""
+
+
 class IntegrityError(SlurmExecutorError):
     """A spool file failed authentication, or is truncated."""
 

@@ -12,6 +12,7 @@ from typing import Any
 
 from ._log import log
 from .errors import (
+    EnvironmentMismatchError,
     IntegrityError,
     JobCancelledError,
     RemoteError,
@@ -43,6 +44,8 @@ def decode(run_dir: Path, kind: str, call_id: int, body: Any, task: TaskRef,
         return False, rebuild_exception(body)
     if kind == "unpicklable":
         return False, SerializationError(body)
+    if kind == "mismatch":
+        return False, EnvironmentMismatchError(body)
     if kind == "crash":
         log.warning("job %s_%s: the worker died running call %d (%s)", task.job_id,
                     task.array_index, call_id, body["text"])
