@@ -12,12 +12,12 @@
 `Core.step(events, now)` returns the actions; it does no I/O and has no clock or thread
 of its own, so every policy (when a task is settled, when a call is lost, retries,
 scale-out, cancellation) is unit-tested with plain values (tests/test_state.py). The
-engine (engine.py) is the only caller: one owner thread per executor.
+engine (engine.py) is the only caller: one owner thread per executor. Cancelling and a
+batch's width live in policies.py (mixins of Core).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping
 
 from . import events as ev
@@ -28,10 +28,11 @@ from .errors import (
 )
 from .events import Action, Event, Failure
 from .ledger import REQUEUEABLE, Batch, Config, Task, task_failure
+from .policies import CancelPolicy, WidthPolicy
 from .schedulers import TaskKey, TaskState, state_of
 
 
-class Core:
+class Core(CancelPolicy, WidthPolicy):
     """Batches, tasks and calls, and every decision about them."""
 
     def __init__(self, config: Config) -> None:
@@ -134,10 +135,6 @@ class Core:
         elif not event.arrays:
             self._ask_tasks(batch)
 
-    def _ask_tasks(self, batch: Batch) -> None:
-        batch.submit_asked = True
-        self._out.append(ev.SubmitTasks(batch.number, 0, batch.planned, batch.throttled))
-
     def _add_tasks(self, batch: Batch, job_id: str, offset: int, size: int,
                    now: float) -> None:
         for index in range(offset, offset + size):
@@ -208,26 +205,6 @@ class Core:
                 self._stop_copy(batch, other, call_id)
             self._out.append(ev.Deliver(call_id, kind, record.body, task.ref, call_id in self.doomed))
 
-    def _stop_copy(self, batch: Batch, other: Task, call_id: int) -> None:
-        """A call of a backed-up chunk has its result: the other copy skips it, and is
-        killed once it holds nothing still wanted (it may be running that very call)."""
-        self._out.append(ev.WriteCancel(batch.number, batch.chunk_of(call_id), (call_id,)))
-        if not other.unresolved and other.key in self.tasks and other.job_id is not None and (
-                not other.kill_sent and not batch.unclaimed):
-            other.kill_sent = True
-            self._out.append(ev.CancelTasks((f"{other.job_id}_{other.array_index}",)))
-
-    def _release_copies(self, task: Task) -> None:
-        """A task ended: the calls another live task also runs (backups) are left to it."""
-        batch = task.batch
-        for call_id in list(task.unresolved):
-            owner, backup = batch.owner.get(call_id), batch.backup.get(call_id)
-            other = backup if owner is task else owner
-            if other is not None and other is not task and other.key in self.tasks:
-                task.unresolved.discard(call_id)
-                batch.owner[call_id] = other
-                batch.backup.pop(call_id, None)
-
     def _on_late_record(self, task: Task, record: ev.Record) -> None:
         call_id = record.call_id
         if record.kind == "end" or not task.verdicts:
@@ -276,54 +253,11 @@ class Core:
                 task.final_since = now
             task.final_polls += 2  # gone from the queue: it will not come back
 
-    def _cancel(self, event: ev.CancelRequested) -> None:
-        by_chunk: dict[tuple[int, int], list[int]] = {}
-        for batch in self.batches.values():
-            for call_id in sorted(event.call_ids & batch.open_calls):
-                self.doomed.add(call_id)
-                if event.kill:
-                    self.killing.add(call_id)
-                by_chunk.setdefault((batch.number, batch.chunk_of(call_id)), []).append(call_id)
-        for (number, chunk), call_ids in sorted(by_chunk.items()):
-            self._out.append(ev.WriteCancel(number, chunk, tuple(call_ids)))
-        for number in sorted({number for number, _ in by_chunk}):
-            batch = self.batches[number]
-            whole = tuple(sorted(c for c in batch.unclaimed if self._all_doomed(batch, c)))
-            if whole:
-                self._out.append(ev.ClaimChunks(number, whole))
-            self._kill_cancelled(batch)
-
-    def _kill_cancelled(self, batch: Batch) -> None:
-        """Kill the tasks that hold nothing but calls cancelled with kill, once no chunk
-        they could still claim holds other work. Asked again at each claim: a task may
-        have claimed (and started) a cancelled chunk before the client saw it."""
-        if any(not self._all_doomed(batch, c) for c in batch.unclaimed):
-            return
-        doomed = [t for t in self._live(batch) if t.job_id is not None and t.unresolved
-                  and t.unresolved <= self.killing and not t.kill_sent]
-        for task in doomed:
-            task.kill_sent = True
-        if doomed:
-            self._out.append(ev.CancelTasks(tuple(f"{t.job_id}_{t.array_index}"
-                                                  for t in doomed)))
-
-    def _all_doomed(self, batch: Batch, chunk: int) -> bool:
-        return all(c in self.doomed for c in batch.chunks[chunk] if c in batch.open_calls)
-
-    def _claims_won(self, event: ev.ClaimsWon) -> None:
-        batch = self.batches.get(event.batch)
-        if batch is None:
-            return
-        for chunk in event.chunks:
-            batch.unclaimed.discard(chunk)
-            calls = [c for c in batch.chunks[chunk] if c in batch.open_calls]
-            self._fail(batch, calls, Failure(
-                JobCancelledError, "the call was cancelled before it started",
-                state="CANCELLED"))
-
     # -- the clock -----------------------------------------------------------------------
 
     def _tick(self, now: float) -> None:
+        if self.warm:  # those past their keep_alive have left
+            self.warm = {key: until for key, until in self.warm.items() if until > now}
         if not self.batches:
             return
         if now >= self.next_poll:
@@ -417,37 +351,6 @@ class Core:
                                "this call"))
             else:
                 self._fail_unfinished(failed, calls, started=False)
-
-    def _warm_or_submit(self, batch: Batch, now: float) -> None:
-        """A batch left to warm tasks: its array is asked for when no warm task joined in
-        time, or when the work measured on those that joined needs more tasks (the
-        scale-out rule: one task per `horizon` s of work left)."""
-        joined = self._live(batch)
-        if not joined:
-            if now >= batch.warm_until:
-                self._ask_tasks(batch)
-            return
-        if batch.first_start is None or now - batch.first_start < self.config.probe:
-            return
-        per_call = (now - batch.first_start) * len(joined) / max(batch.done, 1)
-        if len(batch.open_calls) * per_call > self.config.horizon * len(joined):
-            self._ask_tasks(batch)
-
-    def _scale_out(self, batch: Batch, now: float) -> None:
-        """Let more of the batch's tasks run when the work measured so far says so: one
-        task per `horizon` s of estimated remaining work, never fewer than now. Waiting in
-        the queue says nothing about the work, so it never scales a batch out."""
-        elapsed = now - (batch.first_start or now)
-        if elapsed < self.config.probe:
-            batch.next_scale = (batch.first_start or now) + self.config.probe
-            return
-        batch.next_scale = now + self.config.probe
-        per_call = elapsed * batch.throttle / max(batch.done, 1)  # task-seconds per call
-        work = len(batch.open_calls) * per_call
-        wanted = min(batch.planned, max(1, math.ceil(work / self.config.horizon)))
-        if wanted > batch.throttle:
-            batch.throttle = wanted
-            self._out.append(ev.LiftThrottle(batch.number, wanted if batch.throttled else 0))
 
     def _cancel_pending(self, tasks: list[Task]) -> None:
         pending = [t for t in tasks if t.job_id is not None]

@@ -1,0 +1,108 @@
+"""The owner thread's lease renewal and its end (engine.py): failing what it holds when
+it cannot follow the run any more, releasing the lease, ending warm tasks."""
+
+from __future__ import annotations
+
+import queue
+from pathlib import Path
+from typing import Any
+
+from . import warm
+from ._log import log
+from .batches import Settings
+from .errors import RunInUseError
+from .futures import FutureSink, SinkTable
+from .handoff import Launch, Submit, Window
+from .lease import Lease
+from .schedulers import Backend
+from .state import Core
+
+
+class TakenOver(Exception):
+    """Stops the owner loop after another client took the run over."""
+
+
+class LeaseAndEnd:
+    """Part of `Engine`: the lease and the end of the owner thread."""
+
+    run_dir: Path
+    lease: Lease
+    backend: Backend
+    core: Core
+    settings: Settings
+    sinks: SinkTable
+    error: BaseException | None
+    _window: Window | None
+    _requests: queue.SimpleQueue[Any]
+    _next_renewal: float
+    _stopping: bool
+
+    def _renew_lease(self, now: float) -> None:
+        if now < self._next_renewal:
+            return
+        self._next_renewal = now + self.lease.renew_every
+        try:
+            kept = self.lease.renew()
+        except OSError as error:
+            log.warning("slurmexecutor: could not renew the run's lease: %s", error)
+            return
+        if not kept:
+            log.warning("slurmexecutor: run %s was taken over by another client",
+                        self.run_dir.name)
+            self._abandon(RunInUseError(
+                f"run {self.run_dir.name} was taken over by another client (attach "
+                "with take_over=True); this client stopped following it"))
+            raise TakenOver
+
+    def _abandon(self, error: BaseException) -> None:
+        """ev.Fail every future this owner still holds (it cannot follow them any more)."""
+        self.error = error
+        if self._window is not None:
+            for request in self._window.calls.values():
+                if FutureSink(request.future).launch():
+                    request.future.set_exception(error)
+            self._window = None
+        held = self.sinks.calls()
+        self.sinks.clear()
+        for call_id, sink in held:
+            sink.deliver(call_id, False, error)
+        while True:
+            try:
+                request = self._requests.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(request, Submit) and FutureSink(request.future).launch():
+                request.future.set_exception(error)
+            elif isinstance(request, Launch):
+                for sink in request.sinks:
+                    for call_id in sink.call_ids:
+                        sink.deliver(call_id, False, error)
+
+    def _close(self) -> None:
+        self._stopping = True
+        try:
+            self._end_warm_tasks()
+            self.backend.close()
+        finally:
+            if not isinstance(self.error, RunInUseError):
+                try:
+                    self.lease.release()
+                except OSError as error:
+                    log.warning("slurmexecutor: could not release the run's lease: %s", error)
+
+
+    def _end_warm_tasks(self) -> None:
+        """No idle task holds an allocation after the executor is gone: the signal file
+        says closed (they exit at their next poll) and those known are cancelled."""
+        if self.settings.keep_alive <= 0 or isinstance(self.error, RunInUseError):
+            return
+        try:
+            warm.close(self.run_dir)
+        except OSError as error:
+            log.warning("slurmexecutor: could not tell warm tasks to end: %s", error)
+        refs = [f"{job_id}_{index}" for job_id, index in self.core.warm]
+        if refs:
+            try:
+                self.backend.cancel(refs)
+            except Exception as error:  # noqa: BLE001  (they end at keep_alive anyway)
+                log.warning("slurmexecutor: could not cancel warm tasks: %s", error)
