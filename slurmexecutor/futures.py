@@ -159,7 +159,7 @@ class SinkTable:
     def __init__(self) -> None:
         self._single: dict[int, FutureSink] = {}
         self._starts: list[int] = []  # sorted starts of the runs (a few per batch)
-        self._runs: dict[int, list] = {}  # start -> [stop, sink, calls not popped]
+        self._runs: dict[int, list] = {}  # start -> [stop, sink, popped calls (a set)]
 
     def add(self, sink: FutureSink) -> None:
         ids = sink.call_ids
@@ -170,7 +170,7 @@ class SinkTable:
                 self._single[start] = sink
                 continue
             bisect.insort(self._starts, start)
-            self._runs[start] = [stop, sink, stop - start]
+            self._runs[start] = [stop, sink, set()]
 
     def _find(self, call_id: int) -> tuple[int, list] | None:
         index = bisect.bisect_right(self._starts, call_id) - 1
@@ -187,26 +187,29 @@ class SinkTable:
         return None if found is None else found[1][1]
 
     def pop(self, call_id: int) -> FutureSink | None:
-        """The call's sink, for its one delivery; a run's entry goes with its last call."""
+        """The call's sink, once (None when it was popped already); a run's entry goes
+        with the last of its calls."""
         sink = self._single.pop(call_id, None)
         if sink is not None:
             return sink
         found = self._find(call_id)
         if found is None:
             return None
-        index, entry = found
-        entry[2] -= 1
-        if entry[2] <= 0:
+        index, (stop, sink, popped) = found
+        if call_id in popped:
+            return None
+        popped.add(call_id)
+        if len(popped) == stop - self._starts[index]:
             del self._runs[self._starts[index]]
             del self._starts[index]
-        return entry[1]
+        return sink
 
     def calls(self) -> list[tuple[int, FutureSink]]:
-        """Every call still held, with its sink (a run's popped calls too)."""
+        """Every call still held (not popped), with its sink."""
         held = list(self._single.items())
         for start in self._starts:
-            stop, sink, _ = self._runs[start]
-            held += [(call_id, sink) for call_id in range(start, stop)]
+            stop, sink, popped = self._runs[start]
+            held += [(c, sink) for c in range(start, stop) if c not in popped]
         return held
 
     def clear(self) -> None:
@@ -215,7 +218,8 @@ class SinkTable:
         self._runs.clear()
 
     def __len__(self) -> int:
-        return len(self._single) + sum(entry[2] for entry in self._runs.values())
+        return len(self._single) + sum(
+            stop - start - len(popped) for start, (stop, _, popped) in self._runs.items())
 
 
 def call_log(text: str, call_id: int) -> str:

@@ -61,56 +61,48 @@ class Watcher:
         self.run_dir, self.key, self.after = run_dir, key, after
         self.wanted_key, self.stopping = wanted_key, stopping
         self.polls = 0  # metadata operations on the signal file
-        self._seen: tuple[int, int, int] | None = None
 
     def wait(self, seconds: float) -> tuple[int, dict] | None:
         """The next batch to join and its manifest, or None after `seconds` idle, at
-        close, or when the task is told to stop."""
+        close, or when the task is told to stop. Every batch after the last one looked
+        at is looked at, in order: none is missed when several come at once."""
         deadline = time.monotonic() + seconds
         interval = FIRST_POLL
         while time.monotonic() < deadline and not self.stopping():
             self.polls += 1
             try:  # open, not stat: an open revalidates NFS's cached attributes
                 with open(self.run_dir / SIGNAL, "rb") as handle:
-                    info = os.fstat(handle.fileno())
-                    seen: tuple[int, int, int] | None = (info.st_ino, info.st_mtime_ns,
-                                                         info.st_size)
                     text = handle.read().decode(errors="replace").strip()
             except FileNotFoundError:
-                seen, text = None, ""
-            if seen is not None and seen != self._seen:
-                self._seen = seen
-                found = self._changed(text)
-                if found == CLOSED:
-                    return None
-                if isinstance(found, tuple):
-                    return found
+                text = ""
+            if text == CLOSED:
+                return None
+            latest = int(text) if text.isdigit() else self.after
+            if latest > self.after:
                 interval = FIRST_POLL
+            while self.after < latest:
+                verdict = self._joinable(self.after + 1)
+                if verdict is None:  # not readable yet: look again at the next poll
+                    break
+                self.after += 1
+                if isinstance(verdict, dict):
+                    return self.after, verdict
             time.sleep(interval)
             interval = min(interval * 1.5, MAX_POLL)
         return None
 
-    def _changed(self, text: str) -> tuple[int, dict] | str | None:
-        if text == CLOSED:
-            return CLOSED
-        latest = int(text) if text.isdigit() else self.after
-        while self.after < latest:
-            self.after += 1
-            joinable = self._joinable(self.after)
-            if joinable is not None:
-                return self.after, joinable
-        return None
-
-    def _joinable(self, batch: int) -> dict | None:
+    def _joinable(self, batch: int) -> dict | bool | None:
+        """Its manifest if this task can join the batch, False if it never can (other
+        resources, no stealing, every chunk claimed), None if that is not known yet."""
         try:
             manifest = spool.read_blob(spool.manifest_path(self.run_dir, batch), self.key)
             claimed = sum(1 for name in os.listdir(spool.claims_dir(self.run_dir, batch))
                           if name.isdigit())
-        except Exception:  # noqa: BLE001  (not there, or not ours: not joinable)
+        except Exception:  # noqa: BLE001  (not there, or not whole yet)
             return None
         if manifest.get("resources") != self.wanted_key or not manifest["steal"]:
-            return None
-        return manifest if claimed < manifest["chunks"] else None
+            return False
+        return manifest if claimed < manifest["chunks"] else False
 
 
 def join_stream(run_dir: Path, batch: int) -> int:

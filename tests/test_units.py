@@ -291,3 +291,21 @@ def test_progress_off_when_not_a_terminal(monkeypatch):
     bar.advance(True)
     bar.advance(True)
     assert stream.getvalue() == ""
+
+
+def test_the_sink_table_hands_each_call_out_once():
+    from concurrent.futures import Future
+
+    from slurmexecutor.futures import ChunkSink, FutureSink, SinkTable
+
+    table = SinkTable()
+    chunk = ChunkSink(Future(), 10, 3)
+    single = FutureSink(Future(), 5)
+    table.add(chunk)
+    table.add(single)
+    assert len(table) == 4 and table.get(11) is chunk and table.get(13) is None
+    assert table.pop(10) is chunk and table.pop(10) is None  # a second pop: nothing
+    assert table.get(12) is chunk and len(table) == 3
+    assert sorted(c for c, _ in table.calls()) == [5, 11, 12]
+    assert table.pop(11) is chunk and table.pop(12) is chunk and table.get(11) is None
+    assert table.pop(5) is single and table.pop(5) is None and len(table) == 0

@@ -122,3 +122,22 @@ def test_the_watch_stops_at_the_time_limit_warning_and_at_close(tmp_path):
     (run_dir / "batches").write_text("closed")
     assert Watcher(run_dir, key, 0, "k", lambda: False).wait(30) is None
     assert polls_in_half_a_second < 60  # backs off: 2 ms at first, 0.1 s at most
+
+
+def test_the_watch_misses_no_batch_when_several_come_at_once(tmp_path):
+    from slurmexecutor import claims, warm
+    from slurmexecutor.batches import BatchSpec, Chunk, write_batch
+
+    key = spool.load_key(tmp_path, create=True)
+    run_dir = spool.ensure_private_dir(tmp_path / "run")
+    for number in range(1, 5):  # four batches written before the watcher looks
+        spec = BatchSpec("submit", [b"fn"], ["f"], [Chunk([number], [(0, b"", 1)])], 1)
+        write_batch(run_dir, key, number, spec, throttled=False)
+        warm.announce(run_dir, number)
+    manifest = spool.read_blob(spool.manifest_path(run_dir, 1), key)
+    assert claims.try_claim(spool.claim_path(run_dir, 2, 0), "another task")
+    watcher = Watcher(run_dir, key, 0, manifest["resources"], lambda: False)
+    joined = []
+    while (found := watcher.wait(0.5)) is not None:
+        joined.append(found[0])
+    assert joined == [1, 3, 4]  # batch 2 was taken; 3 and 4 are not forgotten
