@@ -3,6 +3,7 @@
 
     python benchmarks/count_reads.py [--reads 3000000] [--genes 10000] [--fractions 20]
                                      [--repeat 3] [--contig-length 5000000] [--data DIR]
+                                     [--cpus 16]
 
 The data (make_demo_data: an indexed BAM, genes.bed and promoters.bed) is written once
 and cached under benchmarks/.data/ (or --data DIR); the regions are the genes and the
@@ -89,6 +90,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="length of each of the 2 contigs (sets the read depth)")
     parser.add_argument("--fractions", type=int, default=20, help="map_reduce fractions")
     parser.add_argument("--repeat", type=int, default=3, help="runs per figure (median)")
+    parser.add_argument("--cpus", type=int, default=16,
+                        help="CPUs the throwaway Slurm node declares (2: as many as cores)")
     parser.add_argument("--poll-interval", type=float, default=0.3,
                         help="the Slurm executor's poll_interval (default 0.3 s)")
     parser.add_argument("--data", type=Path, default=None,
@@ -121,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     reference: Counter[str] | None = None
     folder = Path(tempfile.mkdtemp(prefix="slxbench-reads-"))
     try:
-        with slurm_cluster():
+        with slurm_cluster(cpus=args.cpus):
             print(f"{len(regions):,} regions; {cores} cores here; Slurm cluster: "
                   f"{cluster_cpus()} CPUs declared")
             for round_ in range(1, args.repeat + 1):
