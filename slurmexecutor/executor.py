@@ -9,15 +9,18 @@ Data flow (compare CPython's concurrent/futures/process.py):
    argument fails here)
    put Submit --------------> window (submit_window s, flushed by
  map / submit_many              .result(), max_window, max_batch)
-   pickle chunks now          write batch (batches.py) ---------> bNNNN.fn, .batch,
-   put Launch --------------> futures RUNNING from here on           .cJJJJ.in, .json
- cancel / shutdown              |                                                    python -m
-   put CancelCalls/Shutdown     v                                                    slurmexecutor
-   (never touch state,       state.Core.step(events, now) -> actions                 .worker:
-    never run a scheduler       SubmitTasks: ONE sbatch --array=0-(K-1)%1 ----------> claims chunks
-    command or folder write)    LiftThrottle (scontrol) when chunks stay unclaimed    (O_EXCL),
-                                CancelTasks, WriteCancel, ClaimChunks, Retry          appends
-                             each round: scandir + new records <--------- bNNNN.tIIII.rA.out
+   pickle chunks now (an      write batch (batches.py) ---------> bNNNN/ fn, manifest,
+   argument shared by many    futures RUNNING from here on          shared, cJJJJ.in;
+   calls: once, sharing.py)   keep_alive: announce it ----------> batches (signal) --> warm tasks
+   put Launch --------------> |                                     bNNNN.json         join it
+ cancel / shutdown              v                                                    python -c ..
+   put CancelCalls/Shutdown  state.Core.step(events, now) -> actions                 worker (and
+   (never touch state,          SubmitTasks (unless a warm task joined): ONE sbatch  child.py):
+    never run a scheduler       --array=0-(K-1)%1 ---------------------------------> claims chunks
+    command or folder write)    LiftThrottle (scontrol) from the measured work       (claims/J,
+                                CancelTasks, WriteCancel, ClaimChunks, Retry         O_EXCL),
+                             each round: scandir of live batches' folders          appends
+                               + new records <--------------------------- bNNNN/tIIII.rA.out
                              one squeue per poll_interval for all live arrays
                              Deliver/Fail -> set_result / set_exception (callbacks here)
                              renew the run's lease (heartbeat file)
