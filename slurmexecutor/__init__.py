@@ -42,6 +42,7 @@ _EXPORTS = {
     "CallLostError": "errors",
 }
 __all__ = list(_EXPORTS)
+importlib.import_module(".joblib_backend", __name__).register_on_import()  # joblib: see there
 
 
 def __getattr__(name: str) -> Any:
