@@ -88,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _unreachable.clear()
     if args.verbose:
         logging.basicConfig(level=logging.DEBUG if args.verbose > 1 else logging.INFO,
                             format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -174,16 +175,39 @@ def _read(folder: Path, run_dirs: list[Path]) -> Iterator[runs.RunInfo]:
     slurm_runs = {run_dir for run_dir in run_dirs
                   if spool.read_json(run_dir / "run.json")["backend"] == "slurm"}
     asked = {job for run_dir in slurm_runs for job in runs.journal_job_ids(run_dir)}
-    states = _slurm().states(asked) if asked else {}
+    states = _slurm_states(asked) if asked else {}
     for run_dir in run_dirs:
         info = runs.read_run(run_dir, key)
         if info.meta["backend"] != "slurm":
             yield runs.classify(info, None)
             continue
-        if missing := set(info.job_ids) - asked:
-            states.update(_slurm().states(missing))
+        if states is not None and (missing := set(info.job_ids) - asked):
+            more = _slurm_states(missing)
+            states = None if more is None else {**states, **more}
             asked |= missing
-        yield runs.classify(info, states)
+        # Slurm unreachable: what the folder knows (calls without a result: unknown)
+        yield runs.classify(info, states) if states is not None else info
+
+
+_unreachable: list[str] = []  # said once per command
+#: seconds squeue is given before Slurm counts as unreachable (a controller that is down
+#: is reported after ~9 s; without a configuration, commands retry for 60 s)
+UNREACHABLE_AFTER = 15.0
+
+
+def _slurm_states(job_ids: set[str]) -> dict | None:
+    """The scheduler's states of these jobs, or None (said once) when Slurm cannot be
+    asked: not installed, not configured, or its controller down."""
+    if _unreachable:
+        return None
+    try:  # a command without a configuration retries for 60 s: do not wait that long
+        return _slurm().states(job_ids, timeout=UNREACHABLE_AFTER)
+    except (SlurmExecutorError, OSError) as error:
+        _unreachable.append(str(error))
+        first = next((line for line in str(error).splitlines() if line.strip()), "")
+        print(f"Slurm not reachable: states of Slurm runs unknown ({first[:160]})",
+              file=sys.stderr)
+        return None
 
 
 def _slurm():
@@ -259,7 +283,8 @@ def _runs_table(infos: Iterable[runs.RunInfo]) -> str:
             info.run_id, time.strftime("%Y-%m-%d %H:%M", time.localtime(info.meta["created"])),
             info.meta["backend"], functions[:30], str(len(info.calls)), str(info.count("done")),
             str(failed), str(info.count("running")),
-            str(info.count("pending")) + (" (cancelled)" if info.cancelled else ""),
+            str(info.count("pending")) + (" (cancelled)" if info.cancelled else "") + (
+                f" (+{unknown} unknown)" if (unknown := info.count("unknown")) else ""),
             info.lease_state, ",".join(info.job_ids) or "-"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
@@ -295,6 +320,11 @@ def cancel_command(args: argparse.Namespace) -> int:
     [info] = _read(run_dir.parent, [run_dir])
     backend = _slurm() if info.meta["backend"] == "slurm" else None
     count = runs.cancel_run(info, backend)
+    if backend is not None and _unreachable:  # marked in the folder, but no scancel
+        print(f"run {info.run_id}: {count} unfinished call(s) marked cancelled (workers "
+              f"skip them); Slurm not reachable, so its jobs ({' '.join(info.job_ids)}) "
+              "could not be scancelled", file=sys.stderr)
+        return 1
     print(f"run {info.run_id}: cancelled {count} unfinished call(s)"
           + (f", scancel {' '.join(info.job_ids)}" if backend and info.job_ids else ""))
     return 0
@@ -306,7 +336,8 @@ def clean_command(args: argparse.Namespace) -> int:
         if info.client_alive:
             print(f"kept {info.run_id}: still live ({info.lease_text or 'its client runs'})")
         elif info.live:
-            print(f"kept {info.run_id}: still live (calls running or pending)")
+            print(f"kept {info.run_id}: still live (calls running, pending, or of unknown "
+                  "state)")
         else:
             try:
                 runs.remove_run(info)

@@ -197,7 +197,7 @@ class RunInfo:
     @property
     def live(self) -> bool:
         """Its client still drives it, or some call may still produce a result."""
-        return self.client_alive or self.count("running", "pending") > 0
+        return self.client_alive or self.count("running", "pending", "unknown") > 0
 
 
 def list_runs(folder: Path) -> list[Path]:
@@ -375,16 +375,19 @@ def _task_status(task: TaskInfo, asked_scheduler: bool, client_alive: bool) -> s
 def cancel_run(info: RunInfo, backend: Backend | None) -> int:
     """Mark the run's unfinished calls cancelled (workers skip them; we claim the chunks
     nobody took) and stop its jobs: scancel on Slurm, or signal the live local workers.
-    Return how many calls."""
+    Return how many calls. Calls of unknown state (Slurm unreachable) count as
+    unfinished; `backend.cancel` errors are the caller's (the folder is marked first)."""
     calls = info.calls
     by_chunk: dict[int, list[int]] = {}
-    for call_id in calls.ids("running", "pending"):
+    for call_id in calls.ids("running", "pending", "unknown"):
         by_chunk.setdefault(calls.place[call_id], []).append(call_id)
     for number, call_ids in by_chunk.items():
         chunk = calls.chunks[number]
         spool.append_cancelled(spool.cancel_path(info.path, chunk.batch, chunk.index),
                                call_ids)
         claiming.try_claim(spool.claim_path(info.path, chunk.batch, chunk.index), "client")
+    unfinished = sum(len(call_ids) for call_ids in by_chunk.values())
+    spool.write_json(info.path / "cancelled", {"time": time.time(), "calls": unfinished})
     if backend is not None:
         backend.cancel(info.job_ids)
     else:
@@ -392,8 +395,6 @@ def cancel_run(info: RunInfo, backend: Backend | None) -> int:
             if task.worker and not task.ended and spool.process_alive(*task.worker):
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(task.worker[1], signal.SIGTERM)
-    unfinished = sum(len(call_ids) for call_ids in by_chunk.values())
-    spool.write_json(info.path / "cancelled", {"time": time.time(), "calls": unfinished})
     return unfinished
 
 

@@ -10,7 +10,9 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import wait_until
 
+from slurmexecutor import JobCancelledError, SlurmExecutor, spool
 from slurmexecutor.countreads import count_reads_serial, make_demo_data, read_bed
 
 pytestmark = pytest.mark.usefixtures("slurm_cluster")
@@ -33,7 +35,7 @@ def run_client(tmp_path: Path, body: str) -> str:
     script = tmp_path / "client.py"
     script.write_text(textwrap.dedent(f"""
         import os, sys, time
-        from slurmexecutor import SlurmExecutor, spool
+        from slurmexecutor import JobCancelledError, SlurmExecutor, spool
 
         def wait_submitted(ex):
             # until the owner thread has submitted the batch (sbatch answered)
@@ -174,3 +176,49 @@ def test_logging_is_silent_unless_asked(tmp_path):
                            "level=logging.INFO)\n" + code], capture_output=True, text=True,
                           check=True, cwd=tmp_path, env=dict(os.environ))
     assert "submitted array job" in loud.stderr
+
+
+@pytest.mark.slurm
+def test_status_cancel_and_clean_when_slurm_cannot_be_reached(slurm_cluster, tmp_path):
+    """Slurm installed but its controller unreachable (here: a copy of the cluster's
+    configuration with another controller port): the commands show what the folder
+    knows, with one line about Slurm, and exit 0."""
+    folder = tmp_path / "spool"
+    ex = SlurmExecutor(folder, backend="slurm", poll_interval=0.3, keep_alive=0)
+    assert ex.submit(abs, -1).result(timeout=120) == 1
+    slurm_run = ex.run_id
+    stuck = ex.submit(time.sleep, 600)  # unfinished when Slurm goes away
+    assert wait_until(lambda: stuck.log_path is not None, timeout=60)
+    ex.shutdown(wait=False, cancel_futures=True)  # the client goes; the call runs on
+    with SlurmExecutor(folder, backend="local", keep_alive=0) as local:
+        assert local.submit(abs, -2).result(timeout=120) == 2
+        local_run = local.run_id
+    try:
+        conf = Path(os.environ["SLURM_CONF"]).read_text()
+        dead = tmp_path / "slurm.conf"  # nothing listens on port 1
+        dead.write_text("\n".join("SlurmctldPort=1" if line.startswith("SlurmctldPort=")
+                                  else line for line in conf.splitlines()) + "\n")
+        env = dict(os.environ, SLURM_CONF=str(dead))
+
+        def offline(*args: str) -> subprocess.CompletedProcess:
+            return subprocess.run([sys.executable, "-m", "slurmexecutor", "--folder", str(folder),
+                                   *args], capture_output=True, text=True, env=env, timeout=120,
+                                  check=False)
+
+        status = offline("status")
+        assert status.returncode == 0, status.stderr
+        assert status.stderr.count("Slurm not reachable: states of Slurm runs unknown") == 1
+        rows = {line.split()[0]: line for line in status.stdout.splitlines()[1:]}
+        assert "unknown" in rows[slurm_run] and "local" in rows[local_run]
+        one = offline("status", local_run)
+        assert one.returncode == 0 and "Slurm not reachable" not in one.stderr
+        clean = offline("clean")
+        assert clean.returncode == 0 and f"kept {slurm_run}" in clean.stdout
+        cancel = offline("cancel", slurm_run)
+        assert cancel.returncode == 1 and "marked cancelled" in cancel.stderr
+    finally:  # the stuck call's job: end it while the cluster is still there
+        job_ids = [a["job_id"] for j in spool.read_journals(ex.run_dir) for a in j["arrays"]]
+        subprocess.run(["scancel", *job_ids], check=False)  # with the real SLURM_CONF
+        assert isinstance(stuck.exception(timeout=120), JobCancelledError)
+        ex._engine.join(60)
+        assert not ex._engine.alive

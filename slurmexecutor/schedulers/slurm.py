@@ -16,16 +16,18 @@ SQUEUE_FORMAT = "ArrayJobID:|,ArrayTaskID:|,State:|,exit_code:|,Reason:"
 COMMAND_TIMEOUT = 60
 
 
-def run_command(args: list[str], *, check: bool = True) -> subprocess.CompletedProcess:
+def run_command(args: list[str], *, check: bool = True,
+                timeout: float = COMMAND_TIMEOUT) -> subprocess.CompletedProcess:
     """Run a Slurm command; raise SubmissionError with its stderr when it fails."""
     log.debug("running %s", " ".join(args))
     try:
-        done = subprocess.run(args, check=False, capture_output=True, text=True, timeout=COMMAND_TIMEOUT,
-                              stdin=subprocess.DEVNULL)
+        done = subprocess.run(args, check=False, capture_output=True, text=True,
+                              timeout=timeout, stdin=subprocess.DEVNULL)
     except FileNotFoundError as exc:
         raise SubmissionError(f"{args[0]} not found: is Slurm installed here?") from exc
     except subprocess.TimeoutExpired as exc:
-        raise SubmissionError(f"{args[0]} did not answer in {COMMAND_TIMEOUT} s") from exc
+        raise SubmissionError(f"{args[0]} did not answer in {timeout:g} s (no "
+                              "configuration, or the controller unreachable?)") from exc
     if check and done.returncode != 0:
         raise SubmissionError(
             f"{' '.join(args[:2])} failed (exit {done.returncode}): "
@@ -136,11 +138,13 @@ class SlurmBackend(Backend):
         run_command(["scontrol", "update", f"JobId={job_id}",
                      f"ArrayTaskThrottle={throttle}"])
 
-    def states(self, job_ids: Collection[str]) -> dict[TaskKey, TaskState]:
+    def states(self, job_ids: Collection[str],
+               timeout: float = COMMAND_TIMEOUT) -> dict[TaskKey, TaskState]:
         if not job_ids:
             return {}
         args = ["squeue", "-h", "-r", "-t", "all", "-O", SQUEUE_FORMAT]
-        done = run_command(args + ["-j", ",".join(sorted(job_ids))], check=False)
+        done = run_command(args + ["-j", ",".join(sorted(job_ids))], check=False,
+                           timeout=timeout)
         if done.returncode != 0:
             if "Invalid job id" in done.stderr:  # a lone id that has left the queue
                 return {}
