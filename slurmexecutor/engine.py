@@ -292,13 +292,13 @@ class Engine(LeaseAndEnd):
                 action.keys), alive))
         elif isinstance(action, ev.Claimed):
             path = outcomes.log_file(self.run_dir, action.task)
-            sink = self.sinks.get(action.call_ids[0]) if action.call_ids else None
-            if sink is not None:
-                sink.claimed(len(action.call_ids))
-            for future in {id(s.future): s.future for c in action.call_ids
-                           if (s := self.sinks.get(c)) is not None}.values():
-                if isinstance(future, SlurmFuture):
-                    future._log_path = path
+            held = list({id(s.future): s for c in action.call_ids
+                         if (s := self.sinks.get(c)) is not None}.values())
+            if held:  # the chunk's calls started: one progress update for all
+                held[0].claimed(len(action.call_ids))
+            for sink in held:
+                if isinstance(sink.future, SlurmFuture):
+                    sink.future._log_path = path
         elif isinstance(action, ev.WriteCancel):
             spool.append_cancelled(spool.cancel_path(self.run_dir, action.batch, action.chunk),
                                    list(action.call_ids))

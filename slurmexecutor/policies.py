@@ -1,5 +1,6 @@
-"""Two of the core's policies (state.py), as mixins of `Core`: cancelling calls (and
-backup copies of a chunk), and how wide a batch runs (its array, warm tasks, scale-out).
+"""Three of the core's policies (state.py), as mixins of `Core`: cancelling calls (and
+backup copies of a chunk), how wide a batch runs (its array, warm tasks, scale-out),
+and retrying or failing what a task left unfinished.
 Pure like the rest of the core: they only read its state and append actions.
 """
 
@@ -9,9 +10,9 @@ import math
 from typing import TYPE_CHECKING
 
 from . import events as ev
-from .errors import JobCancelledError
+from .errors import IntegrityError, JobCancelledError
 from .events import Action, Failure
-from .ledger import Batch, Config, Task
+from .ledger import Batch, Config, Task, task_failure
 
 
 class _CoreState:
@@ -22,12 +23,15 @@ class _CoreState:
     tasks: dict[tuple[int, int], Task]
     doomed: set[int]
     killing: set[int]
+    cancelling: bool
     _out: list[Action]
 
     if TYPE_CHECKING:
         def _live(self, batch: Batch) -> list[Task]: ...
 
         def _fail(self, batch: Batch, call_ids: list[int], failure: Failure) -> None: ...
+
+        def _close(self, batch: Batch, call_id: int) -> None: ...
 
 
 class CancelPolicy(_CoreState):
@@ -137,3 +141,37 @@ class WidthPolicy(_CoreState):
         if wanted > batch.throttle:
             batch.throttle = wanted
             self._out.append(ev.LiftThrottle(batch.number, wanted if batch.throttled else 0))
+
+
+class FailurePolicy(_CoreState):
+    """What becomes of the calls a task left without results: a retry, or the error
+    that fits how the task ended."""
+
+    def _fail_unfinished(self, task: Task, call_ids: list[int], started: bool = True) -> None:
+        """Calls a task left without results: retry them, or fail them with the error
+        that fits how the task ended."""
+        batch, state = task.batch, task.final
+        cancelled = [c for c in call_ids if c in self.doomed]
+        if cancelled:  # the user's word wins: never retried, never blamed on the task
+            self._fail(batch, cancelled, Failure(
+                JobCancelledError, "the call was cancelled", task.ref, "CANCELLED"))
+            call_ids = [c for c in call_ids if c not in self.doomed]
+        if not call_ids:
+            return
+        live_end = not task.ended or task.killed  # Slurm ended it, not the worker itself
+        if (state is not None and live_end and state.state in self.config.retry_on
+                and batch.attempt <= self.config.max_retries and not self.cancelling):
+            calls: dict[int, list[int]] = {}
+            for call_id in call_ids:
+                calls.setdefault(batch.chunk_of(call_id), []).append(call_id)
+                self._close(batch, call_id)
+            self._out.append(ev.Retry(batch.number, batch.attempt + 1,
+                                   {k: tuple(v) for k, v in calls.items()}, state.state))
+            return
+        if task.truncated and live_end and started:
+            self._fail(batch, call_ids, Failure(IntegrityError, (
+                f"{task.truncated}: its task ended "
+                f"({state.state if state else 'state unknown'}) while writing it"),
+                task.ref))
+            return
+        self._fail(batch, call_ids, task_failure(task, started, self.config.result_grace))

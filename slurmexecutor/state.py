@@ -12,8 +12,9 @@
 `Core.step(events, now)` returns the actions; it does no I/O and has no clock or thread
 of its own, so every policy (when a task is settled, when a call is lost, retries,
 scale-out, cancellation) is unit-tested with plain values (tests/test_state.py). The
-engine (engine.py) is the only caller: one owner thread per executor. Cancelling and a
-batch's width live in policies.py (mixins of Core).
+engine (engine.py) is the only caller: one owner thread per executor. Cancelling, a
+batch's width, and retrying or failing unfinished calls live in policies.py (mixins
+of Core).
 """
 
 from __future__ import annotations
@@ -24,15 +25,14 @@ from . import events as ev
 from .errors import (
     CallLostError,
     IntegrityError,
-    JobCancelledError,
 )
 from .events import Action, Event, Failure
-from .ledger import REQUEUEABLE, Batch, Config, Task, task_failure
-from .policies import CancelPolicy, WidthPolicy
+from .ledger import REQUEUEABLE, Batch, Config, Task
+from .policies import CancelPolicy, FailurePolicy, WidthPolicy
 from .schedulers import TaskKey, TaskState, state_of
 
 
-class Core(CancelPolicy, WidthPolicy):
+class Core(CancelPolicy, WidthPolicy, FailurePolicy):
     """Batches, tasks and calls, and every decision about them."""
 
     def __init__(self, config: Config) -> None:
@@ -359,35 +359,6 @@ class Core(CancelPolicy, WidthPolicy):
                                                for t in pending)))
             for task in pending:
                 self.tasks.pop(task.key, None)
-
-    def _fail_unfinished(self, task: Task, call_ids: list[int], started: bool = True) -> None:
-        """Calls a task left without results: retry them, or fail them with the error
-        that fits how the task ended."""
-        batch, state = task.batch, task.final
-        cancelled = [c for c in call_ids if c in self.doomed]
-        if cancelled:  # the user's word wins: never retried, never blamed on the task
-            self._fail(batch, cancelled, Failure(
-                JobCancelledError, "the call was cancelled", task.ref, "CANCELLED"))
-            call_ids = [c for c in call_ids if c not in self.doomed]
-        if not call_ids:
-            return
-        live_end = not task.ended or task.killed  # Slurm ended it, not the worker itself
-        if (state is not None and live_end and state.state in self.config.retry_on
-                and batch.attempt <= self.config.max_retries and not self.cancelling):
-            calls: dict[int, list[int]] = {}
-            for call_id in call_ids:
-                calls.setdefault(batch.chunk_of(call_id), []).append(call_id)
-                self._close(batch, call_id)
-            self._out.append(ev.Retry(batch.number, batch.attempt + 1,
-                                   {k: tuple(v) for k, v in calls.items()}, state.state))
-            return
-        if task.truncated and live_end and started:
-            self._fail(batch, call_ids, Failure(IntegrityError, (
-                f"{task.truncated}: its task ended "
-                f"({state.state if state else 'state unknown'}) while writing it"),
-                task.ref))
-            return
-        self._fail(batch, call_ids, task_failure(task, started, self.config.result_grace))
 
     # -- helpers -------------------------------------------------------------------------
 
