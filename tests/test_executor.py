@@ -470,7 +470,9 @@ def test_a_map_of_calls_measured_cheap_is_cut_into_few_chunks(make_executor):
     assert sum(ex.map(square, range(calls))) == sum(x * x for x in range(calls))
     first = batches(ex)[-1]
     assert len(first["chunks"]) == -(-calls // auto_chunksize(calls, slots))  # unmeasured
-    cost = ex._engine.cost[(f"{__name__}.square",)]  # task-seconds per call, at most
+    key = (f"{__name__}.square",)  # the owner records it just after the last result
+    assert wait_until(lambda: key in ex._engine.cost, timeout=30)
+    cost = ex._engine.cost[key]  # task-seconds per call, at most
     assert 0 < cost < 0.001
     assert sum(ex.map(square, range(calls))) == sum(x * x for x in range(calls))
     second = batches(ex)[-1]
