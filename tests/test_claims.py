@@ -57,9 +57,10 @@ def test_each_chunk_is_claimed_once_at_linear_cost(tmp_path, chunks, tasks):
     listings = sum(stats["listings"] for _, _, stats in results)
     lost = attempts - chunks
     # one create per chunk, one listing per task, one create + listing per lost race
-    # (races need two tasks at the same chunk between a listing and a create); blind
-    # creates in claim order would cost up to chunks x tasks
-    assert listings == tasks + lost
+    # (races need two tasks at the same chunk between a listing and a create; a race lost
+    # on a task's last candidate needs no listing after it); blind creates in claim
+    # order would cost up to chunks x tasks
+    assert tasks <= listings <= tasks + lost
     assert attempts <= 2 * chunks + tasks, (attempts, listings)
 
 
