@@ -148,7 +148,7 @@ class SlurmExecutor(Executor):
         self.key = spool.load_key(self.folder, create=True)
         self.backend = make_backend(backend, self.resources)
         self.chunksize = chunksize
-        local = self.backend.name == "local"
+        local = self.backend.same_host
         self.run_id = _run or time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
         self.run_dir = spool.ensure_private_dir(self.folder / self.run_id)
         spool.ensure_private_dir(self.run_dir / "logs")

@@ -63,6 +63,9 @@ class Backend(abc.ABC):
     """Where array tasks run. Implementations must be safe to call from any thread."""
 
     name: str
+    #: the tasks' files are on this host's disk and their states are known at once: the
+    #: executor polls fast and gives no grace for results seen late (see executor.py)
+    same_host: bool = False
 
     @abc.abstractmethod
     def submit_array(self, script: Path, size: int, log_dir: Path,

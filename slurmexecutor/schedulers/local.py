@@ -40,6 +40,7 @@ class _Task:
 
 class LocalBackend(Backend):
     name = "local"
+    same_host = True
 
     def __init__(self, resources: dict) -> None:
         cpus = os.cpu_count() or 1
