@@ -26,6 +26,7 @@ _EXPORTS = {
     "SlurmExecutorError": "errors",
     "SubmissionError": "errors",
     "SerializationError": "errors",
+    "DependencyError": "errors",
     "IntegrityError": "errors",
     "EnvironmentMismatchError": "errors",
     "RunNotFoundError": "errors",

@@ -38,6 +38,11 @@ class SerializationError(SlurmExecutorError, TypeError):
     """A function, argument or result could not be pickled (or unpickled)."""
 
 
+class DependencyError(SlurmExecutorError):
+    """A call's input (a future passed as an argument) failed or was cancelled; the
+    message names the input's call and `__cause__` is its exception."""
+
+
 class EnvironmentMismatchError(SlurmExecutorError):
     """The worker's interpreter cannot run the client's calls: another Python major.minor
     or cloudpickle version (the message names both and the interpreters)."""
