@@ -51,6 +51,10 @@ class Settings:
     def resources_key(self) -> str:
         return warm.resources_key(self.resources, self.python, self.setup, self.sbatch_extra)
 
+    @property
+    def time_limit(self) -> Any:
+        return self.resources.get("time")
+
 
 @dataclass
 class Chunk:
@@ -74,6 +78,8 @@ class BatchSpec:
     #: arguments many calls share (sharing.py): pickles to write, an earlier batch's
     #: shared file (a retry), or none
     shared: list[bytes] | str | None = None
+    #: the batch's resources etc. when not the executor's (`SlurmExecutor.options`)
+    settings: Settings | None = None
 
 
 def dumps(obj: Any, what: str, shared: SharedArguments | None = None) -> bytes:
@@ -230,7 +236,8 @@ def without_calls(spec: BatchSpec, keep: set[int]) -> BatchSpec:
         if ids:
             chunks.append(Chunk(ids, parts))
     return BatchSpec(spec.kind, spec.functions, spec.names, chunks,
-                     min(spec.planned, len(chunks)), spec.steal, spec.attempt, spec.shared)
+                     min(spec.planned, len(chunks)), spec.steal, spec.attempt, spec.shared,
+                     spec.settings)
 
 
 #: at most this many chunks (so files) per batch, whatever the cluster's size

@@ -26,15 +26,14 @@ from . import events as ev
 from ._log import log
 from .batches import (
     BatchSpec,
-    Chunk,
     Settings,
-    auto_chunksize,
     lift_throttle,
     retry_chunks,
     submit_arrays,
     without_calls,
     write_batch,
 )
+from .dependencies import Dependent
 from .errors import (
     JobCancelledError,
     SlurmExecutorError,
@@ -43,15 +42,16 @@ from .errors import (
 )
 from .events import Action, Event
 from .futures import FutureSink, SinkTable, SlurmFuture
-from .handoff import CancelCalls, Launch, NotifyCancelled, Shutdown, Submit, Window
+from .handoff import NotifyCancelled, Window
+from .intake import Intake
 from .lease import Lease
 from .schedulers import Backend
-from .state import Core, window_due
+from .state import Core
 from .streams import StreamReader
 from .teardown import LeaseAndEnd, TakenOver
 
 
-class Engine(LeaseAndEnd):
+class Engine(LeaseAndEnd, Intake):
     """The owner thread and everything only it may touch."""
 
     def __init__(self, run_dir: Path, key: bytes, backend: Backend, core: Core,
@@ -68,8 +68,12 @@ class Engine(LeaseAndEnd):
         self._wake = threading.Event()
         self._flush = False
         self._stopping = False
-        self._window: Window | None = None
+        #: submission windows, one per resource set (`SlurmExecutor.options`)
+        self._windows: dict[str, Window] = {}
         self._journals: dict[int, dict] = {}
+        self._settings_of: dict[int, Settings] = {}  # live batches' resources etc.
+        #: calls waiting for their input futures (dependencies.py), by call id
+        self._dependents: dict[int, Dependent] = {}
         self._streams = StreamReader(run_dir, key)
         self._late_sinks: dict[int, FutureSink] = {}  # failed calls of unfinished chunks
         self._events: list[Event] = []
@@ -115,17 +119,16 @@ class Engine(LeaseAndEnd):
                 flush, self._flush = self._flush, False  # before draining: none is lost
                 busy = self._drain()
                 now = time.monotonic()
-                if self._window is not None and (flush or self._stopping or now >= (
-                        self._window_due())):
-                    self._launch_window()
+                if self._windows and (flush or self._stopping or now >= self._window_due()):
+                    self._launch_windows()
                 busy |= self._read_streams()
                 busy |= self._step()
                 self._renew_lease(now)
-                if self._stopping and self.core.idle and self._window is None and (
-                        self._requests.empty()):
+                if self._stopping and self.core.idle and not self._windows and (
+                        not self._dependents and self._requests.empty()):
                     return
                 wait = 0.005 if busy else min(wait * 1.5, 0.05 if not self.core.idle else 1.0)
-                if self._window is not None:
+                if self._windows:
                     wait = max(0.0, min(wait, self._window_due() - time.monotonic()))
                 self._wake.wait(wait)
                 self._wake.clear()
@@ -136,51 +139,6 @@ class Engine(LeaseAndEnd):
             self._abandon(SlurmExecutorError(f"the executor's owner thread failed: {error!r}"))
         finally:
             self._close()
-
-    def _window_due(self) -> float:
-        assert self._window is not None
-        return window_due(self._window.opened, self._window.touched, self.settings.submit_window,
-                          self.settings.max_window)
-
-    def _drain(self) -> bool:
-        busy = False
-        while True:
-            try:
-                request = self._requests.get_nowait()
-            except queue.Empty:
-                return busy
-            busy = True
-            if isinstance(request, Submit):
-                now = time.monotonic()
-                window = self._window = self._window or Window(now, now)
-                window.add(request)
-                window.touched = now
-                if len(window.calls) >= self.settings.max_batch:
-                    self._launch_window()
-            elif isinstance(request, Launch):
-                self._launch_window()  # earlier submits go out first
-                self._launch(request.spec, request.sinks)
-            elif isinstance(request, CancelCalls):
-                self._events.append(ev.CancelRequested(request.call_ids))
-            elif isinstance(request, NotifyCancelled):
-                self._drop_from_window(request.future)
-            elif isinstance(request, Shutdown):
-                self._shutdown(request.cancel_futures)
-
-    def _drop_from_window(self, future: SlurmFuture) -> None:
-        if self._window is not None and self._window.calls.pop(future.call_id, None) is not None:
-            FutureSink(future).launch()  # CANCELLED -> CANCELLED_AND_NOTIFIED: waiters wake
-
-    def _shutdown(self, cancel_futures: bool) -> None:
-        self._stopping = True
-        self._events.append(ev.ShutdownRequested(cancel_futures))
-        if not cancel_futures:
-            return
-        if self._window is not None:
-            for request in self._window.calls.values():
-                request.future.cancel()
-                FutureSink(request.future).launch()
-            self._window = None
 
     def _step(self) -> bool:
         """Feed the pending events to the core and carry out its actions, until quiet."""
@@ -199,25 +157,6 @@ class Engine(LeaseAndEnd):
 
     # -- batches -------------------------------------------------------------------------
 
-    def _launch_window(self) -> None:
-        window, self._window = self._window, None
-        if window is None:
-            return
-        self.window_generation += 1
-        calls = [r for r in window.calls.values() if FutureSink(r.future).launch()]
-        if not calls:
-            return
-        size = self.settings.chunksize or auto_chunksize(
-            len(calls), self.settings.slots, self.cost.get(tuple(window.names)))
-        chunks = []
-        for start in range(0, len(calls), size):
-            group = calls[start:start + size]
-            chunks.append(Chunk([r.future.call_id for r in group],
-                                [(window.index[r.fn_key], r.arguments, 1) for r in group]))
-        spec = BatchSpec("submit", window.functions, window.names, chunks,
-                         min(self.settings.slots, len(chunks)))
-        self._launch(spec, [FutureSink(r.future) for r in calls])
-
     def _launch(self, spec: BatchSpec, sinks: list[FutureSink] | None) -> None:
         """Write a batch and hand it to the core, which asks for its tasks. The sinks'
         futures are already RUNNING (a map's) or made so here. A retry (`sinks` None)
@@ -233,9 +172,9 @@ class Engine(LeaseAndEnd):
         number, self.next_batch = self.next_batch, self.next_batch + 1
         throttled = spec.steal and spec.planned > 1
         call_ids = [c for chunk in spec.chunks for c in chunk.call_ids]
+        settings = spec.settings or self.settings
         try:
-            journal = write_batch(self.run_dir, self.key, number, spec, throttled,
-                                  self.settings)
+            journal = write_batch(self.run_dir, self.key, number, spec, throttled, settings)
             if self.settings.keep_alive > 0:
                 warm.announce(self.run_dir, number)
         except Exception as error:  # noqa: BLE001  (disk full, ...): fail, do not hang
@@ -243,6 +182,7 @@ class Engine(LeaseAndEnd):
             self._fail_now(tuple(call_ids), failure)
             return
         self._journals[number] = journal
+        self._settings_of[number] = settings
         for index, chunk in enumerate(spec.chunks):
             for call_id in chunk.call_ids:
                 held = self.sinks.get(call_id)
@@ -254,7 +194,7 @@ class Engine(LeaseAndEnd):
                         break
         self._events.append(ev.BatchAdded(
             number, [chunk.call_ids for chunk in spec.chunks], spec.planned, spec.steal,
-            spec.attempt, self.settings.resources.get("time"), throttled))
+            spec.attempt, settings.time_limit, throttled))
 
     def queue_event(self, event: Event) -> None:
         """For attach, before the owner starts: an event for its first round."""
@@ -309,12 +249,13 @@ class Engine(LeaseAndEnd):
         elif isinstance(action, ev.CancelTasks):
             self.backend.cancel(list(action.refs))
         elif isinstance(action, ev.LiftThrottle):
-            lift_throttle(self.backend, self.settings, self.run_dir,
+            lift_throttle(self.backend, self._settings(action.batch), self.run_dir,
                           self._journals[action.batch], action.to)
         elif isinstance(action, ev.Retry):
             self._retry(action)
         elif isinstance(action, ev.BatchDone):
             journal = self._journals.pop(action.batch, None)
+            self._settings_of.pop(action.batch, None)
             if journal is not None and action.seconds_per_call is not None:
                 self.cost[tuple(journal["functions"])] = action.seconds_per_call
             self._late_sinks = {c: s for c, s in self._late_sinks.items()
@@ -336,7 +277,7 @@ class Engine(LeaseAndEnd):
                     self._late_sinks[call_id] = sink
 
     def _submit_tasks(self, action: ev.SubmitTasks) -> None:
-        arrays = submit_arrays(self.backend, self.settings, self.run_dir,
+        arrays = submit_arrays(self.backend, self._settings(action.batch), self.run_dir,
                                self._journals[action.batch], action.first, action.count,
                                action.throttled)
         try:
@@ -357,10 +298,15 @@ class Engine(LeaseAndEnd):
         except Exception as error:  # noqa: BLE001
             self._fail_now(call_ids, SubmissionError(f"could not prepare the retry: {error!r}"))
             return
+        settings = self._settings(action.batch)
         spec = BatchSpec("retry", journal["functions_file"], journal["functions"], chunks,
-                         min(self.settings.slots, len(chunks)), attempt=action.attempt,
-                         shared=journal.get("shared_file"))
+                         min(settings.slots, len(chunks)), attempt=action.attempt,
+                         shared=journal.get("shared_file"), settings=settings)
         self._launch(spec, None)
+
+    def _settings(self, batch: int) -> Settings:
+        """A live batch's resources etc. (the executor's for batches of an earlier client)."""
+        return self._settings_of.get(batch, self.settings)
 
     def _fail_now(self, call_ids: tuple[int, ...], error: BaseException) -> None:
         for call_id in call_ids:

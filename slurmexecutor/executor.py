@@ -33,7 +33,6 @@ state.py; the owner in engine.py only carries them out.
 
 from __future__ import annotations
 
-import itertools
 import os
 import secrets
 import socket
@@ -41,23 +40,22 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from concurrent.futures import Executor, Future
 from pathlib import Path
 from typing import Any
 
 from . import spool
 from ._log import log
-from .bars import CallProgress
-from .batches import BatchSpec, Chunk, Settings, auto_chunksize, dumps
+from .batches import BatchSpec, Settings, dumps
+from .calls import CallMaker, callable_name
 from .engine import Engine
 from .errors import RunNotFoundError
-from .futures import ChunkSink, FutureSink, SlurmFuture, call_log
-from .handoff import CancelCalls, Launch, Shutdown, Submit
+from .futures import FutureSink, SlurmFuture, call_log
+from .handoff import CancelCalls, Launch, Shutdown
 from .lease import Lease
 from .schedulers import make_backend
 from .schedulers.script import link_package, validate_extra, validate_resources
-from .sharing import SharedArguments
 from .state import Config, Core
 
 DEFAULT_RETRY_ON = ("NODE_FAIL", "PREEMPTED")
@@ -91,10 +89,6 @@ def default_folder() -> Path:
     return Path(os.environ.get("SLURMEXECUTOR_FOLDER") or "~/.slurmexecutor").expanduser()
 
 
-def _name(fn: Callable) -> str:
-    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
-
-
 def function_key(fn: Callable) -> Any:
     """What makes two submitted callables the same function within a window: a bound
     method is re-created on every attribute access, so it is keyed by its object and
@@ -105,7 +99,7 @@ def function_key(fn: Callable) -> Any:
     return ("id", id(fn))
 
 
-class SlurmExecutor(Executor):
+class SlurmExecutor(CallMaker, Executor):
     """Run calls on Slurm (or locally) as packed job arrays; see the module docstring.
 
     Resources are sbatch long options as keywords (`partition="short"`, `time="1:00:00"`,
@@ -168,11 +162,13 @@ class SlurmExecutor(Executor):
                 0.0 if local else DEFAULT_RESULT_GRACE),
             retry_on=frozenset(retry_on), max_retries=max_retries,
             keep_alive=float(keep_alive)))
-        self._engine = Engine(self.run_dir, self.key, self.backend, core, Settings(
+        self._executor = self
+        self._settings = Settings(
             resources=self.resources, python=python or sys.executable, setup=setup,
             sbatch_extra=sbatch_extra, chunksize=chunksize, submit_window=submit_window,
             max_window=max_window, max_batch=max_batch, slots=self.backend.slots(),
-            backups=backups, keep_alive=float(keep_alive)), lease)
+            backups=backups, keep_alive=float(keep_alive))
+        self._engine = Engine(self.run_dir, self.key, self.backend, core, self._settings, lease)
         self._lock = threading.Lock()  # call ids, and the shutdown flag vs. new requests
         self._next_call = 0
         self._shutdown = False
@@ -211,88 +207,7 @@ class SlurmExecutor(Executor):
         resources = {**meta["resources"], **options.pop("resources", {})}
         return cls(root, _run=run, _take_over=take_over, **options, **resources)
 
-    # -- the Executor interface ----------------------------------------------------------
-
-    def submit(self, fn: Callable, /, *args: Any, **kwargs: Any) -> SlurmFuture:
-        if not callable(fn):
-            raise TypeError(f"{fn!r} is not callable")
-        arguments = dumps([(args, kwargs)], f"an argument of {_name(fn)}")
-        key, blob = self._pickled(fn)
-        with self._lock:
-            self._check_open()
-            future = SlurmFuture(self._engine, [self._next_call])
-            self._next_call += 1
-            self._engine.put(Submit(future, key, fn, blob, _name(fn), arguments))
-        return future
-
-    def map(self, fn: Callable, *iterables: Iterable, timeout: float | None = None,
-            chunksize: int | None = None, progress: bool | None = None) -> Iterator:
-        """Like `Executor.map`: all calls go out now, as one array; results in order."""
-        end_time = None if timeout is None else timeout + time.monotonic()
-        if not callable(fn):
-            raise TypeError(f"{fn!r} is not callable")
-        with self._lock:
-            self._check_open()
-        count, calls = _zipped(iterables)  # sized inputs are not copied into a list
-        bar = CallProgress(count, progress and bool(count), desc=_name(fn))
-        if not count:
-            return _chained_results(self, [], end_time, bar)
-        size = chunksize or self.chunksize or auto_chunksize(
-            count, self._engine.settings.slots, self._engine.cost.get((_name(fn),)))
-        blob = dumps(fn, f"the function {_name(fn)}")
-        chunks, futures = [], []
-        sinks: list[FutureSink] = []
-        shared = SharedArguments()  # an object passed to many calls: stored once
-        peek = list(itertools.islice(calls, max(2 * size, 16)))
-        shared.find((args, {}) for args in peek)
-        calls = itertools.chain(peek, calls)
-        first = self._reserve(count)
-        for start in range(0, count, size):
-            part = list(itertools.islice(calls, size))
-            ids = range(first + start, first + start + len(part))
-            future = SlurmFuture(self._engine, ids)
-            sinks.append(ChunkSink(future, ids[0], len(ids), progress=bar))
-            chunks.append(Chunk(ids, [(0, dumps([(args, {}) for args in part],
-                                                f"an argument of {_name(fn)}", shared),
-                                       len(ids))]))
-            futures.append(future)
-        spec = BatchSpec("map", [blob], [_name(fn)], chunks,
-                         min(self._engine.settings.slots, len(chunks)), shared=shared.blobs)
-        self._put_launch(spec, sinks)
-        return _chained_results(self, futures, end_time, bar)
-
-    def submit_many(self, fn: Callable, calls: Iterable[tuple], *,
-                    chunksize: int | None = None,
-                    task_per_chunk: bool = False) -> list[SlurmFuture]:
-        """Submit `fn(*args)` for each tuple in `calls` now, as one batch, with one
-        Future per call and `chunksize` calls per chunk. With `task_per_chunk`, every
-        chunk gets an array task of its own, all submitted at once (map_reduce's
-        fractions); otherwise tasks claim chunks as usual."""
-        if not callable(fn):
-            raise TypeError(f"{fn!r} is not callable")
-        with self._lock:
-            self._check_open()
-        listed = [tuple(args) for args in calls]
-        shared = SharedArguments()  # an object passed to many calls: stored once
-        shared.find((args, {}) for args in listed)
-        arguments = [dumps([(args, {})], f"an argument of {_name(fn)}", shared)
-                     for args in listed]
-        if not arguments:
-            return []
-        blob = dumps(fn, f"the function {_name(fn)}")
-        first = self._reserve(len(arguments))
-        futures = [SlurmFuture(self._engine, [first + i]) for i in range(len(arguments))]
-        size = chunksize or self.chunksize or auto_chunksize(
-            len(arguments), self._engine.settings.slots, self._engine.cost.get((_name(fn),)))
-        chunks = [Chunk([f.call_id for f in futures[s:s + size]],
-                        [(0, a, 1) for a in arguments[s:s + size]])
-                  for s in range(0, len(arguments), size)]
-        planned = len(chunks) if task_per_chunk else min(self._engine.settings.slots,
-                                                         len(chunks))
-        spec = BatchSpec("fractions" if task_per_chunk else "submit", [blob], [_name(fn)],
-                         chunks, planned, steal=not task_per_chunk, shared=shared.blobs)
-        self._put_launch(spec, [FutureSink(f) for f in futures])
-        return futures
+    # -- the Executor interface (submit, map, submit_many, options: calls.py) ---------
 
     def cancel(self, futures: Iterable[Future]) -> None:
         """Cancel calls still in the window; stop the handed-over ones best effort: the
@@ -332,6 +247,10 @@ class SlurmExecutor(Executor):
             self._check_open()
             self._engine.put(Launch(spec, sinks))
 
+    def _slots_for(self, settings: Settings) -> int:
+        """How many tasks of these resources can run at once (a view's)."""
+        return self.backend.slots_for(settings.resources)
+
     def _pickled(self, fn: Callable) -> tuple[Any, bytes]:
         """The function pickled once per submission window (bound methods included)."""
         key = function_key(fn)
@@ -339,37 +258,5 @@ class SlurmExecutor(Executor):
             self._functions, self._functions_window = {}, self._engine.window_generation
         cached = self._functions.get(key)
         if cached is None:  # the function is kept too: its id stays unique meanwhile
-            cached = self._functions[key] = (fn, dumps(fn, f"the function {_name(fn)}"))
+            cached = self._functions[key] = (fn, dumps(fn, f"the function {callable_name(fn)}"))
         return key, cached[1]
-
-
-def _zipped(iterables: tuple[Iterable, ...]) -> tuple[int, Iterator[tuple]]:
-    """How many calls a map makes, and an iterator over their argument tuples: sized
-    inputs (lists, ranges, arrays) are not copied, others are read into a list once."""
-    if all(hasattr(it, "__len__") for it in iterables):
-        return min(len(it) for it in iterables), zip(*iterables)  # type: ignore[arg-type]
-    items = list(zip(*iterables))
-    return len(items), iter(items)
-
-
-def _chained_results(executor: SlurmExecutor, futures: list[SlurmFuture],
-                     end_time: float | None, bar: CallProgress) -> Iterator:
-    """Yield the calls' results in order; raise a call's exception at its position.
-    Abandoning the iterator stops the calls that have not run yet."""
-    try:
-        futures.reverse()
-        while futures:
-            future = futures[-1]
-            if end_time is None:
-                outcomes = future.result()
-            else:
-                outcomes = future.result(end_time - time.monotonic())
-            futures.pop()
-            for ok, value in outcomes:
-                if not ok:
-                    raise value
-                yield value
-    finally:
-        if futures:
-            executor.cancel(futures)
-        bar.close()

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .batches import BatchSpec
+from .batches import BatchSpec, Settings
 from .futures import FutureSink, SlurmFuture
 
 
@@ -22,6 +22,7 @@ class Submit:
     fn_blob: bytes
     fn_name: str
     arguments: bytes  # pickled [(args, kwargs)]
+    settings: Settings  # the executor's, or a view's (`SlurmExecutor.options`)
 
 
 @dataclass
@@ -51,6 +52,7 @@ class Window:
 
     opened: float
     touched: float
+    settings: Settings
     functions: list[bytes] = field(default_factory=list)
     names: list[str] = field(default_factory=list)
     index: dict[Any, int] = field(default_factory=dict)

@@ -32,7 +32,7 @@ class LeaseAndEnd:
     settings: Settings
     sinks: SinkTable
     error: BaseException | None
-    _window: Window | None
+    _windows: dict[str, Window]
     _requests: queue.SimpleQueue[Any]
     _next_renewal: float
     _stopping: bool
@@ -57,11 +57,11 @@ class LeaseAndEnd:
     def _abandon(self, error: BaseException) -> None:
         """ev.Fail every future this owner still holds (it cannot follow them any more)."""
         self.error = error
-        if self._window is not None:
-            for request in self._window.calls.values():
+        for window in self._windows.values():
+            for request in window.calls.values():
                 if FutureSink(request.future).launch():
                     request.future.set_exception(error)
-            self._window = None
+        self._windows = {}
         held = self.sinks.calls()
         self.sinks.clear()
         for call_id, sink in held:

@@ -97,6 +97,10 @@ class Backend(abc.ABC):
     def slots(self) -> int:
         """How many tasks can run at once (used to size chunks)."""
 
+    def slots_for(self, resources: dict) -> int:
+        """How many tasks with these resources (`SlurmExecutor.options`) can run at once."""
+        return self.slots()
+
     def close(self) -> None:
         """Release what the backend holds (threads, processes)."""
 

@@ -8,8 +8,8 @@ from collections.abc import Collection
 from pathlib import Path
 
 from .._log import log
-from ..errors import SubmissionError
-from . import REMAINDER, Backend, TaskKey, TaskState
+from ..errors import SubmissionDeferred, SubmissionError
+from . import REMAINDER, Backend, TaskKey, TaskState, sbatch
 
 #: squeue columns: array job id, array index, state, raw exit status, reason.
 SQUEUE_FORMAT = "ArrayJobID:|,ArrayTaskID:|,State:|,exit_code:|,Reason:"
@@ -94,6 +94,12 @@ def parse_max_array_size(config: str) -> int:
     return int(match.group(1)) if match else 1001
 
 
+def parse_max_job_count(config: str) -> int:
+    """MaxJobCount from `scontrol show config`; Slurm's default when absent."""
+    match = re.search(r"^MaxJobCount\s*=\s*(\d+)", config, re.MULTILINE)
+    return int(match.group(1)) if match else 10000
+
+
 def parse_node_cpus(sinfo: str) -> int:
     """Sum the CPUs of `sinfo -h -N -o %N|%c` lines, each node once (a node in several
     partitions is listed once per partition)."""
@@ -120,16 +126,25 @@ class SlurmBackend(Backend):
 
     def __init__(self, resources: dict) -> None:
         self.resources = resources
-        self._max_array_size: int | None = None
+        self._config: str | None = None
         self._slots: int | None = None
+        self._slots_by_resources: dict[tuple, int] = {}
         self._sacct_usable = True
 
     def submit_array(self, script: Path, size: int, log_dir: Path,
                      throttle: int | None = None) -> str:
-        done = run_command(["sbatch", "--parsable", str(script)])
-        job_id = done.stdout.strip().split(";")[0]
-        if not job_id.isdigit():
-            raise SubmissionError(f"sbatch printed no job id: {done.stdout!r}")
+        """Raise SubmissionDeferred when a limit refuses it for now (see sbatch.py)."""
+        try:
+            job_id = sbatch.submit(["sbatch", "--parsable", str(script)], COMMAND_TIMEOUT)
+        except SubmissionDeferred as error:
+            limit = self.max_job_count() if error.kind == "job_count" else 0
+            if limit and size >= limit:
+                # job_allocate() counts every task: this array can never be accepted.
+                raise SubmissionError(
+                    f"an array of {size} tasks can never fit under the cluster's "
+                    f"MaxJobCount={limit} ({error})") from error
+            log.info("sbatch: %s", error)
+            raise
         log.info("submitted array job %s (%d tasks) from %s", job_id, size, script)
         return job_id
 
@@ -172,21 +187,34 @@ class SlurmBackend(Backend):
             log.info("scancel %s", " ".join(refs))
             run_command(["scancel", *refs], check=False)
 
+    def _scontrol_config(self) -> str:
+        if self._config is None:
+            self._config = run_command(["scontrol", "show", "config"]).stdout
+        return self._config
+
     def max_array_size(self) -> int:
-        if self._max_array_size is None:
-            config = run_command(["scontrol", "show", "config"]).stdout
-            self._max_array_size = parse_max_array_size(config)
-        return self._max_array_size
+        return parse_max_array_size(self._scontrol_config())
+
+    def max_job_count(self) -> int:
+        """The controller's MaxJobCount: jobs it holds at most, each array task one."""
+        return parse_max_job_count(self._scontrol_config())
 
     def slots(self) -> int:
         if self._slots is None:
-            args = ["sinfo", "-h", "-N", "-o", "%N|%c"]
-            if self.resources.get("partition"):
-                args += ["-p", str(self.resources["partition"])]
-            cpus = parse_node_cpus(run_command(args, check=False).stdout) or 1
-            per_task = int(self.resources.get("cpus_per_task") or 1)
-            self._slots = max(1, cpus // per_task)
-            if self.resources.get("array_parallelism"):
-                self._slots = min(self._slots, int(self.resources["array_parallelism"]))
+            self._slots = self.slots_for(self.resources)
         return self._slots
+
+    def slots_for(self, resources: dict) -> int:
+        key = (resources.get("partition"), resources.get("cpus_per_task"),
+               resources.get("array_parallelism"))
+        if key not in self._slots_by_resources:
+            args = ["sinfo", "-h", "-N", "-o", "%N|%c"]
+            if resources.get("partition"):
+                args += ["-p", str(resources["partition"])]
+            cpus = parse_node_cpus(run_command(args, check=False).stdout) or 1
+            slots = max(1, cpus // int(resources.get("cpus_per_task") or 1))
+            if resources.get("array_parallelism"):
+                slots = min(slots, int(resources["array_parallelism"]))
+            self._slots_by_resources[key] = slots
+        return self._slots_by_resources[key]
 

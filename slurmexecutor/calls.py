@@ -1,0 +1,227 @@
+"""Making calls: `submit`, `map`, `submit_many` and `options`, shared by the executor and
+its views (`SlurmExecutor.options(mem="64G")`).
+
+Everything here runs in the caller's thread: it pickles (so a bad argument fails at the
+call), builds futures, and puts one request on the owner's queue. A view differs from its
+executor only in `_settings` (resources, python, setup, sbatch options): its calls go to
+arrays of their own, in the executor's folder, followed by the executor's owner thread.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future
+from typing import TYPE_CHECKING, Any
+
+from .bars import CallProgress
+from .batches import BatchSpec, Chunk, Settings, auto_chunksize, dumps
+from .dependencies import Dependent, find_futures
+from .futures import ChunkSink, FutureSink, SlurmFuture
+from .handoff import Submit
+from .schedulers.script import validate_extra, validate_resources
+from .sharing import SharedArguments
+
+if TYPE_CHECKING:
+    from .executor import SlurmExecutor
+
+
+def callable_name(fn: Callable) -> str:
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
+
+
+class CallMaker:
+    """`submit`, `map`, `submit_many` and `options` over an executor and its settings."""
+
+    _executor: SlurmExecutor
+    _settings: Settings
+
+    def options(self, *, python: str | None = None, setup: Iterable[str] | None = None,
+                sbatch_extra: Iterable[str] | None = None,
+                **resources: Any) -> ExecutorView:
+        """A view of this executor whose calls use these resources (sbatch long options
+        as keywords, merged over the executor's; `None` removes one), and optionally
+        another `python`, `setup` or `sbatch_extra`. It shares the executor's folder,
+        owner thread, scheduler polling and shutdown; calls with equal resources still
+        go out together, others in arrays of their own."""
+        merged = {**self._settings.resources, **resources}
+        merged = validate_resources({k: v for k, v in merged.items() if v is not None})
+        settings = dataclasses.replace(
+            self._settings, resources=merged,
+            python=python or self._settings.python,
+            setup=self._settings.setup if setup is None else [str(s) for s in setup],
+            sbatch_extra=self._settings.sbatch_extra if sbatch_extra is None else (
+                validate_extra(list(sbatch_extra))))
+        settings.slots = self._executor._slots_for(settings)
+        return ExecutorView(self._executor, settings)
+
+    def submit(self, fn: Callable, /, *args: Any, **kwargs: Any) -> SlurmFuture:
+        if not callable(fn):
+            raise TypeError(f"{fn!r} is not callable")
+        ex, name = self._executor, callable_name(fn)
+        inputs = find_futures((args, kwargs))
+        arguments = b"" if inputs else dumps([(args, kwargs)], f"an argument of {name}")
+        key, blob = ex._pickled(fn)
+        with ex._lock:
+            ex._check_open()
+            future = SlurmFuture(ex._engine, [ex._next_call])
+            ex._next_call += 1
+            if inputs:  # waits in the owner's state for its inputs (dependencies.py)
+                ex._engine.put(Dependent(future, key, fn, blob, name, args, kwargs,
+                                         self._settings, inputs, len(inputs)))
+            else:
+                ex._engine.put(Submit(future, key, fn, blob, name, arguments,
+                                      self._settings))
+        return future
+
+    def map(self, fn: Callable, *iterables: Iterable, timeout: float | None = None,
+            chunksize: int | None = None, progress: bool | None = None) -> Iterator:
+        """Like `Executor.map`: all calls go out now, as one array; results in order.
+        Calls with futures among their arguments wait for them, one `submit` each."""
+        end_time = None if timeout is None else timeout + time.monotonic()
+        if not callable(fn):
+            raise TypeError(f"{fn!r} is not callable")
+        ex, name = self._executor, callable_name(fn)
+        with ex._lock:
+            ex._check_open()
+        count, calls = _zipped(iterables)  # sized inputs are not copied into a list
+        bar = CallProgress(count, progress and bool(count), desc=name)
+        if not count:
+            return _chained_results(ex, [], end_time, bar)
+        if _may_hold_futures(iterables):
+            calls_list = list(calls)
+            if find_futures(calls_list):
+                futures = [self.submit(fn, *args) for args in calls_list]
+                return _chained_results(ex, futures, end_time, bar, single=True)
+            calls = iter(calls_list)
+        settings = self._settings
+        size = chunksize or settings.chunksize or auto_chunksize(
+            count, settings.slots, ex._engine.cost.get((name,)))
+        blob = dumps(fn, f"the function {name}")
+        chunks, futures = [], []
+        sinks: list[FutureSink] = []
+        shared = SharedArguments()  # an object passed to many calls: stored once
+        peek = list(itertools.islice(calls, max(2 * size, 16)))
+        shared.find((args, {}) for args in peek)
+        calls = itertools.chain(peek, calls)
+        first = ex._reserve(count)
+        for start in range(0, count, size):
+            part = list(itertools.islice(calls, size))
+            ids = range(first + start, first + start + len(part))
+            future = SlurmFuture(ex._engine, ids)
+            sinks.append(ChunkSink(future, ids[0], len(ids), progress=bar))
+            chunks.append(Chunk(ids, [(0, dumps([(args, {}) for args in part],
+                                                f"an argument of {name}", shared),
+                                       len(ids))]))
+            futures.append(future)
+        spec = BatchSpec("map", [blob], [name], chunks, min(settings.slots, len(chunks)),
+                         shared=shared.blobs, settings=settings)
+        ex._put_launch(spec, sinks)
+        return _chained_results(ex, futures, end_time, bar)
+
+    def submit_many(self, fn: Callable, calls: Iterable[tuple], *,
+                    chunksize: int | None = None,
+                    task_per_chunk: bool = False) -> list[SlurmFuture]:
+        """Submit `fn(*args)` for each tuple in `calls` now, as one batch, with one
+        Future per call and `chunksize` calls per chunk. With `task_per_chunk`, every
+        chunk gets an array task of its own, all submitted at once; otherwise tasks
+        claim chunks as usual. Calls with futures among their arguments wait for them,
+        one `submit` each."""
+        if not callable(fn):
+            raise TypeError(f"{fn!r} is not callable")
+        ex, name = self._executor, callable_name(fn)
+        with ex._lock:
+            ex._check_open()
+        listed = [tuple(args) for args in calls]
+        if find_futures(listed):
+            return [self.submit(fn, *args) for args in listed]
+        shared = SharedArguments()  # an object passed to many calls: stored once
+        shared.find((args, {}) for args in listed)
+        arguments = [dumps([(args, {})], f"an argument of {name}", shared) for args in listed]
+        if not arguments:
+            return []
+        blob = dumps(fn, f"the function {name}")
+        first = ex._reserve(len(arguments))
+        futures = [SlurmFuture(ex._engine, [first + i]) for i in range(len(arguments))]
+        settings = self._settings
+        size = chunksize or settings.chunksize or auto_chunksize(
+            len(arguments), settings.slots, ex._engine.cost.get((name,)))
+        chunks = [Chunk([f.call_id for f in futures[s:s + size]],
+                        [(0, a, 1) for a in arguments[s:s + size]])
+                  for s in range(0, len(arguments), size)]
+        planned = len(chunks) if task_per_chunk else min(settings.slots, len(chunks))
+        spec = BatchSpec("fractions" if task_per_chunk else "submit", [blob], [name],
+                         chunks, planned, steal=not task_per_chunk, shared=shared.blobs,
+                         settings=settings)
+        ex._put_launch(spec, [FutureSink(f) for f in futures])
+        return futures
+
+
+class ExecutorView(CallMaker):
+    """`SlurmExecutor.options(...)`: the executor's calls with other resources. It has no
+    owner thread of its own: `cancel` and `shutdown` are the executor's."""
+
+    def __init__(self, executor: SlurmExecutor, settings: Settings) -> None:
+        self._executor, self._settings = executor, settings
+
+    @property
+    def resources(self) -> dict:
+        return self._settings.resources
+
+    def cancel(self, futures: Iterable[Future]) -> None:
+        self._executor.cancel(futures)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Shut the executor down (a view shares its executor's life)."""
+        self._executor.shutdown(wait, cancel_futures=cancel_futures)
+
+    def __getattr__(self, name: str) -> Any:  # folder, run_id, backend, key, futures...
+        return getattr(self._executor, name)
+
+    def __repr__(self) -> str:
+        return f"<ExecutorView of {self._executor.run_id} with {self.resources}>"
+
+
+def _may_hold_futures(iterables: tuple[Iterable, ...]) -> bool:
+    """False for inputs that cannot hold futures (ranges, strings, bytes, arrays)."""
+    return not all(isinstance(it, (range, str, bytes)) or type(it).__name__ == "ndarray"
+                   for it in iterables)
+
+
+def _zipped(iterables: tuple[Iterable, ...]) -> tuple[int, Iterator[tuple]]:
+    """How many calls a map makes, and an iterator over their argument tuples: sized
+    inputs (lists, ranges, arrays) are not copied, others are read into a list once."""
+    if all(hasattr(it, "__len__") for it in iterables):
+        return min(len(it) for it in iterables), zip(*iterables)  # type: ignore[arg-type]
+    items = list(zip(*iterables))
+    return len(items), iter(items)
+
+
+def _chained_results(executor: SlurmExecutor, futures: list[SlurmFuture],
+                     end_time: float | None, bar: CallProgress,
+                     single: bool = False) -> Iterator:
+    """Yield the calls' results in order; raise a call's exception at its position.
+    Futures are map chunks (a list of outcomes each), or one call each (`single`).
+    Abandoning the iterator stops the calls that have not run yet."""
+    try:
+        futures.reverse()
+        while futures:
+            future = futures[-1]
+            remaining = None if end_time is None else end_time - time.monotonic()
+            if single:
+                exc = future.exception(remaining)
+                outcomes = [(exc is None, exc if exc is not None else future.result())]
+                bar.advance(exc is None)
+            else:
+                outcomes = future.result(remaining)
+            futures.pop()
+            for ok, value in outcomes:
+                if not ok:
+                    raise value
+                yield value
+    finally:
+        if futures:
+            executor.cancel(futures)
+        bar.close()

@@ -1,0 +1,152 @@
+"""Part of the owner (engine.py): what callers hand it, before it becomes a batch.
+
+Calls submitted one by one wait in a submission window, one per resource set (a view's
+calls, `SlurmExecutor.options`, go out in arrays of their own); calls with futures among
+their arguments wait for them (dependencies.py); cancels and shutdown become events for
+the core. Only the owner thread runs this.
+"""
+
+from __future__ import annotations
+
+import queue
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any
+
+from . import events as ev
+from .batches import BatchSpec, Chunk, Settings, auto_chunksize
+from .dependencies import Dependent, InputDone
+from .futures import FutureSink, SlurmFuture
+from .handoff import CancelCalls, Launch, NotifyCancelled, Shutdown, Submit, Window
+from .state import window_due
+
+
+class Intake:
+    """Part of `Engine`: draining requests, the submission windows, waiting calls."""
+
+    settings: Settings
+    cost: dict[tuple[str, ...], float]
+    window_generation: int
+    _requests: queue.SimpleQueue[Any]
+    _windows: dict[str, Window]
+    _dependents: dict[int, Dependent]
+    _events: list[ev.Event]
+    _stopping: bool
+
+    def put(self, request: Any) -> None:
+        raise NotImplementedError
+
+    def _launch(self, spec: BatchSpec, sinks: list[FutureSink] | None) -> None:
+        raise NotImplementedError
+
+    def _window_due(self) -> float:
+        return min(window_due(w.opened, w.touched, self.settings.submit_window,
+                              self.settings.max_window) for w in self._windows.values())
+
+    def _drain(self) -> bool:
+        busy = False
+        while True:
+            try:
+                request = self._requests.get_nowait()
+            except queue.Empty:
+                return busy
+            busy = True
+            if isinstance(request, Submit):
+                self._add_to_window(request)
+            elif isinstance(request, Dependent):
+                self._dependents[request.future.call_id] = request
+                for future in request.inputs.values():  # callbacks may run right here
+                    future.add_done_callback(self._input_callback(request))
+            elif isinstance(request, InputDone):
+                self._input_done(request.dependent)
+            elif isinstance(request, Launch):
+                self._launch_windows()  # earlier submits go out first
+                self._launch(request.spec, request.sinks)
+            elif isinstance(request, CancelCalls):
+                self._events.append(ev.CancelRequested(request.call_ids))
+            elif isinstance(request, NotifyCancelled):
+                self._drop_from_window(request.future)
+            elif isinstance(request, Shutdown):
+                self._shutdown(request.cancel_futures)
+
+    def _add_to_window(self, request: Submit) -> None:
+        now = time.monotonic()
+        key = request.settings.resources_key()
+        window = self._windows.get(key)
+        if window is None:
+            window = self._windows[key] = Window(now, now, request.settings)
+        window.add(request)
+        window.touched = now
+        if len(window.calls) >= self.settings.max_batch:
+            self._launch_window(self._windows.pop(key))
+
+    def _input_callback(self, dependent: Dependent) -> Callable[[Future], None]:
+        return lambda _: self.put(InputDone(dependent))
+
+    def _input_done(self, dependent: Dependent) -> None:
+        """One input of a waiting call is done; with the last, the call joins the window
+        (or fails, when an input failed or was cancelled)."""
+        dependent.remaining -= 1
+        if dependent.remaining > 0 or self._dependents.pop(
+                dependent.future.call_id, None) is None:  # cancelled meanwhile
+            return
+        error: BaseException | None = dependent.failed_input()
+        if error is None:
+            try:
+                arguments = dependent.arguments()
+            except Exception as exc:  # noqa: BLE001  (SerializationError naming the call)
+                error = exc
+        if error is not None:
+            if FutureSink(dependent.future).launch():
+                dependent.future.set_exception(error)
+            return
+        self._add_to_window(Submit(dependent.future, dependent.fn_key, dependent.fn,
+                                   dependent.fn_blob, dependent.fn_name, arguments,
+                                   dependent.settings))
+
+    def _drop_from_window(self, future: SlurmFuture) -> None:
+        if self._dependents.pop(future.call_id, None) is not None:
+            FutureSink(future).launch()  # CANCELLED -> CANCELLED_AND_NOTIFIED
+            return
+        for window in self._windows.values():
+            if window.calls.pop(future.call_id, None) is not None:
+                FutureSink(future).launch()  # CANCELLED -> CANCELLED_AND_NOTIFIED: waiters
+                return  # wake
+
+    def _shutdown(self, cancel_futures: bool) -> None:
+        self._stopping = True
+        self._events.append(ev.ShutdownRequested(cancel_futures))
+        if not cancel_futures:
+            return
+        for window in self._windows.values():
+            for request in window.calls.values():
+                request.future.cancel()
+                FutureSink(request.future).launch()
+        self._windows = {}
+        for dependent in self._dependents.values():
+            dependent.future.cancel()
+            FutureSink(dependent.future).launch()
+        self._dependents = {}
+
+    def _launch_windows(self) -> None:
+        windows, self._windows = self._windows, {}
+        for window in windows.values():
+            self._launch_window(window)
+
+    def _launch_window(self, window: Window) -> None:
+        self.window_generation += 1
+        calls = [r for r in window.calls.values() if FutureSink(r.future).launch()]
+        if not calls:
+            return
+        settings = window.settings
+        size = settings.chunksize or auto_chunksize(
+            len(calls), settings.slots, self.cost.get(tuple(window.names)))
+        chunks = []
+        for start in range(0, len(calls), size):
+            group = calls[start:start + size]
+            chunks.append(Chunk([r.future.call_id for r in group],
+                                [(window.index[r.fn_key], r.arguments, 1) for r in group]))
+        spec = BatchSpec("submit", window.functions, window.names, chunks,
+                         min(settings.slots, len(chunks)), settings=settings)
+        self._launch(spec, [FutureSink(r.future) for r in calls])
