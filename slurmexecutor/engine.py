@@ -37,6 +37,7 @@ from .dependencies import Dependent
 from .errors import (
     JobCancelledError,
     SlurmExecutorError,
+    SubmissionDeferred,
     SubmissionError,
     TaskFailedError,
 )
@@ -78,6 +79,7 @@ class Engine(LeaseAndEnd, Intake):
         self._late_sinks: dict[int, FutureSink] = {}  # failed calls of unfinished chunks
         self._events: list[Event] = []
         self._next_renewal = 0.0
+        self._deferred_warned = False  # one WARNING when a submission limit is first hit
         self.error: BaseException | None = None  # why the owner stopped early
         self._thread = threading.Thread(target=self._run, name="slurmexecutor-owner",
                                         daemon=True)
@@ -280,9 +282,19 @@ class Engine(LeaseAndEnd, Intake):
         arrays = submit_arrays(self.backend, self._settings(action.batch), self.run_dir,
                                self._journals[action.batch], action.first, action.count,
                                action.throttled)
+        submitted = action.first
         try:
             for job_id, offset, size in arrays:
                 self._events.append(ev.TasksSubmitted(action.batch, job_id, offset, size))
+                submitted = offset + size
+        except SubmissionDeferred as error:  # a limit: the work waits (policies.py)
+            (log.info if self._deferred_warned else log.warning)(
+                "batch %d: Slurm refused its array for now (%s); it waits and is "
+                "submitted when the queue shrinks", action.batch, error)
+            self._deferred_warned = True
+            self._events.append(ev.SubmitDeferred(
+                action.batch, submitted, action.first + action.count - submitted,
+                action.throttled, error))
         except SubmissionError as error:
             log.warning("batch %d: %s", action.batch, error)
             self._events.append(ev.SubmitFailed(action.batch, error))

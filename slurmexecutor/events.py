@@ -44,6 +44,18 @@ class SubmitFailed:
 
 
 @dataclass(frozen=True)
+class SubmitDeferred:
+    """sbatch was refused by a limit that passes (MaxJobCount, a QOS's submit limit):
+    tasks first..first+count-1 are still to be submitted."""
+
+    batch: int
+    first: int
+    count: int
+    throttled: bool
+    error: BaseException
+
+
+@dataclass(frozen=True)
 class Record:
     batch: int
     task: int
@@ -107,7 +119,7 @@ class ShutdownRequested:
     cancel_futures: bool
 
 
-Event = (BatchAdded | TasksSubmitted | SubmitFailed | Record | StreamState | StreamsRead
+Event = (BatchAdded | TasksSubmitted | SubmitFailed | SubmitDeferred | Record | StreamState | StreamsRead
          | StreamFound | SchedulerAnswer | FinalAnswer | CancelRequested | ClaimsWon
          | ShutdownRequested)
 

@@ -58,6 +58,11 @@ class Batch:
     next_scale: float = 0.0
     submit_asked: bool = False  # its array was asked for (or it had one)
     warm_until: float = 0.0  # no array before then: a warm task may join
+    #: tasks a submission limit refused for now: (first, count, throttled), and when to
+    #: ask again (policies.WidthPolicy)
+    deferred: tuple[int, int, bool] | None = None
+    retry_at: float = 0.0
+    deferrals: int = 0
     owner: dict[int, Task] = field(default_factory=dict)  # call -> the task that claimed it
     backup: dict[int, Task] = field(default_factory=dict)  # call -> its backup's task
     _chunk_index: dict[int, int] | None = None  # call -> its chunk, built when first asked

@@ -14,6 +14,10 @@ from .errors import IntegrityError, JobCancelledError
 from .events import Action, Failure
 from .ledger import Batch, Config, Task, task_failure
 
+#: seconds before asking again after a submission limit refused a batch's tasks, growing
+#: by DEFER_GROWTH per refusal in a row up to DEFER_MAX (the queue shrinks as jobs end)
+DEFER_FIRST, DEFER_GROWTH, DEFER_MAX = 2.0, 1.5, 30.0
+
 
 class _CoreState:
     """What the policies use of `Core` (declared here for the type checker)."""
@@ -110,6 +114,25 @@ class WidthPolicy(_CoreState):
     def _ask_tasks(self, batch: Batch) -> None:
         batch.submit_asked = True
         self._out.append(ev.SubmitTasks(batch.number, 0, batch.planned, batch.throttled))
+
+    def _submit_deferred(self, event: ev.SubmitDeferred, now: float) -> None:
+        """A submission limit refused the tasks for now: ask again later, backing off
+        from DEFER_FIRST to DEFER_MAX s while the refusals go on."""
+        batch = self.batches.get(event.batch)
+        if batch is None:
+            return
+        batch.deferred = (event.first, event.count, event.throttled)
+        batch.retry_at = now + min(DEFER_MAX, DEFER_FIRST * DEFER_GROWTH ** batch.deferrals)
+        batch.deferrals += 1
+
+    def _submit_when_due(self, batch: Batch, now: float) -> None:
+        assert batch.deferred is not None
+        if not batch.open_calls or batch.unclaimed == set():  # cancelled, or others took it
+            batch.deferred = None
+        elif now >= batch.retry_at:
+            first, count, throttled = batch.deferred
+            batch.deferred = None
+            self._out.append(ev.SubmitTasks(batch.number, first, count, throttled))
 
     def _warm_or_submit(self, batch: Batch, now: float) -> None:
         """A batch left to warm tasks: its array is asked for when no warm task joined in

@@ -84,6 +84,8 @@ class Core(CancelPolicy, WidthPolicy, FailurePolicy):
                 self._add_tasks(batch, event.job_id, event.offset, event.size, now)
         elif isinstance(event, ev.SubmitFailed):
             self._submit_failed(event)
+        elif isinstance(event, ev.SubmitDeferred):
+            self._submit_deferred(event, now)
         elif isinstance(event, ev.Record):
             task = self.tasks.get((event.batch, event.task))
             if task is not None:
@@ -333,6 +335,8 @@ class Core(CancelPolicy, WidthPolicy, FailurePolicy):
             return
         if not batch.submit_asked and batch.unclaimed:
             self._warm_or_submit(batch, now)
+        if batch.deferred is not None:
+            self._submit_when_due(batch, now)
         if not batch.unclaimed or batch.submitted == 0:
             return
         if batch.throttled and batch.first_start is not None and now >= batch.next_scale:

@@ -8,6 +8,7 @@ from slurmexecutor.errors import (
     JobCancelledError,
     JobTimeoutError,
     NodeFailureError,
+    SubmissionDeferred,
     SubmissionError,
     WorkerCrashedError,
 )
@@ -30,6 +31,7 @@ from slurmexecutor.events import (
     ShutdownRequested,
     StreamsRead,
     StreamState,
+    SubmitDeferred,
     SubmitFailed,
     SubmitTasks,
     TasksSubmitted,
@@ -365,3 +367,32 @@ def test_the_slower_copy_is_stopped_once_the_other_answered_all_it_held():
     out = machine.step([Record(0, 0, "ok", 1, b"b")], 0.3)  # the original was quicker
     assert [c.refs for c in of(out, CancelTasks)] == [("7_1",)]  # the backup is stopped
     assert [d.call_id for d in of(out, Deliver)] == [1]
+
+
+def test_a_submission_refused_by_a_limit_is_asked_again_later_with_backoff():
+    machine = core()
+    [submit] = of(machine.step([BatchAdded(0, [[0, 1], [2, 3]], 2)], 0.0), SubmitTasks)
+    refusal = SubmissionDeferred("MaxJobCount reached", kind="job_count")
+    # the first task went out, the second was refused
+    actions = machine.step([TasksSubmitted(0, "7", 0, 1),
+                            SubmitDeferred(0, 1, 1, submit.throttled, refusal)], 0.0)
+    assert not of(actions, SubmitTasks) and not of(actions, Fail)
+    assert not of(machine.step([], 1.9), SubmitTasks)
+    [again] = of(machine.step([], 2.0), SubmitTasks)
+    assert (again.first, again.count) == (1, 1)
+    machine.step([SubmitDeferred(0, 1, 1, again.throttled, refusal)], 2.0)
+    assert not of(machine.step([], 4.9), SubmitTasks)  # backing off: 3 s now
+    assert of(machine.step([], 5.0), SubmitTasks)
+
+
+def test_a_deferred_batch_whose_calls_are_cancelled_is_not_submitted_again():
+    machine = core()
+    machine.step([BatchAdded(0, [[0, 1]], 1)], 0.0)
+    refusal = SubmissionDeferred("QOSMaxSubmitJobPerUserLimit", kind="submit_limit")
+    machine.step([SubmitDeferred(0, 0, 1, False, refusal)], 0.0)
+    actions = machine.step([CancelRequested(frozenset({0, 1}))], 1.0)
+    [claim] = of(actions, ClaimChunks)
+    actions = machine.step([ClaimsWon(0, claim.chunks)], 1.0)
+    assert failed(actions) == {0: JobCancelledError, 1: JobCancelledError}
+    assert not of(machine.step([], 60.0), SubmitTasks)
+    assert machine.idle
