@@ -6,6 +6,7 @@ does. Everything else derives from `SlurmExecutorError`:
 
     SlurmExecutorError
      +-- SubmissionError          sbatch (or the local launcher) refused the work
+     |    +-- SubmissionDeferred     refused for now by a limit (queue full, submit limit)
      +-- SerializationError       an argument or a result could not be pickled
      +-- IntegrityError           a spool file failed authentication or is truncated
      +-- RunNotFoundError         attach() to a run that is not in the folder
@@ -32,6 +33,22 @@ class SlurmExecutorError(Exception):
 
 class SubmissionError(SlurmExecutorError):
     """The scheduler refused a submission (bad partition, bad option, no Slurm, ...)."""
+
+
+class SubmissionDeferred(SubmissionError):
+    """The scheduler refused a submission only for now: a limit on queued jobs was
+    reached (the controller's MaxJobCount, a QOS or association submit limit). The
+    same submission is expected to pass once the queue shrinks. The message is the
+    scheduler's; `retry_after` is a hint in seconds for when to try again; `kind` names
+    the limit ("job_count", "submit_limit", "busy")."""
+
+    def __init__(self, message: str, retry_after: float = 10.0, kind: str = "") -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+        self.kind = kind
+
+    def __reduce__(self):
+        return (type(self), (str(self), self.retry_after, self.kind))
 
 
 class SerializationError(SlurmExecutorError, TypeError):
