@@ -139,7 +139,7 @@ class ChildRunner:
             self._load_batch()
             self._work()
         sup.out.write(("idle", None, {"time": time.time(), "polls": watcher.polls,
-                                      "leaving": True}))
+                                      "leaving": True, "aside_for": watcher.stepped_aside}))
 
     def _timed_chunk(self, index: int, took: list[float], mark: bool,
                      record: str = "claim") -> None:

@@ -35,6 +35,9 @@ CLOSED = "closed"
 #: task indices of tasks that joined a batch start here (array tasks are below)
 JOIN_BASE = 1_000_000
 FIRST_POLL, MAX_POLL = 0.002, 0.1
+#: `_joinable`'s verdict on a batch of other resources with work left: this task leaves,
+#: so that its CPUs go to that batch's array (`SlurmExecutor.options`)
+STEP_ASIDE = "step aside"
 
 
 def resources_key(resources: dict, python: str, setup: list[str], extra: list[str]) -> str:
@@ -61,11 +64,13 @@ class Watcher:
         self.run_dir, self.key, self.after = run_dir, key, after
         self.wanted_key, self.stopping = wanted_key, stopping
         self.polls = 0  # metadata operations on the signal file
+        self.stepped_aside: int | None = None  # the batch this task left its CPUs to
 
     def wait(self, seconds: float) -> tuple[int, dict] | None:
         """The next batch to join and its manifest, or None after `seconds` idle, at
-        close, or when the task is told to stop. Every batch after the last one looked
-        at is looked at, in order: none is missed when several come at once."""
+        close, when the task is told to stop, or when a batch of other resources waits
+        for CPUs (STEP_ASIDE). Every batch after the last one looked at is looked at, in
+        order: none is missed when several come at once."""
         deadline = time.monotonic() + seconds
         interval = FIRST_POLL
         while time.monotonic() < deadline and not self.stopping():
@@ -87,22 +92,26 @@ class Watcher:
                 self.after += 1
                 if isinstance(verdict, dict):
                     return self.after, verdict
+                if verdict == STEP_ASIDE:
+                    self.stepped_aside = self.after
+                    return None
             time.sleep(interval)
             interval = min(interval * 1.5, MAX_POLL)
         return None
 
-    def _joinable(self, batch: int) -> dict | bool | None:
-        """Its manifest if this task can join the batch, False if it never can (other
-        resources, no stealing, every chunk claimed), None if that is not known yet."""
+    def _joinable(self, batch: int) -> dict | bool | str | None:
+        """Its manifest if this task can join the batch, False if it never can (no
+        stealing, every chunk claimed), STEP_ASIDE for other resources with chunks left,
+        None if that is not known yet."""
         try:
             manifest = spool.read_blob(spool.manifest_path(self.run_dir, batch), self.key)
             claimed = sum(1 for name in os.listdir(spool.claims_dir(self.run_dir, batch))
                           if name.isdigit())
         except Exception:  # noqa: BLE001  (not there, or not whole yet)
             return None
-        if manifest.get("resources") != self.wanted_key or not manifest["steal"]:
+        if not manifest["steal"] or claimed >= manifest["chunks"]:
             return False
-        return manifest if claimed < manifest["chunks"] else False
+        return manifest if manifest.get("resources") == self.wanted_key else STEP_ASIDE
 
 
 def join_stream(run_dir: Path, batch: int) -> int:

@@ -141,3 +141,14 @@ def test_the_watch_misses_no_batch_when_several_come_at_once(tmp_path):
     while (found := watcher.wait(0.5)) is not None:
         joined.append(found[0])
     assert joined == [1, 3, 4]  # batch 2 was taken; 3 and 4 are not forgotten
+
+
+def test_a_warm_task_steps_aside_for_a_batch_of_other_resources(make_executor):
+    ex = make_executor(keep_alive=300, time="00:10:00")
+    assert ex.submit(inc, 1).result(timeout=120) == 2
+    [first] = arrays(ex)
+    other = ex.options(time="00:09:00")  # cannot join: its CPUs go to the new array
+    assert other.submit(inc, 2).result(timeout=120) == 3
+    assert wait_until(lambda: task_done(ex, first["job_id"], 0), timeout=30)
+    assert len(arrays(ex)) == 2
+    assert ex.submit(inc, 3).result(timeout=120) == 4  # the new task is of other resources
