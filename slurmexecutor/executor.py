@@ -4,11 +4,16 @@ Data flow (compare CPython's concurrent/futures/process.py):
 
  caller threads                owner thread (engine.py)                run folder      array task
  --------------                ------------------------                ----------      ----------
- submit(fn, *a)
+ submit(fn, *a) (calls.py;
+   ex.options(...) views too)
    pickle args now (a bad
    argument fails here)
-   put Submit --------------> window (submit_window s, flushed by
- map / submit_many              .result(), max_window, max_batch)
+   put Submit --------------> window of its resource set (submit_window
+   (futures among the args:     s, flushed by .result(), max_window,
+    put Dependent: it waits     max_batch) (intake.py)
+    for InputDone, then joins
+    the window)
+ map / submit_many
    pickle chunks now (an      write batch (batches.py) ---------> bNNNN/ fn, manifest,
    argument shared by many    futures RUNNING from here on          shared, cJJJJ.in;
    calls: once, sharing.py)   keep_alive: announce it ----------> batches (signal) --> warm tasks
