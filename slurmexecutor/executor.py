@@ -22,7 +22,8 @@ Data flow (compare CPython's concurrent/futures/process.py):
    put CancelCalls/Shutdown  state.Core.step(events, now) -> actions                 worker (and
    (never touch state,          SubmitTasks (unless a warm task joined): ONE sbatch  child.py):
     never run a scheduler       --array=0-(K-1)%1 ---------------------------------> claims chunks
-    command or folder write)    LiftThrottle (scontrol) from the measured work       (claims/J,
+    command or folder write)    (refused by a limit: asked again, backing off)       (claims/J,
+                                LiftThrottle (scontrol) from the measured work
                                 CancelTasks, WriteCancel, ClaimChunks, Retry         O_EXCL),
                              each round: scandir of live batches' folders          appends
                                + new records <--------------------------- bNNNN/tIIII.rA.out
