@@ -6,6 +6,7 @@
     slurmexecutor logs RUN [CALL]                 a run's task logs, or one call's part
     slurmexecutor cancel RUN                      scancel a run's jobs, mark its calls cancelled
     slurmexecutor clean                           delete finished runs
+    slurmexecutor clean --cache [--cache-dir DIR] empty the result cache (runs untouched)
     slurmexecutor render [OPTIONS]                the batch script, without submitting
 
 The logic lives in the library (`runs`, `mapreduce`, `countreads`); this only parses
@@ -21,7 +22,7 @@ import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from . import runs, spool
+from . import cache, runs, spool
 from .errors import SlurmExecutorError
 from .executor import SlurmExecutor, call_log, default_folder
 from .schedulers.script import SBATCH_OPTIONS, ScriptSpec, render_script, validate_resources
@@ -79,7 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     logs.add_argument("call", nargs="?", type=int)
     cancel = commands.add_parser("cancel", help="cancel a run's jobs and calls")
     cancel.add_argument("run")
-    commands.add_parser("clean", help="delete finished runs (never a live one)")
+    clean = commands.add_parser("clean", help="delete finished runs (never a live one), "
+                                "or with --cache empty the result cache")
+    clean.add_argument("--cache", action="store_true",
+                       help="empty the result cache instead (FOLDER/cache); runs stay")
+    clean.add_argument("--cache-dir", type=Path, metavar="DIR",
+                       help="the cache is there (SlurmExecutor(cache=DIR)); implies --cache")
     render = commands.add_parser("render", help="print the batch script for these options")
     render.add_argument("--size", type=int, default=16, help="array tasks")
     add_resource_options(render)
@@ -234,6 +240,9 @@ def status_command(args: argparse.Namespace) -> int:
     print()
     if info.lease_text:
         print(f"  {info.lease_text}")
+    if info.cache is not None:
+        print(f"  result cache: {info.cache.hits} call(s) found in it (not run), "
+              f"{info.cache.misses} not")
     idle, tasks = 0, []
     for task in info.tasks:
         state = task.state.state if task.state else ("ended" if task.ended else "-")
@@ -274,7 +283,7 @@ def _print_some(lines: Iterable[str], total: int, everything: bool, what: str) -
 
 def _runs_table(infos: Iterable[runs.RunInfo]) -> str:
     header = ("RUN", "CREATED", "BACKEND", "FUNCTION", "CALLS", "DONE", "FAILED", "RUNNING",
-              "PENDING", "LEASE", "JOBS")
+              "PENDING", "CACHED", "LEASE", "JOBS")
     rows = [header]
     for info in infos:  # a row each: the runs are not all held at once
         functions = ",".join(name.rsplit(".", 1)[-1] for name in info.functions) or "-"
@@ -285,7 +294,8 @@ def _runs_table(infos: Iterable[runs.RunInfo]) -> str:
             str(failed), str(info.count("running")),
             str(info.count("pending")) + (" (cancelled)" if info.cancelled else "") + (
                 f" (+{unknown} unknown)" if (unknown := info.count("unknown")) else ""),
-            info.lease_state, ",".join(info.job_ids) or "-"))
+            str(info.cache.hits) if info.cache else "-", info.lease_state,
+            ",".join(info.job_ids) or "-"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
                      for row in rows)
@@ -332,6 +342,13 @@ def cancel_command(args: argparse.Namespace) -> int:
 
 def clean_command(args: argparse.Namespace) -> int:
     folder = _folder(args)
+    if args.cache or args.cache_dir:
+        path = args.cache_dir or cache.default_cache_dir(folder)
+        if not path.is_dir():
+            print(f"no result cache in {path}")
+            return 0
+        print(f"emptied the result cache {path}: {cache.clear_cache(path)} result(s) removed")
+        return 0
     for info in _read(folder, runs.list_runs(folder)):
         if info.client_alive:
             print(f"kept {info.run_id}: still live ({info.lease_text or 'its client runs'})")

@@ -23,6 +23,7 @@ from typing import Any
 from . import claims as claiming
 from . import lease as leases
 from . import spool
+from .cache import CacheCounts, read_hits
 from .calltable import CODE, FAILED, STATUSES, UNKNOWN, Calls, CallStatus, ChunkInfo
 from .errors import RunInUseError, RunNotFoundError
 from .schedulers import Backend, TaskKey, TaskState, state_of
@@ -63,6 +64,7 @@ class RunInfo:
     journals: dict[int, dict] = field(default_factory=dict)
     cancelled: bool = False
     lease: dict | None = None  # its lease file; None for runs from before leases
+    cache: CacheCounts | None = None  # result cache hits and misses; None: no cache
     _by_key: dict[tuple[int, int], TaskInfo] = field(default_factory=dict, init=False,
                                                      repr=False)
 
@@ -133,6 +135,7 @@ def read_run(run_dir: Path, key: bytes) -> RunInfo:
     info = RunInfo(run_dir.name, run_dir, spool.read_json(run_dir / "run.json"))
     info.cancelled = (run_dir / "cancelled").exists()
     info.lease = leases.read_lease(run_dir)
+    info.cache = read_hits(run_dir)
     functions: dict[str, None] = {}
     for journal in spool.read_journals(run_dir):
         batch = journal["batch"]
