@@ -24,7 +24,11 @@ Covered (a change is a miss):
   module, qualified name, bases, metaclass and the class dict (methods, static and class
   methods, properties, class attributes);
 - bound methods: the function and the instance's content; `functools.partial` and
-  callable objects: their reduction (function, arguments, state);
+  callable objects: their reduction (function, arguments, state); decorated functions:
+  the wrapper, whose closure or `__wrapped__` (`functools.lru_cache`) holds the function;
+- lists, tuples and dicts of 64 or more plain items (numbers, strings, bytes) are
+  hashed as their pickle (fast; two equal ones that share string objects differently
+  may differ: a miss);
 - builtins (`abs`, `math.sqrt`) and *library* functions and classes: module, qualified
   name and the library's `__version__` (and a builtin method's `__self__`).
 
@@ -42,8 +46,10 @@ Not covered (a change there is a HIT that returns the old result):
   type only; function attributes (`fn.__dict__`);
 - global state mutated after the fingerprint was taken (take it at submission).
 
-A value that is too deeply nested to walk raises `UncacheableError`: run the call
-without the cache.
+Cost: the walk is linear in the code and data reached (about 15 us for a small
+function, 0.1 s for a global 1,000,000-item list or 80 MB array): take it once per map,
+not per call. A value nested too deeply to walk, or changed by another thread during the
+walk, raises `UncacheableError`: run the call without the cache.
 """
 
 from __future__ import annotations
@@ -51,6 +57,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import pickle
 import site
 import struct
 import sys
@@ -72,9 +79,8 @@ def function_fingerprint(fn: Any) -> str:
     encoder.atom(b"V", FORMAT + b" py%d.%d" % sys.version_info[:2])
     try:
         encoder.value(fn)
-    except RecursionError as error:
-        raise UncacheableError(f"{fn!r} refers to values nested too deeply to "
-                               "fingerprint") from error
+    except RuntimeError as error:  # RecursionError; a dict changed during the walk
+        raise UncacheableError(f"{fn!r} cannot be fingerprinted: {error}") from error
     return encoder.hexdigest()
 
 
@@ -134,6 +140,8 @@ _BUILTIN_TYPES = (types.BuiltinFunctionType, types.MethodWrapperType,
                   types.ClassMethodDescriptorType)
 _SLOT_TYPES = (types.MemberDescriptorType, types.GetSetDescriptorType)
 _IMMUTABLE = (tuple, frozenset, types.CodeType)
+_ATOMS = frozenset({type(None), bool, int, float, complex, str, bytes})
+_BULK = 64  # a list, tuple or dict this long of atoms only is hashed as its pickle
 
 
 class _Encoder:
@@ -187,6 +195,8 @@ class _Encoder:
     def _object(self, obj: Any, kind: type) -> None:
         if kind is bytearray:
             self.atom(b"B", bytes(obj))
+        elif kind in (list, tuple, dict) and len(obj) >= _BULK and _plain(obj, kind):
+            self.atom(b"A" + kind.__name__[:1].encode(), pickle.dumps(obj, 4))
         elif kind in (tuple, list):
             self.count(b"T" if kind is tuple else b"L", len(obj))
             for item in obj:
@@ -318,8 +328,9 @@ class _Encoder:
         except Exception:  # noqa: BLE001  (unpicklable: locks, files, generators)
             self.text(b"?", kind.__module__, kind.__qualname__)
             return
-        if isinstance(reduced, str):  # a global reached by name
+        if isinstance(reduced, str):  # a global reached by name (lru_cache wrappers)
             self.text(b"G", kind.__module__, kind.__qualname__, reduced)
+            self.value(getattr(obj, "__wrapped__", None))
             return
         parts = list(reduced)
         for position in (3, 4):  # list and dict items come as iterators
@@ -328,6 +339,14 @@ class _Encoder:
         self.count(b"r", len(parts))
         for part in parts:
             self.value(part)
+
+
+def _plain(obj: Any, kind: type) -> bool:
+    """Only atoms in it (a dict: as keys and values): its pickle is as canonical as our
+    walk (and made in C)."""
+    if kind is dict:
+        return {type(k) for k in obj} <= _ATOMS and {type(v) for v in obj.values()} <= _ATOMS
+    return {type(item) for item in obj} <= _ATOMS
 
 
 def _digest_of(item: Any) -> bytes:

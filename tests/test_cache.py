@@ -206,6 +206,24 @@ def test_bound_methods_callable_objects_and_builtins():
     assert prints == [fingerprint(fn) for fn in names]
 
 
+def test_decorated_functions_and_big_globals():
+    def cached(body):
+        namespace: dict = {"functools": functools}
+        exec(f"@functools.lru_cache\ndef f(x):\n    return {body}\n", namespace)  # noqa: S102
+        return namespace["f"]
+
+    assert fingerprint(cached("x + 1")) == fingerprint(cached("x + 1"))
+    assert fingerprint(cached("x + 1")) != fingerprint(cached("x + 2"))
+    big = list(range(100_000))
+
+    def uses_big():
+        return big
+
+    before = fingerprint(uses_big)
+    big[50_000] = -1
+    assert fingerprint(uses_big) != before
+
+
 def test_recursion_and_deep_values():
     def even(n):
         return n == 0 or odd(n - 1)
