@@ -7,17 +7,21 @@
     max_array_size(), slots()
 
 `slurm` drives sbatch/squeue/sacct/scancel; `local` runs the same batch script as local
-subprocesses (the embedded default where there is no Slurm).
+subprocesses (the embedded default where there is no Slurm); `allocation` runs it as job
+steps (srun) of the allocation the client runs in.
 """
 
 from __future__ import annotations
 
 import abc
+import os
 import shutil
 import subprocess
 from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
+
+from .._log import log
 
 #: States after which a task will not run again (unless Slurm requeues it).
 FINAL_STATES = frozenset({
@@ -118,9 +122,17 @@ def slurm_available() -> bool:
 
 
 def make_backend(name: str, resources: dict) -> Backend:
-    """`slurm`, `local`, or `auto` (Slurm when it answers, else local)."""
+    """`slurm`, `local`, `allocation` (job steps of the allocation this runs in), or
+    `auto` (Slurm when it answers, else local; never `allocation` by itself)."""
     if name == "auto":
+        if os.environ.get("SLURM_JOB_ID"):
+            log.info("inside Slurm job %s: backend='allocation' would run the work as job "
+                     "steps (srun) of it instead of submitting jobs", os.environ["SLURM_JOB_ID"])
         name = "slurm" if slurm_available() else "local"
+    if name == "allocation":
+        from .allocation import AllocationBackend
+
+        return AllocationBackend(resources)
     if name == "slurm":
         from .slurm import SlurmBackend
 
@@ -129,4 +141,4 @@ def make_backend(name: str, resources: dict) -> Backend:
         from .local import LocalBackend
 
         return LocalBackend(resources)
-    raise ValueError(f"backend must be 'slurm', 'local' or 'auto', not {name!r}")
+    raise ValueError(f"backend must be 'slurm', 'local', 'allocation' or 'auto', not {name!r}")

@@ -36,16 +36,19 @@ class _Task:
     warned: bool = False
     ending: str | None = None  # why we are killing it: CANCELLED or TIMEOUT
     kill_at: float = 0.0
+    kills: int = 0  # how many times the kill deadline passed
 
 
 class LocalBackend(Backend):
+    """Runs array tasks as child processes. Subclasses (the allocation backend) change
+    how a task is started, signalled and judged through the `_command`, `_final`,
+    `_warn`, `_stop` and `_kill` hooks; the queue, throttles and limits are shared."""
+
     name = "local"
     same_host = True
 
     def __init__(self, resources: dict) -> None:
-        cpus = os.cpu_count() or 1
-        per_task = int(resources.get("cpus_per_task") or 1)
-        self._slots = max(1, cpus // per_task)
+        self._slots = self._count_slots(resources)
         if resources.get("array_parallelism"):
             self._slots = min(self._slots, int(resources["array_parallelism"]))
         self._limit = time_limit_seconds(resources["time"]) if "time" in resources else None
@@ -61,7 +64,7 @@ class LocalBackend(Backend):
 
     def submit_array(self, script: Path, size: int, log_dir: Path,
                      throttle: int | None = None) -> str:
-        job_id = f"{os.getpid()}{next(_job_numbers):04d}"
+        job_id = self._new_job_id()
         with self._lock:
             self._throttles[job_id] = throttle or 0
             for index in range(size):
@@ -69,7 +72,7 @@ class LocalBackend(Backend):
                 self._queue.append(_Task(key, script, log_dir / f"{job_id}_{index}.log"))
                 self._states[key] = TaskState("PENDING")
             self._lock.notify()
-        log.info("local array job %s: %d tasks", job_id, size)
+        log.info("%s array job %s: %d tasks", self.name, job_id, size)
         return job_id
 
     def set_throttle(self, job_id: str, throttle: int) -> None:
@@ -106,6 +109,36 @@ class LocalBackend(Backend):
             self._closed = True
             self._lock.notify()
 
+    # -- what subclasses change ---------------------------------------------------------
+
+    def _count_slots(self, resources: dict) -> int:
+        """Tasks at once before `array_parallelism`: one per `cpus_per_task` CPUs."""
+        return max(1, (os.cpu_count() or 1) // int(resources.get("cpus_per_task") or 1))
+
+    def _new_job_id(self) -> str:
+        return f"{os.getpid()}{next(_job_numbers):04d}"
+
+    def _command(self, task: _Task) -> tuple[list[str], dict[str, str]]:
+        """The command and environment that run the task's batch script."""
+        return ["bash", str(task.script)], dict(
+            os.environ, SLURMEXECUTOR_TASK=str(task.key[1]), SLURMEXECUTOR_JOB=str(task.key[0]))
+
+    def _final(self, task: _Task, code: int) -> TaskState:
+        """How a task whose process exited with `code` (negative: a signal) ended."""
+        return _final_state(code, task.ending)
+
+    def _warn(self, task: _Task) -> None:
+        """The warning before the time limit (SIGUSR1 to the worker, as Slurm's B:USR1)."""
+        self._signal(task, signal.SIGUSR1, group=False)
+
+    def _stop(self, task: _Task) -> None:
+        """Ask a task to end (cancel, time limit): SIGTERM to its process group."""
+        self._signal(task, signal.SIGTERM)
+
+    def _kill(self, task: _Task) -> None:
+        """The task did not end KILL_WAIT s after `_stop`: SIGKILL its process group."""
+        self._signal(task, signal.SIGKILL)
+
     # -- the launcher thread -----------------------------------------------------------
 
     def _loop(self) -> None:
@@ -131,11 +164,10 @@ class LocalBackend(Backend):
         return not throttle or running < throttle
 
     def _start(self, task: _Task) -> None:
-        env = dict(os.environ, SLURMEXECUTOR_TASK=str(task.key[1]),
-                   SLURMEXECUTOR_JOB=str(task.key[0]))
+        command, env = self._command(task)
         with open(task.log_file, "ab") as log_file:
             task.process = subprocess.Popen(
-                ["bash", str(task.script)], stdin=subprocess.DEVNULL, stdout=log_file,
+                command, stdin=subprocess.DEVNULL, stdout=log_file,
                 stderr=subprocess.STDOUT, env=env, start_new_session=True,
             )
         task.started = time.monotonic()
@@ -151,22 +183,23 @@ class LocalBackend(Backend):
                 self._enforce_limits(task, now)
                 continue
             del self._running[key]
-            self._states[key] = _final_state(code, task.ending)
+            self._states[key] = self._final(task, code)
 
     def _enforce_limits(self, task: _Task, now: float) -> None:
         if task.ending and now >= task.kill_at:
-            self._signal(task, signal.SIGKILL)
+            task.kills += 1
+            self._kill(task)
         elif self._limit is not None and not task.ending:
             elapsed = now - task.started
             if elapsed >= self._limit:
                 self._terminate(task, "TIMEOUT")
             elif not task.warned and elapsed >= self._limit - warning_seconds(self._limit):
                 task.warned = True
-                self._signal(task, signal.SIGUSR1, group=False)
+                self._warn(task)
 
     def _terminate(self, task: _Task, why: str) -> None:
         task.ending, task.kill_at = why, time.monotonic() + KILL_WAIT
-        self._signal(task, signal.SIGTERM)
+        self._stop(task)
 
     @staticmethod
     def _signal(task: _Task, signum: int, group: bool = True) -> None:
