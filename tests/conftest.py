@@ -1,14 +1,16 @@
 """Test fixtures: a real throwaway Slurm cluster (once per session) and executors.
 
-The cluster is started with the project's own `scripts/slurm_cluster.py`. If Slurm is not
-installed the Slurm tests FAIL (they are never skipped silently); set
-SLURMEXECUTOR_SKIP_SLURM=1 to deselect them on a machine without Slurm on purpose.
+The session cluster is the `slurm_cluster` fixture of the package's own pytest plugin
+(`slurmexecutor.testing.plugin`, registered by the package's `pytest11` entry point); this
+file only sizes it. If Slurm is not installed the Slurm tests FAIL (they are never skipped
+silently); set SLURMEXECUTOR_SKIP_SLURM=1 to deselect them on a machine without Slurm on
+purpose. SLURMEXECUTOR_TEST_CLUSTER=DIR runs the session cluster in DIR (reusing one
+already running there).
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -19,18 +21,19 @@ import pytest
 from slurmexecutor import SlurmExecutor, spool
 
 REPO = Path(__file__).resolve().parent.parent
-CLUSTER_SCRIPT = REPO / "scripts" / "slurm_cluster.py"
+CLUSTER_SCRIPT = REPO / "scripts" / "slurm_cluster.py"  # = python -m slurmexecutor.testing
 BACKENDS = ["local", "slurm"]
 #: The session cluster: 3 nodes so node loss can be tested, 16 CPUs in all.
 CLUSTER_NODES, CLUSTER_CPUS = 3, 6
 
 
 def cluster(command: str, directory: Path, *args: str) -> str:
-    done = subprocess.run([sys.executable, str(CLUSTER_SCRIPT), command, str(directory),
-                           *args], capture_output=True, text=True, timeout=180, check=False,
-                          stdin=subprocess.DEVNULL)
+    """Run `python -m slurmexecutor.testing COMMAND DIRECTORY ARGS...`; return its stdout."""
+    done = subprocess.run([sys.executable, "-m", "slurmexecutor.testing", command,
+                           str(directory), *args], capture_output=True, text=True, timeout=180,
+                          check=False, stdin=subprocess.DEVNULL)
     if done.returncode != 0:
-        raise RuntimeError(f"slurm_cluster.py {command} failed:\n{done.stderr}")
+        raise RuntimeError(f"slurmexecutor.testing {command} failed:\n{done.stderr}")
     return done.stdout
 
 
@@ -54,22 +57,9 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session")
-def slurm_cluster(tmp_path_factory) -> Path:
-    """A running single-host Slurm cluster; SLURM_CONF points at it for the session."""
-    if not shutil.which("sbatch") or not Path("/usr/sbin/slurmctld").exists():
-        pytest.fail("Slurm is not installed (apt-get install -y slurm-wlm munge): the "
-                    "Slurm tests cannot run. .ci/run installs it.", pytrace=False)
-    directory = Path(os.environ.get("SLURMEXECUTOR_TEST_CLUSTER") or
-                     tmp_path_factory.mktemp("slurm", numbered=True))
-    cluster("up", directory, "--nodes", str(CLUSTER_NODES), "--cpus", str(CLUSTER_CPUS))
-    previous = os.environ.get("SLURM_CONF")
-    os.environ["SLURM_CONF"] = str(directory / "slurm.conf")
-    yield directory
-    cluster("down", directory)
-    if previous is None:
-        os.environ.pop("SLURM_CONF", None)
-    else:
-        os.environ["SLURM_CONF"] = previous
+def slurm_cluster_options() -> dict:
+    """The size of the plugin's session cluster (`slurm_cluster`) for our tests."""
+    return {"nodes": CLUSTER_NODES, "cpus": CLUSTER_CPUS}
 
 
 @pytest.fixture(params=BACKENDS)
