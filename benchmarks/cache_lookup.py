@@ -4,8 +4,8 @@
     python benchmarks/cache_lookup.py [--calls 10000] [--dir DIR]
 
 In a fresh cache under DIR (default: a temporary folder), for `--calls` calls of one
-function with one small argument each: the fingerprint, the keys (cloudpickle of the
-arguments + SHA-256), `get_many` of all keys on an empty cache, after half were stored,
+function with one small argument each: the fingerprint, the keys (CallKeys: cloudpickle
+of the arguments + SHA-256), `get_many` of all keys on an empty cache, after half were stored,
 and after all were; `put_pickled` per entry. Each lookup is timed with shards listed
 (cache.LIST_SHARD_FROM, the default) and with every entry opened by name.
 """
@@ -50,11 +50,9 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(dir=args.dir, prefix="cache-bench-"))
     store = cache.ResultCache(root / "cache")
     print(f"{args.calls} calls, cache in {store.path}")
-    fingerprint = timed("function_fingerprint (once)",
-                        lambda: cache.function_fingerprint(work))
-    keys = timed("call_key(arguments_bytes) for every call", lambda: [
-        cache.call_key(fingerprint, cache.arguments_bytes((i,), {}))
-        for i in range(args.calls)])
+    calls = timed("CallKeys(fn): the function's fingerprint", lambda: cache.CallKeys(work))
+    keys = timed("CallKeys.key for every call", lambda: [
+        calls.key((i,), {}) for i in range(args.calls)])
     lookups(store, keys, "empty cache")
     half = args.calls // 2
     timed(f"put_pickled x {half}", lambda: [

@@ -1,12 +1,15 @@
 """The result cache: results of successful calls, kept across clients and kernels.
 
-A call's key is `call_key(function_fingerprint(fn), pickled_arguments)`: SHA-256 over the
-function's fingerprint (fingerprint.py says exactly what it covers) and the call's
-arguments as cloudpickle bytes. Equal arguments usually pickle to equal bytes, but not
-always (a set of strings pickles in hash order, which differs between processes; an
-instance of a class defined in `__main__` or a notebook carries a random class id; an
-object passed twice pickles differently from two equal copies): such a call is a miss,
-never a wrong hit.
+A call's key (`CallKeys(fn).key(args, kwargs)`) is SHA-256 over the function's
+fingerprint (fingerprint.py says exactly what it covers), the call's arguments as
+cloudpickle bytes, and the fingerprints of the functions and classes those arguments
+contain (cloudpickle pickles those of importable modules by name: without their
+fingerprints, a changed function passed as an argument would be a wrong hit). Equal
+arguments usually pickle to equal bytes, but not always (a set of strings pickles in
+hash order, which differs between processes; an instance of a class defined in
+`__main__` or a notebook carries a random class id; an object passed twice pickles
+differently from two equal copies; keyword arguments in another order): such a call is
+a miss, never a wrong hit.
 
     <cache>/                     mode 0700; `<folder>/cache` by default
       key                        the cache's own HMAC key, when it was not given one
@@ -25,11 +28,13 @@ Hits per run: the executor appends its counts to `<run>/cache-hits` (`record_hit
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import shutil
 import string
 import threading
+import types
 from collections.abc import Iterable
 from dataclasses import dataclass
 from hashlib import sha256
@@ -42,8 +47,8 @@ from . import spool
 from ._log import log
 from .fingerprint import UncacheableError, function_fingerprint
 
-__all__ = ["DEFAULT_DIR", "HITS_FILE", "CacheCounts", "ResultCache", "UncacheableError",
-           "arguments_bytes", "call_key", "clear_cache", "default_cache_dir",
+__all__ = ["DEFAULT_DIR", "HITS_FILE", "CacheCounts", "CallKeys", "ResultCache",
+           "UncacheableError", "arguments_bytes", "call_key", "clear_cache", "default_cache_dir",
            "function_fingerprint", "read_hits", "record_hits"]
 
 DEFAULT_DIR = "cache"  # under the executor's folder
@@ -61,20 +66,65 @@ def default_cache_dir(folder: Path) -> Path:
     return Path(folder) / DEFAULT_DIR
 
 
-def call_key(fingerprint: str, pickled_arguments: bytes) -> str:
-    """The cache key of a call: SHA-256 hex of the function's fingerprint and the
-    arguments' pickle. Pickle the arguments alone (`arguments_bytes`), not with a
-    batch's shared arguments: those are pickled as references, not content."""
+def call_key(fingerprint: str, pickled_arguments: bytes, code: Iterable[str] = ()) -> str:
+    """The cache key of a call: SHA-256 hex of the function's fingerprint, the arguments'
+    pickle and the fingerprints of the code in them (`code`). `CallKeys` makes all
+    three; pickle the arguments alone, not with a batch's shared arguments (those are
+    pickled as references, not content)."""
     digest = sha256(b"slurmexecutor-call-1\0")
     digest.update(fingerprint.encode() + b"\0")
-    digest.update(pickled_arguments)
+    digest.update(len(pickled_arguments).to_bytes(8, "big") + pickled_arguments)
+    for part in code:
+        digest.update(b"\0" + part.encode())
     return digest.hexdigest()
 
 
 def arguments_bytes(args: tuple, kwargs: dict) -> bytes:
-    """The arguments of one call pickled for `call_key`: cloudpickle of
-    `(tuple(args), dict(kwargs))`."""
+    """cloudpickle of `(tuple(args), dict(kwargs))`, as `CallKeys.key` pickles them (but
+    without noting the code in them: prefer `CallKeys`)."""
     return cloudpickle.dumps((tuple(args), dict(kwargs)))
+
+
+class CallKeys:
+    """The keys of calls of `fn`, made when they are submitted (one per map or submit:
+    the fingerprints of `fn` and of the code in arguments are taken once, here).
+
+    `key(args, kwargs)` cloudpickles `(tuple(args), dict(kwargs))` (the same for submit,
+    map and map_reduce, so a call made through one is found through another). Raises
+    UncacheableError when `fn` or code in the arguments cannot be fingerprinted, and
+    what cloudpickle raises for unpicklable arguments."""
+
+    def __init__(self, fn: Any) -> None:
+        self.fingerprint = function_fingerprint(fn)
+        self._code: dict[int, str] = {}  # id -> fingerprint of code met in arguments
+        self._keep: list[Any] = []  # those objects, so their ids stay theirs
+
+    def key(self, args: tuple, kwargs: dict) -> str:
+        buffer = io.BytesIO()
+        pickler = _KeyPickler(buffer, self)
+        pickler.dump((tuple(args), dict(kwargs)))
+        return call_key(self.fingerprint, buffer.getvalue(), pickler.code)
+
+    def code_fingerprint(self, obj: Any) -> str:
+        found = self._code.get(id(obj))
+        if found is None:
+            found = self._code[id(obj)] = function_fingerprint(obj)
+            self._keep.append(obj)
+        return found
+
+
+class _KeyPickler(cloudpickle.CloudPickler):
+    """cloudpickle that notes the fingerprint of each function and class it meets."""
+
+    def __init__(self, file: io.BytesIO, keys: CallKeys) -> None:
+        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
+        self._keys = keys
+        self.code: list[str] = []
+
+    def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, (types.FunctionType, type)):
+            self.code.append(self._keys.code_fingerprint(obj))
+        return super().reducer_override(obj)
 
 
 def _check_key(key: str) -> str:

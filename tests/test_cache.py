@@ -19,20 +19,14 @@ import cloudpickle
 import pytest
 
 from slurmexecutor import SlurmExecutor, cache
-from slurmexecutor.cache import (
-    ResultCache,
-    UncacheableError,
-    arguments_bytes,
-    call_key,
-    function_fingerprint,
-)
+from slurmexecutor.cache import CallKeys, ResultCache, UncacheableError, function_fingerprint
 from slurmexecutor.cli import main as cli_main
 
 fingerprint = function_fingerprint
 
 
 def key_of(fn, *args, **kwargs) -> str:
-    return call_key(function_fingerprint(fn), arguments_bytes(args, kwargs))
+    return CallKeys(fn).key(args, kwargs)
 
 
 # -- fingerprints ------------------------------------------------------------------------
@@ -248,6 +242,23 @@ def test_call_keys():
     assert len({key_of(_body_a, 1), key_of(_body_a, 2), key_of(_body_b, 1),
                 key_of(_body_a, x=1)}) == 4
     assert len(key_of(_body_a, 1)) == 64
+
+
+def test_call_keys_cover_code_passed_as_arguments(module_dir):
+    """cloudpickle pickles an importable function or class by name: a changed body of
+    one passed as an argument must still change the key."""
+    where, name = module_dir
+    load(where, name)
+    module = sys.modules[name]
+    before = (key_of(map, module.helper, [1]), key_of(_body_a, module.Model(2)))
+    assert before == (key_of(map, module.helper, [1]), key_of(_body_a, module.Model(2)))
+    source = (where / f"{name}.py").read_text()
+    (where / f"{name}.py").write_text(source.replace("return x * SCALE", "return -x")
+                                      .replace("self.w * x", "self.w - x"))
+    load(where, name)
+    module = sys.modules[name]
+    after = (key_of(map, module.helper, [1]), key_of(_body_a, module.Model(2)))
+    assert after[0] != before[0] and after[1] != before[1]
 
 
 # -- the store --------------------------------------------------------------------------
