@@ -4,7 +4,7 @@
         ...
 
 Reuses the cluster named by $SLURM_CONF when one is set and `sinfo` answers; otherwise
-starts one with scripts/slurm_cluster.py in a temporary folder (1 node, 16 CPUs declared,
+starts one with slurmexecutor.testing in a temporary folder (1 node, 16 CPUs declared,
 as for the reference figures) and stops it on exit.
 """
 
@@ -20,6 +20,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # slurmexecutor from this checkout
+
+from slurmexecutor.testing import ClusterError, Shared, down, up
+
+#: The command line of the test cluster (`python CLUSTER_SCRIPT up|down DIR ...`).
 CLUSTER_SCRIPT = REPO / "scripts" / "slurm_cluster.py"
 
 
@@ -34,14 +39,30 @@ def sinfo_answers(timeout: float = 10.0) -> bool:
 
 
 def cluster_cpus() -> int:
-    """Total CPUs the cluster declares (sum of the T in `sinfo -o %C`)."""
-    out = subprocess.run(["sinfo", "-h", "-o", "%C"], capture_output=True, text=True,
+    """Total CPUs the cluster declares, each node counted once (a node is listed once per
+    partition it is in)."""
+    out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %c"], capture_output=True, text=True,
                          check=True).stdout
-    return sum(int(line.split("/")[3]) for line in out.split() if line.count("/") == 3)
+    cpus = dict(line.split() for line in out.splitlines() if len(line.split()) == 2)
+    return sum(int(count) for count in cpus.values())
 
 
 def log(message: str) -> None:
     print(f"[cluster] {message}", file=sys.stderr, flush=True)
+
+
+@contextmanager
+def _conf_set(conf: Path) -> Iterator[None]:
+    """SLURM_CONF names `conf` while inside."""
+    existing = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = str(conf)
+    try:
+        yield
+    finally:
+        if existing is None:
+            os.environ.pop("SLURM_CONF", None)
+        else:
+            os.environ["SLURM_CONF"] = existing
 
 
 @contextmanager
@@ -54,28 +75,21 @@ def slurm_cluster(nodes: int = 1, cpus: int = 16) -> Iterator[str]:
         return
 
     folder = Path(tempfile.mkdtemp(prefix="slxbench-"))
-    conf = folder / "slurm.conf"
-    up = [sys.executable, str(CLUSTER_SCRIPT), "up", str(folder),
-          "--nodes", str(nodes), "--cpus", str(cpus)]
-    done = subprocess.run(up, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        _stop(folder)
-        raise RuntimeError(f"could not start a Slurm cluster:\n{done.stderr.strip()}")
-    log(f"started a cluster in {folder}: {nodes} node(s) x {cpus} CPUs declared")
-    os.environ["SLURM_CONF"] = str(conf)
     try:
-        yield str(conf)
+        cluster = up(folder, nodes=nodes, cpus=cpus)
+    except ClusterError as exc:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise RuntimeError(f"could not start a Slurm cluster: {exc}") from exc
+    log(f"started a cluster in {folder}: {nodes} node(s) x {cpus} CPUs declared")
+    try:
+        with _conf_set(cluster.conf):
+            yield str(cluster.conf)
     finally:
-        if existing is None:
-            os.environ.pop("SLURM_CONF", None)
-        else:
-            os.environ["SLURM_CONF"] = existing
         _stop(folder)
 
 
 def _stop(folder: Path) -> None:
-    subprocess.run([sys.executable, str(CLUSTER_SCRIPT), "down", str(folder)],
-                   capture_output=True, check=False)
+    down(folder)
     shutil.rmtree(folder, ignore_errors=True)
     log(f"stopped the cluster in {folder}")
 
@@ -85,27 +99,20 @@ def lagged_cluster(lag: float, nodes: int = 1, cpus: int = 16) -> Iterator[Path]
     """A cluster whose nodes write a shared folder that this process sees `lag` s late
     (scripts/lagfs.py); yield the folder as this process sees it. SLURM_CONF is set
     while inside."""
-    existing = os.environ.get("SLURM_CONF")
     folder = Path(tempfile.mkdtemp(prefix="slxlag-"))
     shared, mount = folder / "shared", folder / "mnt"
     shared.mkdir(mode=0o700)
     mount.mkdir()
-    up = [sys.executable, str(CLUSTER_SCRIPT), "up", str(folder / "cluster"), "--nodes",
-          str(nodes), "--cpus", str(cpus), "--shared", str(shared), "--mount", str(mount),
-          "--lag", str(lag)]
-    done = subprocess.run(up, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        _stop(folder / "cluster")
-        shutil.rmtree(folder, ignore_errors=True)
-        raise RuntimeError(f"could not start a lagged cluster:\n{done.stderr.strip()}")
-    log(f"started a cluster with a {lag:g} s lag in {folder}")
-    os.environ["SLURM_CONF"] = str(folder / "cluster" / "slurm.conf")
     try:
-        yield mount
+        cluster = up(folder / "cluster", nodes=nodes, cpus=cpus,
+                     shared=Shared(shared, mount, lag))
+    except ClusterError as exc:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise RuntimeError(f"could not start a lagged cluster: {exc}") from exc
+    log(f"started a cluster with a {lag:g} s lag in {folder}")
+    try:
+        with _conf_set(cluster.conf):
+            yield mount
     finally:
-        if existing is None:
-            os.environ.pop("SLURM_CONF", None)
-        else:
-            os.environ["SLURM_CONF"] = existing
         _stop(folder / "cluster")
         shutil.rmtree(folder, ignore_errors=True)

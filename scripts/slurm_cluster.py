@@ -14,10 +14,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # a checkout, not installed
 
-from slurmexecutor.testing.__main__ import main  # noqa: E402
-from slurmexecutor.testing.daemons import job_process_roots, running_daemons  # noqa: E402
-from slurmexecutor.testing.layout import Layout  # noqa: E402
-from slurmexecutor.testing.processes import kill_trees  # noqa: E402
+from slurmexecutor.testing.__main__ import main
+from slurmexecutor.testing.daemons import job_process_roots, running_daemons
+from slurmexecutor.testing.layout import Layout
+from slurmexecutor.testing.processes import kill_trees
 
 __all__ = ["Layout", "job_process_roots", "kill_trees", "main", "running_daemons"]
 
