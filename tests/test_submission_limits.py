@@ -8,13 +8,16 @@ real test cluster with the controller's MaxJobCount reached and a partition MaxT
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
+from slurmexecutor import SlurmExecutor
 from slurmexecutor.errors import SubmissionDeferred, SubmissionError
 from slurmexecutor.schedulers import sbatch
 from slurmexecutor.schedulers.slurm import SlurmBackend, parse_max_job_count
@@ -185,3 +188,119 @@ def test_no_sbatch_at_all(monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(SubmissionError, match="not found"):
         submit()
+
+
+# -- the real test cluster -------------------------------------------------------------
+
+
+def array_script(folder: Path, size: int, *options: str) -> Path:
+    lines = ["#!/bin/sh", f"#SBATCH --array=0-{size - 1}", "#SBATCH -o /dev/null",
+             *(f"#SBATCH {option}" for option in options), "true"]
+    script = folder / f"array-{size}.sh"
+    script.write_text("\n".join(lines) + "\n")
+    return script
+
+
+def sbatch_left(script: Path) -> list[int]:
+    """Processes whose command line names `script` (an sbatch left running)."""
+    left = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and str(script).encode() in (proc / "cmdline").read_bytes():
+                left.append(int(proc.name))
+        except OSError:
+            continue
+    return left
+
+
+def jobs_named(name: str) -> list[str]:
+    done = subprocess.run(["squeue", "-h", "-t", "all", "-n", name, "-o", "%F"],
+                          capture_output=True, text=True, check=True)
+    return sorted(set(done.stdout.split()))
+
+
+@pytest.mark.slurm
+def test_over_the_partitions_max_time_fails_at_once(slurm_cluster, tmp_path):
+    from slurmexecutor.testing import CAPPED_MAX_TIME
+
+    assert CAPPED_MAX_TIME < "00:10:00"
+    script = array_script(tmp_path, 2, "--partition=capped", "--time=00:10:00")
+    with pytest.raises(SubmissionError) as caught:
+        SlurmBackend({}).submit_array(script, 2, tmp_path)
+    assert not isinstance(caught.value, SubmissionDeferred)
+    assert ("sbatch: error: Batch job submission failed: Requested time limit is invalid "
+            "(missing or exceeds some limit)") in str(caught.value)
+
+
+@pytest.fixture
+def max_job_count_5(slurm_cluster):
+    """The session cluster's controller with MaxJobCount=5 (and MinJobAge=2, so that
+    ended jobs leave its count soon); -> a list to put blocker job ids in, cancelled
+    before the controller gets its own configuration back."""
+    blockers: list[str] = []
+    with slurm_cluster.controller_settings("MaxJobCount=5", "MinJobAge=2"):
+        try:
+            yield blockers
+        finally:
+            if blockers:
+                subprocess.run(["scancel", *blockers], capture_output=True, check=False)
+
+
+@pytest.mark.slurm
+def test_max_job_count_defers_until_the_queue_shrinks(max_job_count_5, tmp_path, caplog):
+    backend = SlurmBackend({})
+    assert backend.max_job_count() == 5
+    # The controller counts every task: 5 can never fit, and that is said at once.
+    big = array_script(tmp_path, 5)
+    with pytest.raises(SubmissionError, match="MaxJobCount=5") as caught:
+        backend.submit_array(big, 5, tmp_path)
+    assert not isinstance(caught.value, SubmissionDeferred)
+    assert "Slurm temporarily unable to accept job" in str(caught.value)
+
+    # Fill the controller with held jobs (jobs of earlier tests not purged yet count too).
+    blockers = max_job_count_5
+    for _ in range(5):
+        try:
+            blockers.append(sbatch.submit(["sbatch", "--parsable", "--hold", "-o",
+                                           "/dev/null", "--wrap", "sleep 60"], timeout=30))
+        except SubmissionDeferred:
+            break
+    else:
+        pytest.fail(f"MaxJobCount=5 refused none of {blockers}")
+
+    one = array_script(tmp_path, 1)
+    start = time.monotonic()
+    with pytest.raises(SubmissionDeferred) as deferred:
+        backend.submit_array(one, 1, tmp_path)
+    assert time.monotonic() - start < 30  # sbatch itself retries for 2 minutes
+    assert deferred.value.kind == "job_count"
+    assert str(deferred.value) == ("sbatch refused the job for now: sbatch: error: Slurm "
+                                   "temporarily unable to accept job, sleeping and retrying")
+    assert sbatch_left(one) == []
+    assert jobs_named(one.name) == []  # sbatch was killed before any job was created
+
+    # The executor: the call waits with one WARNING, and runs once the queue shrinks.
+    with caplog.at_level(logging.INFO, logger="slurmexecutor"):
+        executor = SlurmExecutor(tmp_path / "spool", backend="slurm", keep_alive=0,
+                                 poll_interval=0.3)
+        try:
+            future = executor.submit(pow, 2, 5)
+            deadline = time.monotonic() + 30
+            while not refused(caplog) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert refused(caplog) and not future.done()
+            subprocess.run(["scancel", *blockers], capture_output=True, check=True)
+            # Cancelled jobs leave the count when the controller purges them: MinJobAge
+            # after their end, on its purge pass every 10 s.
+            assert future.result(timeout=90) == 32
+        finally:
+            executor.shutdown(wait=False, cancel_futures=True)
+    assert len(refused(caplog)) == 1, refused(caplog)
+    job_id = backend.submit_array(one, 1, tmp_path)  # the backend's own submit too
+    blockers.append(job_id)
+    assert jobs_named(one.name) == [job_id]
+
+
+def refused(caplog) -> list[str]:
+    return [record.getMessage() for record in caplog.records
+            if record.levelno == logging.WARNING and "refused" in record.getMessage()]

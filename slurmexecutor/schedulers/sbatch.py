@@ -4,8 +4,9 @@ sbatch retries on its own when the controller answers "not now" (Slurm's
 src/sbatch/sbatch.c): it prints one line ("Slurm temporarily unable to accept job,
 sleeping and retrying") and then sleeps 1, 2, ... 15 s between attempts, up to 2 minutes.
 That happens when the controller's MaxJobCount is reached: slurmctld's job_allocate()
-checks `job_count + array size >= MaxJobCount` *before* it creates any job record and
-answers EAGAIN (Slurm <= 23.02) or ESLURM_MAX_JOB_COUNT (later: "Slurm job queue full").
+checks `job_count + array size >= MaxJobCount` (`>` from 25.11 on) *before* it creates any
+job record and answers EAGAIN (every release up to 25.11; Slurm's master answers
+ESLURM_MAX_JOB_COUNT, for which sbatch prints "Slurm job queue full").
 So no job exists when that line appears, and `run_sbatch` kills sbatch at once (its whole
 process group) and raises SubmissionDeferred instead of blocking its caller for minutes.
 
@@ -46,9 +47,9 @@ class Refusal(NamedTuple):
 #: sbatch's own "retrying" lines (sbatch.c, 22.05 and later), printed once before its
 #: first sleep; sbatch then retries for up to 2 minutes, so we kill it on sight.
 SBATCH_RETRY_LINES: list[tuple[re.Pattern[str], Refusal]] = [
-    # EAGAIN: MaxJobCount reached (Slurm <= 23.02), or the controller is overloaded.
+    # EAGAIN: MaxJobCount reached (Slurm <= 25.11), or no job id left.
     (re.compile(r"Slurm temporarily unable to accept job"), Refusal("job_count", 10.0)),
-    # ESLURM_MAX_JOB_COUNT (Slurm >= 23.11) / ESLURM_ERROR_ON_DESC_TO_RECORD_COPY (older).
+    # ESLURM_MAX_JOB_COUNT (Slurm's master) / ESLURM_ERROR_ON_DESC_TO_RECORD_COPY (old).
     (re.compile(r"Slurm job queue full"), Refusal("job_count", 10.0)),
     # ESLURM_NODES_BUSY / ESLURM_PORTS_BUSY: nodes powering up (printed as info).
     (re.compile(r"Job creation temporarily disabled"), Refusal("busy", 5.0)),
@@ -59,7 +60,7 @@ SBATCH_RETRY_LINES: list[tuple[re.Pattern[str], Refusal]] = [
 DEFERRED_PATTERNS: list[tuple[re.Pattern[str], Refusal]] = [
     *SBATCH_RETRY_LINES,
     # The errno texts sbatch prints after its 15 retries (or wrappers without retries).
-    (re.compile(r"MaxJobCount limit reached"), Refusal("job_count", 10.0)),  # >= 23.11
+    (re.compile(r"MaxJobCount limit reached"), Refusal("job_count", 10.0)),  # master
     (re.compile(r"Unable to create job record, try again"), Refusal("job_count", 10.0)),
     (re.compile(r"Batch job submission failed: Resource temporarily unavailable"),
      Refusal("job_count", 10.0)),  # strerror(EAGAIN)

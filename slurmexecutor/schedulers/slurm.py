@@ -139,7 +139,9 @@ class SlurmBackend(Backend):
         except SubmissionDeferred as error:
             limit = self.max_job_count() if error.kind == "job_count" else 0
             if limit and size >= limit:
-                # job_allocate() counts every task: this array can never be accepted.
+                # job_allocate() counts every task: this array can never be accepted
+                # (before 25.11; from 25.11 on, one of exactly MaxJobCount tasks could
+                # be, on an otherwise empty controller).
                 raise SubmissionError(
                     f"an array of {size} tasks can never fit under the cluster's "
                     f"MaxJobCount={limit} ({error})") from error
