@@ -6,10 +6,10 @@ cloudpickle bytes, and the fingerprints of the functions and classes those argum
 contain (cloudpickle pickles those of importable modules by name: without their
 fingerprints, a changed function passed as an argument would be a wrong hit). Equal
 arguments usually pickle to equal bytes, but not always (a set of strings pickles in
-hash order, which differs between processes; an instance of a class defined in
-`__main__` or a notebook carries a random class id; an object passed twice pickles
+hash order, which differs between processes; an object passed twice pickles
 differently from two equal copies; keyword arguments in another order): such a call is
-a miss, never a wrong hit.
+a miss, never a wrong hit. (The functions and classes in arguments are pickled there as
+placeholders, so instances of a notebook's classes do hit across kernels.)
 
     <cache>/                     mode 0700; `<folder>/cache` by default
       key                        the cache's own HMAC key, when it was not given one
@@ -114,7 +114,11 @@ class CallKeys:
 
 
 class _KeyPickler(cloudpickle.CloudPickler):
-    """cloudpickle that notes the fingerprint of each function and class it meets."""
+    """cloudpickle whose functions and classes are their fingerprints: each is pickled as
+    a numbered placeholder and its fingerprint noted in `code`, in order. The key then
+    covers the code of importable ones (pickled by name otherwise), and the pickle does
+    not carry the random id cloudpickle gives classes of `__main__` (a notebook's
+    instances hit across kernels). These bytes are only hashed, never unpickled."""
 
     def __init__(self, file: io.BytesIO, keys: CallKeys) -> None:
         super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
@@ -124,6 +128,7 @@ class _KeyPickler(cloudpickle.CloudPickler):
     def reducer_override(self, obj: Any) -> Any:
         if isinstance(obj, (types.FunctionType, type)):
             self.code.append(self._keys.code_fingerprint(obj))
+            return repr, (f"slurmexecutor-code-{len(self.code) - 1}",)  # not a type
         return super().reducer_override(obj)
 
 
