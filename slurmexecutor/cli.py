@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     for sub in (count, demo := commands.add_parser(
             "demo", help="make a synthetic BAM + BEDs and count reads on them")):
         sub.add_argument("--fractions", type=int, default=20)
-        sub.add_argument("--backend", default="auto", choices=["auto", "slurm", "local"])
+        sub.add_argument("--backend", default="auto", choices=["auto", "slurm", "local",
+                                                                 "allocation"])
         sub.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
         add_resource_options(sub)
     demo.add_argument("dir", type=Path, nargs="?", default=Path("slurmexecutor-demo"),
@@ -184,6 +185,10 @@ def _read(folder: Path, run_dirs: list[Path]) -> Iterator[runs.RunInfo]:
     states = _slurm_states(asked) if asked else {}
     for run_dir in run_dirs:
         info = runs.read_run(run_dir, key)
+        if info.meta["backend"] == "allocation":  # its steps, by name (squeue -s)
+            steps = _slurm_states(set(info.job_ids), info)
+            yield runs.classify(info, steps) if steps is not None else info
+            continue
         if info.meta["backend"] != "slurm":
             yield runs.classify(info, None)
             continue
@@ -201,12 +206,18 @@ _unreachable: list[str] = []  # said once per command
 UNREACHABLE_AFTER = 15.0
 
 
-def _slurm_states(job_ids: set[str]) -> dict | None:
-    """The scheduler's states of these jobs, or None (said once) when Slurm cannot be
-    asked: not installed, not configured, or its controller down."""
+def _slurm_states(job_ids: set[str], allocation_run: runs.RunInfo | None = None) -> dict | None:
+    """The scheduler's states of these jobs (of an allocation run: its tasks' steps), or
+    None (said once) when Slurm cannot be asked: not installed, not configured, or its
+    controller down."""
     if _unreachable:
         return None
     try:  # a command without a configuration retries for 60 s: do not wait that long
+        if allocation_run is not None:
+            from .schedulers.allocation import run_states
+
+            return run_states(allocation_run.tasks, allocation_run.client_alive,
+                              UNREACHABLE_AFTER)
         return _slurm().states(job_ids, timeout=UNREACHABLE_AFTER)
     except (SlurmExecutorError, OSError) as error:
         _unreachable.append(str(error))
@@ -329,6 +340,10 @@ def cancel_command(args: argparse.Namespace) -> int:
     run_dir = runs.find_run(_folder(args), args.run)
     [info] = _read(run_dir.parent, [run_dir])
     backend = _slurm() if info.meta["backend"] == "slurm" else None
+    if info.meta["backend"] == "allocation":  # scancel its steps (found by name)
+        from .schedulers.allocation import RunSteps
+
+        backend = RunSteps(UNREACHABLE_AFTER)
     count = runs.cancel_run(info, backend)
     if backend is not None and _unreachable:  # marked in the folder, but no scancel
         print(f"run {info.run_id}: {count} unfinished call(s) marked cancelled (workers "

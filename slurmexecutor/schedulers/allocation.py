@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .._log import log
-from . import TaskKey, TaskState
+from . import Backend, TaskKey, TaskState
 from .local import KILL_WAIT, LocalBackend, _Task
 
 #: resources that describe the allocation, not a step: not used inside one
@@ -325,23 +325,45 @@ def run_states(tasks: Collection, client_alive: bool,
     """What the CLI tells of an allocation run's tasks (objects with job_id, array_index,
     started): RUNNING while its step runs, PENDING while not started and the client
     lives (its launcher starts it), else nothing (ended, or lost)."""
-    job_ids = {task.job_id for task in tasks if task.job_id}
-    steps = run_steps(job_ids, timeout)
-    states: dict[TaskKey, TaskState] = {}
+    states = RunSteps(timeout).states({task.job_id for task in tasks if task.job_id})
     for task in tasks:
         key = (task.job_id, task.array_index)
-        if key in steps:
-            states[key] = TaskState("RUNNING", reason=f"step {steps[key]}")
-        elif client_alive and not task.started and task.job_id:
+        if key not in states and client_alive and not task.started and task.job_id:
             states[key] = TaskState("PENDING")
     return states
 
 
-def cancel_steps(job_ids: Collection[str], timeout: float = 15.0) -> list[str]:
-    """scancel the running steps of these pseudo array jobs; return their step ids."""
-    from .slurm import run_command
+class RunSteps(Backend):
+    """An allocation run's steps seen from outside its client (the `slurmexecutor`
+    command): their states, and cancelling them. It submits nothing."""
 
-    steps = sorted(set(run_steps(job_ids, timeout).values()))
-    if steps:
-        run_command(["scancel", *steps], check=False, timeout=timeout)
-    return steps
+    name = "allocation"
+
+    def __init__(self, timeout: float = 15.0) -> None:
+        self.timeout = timeout
+
+    def submit_array(self, script: Path, size: int, log_dir: Path,
+                     throttle: int | None = None) -> str:
+        raise NotImplementedError("only the run's client starts its steps")
+
+    def set_throttle(self, job_id: str, throttle: int) -> None:
+        raise NotImplementedError("only the run's client starts its steps")
+
+    def states(self, job_ids: Collection[str]) -> dict[TaskKey, TaskState]:
+        return {key: TaskState("RUNNING", reason=f"step {step}")
+                for key, step in run_steps(job_ids, self.timeout).items()}
+
+    def cancel(self, refs: Collection[str]) -> None:
+        """scancel the running steps of these pseudo arrays (not single tasks)."""
+        from .slurm import run_command
+
+        steps = sorted(set(run_steps(refs, self.timeout).values()))
+        if steps:
+            log.info("scancel %s", " ".join(steps))
+            run_command(["scancel", *steps], check=False, timeout=self.timeout)
+
+    def max_array_size(self) -> int:
+        return 1_000_000
+
+    def slots(self) -> int:
+        return 1
