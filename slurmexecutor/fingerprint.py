@@ -162,7 +162,9 @@ class _Encoder:
         self._hash.update(tag + struct.pack(">Q", len(data)) + data)
 
     def text(self, tag: bytes, *parts: str) -> None:
-        self.atom(tag, "\0".join(parts).encode("utf-8", "surrogatepass"))
+        """Strings, each length-prefixed (so no two lists of them encode the same)."""
+        encoded = [part.encode("utf-8", "surrogatepass") for part in parts]
+        self.atom(tag, b"".join(struct.pack(">Q", len(data)) + data for data in encoded))
 
     def count(self, tag: bytes, number: int) -> None:
         self.atom(tag, struct.pack(">Q", number))
