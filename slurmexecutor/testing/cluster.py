@@ -169,9 +169,11 @@ def down(directory: str | os.PathLike[str]) -> None:
     munged = daemons.pop("munged", None)
     slurmctld = daemons.pop("slurmctld", None)
     daemons.pop("lagfs", None)
-    if slurmctld is not None:  # first, so that nothing new is launched
+    # The slurmd daemons before slurmctld: one with a job ending (an epilog to report)
+    # waits for the gone controller until killed (5 s); jobs they leave are killed below.
+    terminate(daemons.values())
+    if slurmctld is not None:
         terminate([slurmctld])
-    terminate(daemons.values())  # the slurmd daemons
     killed = kill_trees(job_process_roots(layout))
     lagfs = stop_lagfs(layout)  # after the nodes: nothing of theirs holds its mount now
     if munged is not None:  # last: the others talk to it while shutting down
