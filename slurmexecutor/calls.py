@@ -20,7 +20,7 @@ from .bars import CallProgress
 from .batches import BatchSpec, Chunk, Settings, auto_chunksize, dumps
 from .dependencies import Dependent, find_futures
 from .futures import ChunkSink, FutureSink, SlurmFuture
-from .handoff import Submit
+from .handoff import CachedResult, Submit
 from .schedulers.script import validate_extra, validate_resources
 from .sharing import SharedArguments
 
@@ -63,17 +63,25 @@ class CallMaker:
         ex, name = self._executor, callable_name(fn)
         inputs = find_futures((args, kwargs))
         arguments = b"" if inputs else dumps([(args, kwargs)], f"an argument of {name}")
-        key, blob = ex._pickled(fn)
+        fn_key, blob = ex._pickled(fn)
+        cache = ex._cache
+        call_keys = cache.keys_for(fn) if cache is not None else None
+        key, hit = None, {}
+        if cache is not None and call_keys is not None and not inputs:
+            key = cache.key(call_keys, args, kwargs)
+            hit = cache.lookup([key])
         with ex._lock:
             ex._check_open()
             future = SlurmFuture(ex._engine, [ex._next_call])
             ex._next_call += 1
             if inputs:  # waits in the owner's state for its inputs (dependencies.py)
-                ex._engine.put(Dependent(future, key, fn, blob, name, args, kwargs,
-                                         self._settings, inputs, len(inputs)))
+                ex._engine.put(Dependent(future, fn_key, fn, blob, name, args, kwargs,
+                                         self._settings, inputs, len(inputs), call_keys))
+            elif hit:  # answered by the cache: no job
+                ex._engine.put(CachedResult(future, hit[0]))
             else:
-                ex._engine.put(Submit(future, key, fn, blob, name, arguments,
-                                      self._settings))
+                ex._engine.put(Submit(future, fn_key, fn, blob, name, arguments,
+                                      self._settings, key))
         return future
 
     def map(self, fn: Callable, *iterables: Iterable, timeout: float | None = None,
@@ -96,7 +104,30 @@ class CallMaker:
                 futures = [self.submit(fn, *args) for args in calls_list]
                 return _chained_results(ex, futures, end_time, bar, single=True)
             calls = iter(calls_list)
-        settings = self._settings
+        hits: dict[int, Any] = {}
+        keys: list[str | None] | None = None
+        total = count
+        if ex._cache is not None:  # hits are not submitted (caching.py)
+            items = list(calls)
+            keys = self._cache_keys(fn, ((args, {}) for args in items))
+            hits = ex._cache.lookup(keys) if keys else {}
+            if hits:
+                for _ in hits:
+                    bar.advance(True)
+                missing = [i for i in range(total) if i not in hits]
+                items = [items[i] for i in missing]
+                keys = [keys[i] for i in missing] if keys else None
+            count, calls = len(items), iter(items)
+        futures = self._map_batch(fn, name, count, calls, chunksize, bar, keys) if (
+            count) else []
+        results = _chained_results(ex, futures, end_time, bar)
+        return _with_hits(results, hits, total) if hits else results
+
+    def _map_batch(self, fn: Callable, name: str, count: int, calls: Iterator[tuple],
+                   chunksize: int | None, bar: CallProgress,
+                   keys: list[str | None] | None) -> list[SlurmFuture]:
+        """Put a map's calls out as one batch of chunks; one future per chunk."""
+        ex, settings = self._executor, self._settings
         size = chunksize or settings.chunksize or auto_chunksize(
             count, settings.slots, ex._engine.cost.get((name,)))
         blob = dumps(fn, f"the function {name}")
@@ -118,8 +149,17 @@ class CallMaker:
             futures.append(future)
         spec = BatchSpec("map", [blob], [name], chunks, min(settings.slots, len(chunks)),
                          shared=shared.blobs, settings=settings)
-        ex._put_launch(spec, sinks)
-        return _chained_results(ex, futures, end_time, bar)
+        ex._put_launch(spec, sinks, _keyed(first, keys))
+        return futures
+
+    def _cache_keys(self, fn: Callable,
+                    calls: Iterable[tuple[tuple, dict]]) -> list[str | None] | None:
+        """The calls' cache keys (None: the function cannot be cached)."""
+        cache = self._executor._cache
+        call_keys = cache.keys_for(fn) if cache is not None else None
+        if cache is None or call_keys is None:
+            return None
+        return [cache.key(call_keys, args, kwargs) for args, kwargs in calls]
 
     def submit_many(self, fn: Callable, calls: Iterable[tuple], *,
                     chunksize: int | None = None,
@@ -137,6 +177,30 @@ class CallMaker:
         listed = [tuple(args) for args in calls]
         if find_futures(listed):
             return [self.submit(fn, *args) for args in listed]
+        keys = self._cache_keys(fn, ((args, {}) for args in listed))
+        hits = ex._cache.lookup(keys) if ex._cache is not None and keys else {}
+        if hits:  # answered by the cache: no job; the rest goes out as one batch
+            missing = [i for i in range(len(listed)) if i not in hits]
+            rest = iter(self._submit_batch(fn, name, [listed[i] for i in missing],
+                                           [keys[i] for i in missing] if keys else None,
+                                           chunksize, task_per_chunk))
+            return [self._cached_future(hits[i]) if i in hits else next(rest)
+                    for i in range(len(listed))]
+        return self._submit_batch(fn, name, listed, keys, chunksize, task_per_chunk)
+
+    def _cached_future(self, value: Any) -> SlurmFuture:
+        ex = self._executor
+        with ex._lock:
+            ex._check_open()
+            future = SlurmFuture(ex._engine, [ex._next_call])
+            ex._next_call += 1
+            ex._engine.put(CachedResult(future, value))
+        return future
+
+    def _submit_batch(self, fn: Callable, name: str, listed: list[tuple],
+                      keys: list[str | None] | None, chunksize: int | None,
+                      task_per_chunk: bool) -> list[SlurmFuture]:
+        ex = self._executor
         shared = SharedArguments()  # an object passed to many calls: stored once
         shared.find((args, {}) for args in listed)
         arguments = [dumps([(args, {})], f"an argument of {name}", shared) for args in listed]
@@ -155,7 +219,7 @@ class CallMaker:
         spec = BatchSpec("fractions" if task_per_chunk else "submit", [blob], [name],
                          chunks, planned, steal=not task_per_chunk, shared=shared.blobs,
                          settings=settings)
-        ex._put_launch(spec, [FutureSink(f) for f in futures])
+        ex._put_launch(spec, [FutureSink(f) for f in futures], _keyed(first, keys))
         return futures
 
 
@@ -182,6 +246,22 @@ class ExecutorView(CallMaker):
 
     def __repr__(self) -> str:
         return f"<ExecutorView of {self._executor.run_id} with {self.resources}>"
+
+
+def _keyed(first: int, keys: list[str | None] | None) -> dict[int, str] | None:
+    """{call id: cache key} for calls numbered from `first`."""
+    if not keys:
+        return None
+    return {first + i: key for i, key in enumerate(keys) if key is not None}
+
+
+def _with_hits(results: Iterator, hits: dict[int, Any], total: int) -> Iterator:
+    """A map's results in order: cached ones from `hits`, the others from `results`."""
+    try:
+        for position in range(total):
+            yield hits[position] if position in hits else next(results)
+    finally:
+        results.close()  # type: ignore[attr-defined]
 
 
 def _may_hold_futures(iterables: tuple[Iterable, ...]) -> bool:

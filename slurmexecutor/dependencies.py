@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .batches import Settings, dumps
+from .cache import CallKeys
 from .errors import DependencyError
 from .futures import SlurmFuture
 
@@ -88,6 +89,7 @@ class Dependent:
     settings: Settings
     inputs: dict[int, Future] = field(default_factory=dict)
     remaining: int = 0
+    call_keys: CallKeys | None = None  # its key maker, when the result cache is on
 
     def failed_input(self) -> DependencyError | None:
         """The error for the first input that failed or was cancelled, if any."""
@@ -106,12 +108,13 @@ class Dependent:
                 return error
         return None
 
-    def arguments(self) -> bytes:
-        """The call's arguments with the inputs' results in place, pickled (raises
-        SerializationError naming the function)."""
+    def resolved(self) -> tuple[tuple, dict]:
+        """The call's arguments with the inputs' results in place."""
         results = {key: future.result(timeout=0) for key, future in self.inputs.items()}
-        args = substitute(self.args, results)
-        kwargs = substitute(self.kwargs, results)
+        return substitute(self.args, results), substitute(self.kwargs, results)
+
+    def pickled(self, args: tuple, kwargs: dict) -> bytes:
+        """Raises SerializationError naming the function."""
         return dumps([(args, kwargs)], f"an argument of {self.fn_name}")
 
 

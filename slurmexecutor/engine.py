@@ -33,6 +33,7 @@ from .batches import (
     without_calls,
     write_batch,
 )
+from .caching import CallCache
 from .dependencies import Dependent
 from .errors import (
     JobCancelledError,
@@ -56,7 +57,7 @@ class Engine(LeaseAndEnd, Intake):
     """The owner thread and everything only it may touch."""
 
     def __init__(self, run_dir: Path, key: bytes, backend: Backend, core: Core,
-                 settings: Settings, lease: Lease) -> None:
+                 settings: Settings, lease: Lease, cache: CallCache | None = None) -> None:
         self.run_dir, self.key, self.backend, self.core = run_dir, key, backend, core
         self.settings, self.lease = settings, lease
         self.sinks = SinkTable()
@@ -75,6 +76,8 @@ class Engine(LeaseAndEnd, Intake):
         self._settings_of: dict[int, Settings] = {}  # live batches' resources etc.
         #: calls waiting for their input futures (dependencies.py), by call id
         self._dependents: dict[int, Dependent] = {}
+        self.cache = cache  # the result cache (caching.py), if on
+        self._cache_keys: dict[int, str] = {}  # call id -> key its result is stored under
         self._streams = StreamReader(run_dir, key)
         self._late_sinks: dict[int, FutureSink] = {}  # failed calls of unfinished chunks
         self._events: list[Event] = []
@@ -218,6 +221,9 @@ class Engine(LeaseAndEnd, Intake):
                 ok, value = outcomes.decode(self.run_dir, action.kind, action.call_id,
                                             action.body, action.task, action.cancelled_here)
                 sink.deliver(action.call_id, ok, value, replace=action.late)
+                key = self._cache_keys.pop(action.call_id, None)
+                if key is not None and ok and self.cache is not None:
+                    self.cache.store_result(key, action.body)
         elif isinstance(action, ev.Fail):
             self._fail(action)
         elif isinstance(action, ev.SubmitTasks):
@@ -272,6 +278,7 @@ class Engine(LeaseAndEnd, Intake):
                         failure.task.array_index, len(action.call_ids), failure.message)
         for call_id in action.call_ids:
             sink = self.sinks.pop(call_id)
+            self._cache_keys.pop(call_id, None)
             if sink is not None:
                 sink.deliver(call_id, False, outcomes.failure_error(self.run_dir, failure,
                                                                     call_id))

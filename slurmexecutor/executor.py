@@ -54,6 +54,7 @@ from typing import Any
 from . import spool
 from ._log import log
 from .batches import BatchSpec, Settings, dumps
+from .caching import CallCache, open_cache
 from .calls import CallMaker, callable_name
 from .engine import Engine
 from .errors import RunNotFoundError
@@ -111,6 +112,9 @@ class SlurmExecutor(CallMaker, Executor):
     Resources are sbatch long options as keywords (`partition="short"`, `time="1:00:00"`,
     `mem="4G"`, `cpus_per_task=2`, `array_parallelism=50`, ...); `sbatch_extra` adds raw
     options and `setup` adds shell lines run before the worker (`module load ...`).
+    `cache=True` keeps successful results in `<folder>/cache` (`cache="PATH"`: there) and
+    answers repeated calls from it without a job; `ex.options(mem=...)` makes calls with
+    other resources (calls.py); futures may be passed as arguments (dependencies.py).
     """
 
     def __init__(
@@ -131,6 +135,7 @@ class SlurmExecutor(CallMaker, Executor):
         result_grace: float | None = None,
         backups: bool = False,
         keep_alive: float = DEFAULT_KEEP_ALIVE,
+        cache: bool | str | os.PathLike = False,
         _run: str | None = None,
         _take_over: bool = False,
         **resources: Any,
@@ -146,6 +151,7 @@ class SlurmExecutor(CallMaker, Executor):
             raise ValueError(f"keep_alive must be seconds >= 0, not {keep_alive!r}")
         self.folder = spool.ensure_private_dir(Path(folder or default_folder()).expanduser())
         self.key = spool.load_key(self.folder, create=True)
+        store = open_cache(cache, self.folder, self.key)
         self.backend = make_backend(backend, self.resources)
         self.chunksize = chunksize
         local = self.backend.same_host
@@ -174,7 +180,10 @@ class SlurmExecutor(CallMaker, Executor):
             sbatch_extra=sbatch_extra, chunksize=chunksize, submit_window=submit_window,
             max_window=max_window, max_batch=max_batch, slots=self.backend.slots(),
             backups=backups, keep_alive=float(keep_alive))
-        self._engine = Engine(self.run_dir, self.key, self.backend, core, self._settings, lease)
+        #: the result cache (caching.py), or None
+        self._cache = CallCache(store) if store is not None else None
+        self._engine = Engine(self.run_dir, self.key, self.backend, core, self._settings, lease,
+                              self._cache)
         self._lock = threading.Lock()  # call ids, and the shutdown flag vs. new requests
         self._next_call = 0
         self._shutdown = False
@@ -248,10 +257,11 @@ class SlurmExecutor(CallMaker, Executor):
             first, self._next_call = self._next_call, self._next_call + count
         return first
 
-    def _put_launch(self, spec: BatchSpec, sinks: list[FutureSink]) -> None:
+    def _put_launch(self, spec: BatchSpec, sinks: list[FutureSink],
+                    cache_keys: dict[int, str] | None = None) -> None:
         with self._lock:
             self._check_open()
-            self._engine.put(Launch(spec, sinks))
+            self._engine.put(Launch(spec, sinks, cache_keys))
 
     def _slots_for(self, settings: Settings) -> int:
         """How many tasks of these resources can run at once (a view's)."""

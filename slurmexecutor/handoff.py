@@ -23,12 +23,22 @@ class Submit:
     fn_name: str
     arguments: bytes  # pickled [(args, kwargs)]
     settings: Settings  # the executor's, or a view's (`SlurmExecutor.options`)
+    cache_key: str | None = None  # its result is stored under this key (caching.py)
 
 
 @dataclass
 class Launch:
     spec: BatchSpec
     sinks: list[FutureSink]
+    cache_keys: dict[int, str] | None = None  # call id -> key its result is stored under
+
+
+@dataclass
+class CachedResult:
+    """A call the result cache answered: the owner completes its future."""
+
+    future: SlurmFuture
+    value: Any
 
 
 @dataclass

@@ -16,9 +16,18 @@ from typing import Any
 
 from . import events as ev
 from .batches import BatchSpec, Chunk, Settings, auto_chunksize
+from .caching import CallCache
 from .dependencies import Dependent, InputDone
 from .futures import FutureSink, SlurmFuture
-from .handoff import CancelCalls, Launch, NotifyCancelled, Shutdown, Submit, Window
+from .handoff import (
+    CachedResult,
+    CancelCalls,
+    Launch,
+    NotifyCancelled,
+    Shutdown,
+    Submit,
+    Window,
+)
 from .state import window_due
 
 
@@ -31,6 +40,8 @@ class Intake:
     _requests: queue.SimpleQueue[Any]
     _windows: dict[str, Window]
     _dependents: dict[int, Dependent]
+    cache: CallCache | None
+    _cache_keys: dict[int, str]  # calls whose results are to be cached
     _events: list[ev.Event]
     _stopping: bool
 
@@ -54,6 +65,10 @@ class Intake:
             busy = True
             if isinstance(request, Submit):
                 self._add_to_window(request)
+                if request.cache_key is not None:
+                    self._cache_keys[request.future.call_id] = request.cache_key
+            elif isinstance(request, CachedResult):
+                self._resolve_cached(request)
             elif isinstance(request, Dependent):
                 self._dependents[request.future.call_id] = request
                 for future in request.inputs.values():  # callbacks may run right here
@@ -62,6 +77,8 @@ class Intake:
                 self._input_done(request.dependent)
             elif isinstance(request, Launch):
                 self._launch_windows()  # earlier submits go out first
+                if request.cache_keys:
+                    self._cache_keys.update(request.cache_keys)
                 self._launch(request.spec, request.sinks)
             elif isinstance(request, CancelCalls):
                 self._events.append(ev.CancelRequested(request.call_ids))
@@ -92,9 +109,17 @@ class Intake:
                 dependent.future.call_id, None) is None:  # cancelled meanwhile
             return
         error: BaseException | None = dependent.failed_input()
+        key = None
         if error is None:
+            args, kwargs = dependent.resolved()
+            if self.cache is not None and dependent.call_keys is not None:
+                key = self.cache.key(dependent.call_keys, args, kwargs)
+                hit = self.cache.lookup([key])
+                if hit:
+                    self._resolve_cached(CachedResult(dependent.future, hit[0]))
+                    return
             try:
-                arguments = dependent.arguments()
+                arguments = dependent.pickled(args, kwargs)
             except Exception as exc:  # noqa: BLE001  (SerializationError naming the call)
                 error = exc
         if error is not None:
@@ -103,7 +128,11 @@ class Intake:
             return
         self._add_to_window(Submit(dependent.future, dependent.fn_key, dependent.fn,
                                    dependent.fn_blob, dependent.fn_name, arguments,
-                                   dependent.settings))
+                                   dependent.settings, key))
+
+    def _resolve_cached(self, request: CachedResult) -> None:
+        if FutureSink(request.future).launch():
+            request.future.set_result(request.value)
 
     def _drop_from_window(self, future: SlurmFuture) -> None:
         if self._dependents.pop(future.call_id, None) is not None:

@@ -10,9 +10,11 @@ from typing import Any
 from . import warm
 from ._log import log
 from .batches import Settings
+from .caching import CallCache
+from .dependencies import Dependent
 from .errors import RunInUseError
 from .futures import FutureSink, SinkTable
-from .handoff import Launch, Submit, Window
+from .handoff import CachedResult, Launch, Submit, Window
 from .lease import Lease
 from .schedulers import Backend
 from .state import Core
@@ -33,6 +35,8 @@ class LeaseAndEnd:
     sinks: SinkTable
     error: BaseException | None
     _windows: dict[str, Window]
+    _dependents: dict[int, Dependent]
+    cache: CallCache | None
     _requests: queue.SimpleQueue[Any]
     _next_renewal: float
     _stopping: bool
@@ -57,11 +61,11 @@ class LeaseAndEnd:
     def _abandon(self, error: BaseException) -> None:
         """ev.Fail every future this owner still holds (it cannot follow them any more)."""
         self.error = error
-        for window in self._windows.values():
-            for request in window.calls.values():
-                if FutureSink(request.future).launch():
-                    request.future.set_exception(error)
-        self._windows = {}
+        waiting = [r.future for w in self._windows.values() for r in w.calls.values()]
+        for future in [*waiting, *(d.future for d in self._dependents.values())]:
+            if FutureSink(future).launch():
+                future.set_exception(error)
+        self._windows, self._dependents = {}, {}
         held = self.sinks.calls()
         self.sinks.clear()
         for call_id, sink in held:
@@ -71,7 +75,8 @@ class LeaseAndEnd:
                 request = self._requests.get_nowait()
             except queue.Empty:
                 break
-            if isinstance(request, Submit) and FutureSink(request.future).launch():
+            if isinstance(request, (Submit, Dependent, CachedResult)) and FutureSink(
+                    request.future).launch():
                 request.future.set_exception(error)
             elif isinstance(request, Launch):
                 for sink in request.sinks:
@@ -80,6 +85,9 @@ class LeaseAndEnd:
 
     def _close(self) -> None:
         self._stopping = True
+        if self.cache is not None:
+            self.cache.flush()  # the results still being stored
+            self.cache.record(self.run_dir)  # hits and misses, for `slurmexecutor status`
         try:
             self._end_warm_tasks()
             self.backend.close()

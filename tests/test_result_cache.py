@@ -1,0 +1,129 @@
+"""The result cache through the executor (issue 12): hits resolve without a job, also in
+a new client process; half-cached maps submit only the rest; a changed function body,
+a failed or a cancelled call is not a hit; a corrupt entry is a miss with a WARNING.
+Storage, keys and fingerprints alone: tests/test_cache.py."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from slurmexecutor import SlurmExecutor, map_reduce, spool
+
+
+def square(x):
+    return x * x
+
+
+def boom(x):
+    raise ValueError(f"boom {x}")
+
+
+def submitted_calls(ex) -> int:
+    """How many calls the run handed to the cluster."""
+    return sum(len(spool.expand_ids(chunk)) for journal in spool.read_journals(ex.run_dir)
+               for chunk in journal["chunks"])
+
+
+@pytest.fixture
+def cached(make_executor):
+    def make(**options):
+        return make_executor(cache=True, **options)
+    return make
+
+
+def test_hits_resolve_without_a_job_and_half_cached_maps_submit_the_rest(cached):
+    first = cached()
+    assert list(first.map(square, range(10))) == [x * x for x in range(10)]
+    first.shutdown()
+    second = cached()
+    assert list(second.map(square, range(15))) == [x * x for x in range(15)]
+    assert submitted_calls(second) == 5  # only the 5 new ones
+    assert second.submit(square, 3).result(timeout=60) == 9
+    futures = second.submit_many(square, [(2,), (20,)])
+    assert [f.result(timeout=120) for f in futures] == [4, 400]
+    assert submitted_calls(second) == 6
+    assert map_reduce(square, range(10), 3, reducer=sum, executor=second) == 285
+    before = submitted_calls(second)
+    assert map_reduce(square, range(10), 3, reducer=sum, executor=second) == 285
+    assert submitted_calls(second) == before  # the fractions were hits
+    assert second.submit(square, second.submit(square, 3)).result(timeout=120) == 81
+
+
+def test_failed_and_cancelled_calls_are_not_cached(cached):
+    ex = cached(submit_window=5, max_window=10)
+    assert isinstance(ex.submit(boom, 1).exception(timeout=120), ValueError)
+    waiting = ex.submit(square, 12)
+    assert waiting.cancel()
+    ex.shutdown()
+    again = cached()
+    assert isinstance(again.submit(boom, 1).exception(timeout=120), ValueError)
+    assert again.submit(square, 12).result(timeout=120) == 144
+    assert submitted_calls(again) == 2
+
+
+def test_a_corrupt_entry_is_a_miss_with_a_warning(cached, caplog):
+    ex = cached()
+    assert ex.submit(square, 7).result(timeout=120) == 49
+    ex.shutdown()
+    entries = [p for p in (ex.folder / "cache").rglob("*") if p.is_file() and
+               p.name != "key" and p.parent.name != "cache"]
+    assert len(entries) == 1
+    data = bytearray(entries[0].read_bytes())
+    data[-1] ^= 0xFF
+    entries[0].write_bytes(bytes(data))
+    again = cached()
+    with caplog.at_level(logging.WARNING, logger="slurmexecutor"):
+        assert again.submit(square, 7).result(timeout=120) == 49
+    assert any("could not be used" in r.getMessage() for r in caplog.records)
+    assert submitted_calls(again) == 1
+
+
+CLIENT = textwrap.dedent("""
+    import sys
+    from slurmexecutor import SlurmExecutor, spool
+
+    def step(x):
+        return x + {increment}
+
+    with SlurmExecutor(sys.argv[1], backend=sys.argv[2], cache=sys.argv[3],
+                       keep_alive=0, poll_interval=0.1) as ex:
+        print(list(ex.map(step, range(6))))
+    print(sum(len(j["arrays"]) for j in spool.read_journals(ex.run_dir)))
+""")
+
+
+def test_a_new_client_process_hits_and_a_changed_body_misses(backend, tmp_path):
+    script = tmp_path / "client.py"
+    cache_dir = tmp_path / "elsewhere"  # cache="PATH": outside the executor's folder
+
+    def run(increment: int) -> tuple[str, int]:
+        script.write_text(CLIENT.format(increment=increment))
+        done = subprocess.run([sys.executable, str(script), str(tmp_path / "spool"), backend,
+                               str(cache_dir)], capture_output=True, text=True, timeout=180,
+                              cwd=tmp_path, stdin=subprocess.DEVNULL)
+        assert done.returncode == 0, done.stderr
+        results, arrays = done.stdout.split("\n")[:2]
+        return results, int(arrays)
+
+    assert run(1) == (str([x + 1 for x in range(6)]), 1)
+    assert run(1) == (str([x + 1 for x in range(6)]), 0)  # all hits: no array at all
+    assert run(2) == (str([x + 2 for x in range(6)]), 1)  # a changed body is a miss
+    assert (cache_dir / "key").exists()
+    done = subprocess.run([sys.executable, "-m", "slurmexecutor", "--folder",
+                           str(tmp_path / "spool"), "clean", "--cache-dir", str(cache_dir)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert run(2)[1] == 1  # emptied: computed again
+
+
+def test_bad_cache_option_is_a_clear_error(tmp_path):
+    with pytest.raises(TypeError, match="cache must be True, False or a path"):
+        SlurmExecutor(tmp_path, backend="local", cache=3)
+    assert not list(tmp_path.glob("2*"))  # no run was created
+    assert Path(tmp_path).exists()
