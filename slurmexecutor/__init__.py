@@ -25,6 +25,7 @@ _EXPORTS = {
     "progress": "bars",
     "SlurmExecutorError": "errors",
     "SubmissionError": "errors",
+    "SubmissionDeferred": "errors",
     "SerializationError": "errors",
     "DependencyError": "errors",
     "IntegrityError": "errors",
