@@ -192,8 +192,13 @@ class MapReduceTask:
 
 
 def _note(error: BaseException, text: str) -> None:
-    if hasattr(error, "add_note") and text not in getattr(error, "__notes__", ()):
+    notes = list(getattr(error, "__notes__", ()))
+    if text in notes:
+        return
+    if hasattr(error, "add_note"):
         error.add_note(text)
+    else:  # Python 3.10: no add_note; keep it where 3.11+ does (its tracebacks omit it)
+        error.__notes__ = [*notes, text]  # type: ignore[attr-defined]
 
 
 def map_reduce_async(fn: Callable, items: Iterable, fractions: int,
