@@ -128,6 +128,10 @@ class Engine(LeaseAndEnd, Intake):
                     self._launch_windows()
                 busy |= self._read_streams()
                 busy |= self._step()
+                if self._flush and self._windows:  # e.g. calls whose inputs just ended
+                    self._flush = False
+                    self._launch_windows()
+                    busy |= self._step()
                 self._renew_lease(now)
                 if self._stopping and self.core.idle and not self._windows and (
                         not self._dependents and self._requests.empty()):

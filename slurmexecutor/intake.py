@@ -44,8 +44,12 @@ class Intake:
     _cache_keys: dict[int, str]  # calls whose results are to be cached
     _events: list[ev.Event]
     _stopping: bool
+    _flush: bool
 
     def put(self, request: Any) -> None:
+        raise NotImplementedError
+
+    def is_owner_thread(self) -> bool:
         raise NotImplementedError
 
     def _launch(self, spec: BatchSpec, sinks: list[FutureSink] | None) -> None:
@@ -99,7 +103,14 @@ class Intake:
             self._launch_window(self._windows.pop(key))
 
     def _input_callback(self, dependent: Dependent) -> Callable[[Future], None]:
-        return lambda _: self.put(InputDone(dependent))
+        """On this owner's thread (its own futures' callbacks run there) the input is
+        taken at once; from any other thread it is put on the queue."""
+        def done(_: Future) -> None:
+            if self.is_owner_thread():
+                self._input_done(dependent)
+            else:
+                self.put(InputDone(dependent))
+        return done
 
     def _input_done(self, dependent: Dependent) -> None:
         """One input of a waiting call is done; with the last, the call joins the window
@@ -129,6 +140,7 @@ class Intake:
         self._add_to_window(Submit(dependent.future, dependent.fn_key, dependent.fn,
                                    dependent.fn_blob, dependent.fn_name, arguments,
                                    dependent.settings, key))
+        self._flush = True  # it has waited already: it goes out in the next round
 
     def _resolve_cached(self, request: CachedResult) -> None:
         if FutureSink(request.future).launch():
