@@ -167,7 +167,8 @@ class SlurmExecutor(CallMaker, Executor):
                 "backend": self.backend.name, "resources": self.resources,
                 "cwd": os.getcwd(), "setup": setup, "sbatch_extra": sbatch_extra,
             })
-        poll = poll_interval if poll_interval is not None else (0.05 if local else 2.0)
+        poll = poll_interval if poll_interval is not None else (
+            0.05 if self.backend.cheap_states else 2.0)
         core = Core(Config(
             poll_interval=poll,
             result_grace=result_grace if result_grace is not None else (

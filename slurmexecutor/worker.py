@@ -88,9 +88,11 @@ def _where_am_i(attempt: int) -> dict:
         "time": time.time(),
         "host": socket.gethostname(),
         "pid": os.getpid(),
-        "job_id": environ.get("SLURM_ARRAY_JOB_ID") or environ.get("SLURM_JOB_ID") or (
-            environ.get("SLURMEXECUTOR_JOB")),
-        "array_index": environ.get("SLURM_ARRAY_TASK_ID") or environ.get("SLURMEXECUTOR_TASK"),
+        # the local and allocation backends' own ids first: their tasks may run inside a
+        # Slurm job (salloc, sbatch) whose SLURM_* ids are not theirs
+        "job_id": environ.get("SLURMEXECUTOR_JOB") or environ.get("SLURM_ARRAY_JOB_ID") or (
+            environ.get("SLURM_JOB_ID")),
+        "array_index": environ.get("SLURMEXECUTOR_TASK") or environ.get("SLURM_ARRAY_TASK_ID"),
         "attempt": attempt,
     }
 

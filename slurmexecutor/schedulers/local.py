@@ -46,6 +46,7 @@ class LocalBackend(Backend):
 
     name = "local"
     same_host = True
+    cheap_states = True  # allocation.py's steps too
 
     def __init__(self, resources: dict) -> None:
         self._slots = self._count_slots(resources)
