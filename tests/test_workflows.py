@@ -165,3 +165,15 @@ def test_a_future_of_another_executor_is_resolved_on_the_client(make_executor):
         local = pool.submit(nap, 0.3)
         assert ex.submit(add, local, 1).result(timeout=120) == 1.3
     assert list(spool.read_journals(ex.run_dir))  # it ran on the executor's backend
+
+
+def test_a_views_time_limit_is_its_own_on_the_local_backend(tmp_path):
+    """Slurm enforces each array's --time itself (in minutes); the local backend reads
+    it from each array's script, so a view's limit holds there too."""
+    from slurmexecutor import JobTimeoutError, SlurmExecutor
+
+    with SlurmExecutor(tmp_path, backend="local", time="10:00", keep_alive=0) as ex:
+        short = ex.options(time="0:05")
+        with pytest.raises(JobTimeoutError):
+            short.submit(nap, 30).result(timeout=60)
+        assert ex.submit(nap, 2.5).result(timeout=60) == 2.5

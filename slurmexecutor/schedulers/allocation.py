@@ -31,6 +31,7 @@ from pathlib import Path
 from .._log import log
 from . import Backend, TaskKey, TaskState
 from .local import KILL_WAIT, LocalBackend, _Task
+from .script import parse_directives
 
 #: resources that describe the allocation, not a step: not used inside one
 JOB_ONLY = ("partition", "account", "qos", "reservation", "begin", "deadline", "mail_type",
@@ -51,7 +52,6 @@ STEP_WRAPPER = ('echo "slurmexecutor: step $SLURM_JOB_ID.$SLURM_STEP_ID on $SLUR
                 ' export SLURM_ARRAY_JOB_ID="$1" SLURM_ARRAY_TASK_ID="$2"'
                 ' SLURMEXECUTOR_JOB="$1" SLURMEXECUTOR_TASK="$2"; exec bash "$3"')
 _STEP_LINE = re.compile(r"^slurmexecutor: step (\d+\.\d+) on (\S*)$", re.MULTILINE)
-_DIRECTIVE = re.compile(r'^#SBATCH --([\w-]+)(?:=(?:"([^"]*)"|(\S+)))?\s*$', re.MULTILINE)
 _numbers = itertools.count(1)
 NO_ALLOCATION = ("backend='allocation' needs to run inside a Slurm allocation (salloc, "
                  "sbatch): SLURM_JOB_ID is not set")
@@ -112,12 +112,6 @@ class Allocation:
                 f"cpus_per_task={cpus_per_task} does not fit allocation {self.job_id}: its "
                 f"node(s) have {', '.join(map(str, self.cpus))} CPU(s)")
         return fit
-
-
-def parse_directives(script: str) -> dict[str, str]:
-    """A batch script's `#SBATCH --option[=value]` lines -> {option: value or ""}."""
-    return {match.group(1): match.group(2) if match.group(2) is not None else (
-        match.group(3) or "") for match in _DIRECTIVE.finditer(script)}
 
 
 def srun_options(directives: Mapping[str, str], allocation: Allocation,

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from .._log import log
 from . import Backend, TaskKey, TaskState
-from .script import time_limit_seconds, warning_seconds
+from .script import parse_directives, time_limit_seconds, warning_seconds
 
 KILL_WAIT = 2.0  # seconds between SIGTERM and SIGKILL, like Slurm's KillWait
 _job_numbers = itertools.count(1)
@@ -35,6 +35,7 @@ class _Task:
     started: float = 0.0
     warned: bool = False
     ending: str | None = None  # why we are killing it: CANCELLED or TIMEOUT
+    limit: int | None = None  # its time limit (s): its script's `--time`
     kill_at: float = 0.0
     kills: int = 0  # how many times the kill deadline passed
 
@@ -66,11 +67,14 @@ class LocalBackend(Backend):
     def submit_array(self, script: Path, size: int, log_dir: Path,
                      throttle: int | None = None) -> str:
         job_id = self._new_job_id()
+        limit = parse_directives(script.read_text()).get("time")  # a view's own, too
+        seconds = time_limit_seconds(limit) if limit else self._limit
         with self._lock:
             self._throttles[job_id] = throttle or 0
             for index in range(size):
                 key = (job_id, index)
-                self._queue.append(_Task(key, script, log_dir / f"{job_id}_{index}.log"))
+                self._queue.append(_Task(key, script, log_dir / f"{job_id}_{index}.log",
+                                         limit=seconds))
                 self._states[key] = TaskState("PENDING")
             self._lock.notify()
         log.info("%s array job %s: %d tasks", self.name, job_id, size)
@@ -190,11 +194,11 @@ class LocalBackend(Backend):
         if task.ending and now >= task.kill_at:
             task.kills += 1
             self._kill(task)
-        elif self._limit is not None and not task.ending:
+        elif task.limit is not None and not task.ending:
             elapsed = now - task.started
-            if elapsed >= self._limit:
+            if elapsed >= task.limit:
                 self._terminate(task, "TIMEOUT")
-            elif not task.warned and elapsed >= self._limit - warning_seconds(self._limit):
+            elif not task.warned and elapsed >= task.limit - warning_seconds(task.limit):
                 task.warned = True
                 self._warn(task)
 

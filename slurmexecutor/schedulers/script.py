@@ -123,6 +123,15 @@ def link_package(folder: Path) -> Path:
 _TIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
 
 
+_DIRECTIVE = re.compile(r'^#SBATCH --([\w-]+)(?:=(?:"([^"]*)"|(\S+)))?\s*$', re.MULTILINE)
+
+
+def parse_directives(script: str) -> dict[str, str]:
+    """A batch script's `#SBATCH --option[=value]` lines -> {option: value or ""}."""
+    return {match.group(1): match.group(2) if match.group(2) is not None else (
+        match.group(3) or "") for match in _DIRECTIVE.finditer(script)}
+
+
 def time_limit_seconds(limit: str | int) -> int:
     """Parse a Slurm time limit (an int means minutes, as in sbatch)."""
     if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0:
