@@ -203,7 +203,8 @@ class Engine(LeaseAndEnd, Intake):
                         break
         self._events.append(ev.BatchAdded(
             number, [chunk.call_ids for chunk in spec.chunks], spec.planned, spec.steal,
-            spec.attempt, settings.time_limit, throttled))
+            spec.attempt, settings.time_limit, throttled,
+            resources=settings.resources_key()))
 
     def queue_event(self, event: Event) -> None:
         """For attach, before the owner starts: an event for its first round."""

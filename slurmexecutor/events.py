@@ -27,6 +27,7 @@ class BatchAdded:
     throttled: bool = False
     arrays: tuple[tuple[str, int, int], ...] = ()  # (job id, offset, size) already out
     open_calls: frozenset[int] | None = None  # None: all of its calls
+    resources: str = ""  # its resources key: only warm tasks of the same may join it
 
 
 @dataclass(frozen=True)

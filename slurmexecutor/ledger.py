@@ -58,6 +58,7 @@ class Batch:
     next_scale: float = 0.0
     submit_asked: bool = False  # its array was asked for (or it had one)
     warm_until: float = 0.0  # no array before then: a warm task may join
+    resources: str = ""  # the resources key of its tasks (warm tasks join only equal)
     #: tasks a submission limit refused for now: (first, count, throttled), and when to
     #: ask again (policies.WidthPolicy)
     deferred: tuple[int, int, bool] | None = None

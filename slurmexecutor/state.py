@@ -49,8 +49,10 @@ class Core(CancelPolicy, WidthPolicy, FailurePolicy):
         #: when the latest complete read of the streams began: a task the scheduler
         #: calls ended is judged only on a read that began after we learned it
         self.scanned = float("-inf")
-        #: warm tasks seen idle: (job id, array index) -> until when they wait
+        #: warm tasks seen idle: (job id, array index) -> until when they wait, and the
+        #: resources key of the batches they may join
         self.warm: dict[tuple[str, int], float] = {}
+        self.warm_for: dict[tuple[str, int], str] = {}
         self._out: list[Action] = []
 
     # -- the one entry point -------------------------------------------------------------
@@ -131,8 +133,9 @@ class Core(CancelPolicy, WidthPolicy, FailurePolicy):
         if not batch.open_calls:
             return
         batch.submit_asked = bool(event.arrays)
-        if not event.arrays and event.steal and any(
-                until > now for until in self.warm.values()):
+        batch.resources = event.resources
+        if not event.arrays and event.steal and any(until > now and self.warm_for.get(
+                key) == event.resources for key, until in self.warm.items()):
             batch.warm_until = now + self.config.warm_wait  # a warm task may take it
         elif not event.arrays:
             self._ask_tasks(batch)
@@ -171,6 +174,7 @@ class Core(CancelPolicy, WidthPolicy, FailurePolicy):
                 self.warm.pop(key, None)
             elif task.job_id is not None:
                 self.warm[key] = now + float((record.body or {}).get("keep_alive", 0))
+                self.warm_for[key] = batch.resources
         elif kind == "claim":
             assert record.call_id is not None
             chunk = record.call_id
@@ -260,6 +264,7 @@ class Core(CancelPolicy, WidthPolicy, FailurePolicy):
     def _tick(self, now: float) -> None:
         if self.warm:  # those past their keep_alive have left
             self.warm = {key: until for key, until in self.warm.items() if until > now}
+            self.warm_for = {key: self.warm_for.get(key, "") for key in self.warm}
         if not self.batches:
             return
         if now >= self.next_poll:
@@ -322,6 +327,7 @@ class Core(CancelPolicy, WidthPolicy, FailurePolicy):
                         task.job_id is not None):  # it waits for the next batch now
                     key = (task.job_id, task.array_index or 0)
                     self.warm[key] = max(self.warm.get(key, 0.0), now + self.config.keep_alive)
+                    self.warm_for[key] = batch.resources
             del self.batches[batch.number]
             if self.doomed:  # forget its calls (those a lingering task may yet answer stay)
                 awaited = {c for t in self.lingering.values() for c in t.verdicts}

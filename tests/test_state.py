@@ -396,3 +396,16 @@ def test_a_deferred_batch_whose_calls_are_cancelled_is_not_submitted_again():
     assert failed(actions) == {0: JobCancelledError, 1: JobCancelledError}
     assert not of(machine.step([], 60.0), SubmitTasks)
     assert machine.idle
+
+
+def test_a_batch_waits_for_an_idle_warm_task_only_if_it_may_join():
+    machine = core(keep_alive=30.0)
+    started_batch(machine, chunks=((0,),), planned=1, resources="A")
+    machine.step([Record(0, 0, "claim", 0, None), Record(0, 0, "ok", 0, b"x"),
+                  Record(0, 0, "idle", None, {"keep_alive": 30.0})], 0.1)
+    assert machine.warm == {("7", 0): 30.1}
+    # other resources (ex.options): no warm task can join, its array goes out at once
+    assert of(machine.step([BatchAdded(1, [[1]], 1, resources="B")], 0.2), SubmitTasks)
+    # the same resources: it waits warm_wait for the idle task to join
+    assert not of(machine.step([BatchAdded(2, [[2]], 1, resources="A")], 0.3), SubmitTasks)
+    assert of(machine.step([], 1.4), SubmitTasks)
