@@ -17,6 +17,11 @@ selection=(tests/test_state.py tests/test_units.py tests/test_claims.py
            tests/test_contract.py tests/test_executor.py tests/test_mapreduce.py
            tests/test_environment.py tests/test_warm.py tests/test_worker_exit.py
            tests/test_lease.py tests/test_paths.py)
+# The chunking policy's timing-based checks stay on the main python3 (they fail under load
+# from other processes, whatever the Python).
+t=tests/test_executor.py
+timing=(--deselect "$t::test_cheap_calls_take_one_task_and_slow_ones_fan_out[local]"
+        --deselect "$t::test_a_map_of_calls_measured_cheap_is_cut_into_few_chunks[local]")
 
 find_python() {  # find_python X.Y: print the interpreter's path, or nothing
   local found
@@ -43,7 +48,7 @@ for version in "$@"; do
   fi
   "$venv/bin/python" -m pip install -q -e ".[test]"
   if ! SLURMEXECUTOR_SKIP_SLURM=1 "$venv/bin/python" -m pytest -q -rfE -p no:cacheprovider \
-      "${selection[@]}"; then
+      "${timing[@]}" "${selection[@]}"; then
     failed+=("$version")
   fi
 done
