@@ -30,8 +30,8 @@ from .schedulers.script import SBATCH_OPTIONS, ScriptSpec, render_script, valida
 
 def add_resource_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("sbatch options (any of the executor's resources)")
-    for name, help_text in SBATCH_OPTIONS.items():
-        flag = "--" + name.replace("_", "-")
+    for name, text in SBATCH_OPTIONS.items():
+        flag, help_text = "--" + name.replace("_", "-"), text.replace("%", "%%")  # argparse
         if name in ("requeue", "exclusive"):
             group.add_argument(flag, dest=name, action="store_true", default=None,
                                help=help_text)

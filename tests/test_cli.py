@@ -160,6 +160,8 @@ def test_render_shows_the_exact_script(tmp_path):
     assert lines[-1].startswith("exec ") and "from slurmexecutor.worker import main" in lines[-1]
     bad = cli("render", "--no-such-option", "1", folder=tmp_path, check=False)
     assert bad.returncode == 2 and "unrecognized arguments" in bad.stderr
+    for command in ("render", "count-reads", "demo"):  # help texts hold a literal %N
+        assert "at most this many tasks" in cli(command, "--help", folder=tmp_path).stdout
 
 
 def test_logging_is_silent_unless_asked(tmp_path):
