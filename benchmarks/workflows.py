@@ -8,6 +8,8 @@
     trip through a view against a plain one;
   * futures as arguments: a 10-step chain of dependent trivial calls (all submitted at
     once) against 10 sequential `submit().result()`s, warm (keep_alive) and cold;
+  * a `--long-chain`-step chain (1,000 by default), warm: seconds per step, and the
+    client's threads while it waits (no thread per dependency);
   * the result cache: `--cached` trivial calls mapped once (filling the cache), then
     mapped again by a NEW executor on the same folder: wall time of the all-hits map,
     per call, and the arrays it submitted (should be 0).
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -91,6 +94,23 @@ def chain_costs(folder: Path, backend: str, keep_alive: float) -> tuple[float, f
         ex.shutdown()
 
 
+def long_chain(folder: Path, backend: str, steps: int) -> tuple[float, int]:
+    """(seconds for a chain of `steps` dependent calls, most threads seen meanwhile)."""
+    ex = executor(folder, backend, keep_alive=60)
+    try:
+        ex.submit(inc, 0).result(timeout=120)
+        threads = threading.active_count()
+        started = time.perf_counter()
+        future = ex.submit(inc, 0)
+        for _ in range(steps - 1):
+            future = ex.submit(inc, future)
+        peak = threading.active_count()
+        assert future.result(timeout=3600) == steps
+        return time.perf_counter() - started, max(peak, threading.active_count()) - threads
+    finally:
+        ex.shutdown()
+
+
 def cache_costs(folder: Path, backend: str, calls: int) -> tuple[float, float, int]:
     """(first map s, all-hits map s in a new executor, arrays the second submitted)."""
     first = executor(folder, backend, cache=True, keep_alive=0)
@@ -114,6 +134,7 @@ def main() -> None:
     parser.add_argument("--backends", nargs="+", default=["slurm", "local"])
     parser.add_argument("--cached", type=int, default=10_000)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--long-chain", type=int, default=1000)
     args = parser.parse_args()
     rows: list[list[str]] = []
 
@@ -123,8 +144,8 @@ def main() -> None:
             option_runs = [options_costs(folder, backend) for _ in range(args.repeat)]
             med = {key: statistics.median(r[key] for r in option_runs) for key in option_runs[0]}
             rows.append([backend, "submit, plain / new view / same view (us per call)",
-                         f"{med['plain'] * 1e6:.0f} / {med['new view'] * 1e6:.0f} / "
-                         f"{med['same view'] * 1e6:.0f}",
+                         (f"{med['plain'] * 1e6:.0f} / {med['new view'] * 1e6:.0f} / "
+                         f"{med['same view'] * 1e6:.0f}"),
                          f"{med['new view'] / med['plain']:.2f}x"])
             rows.append([backend, "warm round trip, plain / view (ms)",
                          f"{med['trip plain'] * 1e3:.1f} / {med['trip view'] * 1e3:.1f}",
@@ -136,13 +157,18 @@ def main() -> None:
                 rows.append([backend, f"10-step chain / 10 x submit().result(), {label} (s)",
                              f"{chained:.2f} / {sequential:.2f}",
                              f"{chained / sequential:.2f}x"])
+            if args.long_chain:
+                seconds, threads = long_chain(folder, backend, args.long_chain)
+                rows.append([backend, f"{args.long_chain}-step chain, warm (s; ms per step)",
+                             (f"{seconds:.1f}; {seconds / args.long_chain * 1e3:.1f} "
+                             f"(+{threads} threads)"), "-"])
             runs_c = [cache_costs(folder / f"cache{i}", backend, args.cached)
                       for i in range(args.repeat)]
             cold = statistics.median(r[0] for r in runs_c)
             hits = statistics.median(r[1] for r in runs_c)
             rows.append([backend, f"map of {args.cached} cached calls: first / all hits (s)",
-                         f"{cold:.2f} / {hits:.3f} ({hits / args.cached * 1e6:.0f} us per "
-                         f"call, arrays {max(r[2] for r in runs_c)})",
+                         (f"{cold:.2f} / {hits:.3f} ({hits / args.cached * 1e6:.0f} us per "
+                         f"call, arrays {max(r[2] for r in runs_c)})"),
                          f"{hits / cold:.3f}x"])
 
     for backend in args.backends:
