@@ -15,6 +15,9 @@ argument's class may have changed).
 
 from __future__ import annotations
 
+import copy
+import hashlib
+import json
 import os
 import pickle
 import queue
@@ -24,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ._log import log
+from .batches import Settings
 from .cache import CallKeys, ResultCache, UncacheableError, default_cache_dir
 
 
@@ -40,6 +44,21 @@ def open_cache(option: bool | str | os.PathLike | None, folder: Path,
     raise TypeError(f"cache must be True, False or a path, not {option!r}")
 
 
+class WorkerKeys(CallKeys):
+    """Keys that also cover where the calls run: the workers' interpreter and setup
+    lines (a view with another `python=` or `setup=` does not get results computed by
+    another environment). Resources (memory, time, partition) are not part of it."""
+
+    def __init__(self, fn: Callable, settings: Settings) -> None:
+        super().__init__(fn)
+        self.environment = json.dumps([settings.python, settings.setup])
+
+    def key(self, args: tuple, kwargs: dict) -> str:
+        digest = hashlib.sha256(super().key(args, kwargs).encode() + b"\0")
+        digest.update(self.environment.encode())
+        return digest.hexdigest()
+
+
 class CallCache:
     """Keys of calls and lookups, for one executor (thread-safe)."""
 
@@ -53,12 +72,12 @@ class CallCache:
         self._writer: threading.Thread | None = None
         self._unwritten: dict[str, bytes] = {}  # queued results: lookups see them too
 
-    def keys_for(self, fn: Callable) -> CallKeys | None:
-        """Key maker for calls of `fn` submitted now (its fingerprint is taken here), or
-        None, with one WARNING per function, when it cannot be fingerprinted: its calls
-        then run uncached."""
+    def keys_for(self, fn: Callable, settings: Settings) -> CallKeys | None:
+        """Key maker for calls of `fn` submitted now with these settings (its fingerprint
+        is taken here), or None, with one WARNING per function, when it cannot be
+        fingerprinted: its calls then run uncached."""
         try:
-            return CallKeys(fn)
+            return WorkerKeys(fn, settings)
         except (UncacheableError, TypeError, ValueError) as error:
             name = getattr(fn, "__qualname__", repr(fn))
             with self._lock:
@@ -79,7 +98,7 @@ class CallCache:
 
     def lookup(self, keys: Sequence[str | None]) -> dict[int, Any]:
         """{position: stored result} for the keys that are hits (results still being
-        written included)."""
+        written included; a key asked twice gets a copy the second time)."""
         with self._lock:
             queued = {k: self._unwritten[k] for k in keys if k in self._unwritten}
         found: dict[str, Any] = {}
@@ -89,7 +108,13 @@ class CallCache:
             except Exception as error:  # noqa: BLE001  (a miss: the call runs again)
                 log.info("a queued cache entry cannot be unpickled: %r", error)
         found.update(self.store.get_many({k for k in keys if k is not None} - set(found)))
-        return {i: found[k] for i, k in enumerate(keys) if k is not None and k in found}
+        hits: dict[int, Any] = {}
+        given: set[str] = set()
+        for position, key in enumerate(keys):
+            if key is not None and key in found:
+                hits[position] = copy.deepcopy(found[key]) if key in given else found[key]
+                given.add(key)
+        return hits
 
     def store_result(self, key: str, body: bytes) -> None:
         """Store a successful call's result, pickled as the worker sent it (in the

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from .bars import CallProgress
 from .batches import BatchSpec, Chunk, Settings, auto_chunksize, dumps
-from .dependencies import Dependent, find_futures
+from .dependencies import Dependent, find_futures, snapshot
 from .futures import ChunkSink, FutureSink, SlurmFuture
 from .handoff import CachedResult, Submit
 from .schedulers.script import validate_extra, validate_resources
@@ -62,10 +62,11 @@ class CallMaker:
             raise TypeError(f"{fn!r} is not callable")
         ex, name = self._executor, callable_name(fn)
         inputs = find_futures((args, kwargs))
-        arguments = b"" if inputs else dumps([(args, kwargs)], f"an argument of {name}")
-        fn_key, blob = ex._pickled(fn)
+        arguments = snapshot(args, kwargs, inputs, f"an argument of {name}") if inputs else (
+            dumps([(args, kwargs)], f"an argument of {name}"))
         cache = ex._cache
-        call_keys = cache.keys_for(fn) if cache is not None else None
+        call_keys = cache.keys_for(fn, self._settings) if cache is not None else None
+        fn_key, blob = ex._pickled(fn, call_keys.fingerprint if call_keys else None)
         key, hit = None, {}
         if cache is not None and call_keys is not None and not inputs:
             key = cache.key(call_keys, args, kwargs)
@@ -75,7 +76,7 @@ class CallMaker:
             future = SlurmFuture(ex._engine, [ex._next_call])
             ex._next_call += 1
             if inputs:  # waits in the owner's state for its inputs (dependencies.py)
-                ex._engine.put(Dependent(future, fn_key, fn, blob, name, args, kwargs,
+                ex._engine.put(Dependent(future, fn_key, fn, blob, name, arguments,
                                          self._settings, inputs, len(inputs), call_keys))
             elif hit:  # answered by the cache: no job
                 ex._engine.put(CachedResult(future, hit[0]))
@@ -121,7 +122,7 @@ class CallMaker:
         futures = self._map_batch(fn, name, count, calls, chunksize, bar, keys) if (
             count) else []
         results = _chained_results(ex, futures, end_time, bar)
-        return _with_hits(results, hits, total) if hits else results
+        return _with_hits(results, hits, total, ex, futures, bar) if hits else results
 
     def _map_batch(self, fn: Callable, name: str, count: int, calls: Iterator[tuple],
                    chunksize: int | None, bar: CallProgress,
@@ -156,7 +157,7 @@ class CallMaker:
                     calls: Iterable[tuple[tuple, dict]]) -> list[str | None] | None:
         """The calls' cache keys (None: the function cannot be cached)."""
         cache = self._executor._cache
-        call_keys = cache.keys_for(fn) if cache is not None else None
+        call_keys = cache.keys_for(fn, self._settings) if cache is not None else None
         if cache is None or call_keys is None:
             return None
         return [cache.key(call_keys, args, kwargs) for args, kwargs in calls]
@@ -255,13 +256,20 @@ def _keyed(first: int, keys: list[str | None] | None) -> dict[int, str] | None:
     return {first + i: key for i, key in enumerate(keys) if key is not None}
 
 
-def _with_hits(results: Iterator, hits: dict[int, Any], total: int) -> Iterator:
-    """A map's results in order: cached ones from `hits`, the others from `results`."""
+def _with_hits(results: Iterator, hits: dict[int, Any], total: int,
+               executor: SlurmExecutor, futures: list[SlurmFuture],
+               bar: CallProgress) -> Iterator:
+    """A map's results in order: cached ones from `hits`, the others from `results`.
+    Abandoned early (even before `results` started), it stops the calls not yet run."""
     try:
         for position in range(total):
             yield hits[position] if position in hits else next(results)
     finally:
         results.close()  # type: ignore[attr-defined]
+        unfinished = [f for f in futures if not f.done()]
+        if unfinished:
+            executor.cancel(unfinished)
+        bar.close()
 
 
 def _may_hold_futures(iterables: tuple[Iterable, ...]) -> bool:

@@ -4,21 +4,27 @@ A call whose arguments hold futures (at the top level or nested in lists, tuples
 values) is a `Dependent`. It waits in the owner thread's state, not in a thread of its
 own: each input future gets a done-callback that only puts `InputDone` on the owner's
 queue (callbacks of this executor's futures run on the owner thread, others' on theirs).
-When the last input is done, the owner puts the results in place of the futures, pickles
-the arguments and adds the call to the submission window like any `submit`. A failed or
+The arguments are pickled at submit, each input future as a placeholder (so later
+changes to them are not seen, as with any `submit`); when the last input is done, the
+owner unpickles them with the results in the placeholders' places, pickles them again
+and adds the call to the submission window like any `submit`. A failed or
 cancelled input fails the call with `DependencyError`, chained to the input's exception.
 """
 
 from __future__ import annotations
 
+import io
+import pickle
 from collections.abc import Callable
 from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass, field
 from typing import Any
 
+import cloudpickle
+
 from .batches import Settings, dumps
 from .cache import CallKeys
-from .errors import DependencyError
+from .errors import DependencyError, SerializationError
 from .futures import SlurmFuture
 
 #: containers searched for futures (and rebuilt with the results in their place)
@@ -41,31 +47,34 @@ def find_futures(obj: Any, found: dict[int, Future] | None = None) -> dict[int, 
     return found
 
 
-def substitute(obj: Any, results: dict[int, Any]) -> Any:
-    """`obj` with every future replaced by its result (containers rebuilt, same types
-    where they can be: namedtuples and dict subclasses included)."""
-    if isinstance(obj, Future):
-        return results[id(obj)]
-    if isinstance(obj, dict):
-        items = [(key, substitute(value, results)) for key, value in obj.items()]
-        if type(obj) is dict:
-            return dict(items)
-        try:
-            return type(obj)(items)
-        except TypeError:  # e.g. defaultdict: keep its default factory
-            rebuilt = obj.copy()
-            rebuilt.update(items)
-            return rebuilt
-    if isinstance(obj, list):
-        return [substitute(item, results) for item in obj]
-    if isinstance(obj, tuple):
-        items = [substitute(item, results) for item in obj]
-        if type(obj) is tuple:
-            return tuple(items)
-        if hasattr(obj, "_fields"):  # a namedtuple
-            return type(obj)(*items)
-        return type(obj)(items)
-    return obj
+def snapshot(args: tuple, kwargs: dict, inputs: dict[int, Future], what: str) -> bytes:
+    """The arguments pickled now (later changes to them are not seen, and an argument
+    that cannot be pickled fails at submit), each input future by its position."""
+    buffer = io.BytesIO()
+    positions = {key: index for index, key in enumerate(inputs)}
+    try:
+        _PlaceholderPickler(buffer, positions).dump((args, kwargs))
+    except Exception as exc:
+        raise SerializationError(f"{what} cannot be pickled: {exc!r}") from exc
+    return buffer.getvalue()
+
+
+class _PlaceholderPickler(cloudpickle.CloudPickler):
+    def __init__(self, file: io.BytesIO, positions: dict[int, int]) -> None:
+        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
+        self._positions = positions
+
+    def persistent_id(self, obj: Any) -> int | None:
+        return self._positions.get(id(obj)) if isinstance(obj, Future) else None
+
+
+class _ResultsLoader(pickle.Unpickler):
+    def __init__(self, file: io.BytesIO, results: list[Any]) -> None:
+        super().__init__(file)
+        self._results = results
+
+    def persistent_load(self, pid: Any) -> Any:
+        return self._results[pid]
 
 
 def describe(future: Future) -> str:
@@ -84,8 +93,7 @@ class Dependent:
     fn: Callable
     fn_blob: bytes
     fn_name: str
-    args: tuple
-    kwargs: dict
+    snapshot: bytes  # the arguments pickled at submit, each input future a placeholder
     settings: Settings
     inputs: dict[int, Future] = field(default_factory=dict)
     remaining: int = 0
@@ -109,9 +117,12 @@ class Dependent:
         return None
 
     def resolved(self) -> tuple[tuple, dict]:
-        """The call's arguments with the inputs' results in place."""
-        results = {key: future.result(timeout=0) for key, future in self.inputs.items()}
-        return substitute(self.args, results), substitute(self.kwargs, results)
+        """The call's arguments as they were at submit, with the inputs' results in
+        place."""
+        results = [future.result(timeout=0) for future in self.inputs.values()]
+        loader = _ResultsLoader(io.BytesIO(self.snapshot), results)
+        args, kwargs = loader.load()
+        return args, kwargs
 
     def pickled(self, args: tuple, kwargs: dict) -> bytes:
         """Raises SerializationError naming the function."""

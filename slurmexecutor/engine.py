@@ -76,6 +76,7 @@ class Engine(LeaseAndEnd, Intake):
         self._settings_of: dict[int, Settings] = {}  # live batches' resources etc.
         #: calls waiting for their input futures (dependencies.py), by call id
         self._dependents: dict[int, Dependent] = {}
+        self._ready: list[Dependent] = []
         self.cache = cache  # the result cache (caching.py), if on
         self._cache_keys: dict[int, str] = {}  # call id -> key its result is stored under
         self._streams = StreamReader(run_dir, key)

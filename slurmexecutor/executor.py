@@ -268,9 +268,11 @@ class SlurmExecutor(CallMaker, Executor):
         """How many tasks of these resources can run at once (a view's)."""
         return self.backend.slots_for(settings.resources)
 
-    def _pickled(self, fn: Callable) -> tuple[Any, bytes]:
-        """The function pickled once per submission window (bound methods included)."""
-        key = function_key(fn)
+    def _pickled(self, fn: Callable, fingerprint: str | None = None) -> tuple[Any, bytes]:
+        """The function pickled once per submission window (bound methods included); with
+        the result cache on, once per fingerprint too, so a call never runs a pickle of
+        the function older than the fingerprint its result is stored under."""
+        key = (function_key(fn), fingerprint)
         if self._functions_window != self._engine.window_generation:
             self._functions, self._functions_window = {}, self._engine.window_generation
         cached = self._functions.get(key)

@@ -14,6 +14,7 @@ import bisect
 import os
 from collections.abc import Sequence
 from concurrent.futures import Future, InvalidStateError
+from concurrent.futures._base import CANCELLED, PENDING
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -99,7 +100,10 @@ class FutureSink:
             [call_id] if call_id is not None else future.call_ids)  # type: ignore[attr-defined]
 
     def launch(self) -> bool:
-        """The call is handed to the cluster: RUNNING, or False if it was cancelled."""
+        """The call is handed to the cluster: RUNNING, or False if it was cancelled (or
+        is already running or done: nothing to do, and nothing logged)."""
+        if self.future._state not in (PENDING, CANCELLED):
+            return False
         try:
             return self.future.set_running_or_notify_cancel()
         except RuntimeError:  # already cancelled and notified

@@ -18,6 +18,7 @@ from . import events as ev
 from .batches import BatchSpec, Chunk, Settings, auto_chunksize
 from .caching import CallCache
 from .dependencies import Dependent, InputDone
+from .errors import DependencyError, SlurmExecutorError
 from .futures import FutureSink, SlurmFuture
 from .handoff import (
     CachedResult,
@@ -40,6 +41,7 @@ class Intake:
     _requests: queue.SimpleQueue[Any]
     _windows: dict[str, Window]
     _dependents: dict[int, Dependent]
+    _ready: list[Dependent]  # calls whose last input just ended, taken in order
     cache: CallCache | None
     _cache_keys: dict[int, str]  # calls whose results are to be cached
     _events: list[ev.Event]
@@ -69,8 +71,6 @@ class Intake:
             busy = True
             if isinstance(request, Submit):
                 self._add_to_window(request)
-                if request.cache_key is not None:
-                    self._cache_keys[request.future.call_id] = request.cache_key
             elif isinstance(request, CachedResult):
                 self._resolve_cached(request)
             elif isinstance(request, Dependent):
@@ -92,6 +92,8 @@ class Intake:
                 self._shutdown(request.cancel_futures)
 
     def _add_to_window(self, request: Submit) -> None:
+        if request.cache_key is not None:
+            self._cache_keys[request.future.call_id] = request.cache_key
         now = time.monotonic()
         key = request.settings.resources_key()
         window = self._windows.get(key)
@@ -104,13 +106,23 @@ class Intake:
 
     def _input_callback(self, dependent: Dependent) -> Callable[[Future], None]:
         """On this owner's thread (its own futures' callbacks run there) the input is
-        taken at once; from any other thread it is put on the queue."""
+        taken in this round; from any other thread it is put on the queue."""
         def done(_: Future) -> None:
             if self.is_owner_thread():
-                self._input_done(dependent)
+                self._take_inputs(dependent)
             else:
                 self.put(InputDone(dependent))
         return done
+
+    def _take_inputs(self, dependent: Dependent) -> None:
+        """A loop, not recursion: completing a call runs the callbacks of the calls that
+        wait for it, which come back here (a chain of any length)."""
+        self._ready.append(dependent)
+        if len(self._ready) > 1:  # an outer call of this loop takes it
+            return
+        while self._ready:
+            self._input_done(self._ready[0])
+            self._ready.pop(0)
 
     def _input_done(self, dependent: Dependent) -> None:
         """One input of a waiting call is done; with the last, the call joins the window
@@ -119,20 +131,23 @@ class Intake:
         if dependent.remaining > 0 or self._dependents.pop(
                 dependent.future.call_id, None) is None:  # cancelled meanwhile
             return
-        error: BaseException | None = dependent.failed_input()
-        key = None
-        if error is None:
-            args, kwargs = dependent.resolved()
-            if self.cache is not None and dependent.call_keys is not None:
-                key = self.cache.key(dependent.call_keys, args, kwargs)
-                hit = self.cache.lookup([key])
-                if hit:
-                    self._resolve_cached(CachedResult(dependent.future, hit[0]))
-                    return
-            try:
+        try:
+            error: BaseException | None = dependent.failed_input()
+            key = None
+            if error is None:
+                args, kwargs = dependent.resolved()
+                if self.cache is not None and dependent.call_keys is not None:
+                    key = self.cache.key(dependent.call_keys, args, kwargs)
+                    hit = self.cache.lookup([key])
+                    if hit:
+                        self._resolve_cached(CachedResult(dependent.future, hit[0]))
+                        return
                 arguments = dependent.pickled(args, kwargs)
-            except Exception as exc:  # noqa: BLE001  (SerializationError naming the call)
-                error = exc
+        except Exception as exc:  # noqa: BLE001  (a result that does not unpickle, ...)
+            error = exc if isinstance(exc, SlurmExecutorError) else DependencyError(
+                f"{dependent.fn_name}: its arguments could not be rebuilt with its "
+                f"inputs' results: {exc!r}")
+            error.__cause__ = error.__cause__ or exc
         if error is not None:
             if FutureSink(dependent.future).launch():
                 dependent.future.set_exception(error)
@@ -147,6 +162,7 @@ class Intake:
             request.future.set_result(request.value)
 
     def _drop_from_window(self, future: SlurmFuture) -> None:
+        self._cache_keys.pop(future.call_id, None)
         if self._dependents.pop(future.call_id, None) is not None:
             FutureSink(future).launch()  # CANCELLED -> CANCELLED_AND_NOTIFIED
             return
@@ -160,15 +176,13 @@ class Intake:
         self._events.append(ev.ShutdownRequested(cancel_futures))
         if not cancel_futures:
             return
-        for window in self._windows.values():
-            for request in window.calls.values():
-                request.future.cancel()
-                FutureSink(request.future).launch()
-        self._windows = {}
-        for dependent in self._dependents.values():
-            dependent.future.cancel()
-            FutureSink(dependent.future).launch()
-        self._dependents = {}
+        windows, self._windows = self._windows, {}  # detached: cancelling a future runs
+        dependents, self._dependents = self._dependents, {}  # callbacks that look here
+        for future in [*(r.future for w in windows.values() for r in w.calls.values()),
+                       *(d.future for d in dependents.values())]:
+            future.cancel()
+            FutureSink(future).launch()
+            self._cache_keys.pop(future.call_id, None)
 
     def _launch_windows(self) -> None:
         windows, self._windows = self._windows, {}

@@ -64,6 +64,7 @@ class Batch:
     deferred: tuple[int, int, bool] | None = None
     retry_at: float = 0.0
     deferrals: int = 0
+    resubmitting: bool = False  # deferred tasks asked for again, no answer yet
     owner: dict[int, Task] = field(default_factory=dict)  # call -> the task that claimed it
     backup: dict[int, Task] = field(default_factory=dict)  # call -> its backup's task
     _chunk_index: dict[int, int] | None = None  # call -> its chunk, built when first asked

@@ -121,7 +121,7 @@ class WidthPolicy(_CoreState):
         batch = self.batches.get(event.batch)
         if batch is None:
             return
-        batch.deferred = (event.first, event.count, event.throttled)
+        batch.deferred, batch.resubmitting = (event.first, event.count, event.throttled), False
         batch.retry_at = now + min(DEFER_MAX, DEFER_FIRST * DEFER_GROWTH ** batch.deferrals)
         batch.deferrals += 1
 
@@ -129,10 +129,11 @@ class WidthPolicy(_CoreState):
         assert batch.deferred is not None
         if not batch.open_calls or batch.unclaimed == set():  # cancelled, or others took it
             batch.deferred = None
-        elif now >= batch.retry_at:
+        elif now >= batch.retry_at:  # throttled only if scale-out has not lifted it since
             first, count, throttled = batch.deferred
-            batch.deferred = None
-            self._out.append(ev.SubmitTasks(batch.number, first, count, throttled))
+            batch.deferred, batch.resubmitting = None, True
+            self._out.append(ev.SubmitTasks(batch.number, first, count,
+                                            throttled and batch.throttled))
 
     def _warm_or_submit(self, batch: Batch, now: float) -> None:
         """A batch left to warm tasks: its array is asked for when no warm task joined in

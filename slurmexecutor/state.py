@@ -147,12 +147,14 @@ class Core(CancelPolicy, WidthPolicy, FailurePolicy):
             self.tasks[task.key] = task
             batch.tasks.append(task)
         batch.submitted = max(batch.submitted, offset + size)
+        batch.resubmitting = False
 
     def _submit_failed(self, event: ev.SubmitFailed) -> None:
         batch = self.batches.get(event.batch)
         if batch is None:
             return
         batch.planned = batch.submitted  # no more attempts at scaling out
+        batch.resubmitting = False
         batch.submit_error = event.error
         if not self._live(batch):
             self._fail(batch, sorted(batch.open_calls),
@@ -343,6 +345,8 @@ class Core(CancelPolicy, WidthPolicy, FailurePolicy):
             self._warm_or_submit(batch, now)
         if batch.deferred is not None:
             self._submit_when_due(batch, now)
+        if batch.deferred is not None or batch.resubmitting:  # its tasks are still to come
+            return
         if not batch.unclaimed or batch.submitted == 0:
             return
         if batch.throttled and batch.first_start is not None and now >= batch.next_scale:

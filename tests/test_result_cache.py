@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from slurmexecutor import SlurmExecutor, map_reduce, spool
+from slurmexecutor import JobCancelledError, SlurmExecutor, map_reduce, spool
 
 
 def square(x):
@@ -127,3 +127,57 @@ def test_bad_cache_option_is_a_clear_error(tmp_path):
         SlurmExecutor(tmp_path, backend="local", cache=3)
     assert not list(tmp_path.glob("2*"))  # no run was created
     assert Path(tmp_path).exists()
+
+
+def make_scaled():
+    factor = [1]
+
+    def scaled(x):
+        return x * factor[0]
+    return scaled, factor
+
+
+def test_a_closure_changed_within_a_window_is_not_stored_under_the_new_code(cached):
+    """Closures are pickled by value, once per window and fingerprint: a change between
+    two submits of one window reaches the second call, and its result is stored under
+    the new fingerprint only."""
+    ex = cached(submit_window=2, max_window=5)
+    scaled, factor = make_scaled()
+    first = ex.submit(scaled, 5)
+    factor[0] = 3
+    second = ex.submit(scaled, 5)
+    assert (first.result(timeout=120), second.result(timeout=120)) == (5, 15)
+    ex.shutdown()
+    again = cached()
+    other, other_factor = make_scaled()
+    other_factor[0] = 3
+    assert again.submit(other, 5).result(timeout=60) == 15  # a hit, with the new code
+    other_factor[0] = 1
+    assert again.submit(other, 5).result(timeout=60) == 5  # a hit, with the old
+    assert submitted_calls(again) == 0
+
+
+def test_dependent_calls_are_cached_and_an_abandoned_map_stops_the_rest(cached):
+    ex = cached()
+    assert ex.submit(square, ex.submit(square, 2)).result(timeout=120) == 16
+    assert list(ex.map(sleepy_square, range(2))) == [0, 1]
+    ex.shutdown()
+    again = cached(submit_window=30, max_window=60)
+    assert again.submit(square, again.submit(square, 2)).result(timeout=60) == 16
+    assert submitted_calls(again) == 0  # both were hits
+    cancelled = []
+    cancel = again.cancel
+    again.cancel = lambda futures: (cancelled.extend(futures), cancel(futures))
+    results = again.map(sleepy_square, [0, 1, 30, 31])  # 0, 1: hits; 30, 31: sleep
+    assert next(results) == 0
+    results.close()  # abandoned before any call ran: those not run are stopped
+    assert cancelled
+    for future in cancelled:
+        assert future.cancelled() or isinstance(future.exception(timeout=60),
+                                                JobCancelledError)
+
+
+def sleepy_square(x):
+    import time
+    time.sleep(x if x > 2 else 0)
+    return x * x

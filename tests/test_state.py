@@ -409,3 +409,22 @@ def test_a_batch_waits_for_an_idle_warm_task_only_if_it_may_join():
     # the same resources: it waits warm_wait for the idle task to join
     assert not of(machine.step([BatchAdded(2, [[2]], 1, resources="A")], 0.3), SubmitTasks)
     assert of(machine.step([], 1.4), SubmitTasks)
+
+
+def test_chunks_of_deferred_tasks_are_not_failed_when_the_submitted_ones_end():
+    machine = core()
+    machine.step([BatchAdded(0, [[0], [1], [2], [3]], 4, steal=False)], 0.0)
+    refusal = SubmissionDeferred("MaxJobCount reached", kind="job_count")
+    machine.step([TasksSubmitted(0, "7", 0, 2), SubmitDeferred(0, 2, 2, False, refusal)], 0.0)
+    for task in (0, 1):
+        machine.step([Record(0, task, "start", None, {"host": "h", "pid": task}),
+                      Record(0, task, "claim", task, None),
+                      Record(0, task, "ok", task, b"x"), Record(0, task, "end", None, {})],
+                     0.5)
+    actions = machine.step([], 1.0)
+    assert not of(actions, Fail) and not of(actions, ClaimChunks)
+    [again] = of(machine.step([], 2.0), SubmitTasks)  # asked again; still nobody fails
+    assert (again.first, again.count) == (2, 2)
+    assert not of(machine.step([], 2.0), Fail)
+    machine.step([TasksSubmitted(0, "8", 2, 2)], 2.1)
+    assert ("8", 0) in {(t.job_id, t.array_index) for t in machine.tasks.values()}

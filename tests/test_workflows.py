@@ -10,6 +10,7 @@ from collections import namedtuple
 from concurrent.futures import ThreadPoolExecutor, wait
 
 import pytest
+from conftest import wait_until
 
 from slurmexecutor import DependencyError, map_reduce, spool
 
@@ -177,3 +178,35 @@ def test_a_views_time_limit_is_its_own_on_the_local_backend(tmp_path):
         with pytest.raises(JobTimeoutError):
             short.submit(nap, 30).result(timeout=60)
         assert ex.submit(nap, 2.5).result(timeout=60) == 2.5
+
+
+def test_a_failure_travels_down_a_long_chain_and_arguments_are_taken_at_submit(
+        make_executor):
+    ex = make_executor()
+    first = ex.submit(fail, 0)
+    chain = [first]
+    for _ in range(400):  # completing each runs the next one's callback: no recursion
+        chain.append(ex.submit(inc, chain[-1]))
+    _, pending = wait(chain, timeout=60)
+    assert not pending
+    assert all(isinstance(f.exception(), DependencyError) for f in chain[1:])
+    gate = ex.submit(nap, 0.5)
+    settings = {"i": 0}
+    later = []
+    for i in range(3):
+        settings["i"] = i  # changed after submit: each call keeps what it was given
+        later.append(ex.submit(lambda g, s: (g, s["i"]), gate, settings))
+    assert [f.result(timeout=120) for f in later] == [(0.5, 0), (0.5, 1), (0.5, 2)]
+
+
+def test_shutdown_cancelling_a_chain_of_waiting_calls_keeps_the_running_one(make_executor):
+    ex = make_executor()
+    running = ex.submit(nap, 1.5)
+    ex._engine.flush()  # hand it over now, and wait until a task took it
+    assert wait_until(lambda: running.log_path is not None, timeout=60)
+    second = ex.submit(inc, running)
+    third = ex.submit(inc, second)
+    ex.shutdown(wait=True, cancel_futures=True)
+    assert running.result(timeout=0) == 1.5  # the owner did not fail
+    assert second.cancelled() and (third.cancelled() or isinstance(
+        third.exception(timeout=0), DependencyError))
