@@ -12,16 +12,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 [ "$#" -gt 0 ] || set -- 3.10 3.13
 venvs="${SLURMEXECUTOR_VENVS:-${XDG_CACHE_HOME:-$HOME/.cache}/slurmexecutor/venvs}"
-# ~2 min per version: the Slurm-backed tests are deselected (SLURMEXECUTOR_SKIP_SLURM).
+# ~1.5 min per version: the Slurm-backed tests are deselected (SLURMEXECUTOR_SKIP_SLURM).
+# The result cache's fingerprints depend on the bytecode, so they are tested on each.
 selection=(tests/test_state.py tests/test_units.py tests/test_claims.py
-           tests/test_contract.py tests/test_executor.py tests/test_mapreduce.py
-           tests/test_environment.py tests/test_warm.py tests/test_worker_exit.py
-           tests/test_lease.py tests/test_paths.py)
-# The chunking policy's timing-based checks stay on the main python3 (they fail under load
-# from other processes, whatever the Python).
-t=tests/test_executor.py
-timing=(--deselect "$t::test_cheap_calls_take_one_task_and_slow_ones_fan_out[local]"
-        --deselect "$t::test_a_map_of_calls_measured_cheap_is_cut_into_few_chunks[local]")
+           tests/test_contract.py tests/test_workflows.py tests/test_cache.py
+           tests/test_result_cache.py tests/test_mapreduce.py tests/test_environment.py
+           tests/test_worker_exit.py tests/test_lease.py tests/test_paths.py)
 
 find_python() {  # find_python X.Y: print the interpreter's path, or nothing
   local found
@@ -48,7 +44,7 @@ for version in "$@"; do
   fi
   "$venv/bin/python" -m pip install -q -e ".[test]"
   if ! SLURMEXECUTOR_SKIP_SLURM=1 "$venv/bin/python" -m pytest -q -rfE -p no:cacheprovider \
-      "${timing[@]}" "${selection[@]}"; then
+      "${selection[@]}"; then
     failed+=("$version")
   fi
 done

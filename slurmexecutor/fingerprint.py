@@ -133,8 +133,8 @@ def _global_names(code: types.CodeType) -> list[str]:
 # -- the canonical walk --------------------------------------------------------------------
 
 _MISSING = object()
-_SKIP_CLASS_ATTRIBUTES = frozenset(
-    {"__dict__", "__weakref__", "__module__", "__qualname__", "__doc__"})
+_SKIP_CLASS_ATTRIBUTES = frozenset(  # __firstlineno__: the class's line (Python 3.13+)
+    {"__dict__", "__weakref__", "__module__", "__qualname__", "__doc__", "__firstlineno__"})
 _BUILTIN_TYPES = (types.BuiltinFunctionType, types.MethodWrapperType,
                   types.WrapperDescriptorType, types.MethodDescriptorType,
                   types.ClassMethodDescriptorType)
