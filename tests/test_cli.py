@@ -202,21 +202,27 @@ def test_status_cancel_and_clean_when_slurm_cannot_be_reached(slurm_cluster, tmp
                                   else line for line in conf.splitlines()) + "\n")
         env = dict(os.environ, SLURM_CONF=str(dead))
 
-        def offline(*args: str) -> subprocess.CompletedProcess:
-            return subprocess.run([sys.executable, "-m", "slurmexecutor", "--folder", str(folder),
-                                   *args], capture_output=True, text=True, env=env, timeout=120,
-                                  check=False)
+        def offline(*commands: tuple[str, ...]) -> list[subprocess.CompletedProcess]:
+            """Run the commands at once (each waits for the dead controller)."""
+            running = [subprocess.Popen([sys.executable, "-m", "slurmexecutor", "--folder",
+                                         str(folder), *args], stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, text=True, env=env)
+                       for args in commands]
+            done = []
+            for process, args in zip(running, commands):
+                out, err = process.communicate(timeout=120)
+                done.append(subprocess.CompletedProcess(args, process.returncode, out, err))
+            return done
 
-        status = offline("status")
+        status, one = offline(("status",), ("status", local_run))
         assert status.returncode == 0, status.stderr
         assert status.stderr.count("Slurm not reachable: states of Slurm runs unknown") == 1
         rows = {line.split()[0]: line for line in status.stdout.splitlines()[1:]}
         assert "unknown" in rows[slurm_run] and "local" in rows[local_run]
-        one = offline("status", local_run)
         assert one.returncode == 0 and "Slurm not reachable" not in one.stderr
-        clean = offline("clean")
+        [clean] = offline(("clean",))  # before cancel marks the Slurm run's calls
         assert clean.returncode == 0 and f"kept {slurm_run}" in clean.stdout
-        cancel = offline("cancel", slurm_run)
+        [cancel] = offline(("cancel", slurm_run))
         assert cancel.returncode == 1 and "marked cancelled" in cancel.stderr
     finally:  # the stuck call's job: end it while the cluster is still there
         job_ids = [a["job_id"] for j in spool.read_journals(ex.run_dir) for a in j["arrays"]]
