@@ -50,7 +50,7 @@ from .lease import Lease
 from .schedulers import Backend
 from .state import Core
 from .streams import StreamReader
-from .teardown import LeaseAndEnd, TakenOver
+from .teardown import LeaseAndEnd, TakenOver, refuse
 
 
 class Engine(LeaseAndEnd, Intake):
@@ -67,6 +67,8 @@ class Engine(LeaseAndEnd, Intake):
         self.window_generation = 0  # bumped each time a window goes out
         self.next_batch = 0
         self._requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._put_lock = threading.Lock()
+        self._closed = False  # the owner failed: requests are refused (teardown.py)
         self._wake = threading.Event()
         self._flush = False
         self._stopping = False
@@ -94,8 +96,12 @@ class Engine(LeaseAndEnd, Intake):
         self._thread.start()
 
     def put(self, request: Any) -> None:
-        self._requests.put(request)
-        self._wake.set()
+        with self._put_lock:  # vs. _abandon: no request is left behind in the queue
+            if not self._closed:
+                self._requests.put(request)
+                self._wake.set()
+                return
+        refuse(request, self.error or SlurmExecutorError("this executor has stopped"))
 
     def flush(self) -> None:
         """Send the submission window out now (someone waits for a result)."""

@@ -4,6 +4,7 @@ it cannot follow the run any more, releasing the lease, ending warm tasks."""
 from __future__ import annotations
 
 import queue
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ from .caching import CallCache
 from .dependencies import Dependent
 from .errors import RunInUseError
 from .futures import FutureSink, SinkTable
-from .handoff import CachedResult, Launch, Submit, Window
+from .handoff import CachedResult, Launch, NotifyCancelled, Submit, Window
 from .lease import Lease
 from .schedulers import Backend
 from .state import Core
@@ -22,6 +23,19 @@ from .state import Core
 
 class TakenOver(Exception):
     """Stops the owner loop after another client took the run over."""
+
+
+def refuse(request: Any, error: BaseException) -> None:
+    """Fail the futures of a request the owner will never take."""
+    if isinstance(request, (Submit, Dependent, CachedResult)) and FutureSink(
+            request.future).launch():
+        request.future.set_exception(error)
+    elif isinstance(request, Launch):
+        for sink in request.sinks:
+            for call_id in sink.call_ids:
+                sink.deliver(call_id, False, error)
+    elif isinstance(request, NotifyCancelled):
+        FutureSink(request.future).launch()  # CANCELLED -> CANCELLED_AND_NOTIFIED
 
 
 class LeaseAndEnd:
@@ -40,6 +54,8 @@ class LeaseAndEnd:
     _requests: queue.SimpleQueue[Any]
     _next_renewal: float
     _stopping: bool
+    _put_lock: threading.Lock
+    _closed: bool
 
     def _renew_lease(self, now: float) -> None:
         if now < self._next_renewal:
@@ -59,8 +75,11 @@ class LeaseAndEnd:
             raise TakenOver
 
     def _abandon(self, error: BaseException) -> None:
-        """ev.Fail every future this owner still holds (it cannot follow them any more)."""
-        self.error = error
+        """ev.Fail every future this owner still holds (it cannot follow them any more);
+        a request put from now on is failed at once (`Engine.put`)."""
+        with self._put_lock:
+            self.error = error
+            self._closed = True
         waiting = [r.future for w in self._windows.values() for r in w.calls.values()]
         for future in [*waiting, *(d.future for d in self._dependents.values())]:
             if FutureSink(future).launch():
@@ -75,13 +94,7 @@ class LeaseAndEnd:
                 request = self._requests.get_nowait()
             except queue.Empty:
                 break
-            if isinstance(request, (Submit, Dependent, CachedResult)) and FutureSink(
-                    request.future).launch():
-                request.future.set_exception(error)
-            elif isinstance(request, Launch):
-                for sink in request.sinks:
-                    for call_id in sink.call_ids:
-                        sink.deliver(call_id, False, error)
+            refuse(request, error)
 
     def _close(self) -> None:
         self._stopping = True

@@ -210,3 +210,32 @@ def test_shutdown_cancelling_a_chain_of_waiting_calls_keeps_the_running_one(make
     assert running.result(timeout=0) == 1.5  # the owner did not fail
     assert second.cancelled() and (third.cancelled() or isinstance(
         third.exception(timeout=0), DependencyError))
+
+
+def test_an_owner_that_fails_on_a_bug_leaves_no_future_hanging(tmp_path):
+    """Every future it held fails, waiting calls too, and a request that races past the
+    caller's check is failed at once instead of sitting in a queue nobody reads."""
+    from slurmexecutor import SlurmExecutor, SlurmExecutorError
+    from slurmexecutor.futures import SlurmFuture
+    from slurmexecutor.handoff import Submit
+
+    ex = SlurmExecutor(tmp_path, backend="local", keep_alive=0)
+    try:
+        gate = ex.submit(nap, 30)
+        waiting = ex.submit(inc, gate)
+        assert wait_until(gate.running, timeout=60)
+
+        def broken(events, now):
+            raise RuntimeError("a bug in the core")
+        ex._engine.core.step = broken
+        ex._engine.put(Submit(SlurmFuture(ex._engine, [999]), ("id", 0), inc, b"", "inc",
+                              b"", ex._settings))  # wakes the owner, which fails
+        for future in (gate, waiting):
+            assert isinstance(future.exception(timeout=60), SlurmExecutorError)
+        late = SlurmFuture(ex._engine, [1000])
+        ex._engine.put(Submit(late, ("id", 0), inc, b"", "inc", b"", ex._settings))
+        assert isinstance(late.exception(timeout=5), SlurmExecutorError)
+        with pytest.raises(RuntimeError, match="stopped"):
+            ex.submit(inc, 1)
+    finally:
+        ex.shutdown(wait=False)
