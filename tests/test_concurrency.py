@@ -268,6 +268,21 @@ class Scenario:
                     self.violation(f"map call {key} has a result but never ran")
 
 
+def owner_state(ex) -> str:
+    """What the owner still holds, for a failure's message (a hang is found by it)."""
+    engine, core = ex._engine, ex._engine.core
+    batches = {n: {"open": len(b.open_calls), "unclaimed": sorted(b.unclaimed)[:5],
+                   "submitted": b.submitted, "planned": b.planned, "asked": b.submit_asked,
+                   "warm_until": b.warm_until, "deferred": b.deferred,
+                   "tasks": [(t.index, t.job_id, t.started, t.ended, t.final and t.final.state)
+                             for t in b.tasks][:6]}
+               for n, b in core.batches.items()}
+    return (f"owner alive {engine.alive}, error {engine.error!r}, stopping {engine._stopping}, "
+            f"windows {[len(w.calls) for w in engine._windows.values()]}, dependents "
+            f"{len(engine._dependents)}, requests {engine._requests.qsize()}, warm "
+            f"{core.warm}, batches {batches}")
+
+
 def library_threads() -> set[threading.Thread]:
     return {t for t in threading.enumerate() if t.name.startswith("slurmexecutor")}
 
@@ -299,7 +314,8 @@ def test_random_concurrent_use(seed, tmp_path):
     finisher.start()
     finisher.join(30)
     if finisher.is_alive():
-        scenario.violation("a final shutdown(wait=True) did not return within 30 s")
+        scenario.violation("a final shutdown(wait=True) did not return within 30 s; "
+                           + owner_state(ex))
     futures = [call.future for call in scenario.calls]
     if not wait_until(lambda: all(f.done() for f in futures), timeout=HANG):
         scenario.violation(f"not done: {[c.key for c in scenario.calls if not c.future.done()]}")
