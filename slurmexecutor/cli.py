@@ -65,8 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     for sub in (count, demo := commands.add_parser(
             "demo", help="make a synthetic BAM + BEDs and count reads on them")):
         sub.add_argument("--fractions", type=int, default=20)
-        sub.add_argument("--backend", default="auto", choices=["auto", "slurm", "local",
-                                                                 "allocation"])
+        sub.add_argument("--backend", default="auto",
+                         choices=["auto", "slurm", "local", "allocation"])
         sub.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
         add_resource_options(sub)
     demo.add_argument("dir", type=Path, nargs="?", default=Path("slurmexecutor-demo"),
@@ -81,8 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     logs.add_argument("call", nargs="?", type=int)
     cancel = commands.add_parser("cancel", help="cancel a run's jobs and calls")
     cancel.add_argument("run")
-    clean = commands.add_parser("clean", help="delete finished runs (never a live one), "
-                                "or with --cache empty the result cache")
+    clean = commands.add_parser("clean", help="delete finished runs, or empty the cache")
     clean.add_argument("--cache", action="store_true",
                        help="empty the result cache instead (FOLDER/cache); runs stay")
     clean.add_argument("--cache-dir", type=Path, metavar="DIR",

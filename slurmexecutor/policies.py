@@ -115,6 +115,18 @@ class WidthPolicy(_CoreState):
         batch.submit_asked = True
         self._out.append(ev.SubmitTasks(batch.number, 0, batch.planned, batch.throttled))
 
+    def _submit_failed(self, event: ev.SubmitFailed) -> None:
+        """sbatch refused the batch for good: no more tasks; nobody left runs its calls."""
+        batch = self.batches.get(event.batch)
+        if batch is None:
+            return
+        batch.planned = batch.submitted  # no more attempts at scaling out
+        batch.resubmitting = False
+        batch.submit_error = event.error
+        if not self._live(batch):
+            self._fail(batch, sorted(batch.open_calls),
+                       Failure(type(event.error), str(event.error), error=event.error))
+
     def _submit_deferred(self, event: ev.SubmitDeferred, now: float) -> None:
         """A submission limit refused the tasks for now: ask again later, backing off
         from DEFER_FIRST to DEFER_MAX s while the refusals go on."""

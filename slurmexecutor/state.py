@@ -149,17 +149,6 @@ class Core(CancelPolicy, WidthPolicy, FailurePolicy):
         batch.submitted = max(batch.submitted, offset + size)
         batch.resubmitting = False
 
-    def _submit_failed(self, event: ev.SubmitFailed) -> None:
-        batch = self.batches.get(event.batch)
-        if batch is None:
-            return
-        batch.planned = batch.submitted  # no more attempts at scaling out
-        batch.resubmitting = False
-        batch.submit_error = event.error
-        if not self._live(batch):
-            self._fail(batch, sorted(batch.open_calls),
-                       Failure(type(event.error), str(event.error), error=event.error))
-
     def _on_record(self, task: Task, record: ev.Record, now: float) -> None:
         batch, kind = task.batch, record.kind
         if kind == "start":
