@@ -27,6 +27,7 @@ class _CoreState:
     tasks: dict[tuple[int, int], Task]
     doomed: set[int]
     killing: set[int]
+    kills_held: set[int]
     cancelling: bool
     _out: list[Action]
 
@@ -46,7 +47,8 @@ class CancelPolicy(_CoreState):
         killed once it holds nothing still wanted (it may be running that very call)."""
         self._out.append(ev.WriteCancel(batch.number, batch.chunk_of(call_id), (call_id,)))
         if not other.unresolved and other.key in self.tasks and other.job_id is not None and (
-                not other.kill_sent and not batch.unclaimed):
+                not other.kill_sent and not batch.unclaimed) and not (
+                self._may_have_joined(batch) or self._runs_elsewhere(other)):
             other.kill_sent = True
             self._out.append(ev.CancelTasks((f"{other.job_id}_{other.array_index}",)))
 
@@ -86,11 +88,35 @@ class CancelPolicy(_CoreState):
             return
         doomed = [t for t in self._live(batch) if t.job_id is not None and t.unresolved
                   and t.unresolved <= self.killing and not t.kill_sent]
+        if doomed and self._may_have_joined(batch):
+            self.kills_held.add(batch.number)  # asked again at the next claim
+            return
+        doomed = [t for t in doomed if not self._runs_elsewhere(t)]
         for task in doomed:
             task.kill_sent = True
         if doomed:
             self._out.append(ev.CancelTasks(tuple(f"{t.job_id}_{t.array_index}"
                                                   for t in doomed)))
+
+    def _may_have_joined(self, batch: Batch) -> bool:
+        """A task of `batch` may have left it, unseen, for a chunk of another batch of
+        its resources (warm.py): killing it by its Slurm id could end wanted work."""
+        return self.config.keep_alive > 0 and any(
+            other is not batch and other.resources == batch.resources and any(
+                not self._all_doomed(other, c) for c in other.unclaimed)
+            for other in self.batches.values())
+
+    def _runs_elsewhere(self, task: Task) -> bool:
+        """The same Slurm task, joined to another batch, holds calls still wanted."""
+        return any(other is not task and other.job_id == task.job_id and (
+            other.array_index == task.array_index) and other.unresolved - self.killing
+            for other in self.tasks.values())
+
+    def _ask_held_kills(self) -> None:
+        held, self.kills_held = self.kills_held, set()
+        for number in sorted(held):
+            if number in self.batches:
+                self._kill_cancelled(self.batches[number])
 
     def _all_doomed(self, batch: Batch, chunk: int) -> bool:
         return all(c in self.doomed for c in batch.chunks[chunk] if c in batch.open_calls)

@@ -41,6 +41,7 @@ class Core(CancelPolicy, WidthPolicy, FailurePolicy):
         self.tasks: dict[tuple[int, int], Task] = {}  # live tasks only
         self.doomed: set[int] = set()  # calls the user cancelled after launch
         self.killing: set[int] = set()  # ... whose tasks may be killed (ex.cancel)
+        self.kills_held: set[int] = set()  # batches whose kills wait for other claims
         self.cancelling = False  # shutdown(cancel_futures=True): no more retries
         self.next_poll = 0.0
         #: settled tasks that had no end record: read on for another result_grace, so a
@@ -176,6 +177,8 @@ class Core(CancelPolicy, WidthPolicy, FailurePolicy):
             self._out.append(ev.Claimed(batch.number, chunk, task.ref, calls))
             if self.killing.intersection(calls):
                 self._kill_cancelled(batch)
+            if self.kills_held:
+                self._ask_held_kills()
         elif kind == "backup":  # a second copy of a straggling chunk: first result wins
             assert record.call_id is not None
             chunk = record.call_id

@@ -29,6 +29,7 @@ from slurmexecutor.events import (
     Retry,
     SchedulerAnswer,
     ShutdownRequested,
+    StreamFound,
     StreamsRead,
     StreamState,
     SubmitDeferred,
@@ -428,3 +429,36 @@ def test_chunks_of_deferred_tasks_are_not_failed_when_the_submitted_ones_end():
     assert not of(machine.step([], 2.0), Fail)
     machine.step([TasksSubmitted(0, "8", 2, 2)], 2.1)
     assert ("8", 0) in {(t.job_id, t.array_index) for t in machine.tasks.values()}
+
+
+def test_a_warm_task_is_not_killed_while_it_may_have_joined_a_batch_with_wanted_work():
+    """ex.cancel of the calls a warm task holds, read late: the task may already have
+    skipped them and joined another batch of its resources (seen later). Killing it by
+    its Slurm id would end that batch's call: the kill waits until no such chunk is left."""
+    machine = core(keep_alive=30.0)
+    started_batch(machine, chunks=((0,),), planned=1, resources="A")
+    machine.step([Record(0, 0, "claim", 0, None)], 0.1)
+    machine.step([BatchAdded(1, [[1]], 1, resources="A")], 0.2)
+    out = machine.step([CancelRequested(frozenset({0}))], 0.3)
+    assert not of(out, CancelTasks)  # batch 1's chunk may be what task 7_0 runs now
+    # another task claimed it: 7_0 can only be running the cancelled call, kill it
+    machine.step([TasksSubmitted(1, "8", 0, 1),
+                  Record(1, 0, "start", None, {"host": "h", "pid": 3})], 0.4)
+    out = machine.step([Record(1, 0, "claim", 0, None)], 0.5)
+    assert of(out, CancelTasks) == [CancelTasks(("7_0",))]
+
+
+def test_a_task_whose_joined_stream_holds_wanted_calls_is_never_killed():
+    machine = core(keep_alive=30.0)
+    started_batch(machine, chunks=((0,),), planned=1, resources="A")
+    machine.step([Record(0, 0, "claim", 0, None), BatchAdded(1, [[1]], 1, resources="A")], 0.1)
+    # task 7_0 skipped call 0 (not read yet), joined batch 1 and claimed its chunk
+    joined = 1_000_000
+    machine.step([StreamFound(1, joined),
+                  Record(1, joined, "start", None,
+                         {"host": "h", "pid": 1, "job_id": "7", "array_index": 0}),
+                  Record(1, joined, "claim", 0, None)], 0.2)
+    out = machine.step([CancelRequested(frozenset({0}))], 0.3)
+    assert not of(out, CancelTasks)
+    out = machine.step([Record(0, 0, "skip", 0, None)], 0.4)
+    assert not of(out, CancelTasks) and [d.call_id for d in of(out, Deliver)] == [0]
