@@ -127,7 +127,8 @@ class ChildRunner:
             if found is None:
                 break
             batch, manifest = found
-            index = warm.join_stream(sup.run_dir, batch)
+            start = ("start", None, {**sup.where, "time": time.time(), "warm": True})
+            index = warm.join_stream(sup.run_dir, sup.key, batch, start)
             sup.out.write(("end", None, {"time": time.time(), "joined": batch,
                                          "polls": watcher.polls}))
             os.write(self.pipe, POSITION.pack(JOIN, batch))
@@ -135,7 +136,6 @@ class ChildRunner:
             sup.batch, sup.task, sup.manifest = batch, index, manifest
             sup.out = spool.RecordWriter(spool.stream_path(sup.run_dir, batch, index, 0),
                                          sup.key)
-            sup.out.write(("start", None, {**sup.where, "time": time.time(), "warm": True}))
             self._load_batch()
             self._work()
         sup.out.write(("idle", None, {"time": time.time(), "polls": watcher.polls,

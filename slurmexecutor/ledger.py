@@ -64,6 +64,10 @@ class Batch:
     deferred: tuple[int, int, bool] | None = None
     retry_at: float = 0.0
     deferrals: int = 0
+    #: after a refusal, at most this many tasks per sbatch (halved per refusal: an array
+    #: larger than a per-user submit limit would never fit whole); the rest waits
+    defer_cap: int = 0
+    rest: tuple[int, int, bool] | None = None
     resubmitting: bool = False  # deferred tasks asked for again, no answer yet
     owner: dict[int, Task] = field(default_factory=dict)  # call -> the task that claimed it
     backup: dict[int, Task] = field(default_factory=dict)  # call -> its backup's task

@@ -147,7 +147,7 @@ class WidthPolicy(_CoreState):
         if batch is None:
             return
         batch.planned = batch.submitted  # no more attempts at scaling out
-        batch.resubmitting = False
+        batch.resubmitting, batch.rest, batch.deferred = False, None, None
         batch.submit_error = event.error
         if not self._live(batch):
             self._fail(batch, sorted(batch.open_calls),
@@ -159,7 +159,12 @@ class WidthPolicy(_CoreState):
         batch = self.batches.get(event.batch)
         if batch is None:
             return
-        batch.deferred, batch.resubmitting = (event.first, event.count, event.throttled), False
+        count, waiting = event.count, batch.rest or batch.deferred
+        if waiting is not None and event.first + event.count == waiting[0]:  # it waits too
+            count += waiting[1]
+        batch.rest = None
+        batch.deferred, batch.resubmitting = (event.first, count, event.throttled), False
+        batch.defer_cap = max(1, event.count // 2)
         batch.retry_at = now + min(DEFER_MAX, DEFER_FIRST * DEFER_GROWTH ** batch.deferrals)
         batch.deferrals += 1
 
@@ -169,9 +174,16 @@ class WidthPolicy(_CoreState):
             batch.deferred = None
         elif now >= batch.retry_at:  # throttled only if scale-out has not lifted it since
             first, count, throttled = batch.deferred
+            asked = min(count, batch.defer_cap or count)
             batch.deferred, batch.resubmitting = None, True
-            self._out.append(ev.SubmitTasks(batch.number, first, count,
+            batch.rest = (first + asked, count - asked, throttled) if asked < count else None
+            self._out.append(ev.SubmitTasks(batch.number, first, asked,
                                             throttled and batch.throttled))
+
+    def _submitted_part(self, batch: Batch, now: float) -> None:
+        """Part of a deferred batch's tasks went out: the rest is asked for at once."""
+        if batch.rest is not None and not batch.resubmitting:
+            batch.deferred, batch.rest, batch.retry_at = batch.rest, None, now
 
     def _warm_or_submit(self, batch: Batch, now: float) -> None:
         """A batch left to warm tasks: its array is asked for when no warm task joined in

@@ -134,6 +134,26 @@ def read_blob(path: Path, key: bytes) -> Any:
     return pickle.loads(payload)
 
 
+def encode_record(key: bytes, path: Path, record: tuple) -> bytes:
+    """One signed record as it is appended to the stream at `path`."""
+    payload = pickle.dumps(record, protocol=pickle.HIGHEST_PROTOCOL)
+    return HEADER.pack(len(payload), _digest(key, path, payload)) + payload
+
+
+def create_holding(path: Path, data: bytes) -> bool:
+    """Create `path` already holding `data` (so it is never seen empty); False if it
+    exists. Exclusive like O_EXCL: a hard link of a private file never replaces one."""
+    private = path.with_name(f"new-{socket.gethostname()}-{os.getpid()}.tmp")
+    private.write_bytes(data)
+    try:
+        os.link(private, path)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        private.unlink()
+
+
 class RecordWriter:
     """Appends signed records to a result stream, one `write` system call per record."""
 
@@ -142,9 +162,7 @@ class RecordWriter:
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
 
     def write(self, record: tuple) -> None:
-        payload = pickle.dumps(record, protocol=pickle.HIGHEST_PROTOCOL)
-        digest = _digest(self._key, self._path, payload)
-        os.write(self.fd, HEADER.pack(len(payload), digest) + payload)
+        os.write(self.fd, encode_record(self._key, self._path, record))
 
     def close(self) -> None:
         os.close(self.fd)

@@ -85,6 +85,7 @@ class Core(CancelPolicy, WidthPolicy, FailurePolicy):
             batch = self.batches.get(event.batch)
             if batch is not None:
                 self._add_tasks(batch, event.job_id, event.offset, event.size, now)
+                self._submitted_part(batch, now)
         elif isinstance(event, ev.SubmitFailed):
             self._submit_failed(event)
         elif isinstance(event, ev.SubmitDeferred):
@@ -284,8 +285,8 @@ class Core(CancelPolicy, WidthPolicy, FailurePolicy):
         if task.error:
             self._fail(batch, sorted(task.unresolved), Failure(IntegrityError, task.error,
                                                                 task.ref))
-        elif task.ended and not task.killed:
-            if task.limit_notice:
+        elif task.ended and (not task.killed or task.job_id is None):  # None: a joined
+            if task.limit_notice:  # stream without its start: no scheduler state to wait for
                 batch.last_failed = task  # stopped claiming at the time limit
             if task.unresolved:
                 self._fail_unfinished(task, sorted(task.unresolved))

@@ -114,13 +114,12 @@ class Watcher:
         return manifest if manifest.get("resources") == self.wanted_key else STEP_ASIDE
 
 
-def join_stream(run_dir: Path, batch: int) -> int:
-    """Create this task's stream in a batch it joins; return its task index there."""
+def join_stream(run_dir: Path, key: bytes, batch: int, start: tuple) -> int:
+    """Create this task's stream in a batch it joins, holding its `start` record from
+    the first moment (the client never sees a joined task it cannot name: killed right
+    after joining, it is still followed by its Slurm id); return its task index there."""
     for index in range(JOIN_BASE, JOIN_BASE + 100_000):
         path = spool.stream_path(run_dir, batch, index, 0)
-        try:
-            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-        except FileExistsError:
-            continue
-        return index
+        if spool.create_holding(path, spool.encode_record(key, path, start)):
+            return index
     raise RuntimeError(f"batch {batch}: no free task index to join it")

@@ -181,3 +181,28 @@ def sleepy_square(x):
     import time
     time.sleep(x if x > 2 else 0)
     return x * x
+
+
+def test_calls_cancelled_before_their_batch_is_written_leave_no_key_behind(tmp_path):
+    """The owner keeps each call's cache key until its result is stored; calls of a
+    submit_many cancelled while the owner writes their batch drop theirs (the cancel's
+    notice follows the batch on the owner's queue)."""
+    import threading
+
+    with SlurmExecutor(tmp_path, backend="local", cache=True, keep_alive=0) as ex:
+        engine, entered, release = ex._engine, threading.Event(), threading.Event()
+        launch = engine._launch
+
+        def slow_launch(spec, sinks):  # the owner, just before it looks at the sinks
+            entered.set()
+            release.wait(10)
+            launch(spec, sinks)
+
+        engine._launch = slow_launch
+        futures = ex.submit_many(square, [(x,) for x in range(6)])
+        assert entered.wait(10)
+        cancelled = [f.cancel() for f in futures[:4]]
+        release.set()
+        assert cancelled == [True] * 4
+        assert [f.result(timeout=60) for f in futures[4:]] == [16, 25]
+        assert engine._cache_keys == {}

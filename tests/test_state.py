@@ -425,9 +425,10 @@ def test_chunks_of_deferred_tasks_are_not_failed_when_the_submitted_ones_end():
     actions = machine.step([], 1.0)
     assert not of(actions, Fail) and not of(actions, ClaimChunks)
     [again] = of(machine.step([], 2.0), SubmitTasks)  # asked again; still nobody fails
-    assert (again.first, again.count) == (2, 2)
+    assert (again.first, again.count) == (2, 1)  # halved: a part may fit
     assert not of(machine.step([], 2.0), Fail)
-    machine.step([TasksSubmitted(0, "8", 2, 2)], 2.1)
+    [rest] = of(machine.step([TasksSubmitted(0, "8", 2, 1)], 2.1), SubmitTasks)
+    assert (rest.first, rest.count) == (3, 1)
     assert ("8", 0) in {(t.job_id, t.array_index) for t in machine.tasks.values()}
 
 
@@ -462,3 +463,38 @@ def test_a_task_whose_joined_stream_holds_wanted_calls_is_never_killed():
     assert not of(out, CancelTasks)
     out = machine.step([Record(0, 0, "skip", 0, None)], 0.4)
     assert not of(out, CancelTasks) and [d.call_id for d in of(out, Deliver)] == [0]
+
+
+def test_a_refused_array_is_asked_for_in_halves_until_a_part_fits():
+    """An array larger than a per-user submit limit never fits whole: each refusal
+    halves what one sbatch asks for, and the rest follows as soon as a part goes out."""
+    machine = core()
+    machine.step([BatchAdded(0, [[c] for c in range(8)], 8, steal=False)], 0.0)
+    refusal = SubmissionDeferred("QOSMaxSubmitJobPerUserLimit", kind="submit_limit")
+    machine.step([SubmitDeferred(0, 0, 8, False, refusal)], 0.0)
+    [ask] = of(machine.step([], 2.0), SubmitTasks)
+    assert (ask.first, ask.count) == (0, 4)
+    machine.step([SubmitDeferred(0, 0, 4, False, refusal)], 2.0)  # still too many
+    [ask] = of(machine.step([], 5.0), SubmitTasks)
+    assert (ask.first, ask.count) == (0, 2)
+    out = machine.step([TasksSubmitted(0, "7", 0, 2)], 5.0)  # two fit: the rest at once
+    [ask] = of(out, SubmitTasks)
+    assert (ask.first, ask.count) == (2, 2)
+    machine.step([TasksSubmitted(0, "8", 2, 1), SubmitDeferred(0, 3, 1, False, refusal)], 5.1)
+    assert machine.batches[0].deferred == (3, 5, False)  # the refused task and the rest
+    assert not of(machine.step([], 5.2), Fail)
+    [ask] = of(machine.step([], 20.0), SubmitTasks)
+    assert (ask.first, ask.count) == (3, 1)
+
+
+def test_a_joined_task_killed_before_its_start_record_does_not_hold_its_batch():
+    machine = core(keep_alive=30.0)
+    started_batch(machine, chunks=((0,),), planned=1, resources="A")
+    machine.step([Record(0, 0, "claim", 0, None), Record(0, 0, "ok", 0, b"x"),
+                  Record(0, 0, "idle", None, {"keep_alive": 30.0})], 0.1)
+    assert not of(machine.step([BatchAdded(1, [[1]], 1, resources="A")], 0.2), SubmitTasks)
+    joined = 1_000_000  # the warm task joined, and was killed before it said who it is
+    machine.step([StreamFound(1, joined), Record(1, joined, "end", None, {"signal": 15})],
+                 0.3)
+    assert (1, joined) not in machine.tasks  # settled: nothing held, no Slurm id to ask
+    assert of(machine.step([], 1.5), SubmitTasks)  # the batch gets its own array

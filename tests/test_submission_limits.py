@@ -91,6 +91,14 @@ def test_max_job_count_from_the_config():
     assert parse_max_job_count("nothing") == 10000
 
 
+def test_arrays_are_cut_below_max_job_count():
+    backend = SlurmBackend({})
+    backend._config = "MaxArraySize = 1001\nMaxJobCount = 5"  # no scontrol here
+    assert backend.max_array_size() == 4
+    backend._config = "MaxArraySize = 1001\nMaxJobCount = 10000"
+    assert backend.max_array_size() == 1001
+
+
 # -- submit_array against a fake sbatch ------------------------------------------------
 
 
@@ -294,6 +302,10 @@ def test_max_job_count_defers_until_the_queue_shrinks(max_job_count_5, tmp_path,
             # Cancelled jobs leave the count when the controller purges them: MinJobAge
             # after their end, on its purge pass every 10 s.
             assert future.result(timeout=90) == 32
+            # 8 tasks planned: more than MaxJobCount allows at once, cut and halved
+            # until parts fit (before, the whole map failed: "can never fit")
+            values = executor.map(pow, [2] * 8, range(8), chunksize=1, timeout=90)
+            assert list(values) == [2 ** i for i in range(8)]
         finally:
             executor.shutdown(wait=False, cancel_futures=True)
     assert len(refused(caplog)) == 1, refused(caplog)

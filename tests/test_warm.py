@@ -143,6 +143,24 @@ def test_the_watch_misses_no_batch_when_several_come_at_once(tmp_path):
     assert joined == [1, 3, 4]  # batch 2 was taken; 3 and 4 are not forgotten
 
 
+def test_a_joined_stream_holds_its_start_record_from_the_first_moment(tmp_path):
+    """Killed right after joining, a warm task is still named by its stream: a stream
+    seen empty would be a task the client can neither follow nor settle."""
+    from slurmexecutor import warm
+
+    key = spool.load_key(tmp_path, create=True)
+    run_dir = spool.ensure_private_dir(tmp_path / "run")
+    spool.batch_dir(run_dir, 3).mkdir(parents=True)
+    start = ("start", None, {"host": "h", "pid": 1, "job_id": "7", "array_index": 2})
+    assert warm.join_stream(run_dir, key, 3, start) == JOIN_BASE
+    assert warm.join_stream(run_dir, key, 3, start) == JOIN_BASE + 1  # never shared
+    for index in (JOIN_BASE, JOIN_BASE + 1):
+        cursor = spool.StreamCursor(spool.stream_path(run_dir, 3, index, 0))
+        assert spool.read_records(cursor, key) == [start] and cursor.error is None
+    assert sorted(os.listdir(spool.batch_dir(run_dir, 3))) == [  # no private file left
+        spool.stream_path(run_dir, 3, i, 0).name for i in (JOIN_BASE, JOIN_BASE + 1)]
+
+
 def test_a_warm_task_steps_aside_for_a_batch_of_other_resources(make_executor):
     ex = make_executor(keep_alive=300, time="00:10:00")
     assert ex.submit(inc, 1).result(timeout=120) == 2

@@ -195,7 +195,10 @@ class SlurmBackend(Backend):
         return self._config
 
     def max_array_size(self) -> int:
-        return parse_max_array_size(self._scontrol_config())
+        """MaxArraySize, and below MaxJobCount: the controller counts every task of an
+        array against it, so a larger array could never be accepted."""
+        config = self._scontrol_config()
+        return max(1, min(parse_max_array_size(config), parse_max_job_count(config) - 1))
 
     def max_job_count(self) -> int:
         """The controller's MaxJobCount: jobs it holds at most, each array task one."""
