@@ -116,6 +116,11 @@ class Task:
         return (self.batch.number, self.index)
 
     @property
+    def slurm_id(self) -> str:
+        """Its Slurm task id, `JOB_INDEX` (scancel's form)."""
+        return f"{self.job_id}_{self.array_index}"
+
+    @property
     def ref(self) -> TaskRef:
         if self._ref is None or self._ref.job_id != self.job_id:
             self._ref = TaskRef(self.batch.number, self.index, self.job_id, self.array_index,

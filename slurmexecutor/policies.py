@@ -1,5 +1,5 @@
 """Three of the core's policies (state.py), as mixins of `Core`: cancelling calls (and
-backup copies of a chunk), how wide a batch runs (its array, warm tasks, scale-out),
+backup copies of a chunk, and tasks no longer needed), how wide a batch runs (its array, warm tasks, scale-out),
 and retrying or failing what a task left unfinished.
 Pure like the rest of the core: they only read its state and append actions.
 """
@@ -28,6 +28,8 @@ class _CoreState:
     doomed: set[int]
     killing: set[int]
     kills_held: set[int]
+    unneeded: list[Task]
+    warm: dict[tuple[str, int], float]
     cancelling: bool
     _out: list[Action]
 
@@ -50,7 +52,7 @@ class CancelPolicy(_CoreState):
                 not other.kill_sent and not batch.unclaimed) and not (
                 self._may_have_joined(batch) or self._runs_elsewhere(other)):
             other.kill_sent = True
-            self._out.append(ev.CancelTasks((f"{other.job_id}_{other.array_index}",)))
+            self._out.append(ev.CancelTasks((other.slurm_id,)))
 
     def _release_copies(self, task: Task) -> None:
         """A task ended: the calls another live task also runs (backups) are left to it."""
@@ -95,8 +97,34 @@ class CancelPolicy(_CoreState):
         for task in doomed:
             task.kill_sent = True
         if doomed:
-            self._out.append(ev.CancelTasks(tuple(f"{t.job_id}_{t.array_index}"
-                                                  for t in doomed)))
+            self._out.append(ev.CancelTasks(tuple(t.slurm_id for t in doomed)))
+
+    def _cancel_pending(self, tasks: list[Task]) -> None:
+        """Tasks their batch no longer needs, not seen started: cancelled. With warm
+        tasks one may have started unseen and joined another batch: see below."""
+        pending = [t for t in tasks if t.job_id is not None]
+        for task in pending:
+            self.tasks.pop(task.key, None)
+        if self.config.keep_alive > 0:
+            self.unneeded += pending
+            self._cancel_unneeded()
+        elif pending:
+            self._out.append(ev.CancelTasks(tuple(t.slurm_id for t in pending)))
+
+    def _cancel_unneeded(self) -> None:
+        """Cancel the unneeded tasks once none can have joined a batch unseen; forget
+        those seen in another batch (joined) or idle (warm): they are working tasks."""
+        waiting: list[Task] = []
+        cancel: list[Task] = []
+        for task in self.unneeded:
+            if (task.job_id or "", task.array_index or 0) in self.warm or any(
+                    other is not task and other.slurm_id == task.slurm_id
+                    for other in self.tasks.values()):
+                continue
+            (waiting if self._may_have_joined(task.batch) else cancel).append(task)
+        self.unneeded = waiting
+        if cancel:
+            self._out.append(ev.CancelTasks(tuple(t.slurm_id for t in cancel)))
 
     def _may_have_joined(self, batch: Batch) -> bool:
         """A task of `batch` may have left it, unseen, for a chunk of another batch of
@@ -108,9 +136,8 @@ class CancelPolicy(_CoreState):
 
     def _runs_elsewhere(self, task: Task) -> bool:
         """The same Slurm task, joined to another batch, holds calls still wanted."""
-        return any(other is not task and other.job_id == task.job_id and (
-            other.array_index == task.array_index) and other.unresolved - self.killing
-            for other in self.tasks.values())
+        return any(other is not task and other.slurm_id == task.slurm_id and (
+            other.unresolved - self.killing) for other in self.tasks.values())
 
     def _ask_held_kills(self) -> None:
         held, self.kills_held = self.kills_held, set()

@@ -42,6 +42,7 @@ class Core(CancelPolicy, WidthPolicy, FailurePolicy):
         self.doomed: set[int] = set()  # calls the user cancelled after launch
         self.killing: set[int] = set()  # ... whose tasks may be killed (ex.cancel)
         self.kills_held: set[int] = set()  # batches whose kills wait for other claims
+        self.unneeded: list[Task] = []  # tasks not started, cancelled when safe (warm)
         self.cancelling = False  # shutdown(cancel_futures=True): no more retries
         self.next_poll = 0.0
         #: settled tasks that had no end record: read on for another result_grace, so a
@@ -260,6 +261,8 @@ class Core(CancelPolicy, WidthPolicy, FailurePolicy):
         if self.warm:  # those past their keep_alive have left
             self.warm = {key: until for key, until in self.warm.items() if until > now}
             self.warm_for = {key: self.warm_for.get(key, "") for key in self.warm}
+        if self.unneeded:
+            self._cancel_unneeded()
         if not self.batches:
             return
         if now >= self.next_poll:
@@ -358,14 +361,6 @@ class Core(CancelPolicy, WidthPolicy, FailurePolicy):
                                "this call"))
             else:
                 self._fail_unfinished(failed, calls, started=False)
-
-    def _cancel_pending(self, tasks: list[Task]) -> None:
-        pending = [t for t in tasks if t.job_id is not None]
-        if pending:
-            self._out.append(ev.CancelTasks(tuple(f"{t.job_id}_{t.array_index}"
-                                               for t in pending)))
-            for task in pending:
-                self.tasks.pop(task.key, None)
 
     # -- helpers -------------------------------------------------------------------------
 

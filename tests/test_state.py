@@ -498,3 +498,35 @@ def test_a_joined_task_killed_before_its_start_record_does_not_hold_its_batch():
                  0.3)
     assert (1, joined) not in machine.tasks  # settled: nothing held, no Slurm id to ask
     assert of(machine.step([], 1.5), SubmitTasks)  # the batch gets its own array
+
+
+def test_an_unneeded_task_that_may_have_joined_another_batch_is_cancelled_only_when_safe():
+    """A batch is done before its task 7_1 was seen to start. With warm tasks it may have
+    started unseen and joined batch 1 (same resources, chunks left): cancelling 7_1 then
+    would end batch 1's call. It is cancelled once batch 1's chunks are all claimed,
+    and never if it shows up working in batch 1."""
+    for joins in (False, True):
+        machine = core(keep_alive=30.0)
+        started_batch(machine, chunks=((0,),), planned=2, resources="A")
+        machine.step([BatchAdded(1, [[1]], 1, resources="A")], 0.1)
+        out = machine.step([Record(0, 0, "claim", 0, None), Record(0, 0, "ok", 0, b"x")], 0.2)
+        assert not of(out, CancelTasks)  # 7_1 may be in batch 1 already
+        if joins:
+            joined = 1_000_000
+            machine.step([StreamFound(1, joined), Record(1, joined, "start", None, {
+                "host": "h", "pid": 2, "job_id": "7", "array_index": 1}),
+                Record(1, joined, "claim", 0, None)], 0.3)
+            assert not machine.unneeded  # a working task now
+        else:
+            machine.step([TasksSubmitted(1, "8", 0, 1),
+                          Record(1, 0, "start", None, {"host": "h", "pid": 3})], 0.3)
+            out = machine.step([Record(1, 0, "claim", 0, None)], 0.4)
+            assert of(out, CancelTasks) == [CancelTasks(("7_1",))]
+        assert not of(machine.step([], 0.5), CancelTasks)
+
+
+def test_without_warm_tasks_unneeded_tasks_are_cancelled_at_once():
+    machine = core()
+    started_batch(machine, chunks=((0,),), planned=2)
+    out = machine.step([Record(0, 0, "claim", 0, None), Record(0, 0, "ok", 0, b"x")], 0.2)
+    assert of(out, CancelTasks) == [CancelTasks(("7_1",))]
