@@ -197,9 +197,11 @@ def test_status_cancel_and_clean_when_slurm_cannot_be_reached(slurm_cluster, tmp
         local_run = local.run_id
     try:
         conf = Path(os.environ["SLURM_CONF"]).read_text()
-        dead = tmp_path / "slurm.conf"  # nothing listens on port 1
-        dead.write_text("\n".join("SlurmctldPort=1" if line.startswith("SlurmctldPort=")
-                                  else line for line in conf.splitlines()) + "\n")
+        dead = tmp_path / "slurm.conf"  # nothing listens on port 1; the clients give up
+        replaced = {"SlurmctldPort=": "SlurmctldPort=1", "MessageTimeout=": "MessageTimeout=2"}
+        dead.write_text("\n".join(next((new for old, new in replaced.items()  # sooner
+                                         if line.startswith(old)), line)
+                                   for line in conf.splitlines()) + "\n")
         env = dict(os.environ, SLURM_CONF=str(dead))
 
         def offline(*commands: tuple[str, ...]) -> list[subprocess.CompletedProcess]:

@@ -36,6 +36,15 @@ def sleep_then(seconds, value=None):
     return value
 
 
+def sleep_the_first_time(marker_dir, seconds, value):
+    """Sleep `seconds` on the first attempt only (a retry returns at once)."""
+    marker = Path(marker_dir, f"ran-{value}")
+    if not marker.exists():
+        marker.touch()
+        time.sleep(seconds)
+    return value
+
+
 def attempt_and_value(value, seconds=0.0):
     time.sleep(seconds)
     return value, os.environ.get("SLURM_RESTART_COUNT", "0")
@@ -110,8 +119,8 @@ def cluster_node(command: str, cluster_dir: Path, node: str) -> None:
 def test_node_failure_is_retried_on_another_node(slurm_cluster, tmp_path, caplog):
     ex = SlurmExecutor(tmp_path / "spool", backend="slurm", poll_interval=0.5, result_grace=5,
                        requeue=False, max_retries=1, chunksize=2)
-    futures = [ex.submit(sleep_then, 20, i) for i in range(2)]
-    assert wait_until(futures[0].running)
+    futures = [ex.submit(sleep_the_first_time, str(tmp_path), 20, i) for i in range(2)]
+    assert wait_until((tmp_path / "ran-0").exists, timeout=60)  # the call runs: kill it
     task = task_of(ex, futures[0])
     node = squeue("-j", f"{task.job_id}_{task.array_index}", "-o", "%N").strip()
     assert node, "the task runs on no node?"
@@ -140,12 +149,18 @@ def test_node_failure_without_retries_names_the_state(slurm_cluster, tmp_path):
     task = task_of(ex, lost)
     node = squeue("-j", f"{task.job_id}_{task.array_index}", "-o", "%N").strip()
     cluster_node("kill-node", slurm_cluster, node)
+    # The controller learns it at once (as from a health check) instead of after ~30 s
+    # of missed pings: the test above waits for those.
+    subprocess.run(["scontrol", "update", f"NodeName={node}", "State=DOWN", "Reason=test"],
+                   check=True, capture_output=True)
     try:
         error = lost.exception(timeout=150)
         assert isinstance(error, (NodeFailureError, CallLostError)), error
         assert kept.result() == "kept"
     finally:
         cluster_node("start-node", slurm_cluster, node)
+        subprocess.run(["scontrol", "update", f"NodeName={node}", "State=RESUME"],
+                       check=False, capture_output=True)
         ex.shutdown(wait=False, cancel_futures=True)
 
 
