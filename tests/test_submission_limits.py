@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from slurmexecutor import SlurmExecutor
+from slurmexecutor import SlurmExecutor, spool
 from slurmexecutor.errors import SubmissionDeferred, SubmissionError
 from slurmexecutor.schedulers import sbatch
 from slurmexecutor.schedulers.slurm import SlurmBackend, parse_max_job_count
@@ -306,10 +306,20 @@ def test_max_job_count_defers_until_the_queue_shrinks(max_job_count_5, tmp_path,
             # until parts fit (before, the whole map failed: "can never fit")
             values = executor.map(pow, [2] * 8, range(8), chunksize=1, timeout=90)
             assert list(values) == [2 ** i for i in range(8)]
+            sizes = [a["size"] for j in spool.read_journals(executor.run_dir)
+                     for a in j["arrays"]]
+            assert sizes and max(sizes) <= 4, sizes
         finally:
             executor.shutdown(wait=False, cancel_futures=True)
     assert len(refused(caplog)) == 1, refused(caplog)
-    job_id = backend.submit_array(one, 1, tmp_path)  # the backend's own submit too
+    deadline = time.monotonic() + 60  # the backend's own submit too, once the map's
+    while True:  # tasks are purged
+        try:
+            job_id = backend.submit_array(one, 1, tmp_path)
+            break
+        except SubmissionDeferred:
+            assert time.monotonic() < deadline, "the queue never shrank"
+            time.sleep(1)
     blockers.append(job_id)
     assert jobs_named(one.name) == [job_id]
 
