@@ -352,7 +352,9 @@ class Engine(LeaseAndEnd, Intake):
             return False
         watched = {**core.tasks, **core.lingering}
         ended = [k for k, t in watched.items() if t.final is not None and not t.ended]
-        waiting = [n for n, b in core.batches.items() if not b.submit_asked]  # warm joins
+        # batches a warm task may join, also while their own tasks are deferred
+        waiting = [n for n, b in core.batches.items() if not b.submit_asked or (
+            self.settings.keep_alive > 0 and b.steal and b.unclaimed)]
         events = self._streams.read(watched, ended, waiting)
         self._events += events
         return any(isinstance(event, ev.Record) for event in events)

@@ -116,6 +116,11 @@ class Task:
         return (self.batch.number, self.index)
 
     @property
+    def slurm_key(self) -> tuple[str, int]:
+        """(job id, array index): one Slurm task, in whichever batch it shows up."""
+        return (self.job_id or "", self.array_index or 0)
+
+    @property
     def slurm_id(self) -> str:
         """Its Slurm task id, `JOB_INDEX` (scancel's form)."""
         return f"{self.job_id}_{self.array_index}"

@@ -1,6 +1,7 @@
 """Three of the core's policies (state.py), as mixins of `Core`: cancelling calls (and
-backup copies of a chunk, and tasks no longer needed), how wide a batch runs (its array, warm tasks, scale-out),
-and retrying or failing what a task left unfinished.
+backup copies of a chunk; when a kill is safe with warm tasks: kills.py), how wide a
+batch runs (its array, warm tasks, scale-out), and retrying or failing what a task left
+unfinished.
 Pure like the rest of the core: they only read its state and append actions.
 """
 
@@ -27,14 +28,26 @@ class _CoreState:
     tasks: dict[tuple[int, int], Task]
     doomed: set[int]
     killing: set[int]
-    kills_held: set[int]
-    unneeded: list[Task]
+    kills_held: dict[int, float]
+    unneeded: list[tuple[Task, float]]
     warm: dict[tuple[str, int], float]
     cancelling: bool
+    now: float
     _out: list[Action]
 
     if TYPE_CHECKING:
         def _live(self, batch: Batch) -> list[Task]: ...
+
+        def _all_doomed(self, batch: Batch, chunk: int) -> bool: ...
+
+        def _kill_cancelled(self, batch: Batch, since: float | None = None) -> None: ...
+
+        def _may_have_moved(self, batch: Batch, since: float,
+                            joinable: dict[str, bool] | None = None) -> bool: ...
+
+        def _busy_elsewhere(self) -> set[tuple[str, int]]: ...
+
+        def _cancel_pending(self, tasks: list[Task]) -> None: ...
 
         def _fail(self, batch: Batch, call_ids: list[int], failure: Failure) -> None: ...
 
@@ -49,10 +62,10 @@ class CancelPolicy(_CoreState):
         killed once it holds nothing still wanted (it may be running that very call)."""
         self._out.append(ev.WriteCancel(batch.number, batch.chunk_of(call_id), (call_id,)))
         if not other.unresolved and other.key in self.tasks and other.job_id is not None and (
-                not other.kill_sent and not batch.unclaimed) and not (
-                self._may_have_joined(batch) or self._runs_elsewhere(other)):
-            other.kill_sent = True
-            self._out.append(ev.CancelTasks((other.slurm_id,)))
+                not other.kill_sent and not batch.unclaimed) and (
+                other.slurm_key not in self._busy_elsewhere()):
+            other.kill_sent = True  # it holds nothing wanted: no longer followed, and
+            self._cancel_pending([other])  # cancelled once it cannot have moved on
 
     def _release_copies(self, task: Task) -> None:
         """A task ended: the calls another live task also runs (backups) are left to it."""
@@ -82,68 +95,26 @@ class CancelPolicy(_CoreState):
                 self._out.append(ev.ClaimChunks(number, whole))
             self._kill_cancelled(batch)
 
-    def _kill_cancelled(self, batch: Batch) -> None:
+    def _kill_cancelled(self, batch: Batch, since: float | None = None) -> None:
         """Kill the tasks that hold nothing but calls cancelled with kill, once no chunk
-        they could still claim holds other work. Asked again at each claim: a task may
+        they could still claim holds other work, and none can have moved on to another
+        batch (kills.py). Held kills are asked again at each claim and tick: a task may
         have claimed (and started) a cancelled chunk before the client saw it."""
-        if any(not self._all_doomed(batch, c) for c in batch.unclaimed):
-            return
         doomed = [t for t in self._live(batch) if t.job_id is not None and t.unresolved
                   and t.unresolved <= self.killing and not t.kill_sent]
-        if doomed and self._may_have_joined(batch):
-            self.kills_held.add(batch.number)  # asked again at the next claim
+        if not doomed:
             return
-        doomed = [t for t in doomed if not self._runs_elsewhere(t)]
+        since = self.now if since is None else since
+        if any(not self._all_doomed(batch, c) for c in batch.unclaimed) or (
+                self._may_have_moved(batch, since)):
+            self.kills_held[batch.number] = since
+            return
+        busy = self._busy_elsewhere()
+        doomed = [t for t in doomed if t.slurm_key not in busy]
         for task in doomed:
             task.kill_sent = True
         if doomed:
             self._out.append(ev.CancelTasks(tuple(t.slurm_id for t in doomed)))
-
-    def _cancel_pending(self, tasks: list[Task]) -> None:
-        """Tasks their batch no longer needs, not seen started: cancelled. With warm
-        tasks one may have started unseen and joined another batch: see below."""
-        pending = [t for t in tasks if t.job_id is not None]
-        for task in pending:
-            self.tasks.pop(task.key, None)
-        if self.config.keep_alive > 0:
-            self.unneeded += pending
-            self._cancel_unneeded()
-        elif pending:
-            self._out.append(ev.CancelTasks(tuple(t.slurm_id for t in pending)))
-
-    def _cancel_unneeded(self) -> None:
-        """Cancel the unneeded tasks once none can have joined a batch unseen; forget
-        those seen in another batch (joined) or idle (warm): they are working tasks."""
-        waiting: list[Task] = []
-        cancel: list[Task] = []
-        for task in self.unneeded:
-            if (task.job_id or "", task.array_index or 0) in self.warm or any(
-                    other is not task and other.slurm_id == task.slurm_id
-                    for other in self.tasks.values()):
-                continue
-            (waiting if self._may_have_joined(task.batch) else cancel).append(task)
-        self.unneeded = waiting
-        if cancel:
-            self._out.append(ev.CancelTasks(tuple(t.slurm_id for t in cancel)))
-
-    def _may_have_joined(self, batch: Batch) -> bool:
-        """A task of `batch` may have left it, unseen, for a chunk of another batch of
-        its resources (warm.py): killing it by its Slurm id could end wanted work."""
-        return self.config.keep_alive > 0 and any(
-            other is not batch and other.resources == batch.resources and any(
-                not self._all_doomed(other, c) for c in other.unclaimed)
-            for other in self.batches.values())
-
-    def _runs_elsewhere(self, task: Task) -> bool:
-        """The same Slurm task, joined to another batch, holds calls still wanted."""
-        return any(other is not task and other.slurm_id == task.slurm_id and (
-            other.unresolved - self.killing) for other in self.tasks.values())
-
-    def _ask_held_kills(self) -> None:
-        held, self.kills_held = self.kills_held, set()
-        for number in sorted(held):
-            if number in self.batches:
-                self._kill_cancelled(self.batches[number])
 
     def _all_doomed(self, batch: Batch, chunk: int) -> bool:
         return all(c in self.doomed for c in batch.chunks[chunk] if c in batch.open_calls)
@@ -209,8 +180,9 @@ class WidthPolicy(_CoreState):
 
     def _submitted_part(self, batch: Batch, now: float) -> None:
         """Part of a deferred batch's tasks went out: the rest is asked for at once."""
-        if batch.rest is not None and not batch.resubmitting:
+        if batch.rest is not None and not batch.resubmitting:  # and parts grow again
             batch.deferred, batch.rest, batch.retry_at = batch.rest, None, now
+            batch.defer_cap *= 2
 
     def _warm_or_submit(self, batch: Batch, now: float) -> None:
         """A batch left to warm tasks: its array is asked for when no warm task joined in

@@ -22,17 +22,15 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 
 from . import events as ev
-from .errors import (
-    CallLostError,
-    IntegrityError,
-)
+from .errors import CallLostError, IntegrityError
 from .events import Action, Event, Failure
+from .kills import KillGuard
 from .ledger import REQUEUEABLE, Batch, Config, Task
 from .policies import CancelPolicy, FailurePolicy, WidthPolicy
 from .schedulers import TaskKey, TaskState, state_of
 
 
-class Core(CancelPolicy, WidthPolicy, FailurePolicy):
+class Core(CancelPolicy, KillGuard, WidthPolicy, FailurePolicy):
     """Batches, tasks and calls, and every decision about them."""
 
     def __init__(self, config: Config) -> None:
@@ -41,8 +39,10 @@ class Core(CancelPolicy, WidthPolicy, FailurePolicy):
         self.tasks: dict[tuple[int, int], Task] = {}  # live tasks only
         self.doomed: set[int] = set()  # calls the user cancelled after launch
         self.killing: set[int] = set()  # ... whose tasks may be killed (ex.cancel)
-        self.kills_held: set[int] = set()  # batches whose kills wait for other claims
-        self.unneeded: list[Task] = []  # tasks not started, cancelled when safe (warm)
+        #: kills.py: batches whose kills wait (since when), and tasks to cancel when safe
+        self.kills_held: dict[int, float] = {}
+        self.unneeded: list[tuple[Task, float]] = []
+        self.now = 0.0  # the current step's time
         self.cancelling = False  # shutdown(cancel_futures=True): no more retries
         self.next_poll = 0.0
         #: settled tasks that had no end record: read on for another result_grace, so a
@@ -61,13 +61,15 @@ class Core(CancelPolicy, WidthPolicy, FailurePolicy):
 
     def step(self, events: Iterable[Event], now: float) -> list[Action]:
         """Apply `events`, then the clock's decisions; return what to do."""
-        self._out = []
+        self._out, self.now = [], now
         for key in [k for k, t in self.lingering.items() if now > t.linger_until]:
             del self.lingering[key]
         for event in events:
             self._apply(event, now)
         self._tick(now)
         out, self._out = self._out, []
+        # kills first: those judged before a retry's batch existed go out before it is
+        out.sort(key=lambda action: not isinstance(action, ev.CancelTasks))  # written
         return out
 
     @property
@@ -137,6 +139,9 @@ class Core(CancelPolicy, WidthPolicy, FailurePolicy):
             return
         batch.submit_asked = bool(event.arrays)
         batch.resources = event.resources
+        if event.arrays and batch.submitted < batch.planned:  # attach: the client died
+            batch.deferred = (batch.submitted, batch.planned - batch.submitted,  # before
+                              batch.throttled)  # the rest went out: it goes out now
         if not event.arrays and event.steal and any(until > now and self.warm_for.get(
                 key) == event.resources for key, until in self.warm.items()):
             batch.warm_until = now + self.config.warm_wait  # a warm task may take it
@@ -263,6 +268,8 @@ class Core(CancelPolicy, WidthPolicy, FailurePolicy):
             self.warm_for = {key: self.warm_for.get(key, "") for key in self.warm}
         if self.unneeded:
             self._cancel_unneeded()
+        if self.kills_held:
+            self._ask_held_kills()
         if not self.batches:
             return
         if now >= self.next_poll:

@@ -477,11 +477,12 @@ def test_a_refused_array_is_asked_for_in_halves_until_a_part_fits():
     machine.step([SubmitDeferred(0, 0, 4, False, refusal)], 2.0)  # still too many
     [ask] = of(machine.step([], 5.0), SubmitTasks)
     assert (ask.first, ask.count) == (0, 2)
-    out = machine.step([TasksSubmitted(0, "7", 0, 2)], 5.0)  # two fit: the rest at once
-    [ask] = of(out, SubmitTasks)
-    assert (ask.first, ask.count) == (2, 2)
-    machine.step([TasksSubmitted(0, "8", 2, 1), SubmitDeferred(0, 3, 1, False, refusal)], 5.1)
-    assert machine.batches[0].deferred == (3, 5, False)  # the refused task and the rest
+    out = machine.step([TasksSubmitted(0, "7", 0, 2)], 5.0)  # two fit: the rest at once,
+    [ask] = of(out, SubmitTasks)  # in parts twice as large again
+    assert (ask.first, ask.count) == (2, 4)
+    # cut at MaxArraySize: the first array went out, the second was refused
+    machine.step([TasksSubmitted(0, "8", 2, 1), SubmitDeferred(0, 3, 3, False, refusal)], 5.1)
+    assert machine.batches[0].deferred == (3, 5, False)  # the refused tasks and the rest
     assert not of(machine.step([], 5.2), Fail)
     [ask] = of(machine.step([], 20.0), SubmitTasks)
     assert (ask.first, ask.count) == (3, 1)
@@ -530,3 +531,165 @@ def test_without_warm_tasks_unneeded_tasks_are_cancelled_at_once():
     started_batch(machine, chunks=((0,),), planned=2)
     out = machine.step([Record(0, 0, "claim", 0, None), Record(0, 0, "ok", 0, b"x")], 0.2)
     assert of(out, CancelTasks) == [CancelTasks(("7_1",))]
+
+
+def _held_kill(machine):
+    """Batch 0 (resources A): task 7_0 runs call 0; batch 1 (A) has an unclaimed chunk.
+    ex.cancel(call 0) is held."""
+    started_batch(machine, chunks=((0,),), planned=1, resources="A")
+    machine.step([Record(0, 0, "claim", 0, None)], 0.1)
+    out = machine.step([BatchAdded(1, [[1]], 1, resources="A")], 0.2)
+    assert of(out, SubmitTasks)
+    out = machine.step([CancelRequested(frozenset({0}))], 0.3)
+    assert not of(out, CancelTasks) and set(machine.kills_held) == {0}
+
+
+def test_a_held_kill_goes_out_when_the_other_batchs_chunks_are_withdrawn():
+    """Batch 1's chunk leaves `unclaimed` by ClaimsWon (no claim record): the held kill
+    of 7_0 is asked again at the next tick and goes out."""
+    machine = core(keep_alive=30.0)
+    _held_kill(machine)
+    out = machine.step([CancelRequested(frozenset({1}), kill=False)], 0.4)
+    [claim] = of(out, ClaimChunks)
+    kills = of(out, CancelTasks)
+    out = machine.step([ClaimsWon(1, claim.chunks)], 0.5)
+    kills += of(out, CancelTasks)
+    assert 1 not in machine.batches  # batch 1 is gone: nothing can have joined it
+    for t in range(6, 200):
+        kills += of(machine.step([], t / 10), CancelTasks)
+    assert kills == [CancelTasks(("7_0",))], (kills, machine.kills_held)
+
+
+def test_a_held_kill_goes_out_when_the_other_batch_cannot_be_submitted():
+    machine = core(keep_alive=30.0)
+    _held_kill(machine)
+    kills = of(machine.step([SubmitFailed(1, SubmissionError("invalid partition"))], 0.4),
+               CancelTasks)
+    for t in range(5, 200):
+        kills += of(machine.step([], t / 10), CancelTasks)
+    assert kills == [CancelTasks(("7_0",))], (kills, machine.kills_held)
+
+
+def test_the_slower_copy_is_cancelled_once_it_cannot_have_joined_another_batch():
+    """Backups: 7_1 finished chunk 0 first; the original 7_0 (maybe hung) is cancelled,
+    held while batch 1 has chunks it could have joined."""
+    machine = core(keep_alive=30.0)
+    started_batch(machine, chunks=((0,),), planned=2, resources="A")
+    machine.step([Record(0, 0, "claim", 0, None),
+                  Record(0, 1, "start", None, {"host": "h", "pid": 2}),
+                  Record(0, 1, "backup", 0, None)], 0.1)
+    machine.step([BatchAdded(1, [[1], [2]], 1, resources="A")], 0.2)
+    out = machine.step([Record(0, 1, "ok", 0, b"x")], 0.3)
+    assert not of(out, CancelTasks)  # held: batch 1 has wanted chunks
+    kills = of(machine.step([TasksSubmitted(1, "8", 0, 1),
+                  Record(1, 0, "start", None, {"host": "h", "pid": 3}),
+                  Record(1, 0, "claim", 0, None), Record(1, 0, "claim", 1, None)], 0.4),
+               CancelTasks)
+    for t in range(5, 50):
+        kills += of(machine.step([], t / 10), CancelTasks)
+    # 7_0 never killed (batch 0 done: 7_0 is now considered a warm task at best)
+    assert CancelTasks(("7_0",)) in kills, kills
+
+
+def test_a_batch_no_warm_task_may_join_holds_no_kill():
+    """warm._joinable never joins steal=False batches: their chunks hold no kill."""
+    machine = core(keep_alive=30.0)
+    started_batch(machine, chunks=((0,),), planned=1, resources="A")
+    machine.step([Record(0, 0, "claim", 0, None)], 0.1)
+    machine.step([BatchAdded(1, [[c] for c in range(1, 100)], 99, steal=False,
+                             resources="A")], 0.2)
+    out = machine.step([CancelRequested(frozenset({0}))], 0.3)
+    assert of(out, CancelTasks), machine.kills_held
+
+
+def test_a_kill_that_waits_for_a_wanted_chunk_goes_out_once_another_task_claims_it():
+    """7_0 runs cancelled call 0; chunk 1 is wanted and unclaimed, so the kill waits;
+    7_1 claims chunk 1 (no killing call in it): the kill goes out."""
+    machine = core()
+    started_batch(machine, chunks=((0,), (1,)), planned=2)
+    machine.step([Record(0, 0, "claim", 0, None)], 0.1)
+    out = machine.step([CancelRequested(frozenset({0}))], 0.2)
+    assert not of(out, CancelTasks)
+    out = machine.step([Record(0, 1, "start", None, {"host": "h", "pid": 2}),
+                        Record(0, 1, "claim", 1, None)], 0.3)
+    kills = list(of(out, CancelTasks))
+    for t in range(4, 50):
+        kills += of(machine.step([], t / 10), CancelTasks)
+    assert CancelTasks(("7_0",)) in kills, kills
+
+
+def test_parts_grow_again_once_the_queue_has_room():
+    """Six refusals of a 64-task array (a transiently full queue) shrink the parts to
+    one task; once the queue has room they double again: few sbatch calls."""
+    machine = core()
+    machine.step([BatchAdded(0, [[c] for c in range(64)], 64, steal=False)], 0.0)
+    refusal = SubmissionDeferred("QOSMaxSubmitJobPerUserLimit", kind="submit_limit")
+    now = 0.0
+    machine.step([SubmitDeferred(0, 0, 64, False, refusal)], now)
+    for _ in range(6):
+        now += 40
+        [ask] = of(machine.step([], now), SubmitTasks)
+        machine.step([SubmitDeferred(0, ask.first, ask.count, False, refusal)], now)
+    asks = 0
+    job = 100
+    while True:
+        now += 40
+        out = of(machine.step([], now), SubmitTasks)
+        if not out:
+            break
+        while out:
+            [ask] = out
+            asks += 1
+            job += 1
+            out = of(machine.step([TasksSubmitted(0, str(job), ask.first, ask.count)], now),
+                     SubmitTasks)
+    assert asks < 10, f"{asks} sbatch calls for 64 tasks once the queue had room"
+
+
+def test_kills_go_out_before_a_retrys_batch_exists():
+    """In one tick: 7_0 settles NODE_FAIL (Retry: the engine writes and announces a batch
+    of the same resources) and unneeded 7_2 is cancelled, judged before the retry batch
+    exists: the cancel goes out first, so 7_2 cannot join that batch before it."""
+    machine = core(keep_alive=30.0, retry_on=frozenset({"NODE_FAIL"}), max_retries=1)
+    machine.step([BatchAdded(0, [[0], [1]], 3, resources="A")], 0.0)
+    machine.step([TasksSubmitted(0, "7", 0, 3),
+                  Record(0, 0, "start", None, {"host": "h", "pid": 1}),
+                  Record(0, 0, "claim", 0, None)], 0.1)
+    machine.step([SchedulerAnswer({("7", 0): TaskState("NODE_FAIL")})], 0.2)
+    out = machine.step([SchedulerAnswer({("7", 0): TaskState("NODE_FAIL")}),
+                        Record(0, 1, "start", None, {"host": "h", "pid": 2}),
+                        Record(0, 1, "claim", 1, None), StreamsRead(0.25)], 0.3)
+    kinds = [type(a).__name__ for a in out]
+    assert "Retry" in kinds and "CancelTasks" in kinds
+    assert kinds.index("CancelTasks") < kinds.index("Retry"), kinds
+
+
+def test_an_attached_batch_submits_the_tasks_its_client_never_did():
+    """The journal lists only the parts that went out (deferred, halved): `attach`
+    passes them as `arrays`, and the rest is asked for."""
+    machine = core()
+    out = machine.step([BatchAdded(0, [[0], [1], [2], [3]], 4, steal=False,
+                                   arrays=(("7", 0, 2),))], 0.0)
+    asks = of(out, SubmitTasks)
+    for t in range(1, 30):
+        asks += of(machine.step([], float(t)), SubmitTasks)
+    assert asks, "tasks 2..3 are never submitted"
+
+
+def test_held_kills_and_cancels_go_out_after_the_hold_without_evidence_of_a_move():
+    """A move to another batch shows in the streams within the result grace and a few
+    polls (here 0 + 1 + 2 x 1 s): a task still seen holding only cancelled calls after
+    that runs them, and is killed although batch 1 still waits for tasks."""
+    machine = core(keep_alive=30.0)
+    _held_kill(machine)  # held at 0.3
+    assert not of(machine.step([], 3.2), CancelTasks)
+    assert of(machine.step([], 3.4), CancelTasks) == [CancelTasks(("7_0",))]
+
+    machine = core(keep_alive=30.0)  # an unneeded task (7_1 never seen started)
+    started_batch(machine, chunks=((0,),), planned=2, resources="A")
+    machine.step([BatchAdded(1, [[1]], 1, resources="A")], 0.1)
+    assert not of(machine.step([Record(0, 0, "claim", 0, None),
+                                Record(0, 0, "ok", 0, b"x")], 0.2), CancelTasks)
+    assert not of(machine.step([], 3.1), CancelTasks)
+    assert of(machine.step([], 3.3), CancelTasks) == [CancelTasks(("7_1",))]
+    assert not machine.unneeded

@@ -157,6 +157,7 @@ def test_a_joined_stream_holds_its_start_record_from_the_first_moment(tmp_path):
     for index in (JOIN_BASE, JOIN_BASE + 1):
         cursor = spool.StreamCursor(spool.stream_path(run_dir, 3, index, 0))
         assert spool.read_records(cursor, key) == [start] and cursor.error is None
+        assert os.stat(cursor.path).st_mode & 0o777 == 0o600
     assert sorted(os.listdir(spool.batch_dir(run_dir, 3))) == [  # no private file left
         spool.stream_path(run_dir, 3, i, 0).name for i in (JOIN_BASE, JOIN_BASE + 1)]
 
