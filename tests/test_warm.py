@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
+from pathlib import Path
 
 import pytest
 from conftest import wait_until
@@ -19,6 +21,12 @@ def inc(x: int) -> int:
 
 
 def sleep_then(seconds: float, value: object = None) -> object:
+    time.sleep(seconds)
+    return value
+
+
+def touch_then(path: str, seconds: float, value: object) -> object:
+    Path(path).touch()
     time.sleep(seconds)
     return value
 
@@ -100,6 +108,35 @@ def test_cancel_kills_a_warm_task_running_the_call(make_executor):
     ex.cancel([slow])
     assert isinstance(slow.exception(timeout=60), JobCancelledError)
     assert len(arrays(ex)) == 1
+
+
+def test_a_cancel_seen_late_never_kills_what_the_warm_task_moved_on_to(make_executor,
+                                                                         tmp_path):
+    """The client reads the streams late (paused here, as a lagging shared filesystem
+    would show them): the warm task it last saw idle joins batch A, runs the call the
+    user then cancels, finishes it and joins batch B. When the streams show A's claim,
+    killing the task by its Slurm id would end B's call, which nobody cancelled (CI saw
+    that as a JobCancelledError); the kill waits, then is not needed."""
+    ex = make_executor(keep_alive=60)
+    assert ex.submit(inc, 1).result(timeout=120) == 2
+    engine = ex._engine
+    assert wait_until(lambda: bool(engine.core.warm), timeout=30)  # its idle is seen
+    read, paused = engine._read_streams, threading.Event()
+    engine._read_streams = lambda: False if paused.is_set() else read()
+    paused.set()
+    try:
+        started = [tmp_path / "first", tmp_path / "second"]
+        first = ex.submit(touch_then, str(started[0]), 1.0, "first")
+        assert wait_until(started[0].exists, timeout=60)  # the warm task runs it
+        ex.cancel([first])
+        second = ex.submit(touch_then, str(started[1]), 2.0, "second")
+        assert wait_until(started[1].exists, timeout=60)  # ... and then this one
+    finally:
+        paused.clear()
+    assert second.result(timeout=60) == "second"
+    assert first.exception(timeout=60) is None or isinstance(first.exception(),
+                                                             JobCancelledError)
+    assert second.chunk is not None and second.chunk[0] in {b for b, _ in joiners(ex)}
 
 
 def test_keep_alive_must_be_seconds(tmp_path):
