@@ -117,8 +117,13 @@ class Watcher:
 def join_stream(run_dir: Path, key: bytes, batch: int, start: tuple) -> int:
     """Create this task's stream in a batch it joins, holding its `start` record from
     the first moment (the client never sees a joined task it cannot name: killed right
-    after joining, it is still followed by its Slurm id); return its task index there."""
-    for index in range(JOIN_BASE, JOIN_BASE + 100_000):
+    after joining, it is still followed by its Slurm id); return its task index there.
+    One listing finds where the free indices begin, so joiners do not all probe from
+    the first (each probe costs metadata operations on a shared filesystem)."""
+    taken = [parsed[0] for name in os.listdir(spool.batch_dir(run_dir, batch))
+             if (parsed := spool.parse_stream_name(name)) is not None]
+    first = max([JOIN_BASE - 1, *taken]) + 1
+    for index in range(first, first + 100_000):
         path = spool.stream_path(run_dir, batch, index, 0)
         if spool.create_holding(path, spool.encode_record(key, path, start)):
             return index
