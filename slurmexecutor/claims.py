@@ -20,16 +20,12 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from .spool import create_exclusive
+
 
 def try_claim(path: Path, owner: str) -> bool:
     """Claim a chunk: True for exactly one claimant (O_EXCL create is atomic, NFS too)."""
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return False
-    with os.fdopen(fd, "w") as handle:
-        handle.write(owner)
-    return True
+    return create_exclusive(path, owner.encode())
 
 
 def claim_order(chunks: int, tasks: int, task: int) -> list[int]:

@@ -83,8 +83,9 @@ class KillGuard(_CoreState):
             self._out.append(ev.CancelTasks(tuple(t.slurm_id for t in cancel)))
 
     def _ask_held_kills(self) -> None:
-        held, self.kills_held = self.kills_held, {}
-        for number, since in sorted(held.items()):
+        for number in sorted(self.kills_held):
             batch = self.batches.get(number)
-            if batch is not None:
-                self._kill_cancelled(batch, since)
+            if batch is None:
+                del self.kills_held[number]
+            else:
+                self._kill_cancelled(batch)

@@ -40,7 +40,7 @@ class _CoreState:
 
         def _all_doomed(self, batch: Batch, chunk: int) -> bool: ...
 
-        def _kill_cancelled(self, batch: Batch, since: float | None = None) -> None: ...
+        def _kill_cancelled(self, batch: Batch) -> None: ...
 
         def _may_have_moved(self, batch: Batch, since: float,
                             joinable: dict[str, bool] | None = None) -> bool: ...
@@ -95,16 +95,16 @@ class CancelPolicy(_CoreState):
                 self._out.append(ev.ClaimChunks(number, whole))
             self._kill_cancelled(batch)
 
-    def _kill_cancelled(self, batch: Batch, since: float | None = None) -> None:
+    def _kill_cancelled(self, batch: Batch) -> None:
         """Kill the tasks that hold nothing but calls cancelled with kill, once no chunk
         they could still claim holds other work, and none can have moved on to another
-        batch (kills.py). Held kills are asked again at each claim and tick: a task may
-        have claimed (and started) a cancelled chunk before the client saw it."""
+        batch (kills.py). Held kills are asked again each round; a task may also have
+        claimed (and started) a cancelled chunk before the client saw it."""
         doomed = [t for t in self._live(batch) if t.job_id is not None and t.unresolved
                   and t.unresolved <= self.killing and not t.kill_sent]
+        since = self.kills_held.pop(batch.number, self.now)  # held since
         if not doomed:
             return
-        since = self.now if since is None else since
         if any(not self._all_doomed(batch, c) for c in batch.unclaimed) or (
                 self._may_have_moved(batch, since)):
             self.kills_held[batch.number] = since

@@ -140,30 +140,34 @@ def encode_record(key: bytes, path: Path, record: tuple) -> bytes:
     return HEADER.pack(len(payload), _digest(key, path, payload)) + payload
 
 
+def create_exclusive(path: Path, data: bytes) -> bool:
+    """Create `path` and write `data`; False if it exists (O_EXCL: atomic, NFS too)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+    return True
+
+
 def create_holding(path: Path, data: bytes) -> bool:
     """Create `path` already holding `data` (so it is never seen empty); False if it
     exists. Exclusive like O_EXCL: a hard link of a private file never replaces one
     (on NFS a retried LINK may answer EEXIST for its own link: the link count says)."""
     private = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}")
-    fd = os.open(private, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+        if not create_exclusive(private, data):
+            raise FileExistsError(private)
         try:
             os.link(private, path)
             return True
         except FileExistsError:
             return os.stat(private).st_nlink == 2
         except OSError:  # no hard links here: create, then write (seen empty briefly)
-            try:
-                out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            except FileExistsError:
-                return False
-            with os.fdopen(out, "wb") as handle:
-                handle.write(data)
-            return True
+            return create_exclusive(path, data)
     finally:
-        os.unlink(private)
+        private.unlink(missing_ok=True)
 
 
 class RecordWriter:

@@ -67,9 +67,8 @@ class Core(CancelPolicy, KillGuard, WidthPolicy, FailurePolicy):
         for event in events:
             self._apply(event, now)
         self._tick(now)
-        out, self._out = self._out, []
-        # kills first: those judged before a retry's batch existed go out before it is
-        out.sort(key=lambda action: not isinstance(action, ev.CancelTasks))  # written
+        out, self._out = self._out, []  # kills first: before a retry's batch is written
+        out.sort(key=lambda action: not isinstance(action, ev.CancelTasks))
         return out
 
     @property
@@ -184,8 +183,6 @@ class Core(CancelPolicy, KillGuard, WidthPolicy, FailurePolicy):
             self._out.append(ev.Claimed(batch.number, chunk, task.ref, calls))
             if self.killing.intersection(calls):
                 self._kill_cancelled(batch)
-            if self.kills_held:
-                self._ask_held_kills()
         elif kind == "backup":  # a second copy of a straggling chunk: first result wins
             assert record.call_id is not None
             chunk = record.call_id
@@ -295,8 +292,8 @@ class Core(CancelPolicy, KillGuard, WidthPolicy, FailurePolicy):
         if task.error:
             self._fail(batch, sorted(task.unresolved), Failure(IntegrityError, task.error,
                                                                 task.ref))
-        elif task.ended and (not task.killed or task.job_id is None):  # None: a joined
-            if task.limit_notice:  # stream without its start: no scheduler state to wait for
+        elif task.ended and (not task.killed or task.job_id is None):  # (no id: nothing
+            if task.limit_notice:  # to ask the scheduler about; a joiner that never started)
                 batch.last_failed = task  # stopped claiming at the time limit
             if task.unresolved:
                 self._fail_unfinished(task, sorted(task.unresolved))
