@@ -76,12 +76,12 @@ class CallMaker:
             future = SlurmFuture(ex._engine, [ex._next_call])
             ex._next_call += 1
             if inputs:  # waits in the owner's state for its inputs (dependencies.py)
-                ex._engine.put(Dependent(future, fn_key, fn, blob, name, arguments,
+                ex._engine.put(Dependent(future, fn_key, blob, name, arguments,
                                          self._settings, inputs, len(inputs), call_keys))
             elif hit:  # answered by the cache: no job
                 ex._engine.put(CachedResult(future, hit[0]))
             else:
-                ex._engine.put(Submit(future, fn_key, fn, blob, name, arguments,
+                ex._engine.put(Submit(future, fn_key, blob, name, arguments,
                                       self._settings, key))
         return future
 
@@ -305,10 +305,12 @@ def _chained_results(executor: SlurmExecutor, futures: list[SlurmFuture],
             else:
                 outcomes = future.result(remaining)
             futures.pop()
-            for ok, value in outcomes:
-                if not ok:
-                    raise value
-                yield value
+            del future
+            outcomes.reverse()  # popped as yielded: nothing here keeps a yielded value
+            while outcomes:  # alive (CPython issue 14406)
+                if not outcomes[-1][0]:
+                    raise outcomes.pop()[1]
+                yield outcomes.pop()[1]
     finally:
         if futures:
             executor.cancel(futures)

@@ -129,7 +129,7 @@ class ChildRunner:
             batch, manifest = found
             start = ("start", None, {**sup.where, "time": time.time(), "warm": True})
             index = warm.join_stream(sup.run_dir, sup.key, batch, start)
-            sup.out.write(("end", None, {"time": time.time(), "joined": batch,
+            sup.out.write(("end", None, {"time": time.time(), "joined": batch, "as": index,
                                          "polls": watcher.polls}))
             os.write(self.pipe, POSITION.pack(JOIN, batch))
             os.write(self.pipe, POSITION.pack(JOIN_TASK, index))
@@ -208,9 +208,10 @@ class ChildRunner:
             return _raised_record(call_id, exc)
         try:
             return ("ok", call_id, cloudpickle.dumps(value))
-        except Exception as exc:  # noqa: BLE001
+        except BaseException as exc:  # noqa: BLE001  (SystemExit from __reduce__ too)
             message = f"the result ({type(value).__name__}) cannot be pickled: {exc!r}"
-            return ("unpicklable", call_id, message)
+            return ("unpicklable", call_id, {"message": message,
+                                             "error": _raised_record(call_id, exc)[2]})
 
 
 class _CancelList:

@@ -1,8 +1,9 @@
 """How array tasks share a batch's chunks: O_EXCL claim files, O(C + K) metadata cost.
 
-Task i of K owns the stride i, i+K, i+2K, ... of the C chunks and takes it in ascending
-order; once its stride is taken, it steals from the ends of the others' strides (task
-i+1's first), so a thief and a stride's owner meet in the middle, and thieves start on
+Task i of K owns the i-th contiguous block of the C chunks (about C/K, the first blocks
+the larger) and takes it in ascending order, so a task alone starts calls in submission
+order; once its block is taken, it steals from the ends of the others' blocks (task
+i+1's first), so a thief and a block's owner meet in the middle, and thieves start on
 different victims, instead of all racing for the same chunk.
 Which chunks are taken it learns from ONE listing of `bNNNN/claims/`, and again after
 each claim it lost; a taken chunk never becomes free, so what the listing said stays
@@ -29,18 +30,21 @@ def try_claim(path: Path, owner: str) -> bool:
 
 
 def claim_order(chunks: int, tasks: int, task: int) -> list[int]:
-    """The order in which task `task` of `tasks` tries the chunks: its own stride
-    ascending, then the others' strides from their ends, one chunk of each in turn,
-    beginning with the next task's (so thieves start on different victims)."""
+    """The order in which task `task` of `tasks` tries the chunks: its own block (a
+    contiguous share, so one task alone starts calls in submission order) ascending,
+    then the others' blocks from their ends, one chunk of each in turn, beginning with
+    the next task's (so thieves start on different victims and meet owners last)."""
     tasks = max(1, tasks)
     task %= tasks
-    strides = [range(owner, chunks, tasks) for owner in range(tasks)]
-    order = list(strides[task])
-    for depth in range(1, len(strides[0]) + 1):
+    starts = [-(-owner * chunks // tasks) for owner in range(tasks + 1)]  # ceil: the
+    blocks = [range(starts[owner], starts[owner + 1]) for owner in range(tasks)]  # first
+    # blocks are the larger ones
+    order = list(blocks[task])
+    for depth in range(1, max(len(b) for b in blocks) + 1):
         for offset in range(1, tasks):
-            stride = strides[(task + offset) % tasks]
-            if depth <= len(stride):
-                order.append(stride[-depth])
+            block = blocks[(task + offset) % tasks]
+            if depth <= len(block):
+                order.append(block[-depth])
     return order
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import io
 import pickle
-from collections.abc import Callable
 from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -90,7 +89,6 @@ class Dependent:
 
     future: SlurmFuture
     fn_key: Any
-    fn: Callable
     fn_blob: bytes
     fn_name: str
     snapshot: bytes  # the arguments pickled at submit, each input future a placeholder

@@ -50,7 +50,7 @@ from .lease import Lease
 from .schedulers import Backend
 from .state import Core
 from .streams import StreamReader
-from .teardown import LeaseAndEnd, TakenOver, refuse
+from .teardown import SHUT_DOWN, LeaseAndEnd, TakenOver, refuse
 
 
 class Engine(LeaseAndEnd, Intake):
@@ -64,7 +64,6 @@ class Engine(LeaseAndEnd, Intake):
         #: task-seconds per call of the latest finished batch of each function set (read
         #: by callers to chunk a map: plain dict reads)
         self.cost: dict[tuple[str, ...], float] = {}
-        self.window_generation = 0  # bumped each time a window goes out
         self.next_batch = 0
         self._requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._put_lock = threading.Lock()
@@ -101,7 +100,7 @@ class Engine(LeaseAndEnd, Intake):
                 self._requests.put(request)
                 self._wake.set()
                 return
-        refuse(request, self.error or SlurmExecutorError("this executor has stopped"))
+        refuse(request, self.error or RuntimeError(SHUT_DOWN))
 
     def flush(self) -> None:
         """Send the submission window out now (someone waits for a result)."""
@@ -178,9 +177,11 @@ class Engine(LeaseAndEnd, Intake):
         futures are already RUNNING (a map's) or made so here. A retry (`sinks` None)
         keeps the sinks its calls have."""
         if sinks is not None:
-            kept = [s for s in sinks if s.future.running() or s.future.done() or s.launch()]
-            if len(kept) < len(sinks):  # cancelled before the owner got to them: they
-                spec = without_calls(spec, {c for s in kept for c in s.call_ids})  # stay
+            # PENDING -> RUNNING here; a future cancelled before the owner got to it
+            # becomes CANCELLED_AND_NOTIFIED and its call never leaves the client
+            kept = [s for s in sinks if s.future.running() or s.launch()]
+            if len(kept) < len(sinks):
+                spec = without_calls(spec, {c for s in kept for c in s.call_ids})
                 if not spec.chunks:
                     return
             for sink in kept:
@@ -265,7 +266,7 @@ class Engine(LeaseAndEnd, Intake):
         elif isinstance(action, ev.ClaimChunks):
             won = tuple(chunk for chunk in action.chunks if claims.try_claim(
                 spool.claim_path(self.run_dir, action.batch, chunk), "client"))
-            self._events.append(ev.ClaimsWon(action.batch, won))
+            self._events.append(ev.ClaimsWon(action.batch, won, action.chunks))
         elif isinstance(action, ev.CancelTasks):
             self.backend.cancel(list(action.refs))
         elif isinstance(action, ev.LiftThrottle):

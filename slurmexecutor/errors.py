@@ -24,6 +24,8 @@ does. Everything else derives from `SlurmExecutorError`:
 
 from __future__ import annotations
 
+import pickle
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 
@@ -51,8 +53,10 @@ class SubmissionDeferred(SubmissionError):
         return (type(self), (str(self), self.retry_after, self.kind))
 
 
-class SerializationError(SlurmExecutorError, TypeError):
-    """A function, argument or result could not be pickled (or unpickled)."""
+class SerializationError(SlurmExecutorError, TypeError, pickle.PicklingError):
+    """A function, argument or result could not be pickled (or unpickled). It is a
+    `pickle.PicklingError` (what the stdlib pools give) and a `TypeError`; `__cause__`
+    is the exception pickling raised."""
 
 
 class DependencyError(SlurmExecutorError):
@@ -171,8 +175,10 @@ class JobCancelledError(TaskFailedError):
     """The task was cancelled outside this client (e.g. `scancel`)."""
 
 
-class WorkerCrashedError(TaskFailedError):
-    """The worker died: a non-zero exit code, or killed by a signal."""
+class WorkerCrashedError(TaskFailedError, BrokenProcessPool):
+    """The worker died: a non-zero exit code, or killed by a signal. Only the call it
+    ran fails (the others of its chunk run on); it is a `BrokenProcessPool`, what the
+    stdlib's process pool raises when a worker dies."""
 
 
 class CallLostError(TaskFailedError):

@@ -111,8 +111,11 @@ class CancelRequested:
 
 @dataclass(frozen=True)
 class ClaimsWon:
+    """The client claimed `asked` of a batch's chunks and won `chunks` of them."""
+
     batch: int
     chunks: tuple[int, ...]
+    asked: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,7 @@ state.py; the owner in engine.py only carries them out.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
 import socket
@@ -77,10 +78,15 @@ DEFAULT_KEEP_ALIVE = 30.0
 __all__ = ["DEFAULT_RETRY_ON", "SlurmExecutor", "SlurmFuture", "call_log", "default_folder"]
 
 _live_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
+#: set at interpreter exit (as `_global_shutdown` in concurrent/futures/process.py): no
+#: executor takes new calls from then on, whichever thread makes them
+_global_shutdown = False
 
 
 def _finish_at_exit() -> None:
     """Interpreter exit: finish submitted work, as the stdlib executors do."""
+    global _global_shutdown
+    _global_shutdown = True
     engines = list(_live_engines)
     for engine in engines:
         engine.put(Shutdown(cancel_futures=False))
@@ -94,16 +100,6 @@ threading._register_atexit(_finish_at_exit)  # type: ignore[attr-defined]
 def default_folder() -> Path:
     """$SLURMEXECUTOR_FOLDER, else ~/.slurmexecutor (home is shared on most clusters)."""
     return Path(os.environ.get("SLURMEXECUTOR_FOLDER") or "~/.slurmexecutor").expanduser()
-
-
-def function_key(fn: Callable) -> Any:
-    """What makes two submitted callables the same function within a window: a bound
-    method is re-created on every attribute access, so it is keyed by its object and
-    function, anything else by identity."""
-    owner, func = getattr(fn, "__self__", None), getattr(fn, "__func__", None)
-    if owner is not None and func is not None:
-        return ("method", id(owner), func)
-    return ("id", id(fn))
 
 
 class SlurmExecutor(CallMaker, Executor):
@@ -188,9 +184,6 @@ class SlurmExecutor(CallMaker, Executor):
         self._lock = threading.Lock()  # call ids, and the shutdown flag vs. new requests
         self._next_call = 0
         self._shutdown = False
-        #: functions pickled for the current submission window: key -> (function, pickle)
-        self._functions: dict[Any, tuple[Callable, bytes]] = {}
-        self._functions_window = -1
         #: every call's future, by call id, for runs reattached with `attach`
         self.futures: dict[int, SlurmFuture] = {}
         if _run is not None:
@@ -248,6 +241,8 @@ class SlurmExecutor(CallMaker, Executor):
     # -- helpers -------------------------------------------------------------------------
 
     def _check_open(self) -> None:
+        if _global_shutdown:
+            raise RuntimeError("cannot schedule new futures after interpreter shutdown")
         if self._shutdown:
             raise RuntimeError("cannot schedule new futures after shutdown")
         if self._engine.error is not None or not self._engine.alive:
@@ -269,13 +264,9 @@ class SlurmExecutor(CallMaker, Executor):
         return self.backend.slots_for(settings.resources)
 
     def _pickled(self, fn: Callable, fingerprint: str | None = None) -> tuple[Any, bytes]:
-        """The function pickled once per submission window (bound methods included); with
-        the result cache on, once per fingerprint too, so a call never runs a pickle of
-        the function older than the fingerprint its result is stored under."""
-        key = (function_key(fn), fingerprint)
-        if self._functions_window != self._engine.window_generation:
-            self._functions, self._functions_window = {}, self._engine.window_generation
-        cached = self._functions.get(key)
-        if cached is None:  # the function is kept too: its id stays unique meanwhile
-            cached = self._functions[key] = (fn, dumps(fn, f"the function {callable_name(fn)}"))
-        return key, cached[1]
+        """The function pickled now, at submit, like the arguments: a bound method whose
+        object changes, or a changed global of `__main__`, is seen by the next call. Calls
+        whose pickles are equal share one copy in their batch (the key is its digest);
+        nothing here keeps the function alive."""
+        blob = dumps(fn, f"the function {callable_name(fn)}")
+        return (hashlib.blake2b(blob, digest_size=16).digest(), fingerprint), blob

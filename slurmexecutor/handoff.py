@@ -6,7 +6,6 @@ at `submit`), put them on the owner's queue, and never touch them again.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,9 +16,8 @@ from .futures import FutureSink, SlurmFuture
 @dataclass
 class Submit:
     future: SlurmFuture
-    fn_key: Any
-    fn: Callable
-    fn_blob: bytes
+    fn_key: Any  # the digest of fn_blob (and the cache's fingerprint)
+    fn_blob: bytes  # the function, pickled at submit
     fn_name: str
     arguments: bytes  # pickled [(args, kwargs)]
     settings: Settings  # the executor's, or a view's (`SlurmExecutor.options`)
@@ -66,7 +64,6 @@ class Window:
     functions: list[bytes] = field(default_factory=list)
     names: list[str] = field(default_factory=list)
     index: dict[Any, int] = field(default_factory=dict)
-    keep: list[Callable] = field(default_factory=list)  # ids in `index` stay valid
     calls: dict[int, Submit] = field(default_factory=dict)
 
     def add(self, request: Submit) -> int:
@@ -75,6 +72,5 @@ class Window:
             position = self.index[request.fn_key] = len(self.functions)
             self.functions.append(request.fn_blob)
             self.names.append(request.fn_name)
-            self.keep.append(request.fn)
         self.calls[request.future.call_id] = request
         return position

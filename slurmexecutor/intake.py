@@ -37,7 +37,6 @@ class Intake:
 
     settings: Settings
     cost: dict[tuple[str, ...], float]
-    window_generation: int
     _requests: queue.SimpleQueue[Any]
     _windows: dict[str, Window]
     _dependents: dict[int, Dependent]
@@ -152,7 +151,7 @@ class Intake:
             if FutureSink(dependent.future).launch():
                 dependent.future.set_exception(error)
             return
-        self._add_to_window(Submit(dependent.future, dependent.fn_key, dependent.fn,
+        self._add_to_window(Submit(dependent.future, dependent.fn_key,
                                    dependent.fn_blob, dependent.fn_name, arguments,
                                    dependent.settings, key))
         self._flush = True  # it has waited already: it goes out in the next round
@@ -190,7 +189,6 @@ class Intake:
             self._launch_window(window)
 
     def _launch_window(self, window: Window) -> None:
-        self.window_generation += 1
         calls = [r for r in window.calls.values() if FutureSink(r.future).launch()]
         if not calls:
             return

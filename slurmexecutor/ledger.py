@@ -69,6 +69,7 @@ class Batch:
     defer_cap: int = 0
     rest: tuple[int, int, bool] | None = None
     resubmitting: bool = False  # deferred tasks asked for again, no answer yet
+    joiners: set[int] = field(default_factory=set)  # indices of warm tasks ever seen join
     owner: dict[int, Task] = field(default_factory=dict)  # call -> the task that claimed it
     backup: dict[int, Task] = field(default_factory=dict)  # call -> its backup's task
     _chunk_index: dict[int, int] | None = None  # call -> its chunk, built when first asked

@@ -43,7 +43,7 @@ def decode(run_dir: Path, kind: str, call_id: int, body: Any, task: TaskRef,
     if kind == "raised":
         return False, rebuild_exception(body)
     if kind == "unpicklable":
-        return False, SerializationError(body)
+        return False, unpicklable_result(body)
     if kind == "mismatch":
         return False, EnvironmentMismatchError(body)
     if kind == "crash":
@@ -81,6 +81,22 @@ def task_error(run_dir: Path, error_type: type[TaskFailedError], message: str,
         array_index=task.array_index if task else None, state=state, exit_code=exit_code,
         signal=signal, log_path=path, log_tail=read_tail(path),
         attempts=task.attempt if task else 1, call_id=call_id)
+
+
+def unpicklable_result(body: dict | str) -> BaseException:
+    """A result the worker could not pickle: a `SerializationError` (a PicklingError)
+    whose `__cause__` is what pickling raised; an exception that is not a pickling or
+    type error (SystemExit from `__reduce__`, say) is the call's exception itself, as the
+    stdlib pools give it."""
+    if isinstance(body, str):  # a record of an earlier version
+        return SerializationError(body)
+    original = rebuild_exception(body["error"])
+    if not isinstance(original, (pickle.PicklingError, TypeError, AttributeError,
+                                 RemoteError)):
+        return original
+    error = SerializationError(body["message"])
+    error.__cause__ = original
+    return error
 
 
 def rebuild_exception(body: dict) -> BaseException:

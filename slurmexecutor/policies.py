@@ -29,6 +29,7 @@ class _CoreState:
     doomed: set[int]
     killing: set[int]
     kills_held: dict[int, float]
+    claim_then: dict[tuple[int, int], Task | Failure]
     unneeded: list[tuple[Task, float]]
     warm: dict[tuple[str, int], float]
     cancelling: bool
@@ -52,6 +53,9 @@ class _CoreState:
         def _fail(self, batch: Batch, call_ids: list[int], failure: Failure) -> None: ...
 
         def _close(self, batch: Batch, call_id: int) -> None: ...
+
+        def _fail_unfinished(self, task: Task, call_ids: list[int],
+                             started: bool = True) -> None: ...
 
 
 class CancelPolicy(_CoreState):
@@ -120,15 +124,23 @@ class CancelPolicy(_CoreState):
         return all(c in self.doomed for c in batch.chunks[chunk] if c in batch.open_calls)
 
     def _claims_won(self, event: ev.ClaimsWon) -> None:
+        """The client won these claims: their calls never run. Lost ones are a task's,
+        whose claim record tells the core about it."""
         batch = self.batches.get(event.batch)
-        if batch is None:
-            return
-        for chunk in event.chunks:
+        for chunk in event.asked or event.chunks:
+            why = self.claim_then.pop((event.batch, chunk), None)
+            if batch is None or chunk not in event.chunks:
+                continue
             batch.unclaimed.discard(chunk)
             calls = [c for c in batch.chunks[chunk] if c in batch.open_calls]
-            self._fail(batch, calls, Failure(
-                JobCancelledError, "the call was cancelled before it started",
-                state="CANCELLED"))
+            if isinstance(why, Failure):
+                self._fail(batch, calls, why)
+            elif why is not None:  # the task that left them: retried, or failed as fits
+                self._fail_unfinished(why, calls, started=False)
+            else:
+                self._fail(batch, calls, Failure(
+                    JobCancelledError, "the call was cancelled before it started",
+                    state="CANCELLED"))
 
 
 class WidthPolicy(_CoreState):

@@ -55,6 +55,8 @@ class Core(CancelPolicy, KillGuard, WidthPolicy, FailurePolicy):
         #: resources key of the batches they may join
         self.warm: dict[tuple[str, int], float] = {}
         self.warm_for: dict[tuple[str, int], str] = {}
+        #: chunks the client claims for want of tasks: what their calls get if it wins
+        self.claim_then: dict[tuple[int, int], Task | Failure] = {}
         self._out: list[Action] = []
 
     # -- the one entry point -------------------------------------------------------------
@@ -105,12 +107,10 @@ class Core(CancelPolicy, KillGuard, WidthPolicy, FailurePolicy):
                 task.truncated = event.truncated
         elif isinstance(event, ev.StreamsRead):
             self.scanned = max(self.scanned, event.started)
-        elif isinstance(event, ev.StreamFound):
+        elif isinstance(event, ev.StreamFound):  # a joiner not announced (attach)
             batch = self.batches.get(event.batch)
-            if batch is not None and (event.batch, event.task) not in self.tasks:
-                task = Task(batch, event.task, None, None, now)  # ids from its start
-                self.tasks[task.key] = task
-                batch.tasks.append(task)
+            if batch is not None:
+                self._add_joiner(batch, event.task, None, None, now)  # ids from its start
         elif isinstance(event, ev.SchedulerAnswer):
             self._on_states(event.states, now)
         elif isinstance(event, ev.FinalAnswer):
@@ -146,6 +146,17 @@ class Core(CancelPolicy, KillGuard, WidthPolicy, FailurePolicy):
             batch.warm_until = now + self.config.warm_wait  # a warm task may take it
         elif not event.arrays:
             self._ask_tasks(batch)
+
+    def _add_joiner(self, batch: Batch, index: int, job_id: str | None,
+                    array_index: int | None, now: float) -> None:
+        """A warm task joined `batch` as task `index`: followed like its own, once (a
+        settled joiner never comes back)."""
+        if index in batch.joiners:
+            return
+        batch.joiners.add(index)
+        task = Task(batch, index, job_id, array_index, now)
+        self.tasks[task.key] = task
+        batch.tasks.append(task)
 
     def _add_tasks(self, batch: Batch, job_id: str, offset: int, size: int,
                    now: float) -> None:
@@ -196,8 +207,12 @@ class Core(CancelPolicy, KillGuard, WidthPolicy, FailurePolicy):
             task.limit_notice = True
         elif kind == "end":  # the last record of an attempt: its stream is complete
             task.ended = True
-            if not (record.body and record.body.get("joined") is not None):
+            joined = (record.body or {}).get("joined")
+            if joined is None:
                 self.warm.pop((task.job_id or "", task.array_index or 0), None)
+            elif joined in self.batches and record.body.get("as") is not None:
+                self._add_joiner(self.batches[joined], int(record.body["as"]), task.job_id,
+                                 task.array_index, now)  # announced where the client looks
             task.killed = bool(record.body and record.body.get("signal"))
         elif record.call_id in batch.open_calls:  # later duplicates (requeues) are ignored
             call_id = record.call_id
@@ -309,10 +324,7 @@ class Core(CancelPolicy, KillGuard, WidthPolicy, FailurePolicy):
             if task.unresolved:
                 self._fail_unfinished(task, sorted(task.unresolved))
             if not batch.steal and task.index in batch.unclaimed:  # nobody else may take it
-                batch.unclaimed.discard(task.index)
-                self._out.append(ev.ClaimChunks(batch.number, (task.index,)))
-                calls = [c for c in batch.chunks[task.index] if c in batch.open_calls]
-                self._fail_unfinished(task, calls, started=False)
+                self._claim_then_fail(batch, (task.index,), task)
         else:
             return
         self.tasks.pop(task.key, None)
@@ -331,8 +343,9 @@ class Core(CancelPolicy, KillGuard, WidthPolicy, FailurePolicy):
                     self.warm[key] = max(self.warm.get(key, 0.0), now + self.config.keep_alive)
                     self.warm_for[key] = batch.resources
             del self.batches[batch.number]
-            if self.doomed:  # forget its calls (those a lingering task may yet answer stay)
-                awaited = {c for t in self.lingering.values() for c in t.verdicts}
+            if self.doomed:  # forget its calls, but not those a lingering task may yet
+                awaited = {c for t in self.lingering.values() for c in t.verdicts}  # answer
+                awaited |= self.open_calls()  # nor those a retry carries in another batch
                 finished = {c for chunk in batch.chunks for c in chunk} - awaited
                 self.doomed -= finished
                 self.killing -= finished
@@ -347,26 +360,31 @@ class Core(CancelPolicy, KillGuard, WidthPolicy, FailurePolicy):
             self._submit_when_due(batch, now)
         if batch.deferred is not None or batch.resubmitting:  # its tasks are still to come
             return
-        if not batch.unclaimed or batch.submitted == 0:
-            return
+        if not batch.unclaimed or (batch.submitted == 0 and batch.submit_error is None):
+            return  # (nothing asked yet; a refused batch goes on: its joiners may go)
         if batch.throttled and batch.first_start is not None and now >= batch.next_scale:
             self._scale_out(batch, now)
         if not self._live(batch):  # nobody is left to claim them
-            chunks = tuple(sorted(batch.unclaimed))
-            calls = [c for chunk in chunks for c in batch.chunks[chunk] if c in batch.open_calls]
-            self._out.append(ev.ClaimChunks(batch.number, chunks))
-            batch.unclaimed.clear()
             failed = batch.last_failed
-            if failed is None or batch.submit_error is not None:
-                error = batch.submit_error
-                self._fail(batch, calls, Failure(type(error), str(error), error=error)
-                           if error is not None else Failure(
-                               CallLostError, "no array task of its batch was left to run "
-                               "this call"))
+            error = batch.submit_error
+            if failed is None or error is not None:
+                self._claim_then_fail(batch, tuple(sorted(batch.unclaimed)), Failure(
+                    type(error), str(error), error=error) if error is not None else Failure(
+                    CallLostError, "no array task of its batch was left to run this call"))
             else:
-                self._fail_unfinished(failed, calls, started=False)
+                self._claim_then_fail(batch, tuple(sorted(batch.unclaimed)), failed)
 
     # -- helpers -------------------------------------------------------------------------
+
+    def _claim_then_fail(self, batch: Batch, chunks: tuple[int, ...],
+                         why: Task | Failure) -> None:
+        """The client claims chunks nobody is left to run; their calls fail (or are
+        retried, after `why`, the task that left them) only for the claims it wins
+        (ClaimsWon): a task that won one runs its calls, and they are not failed."""
+        batch.unclaimed.difference_update(chunks)
+        for chunk in chunks:
+            self.claim_then[(batch.number, chunk)] = why
+        self._out.append(ev.ClaimChunks(batch.number, chunks))
 
     def _watched(self) -> list[Task]:
         return [t for t in self.tasks.values()

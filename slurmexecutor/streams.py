@@ -28,6 +28,7 @@ class StreamReader:
         self.run_dir, self.key = run_dir, key
         self._cursors: dict[str, spool.StreamCursor] = {}
         self._names: dict[TaskKey, list[str]] = {}  # a task's streams (one per attempt)
+        self._found: set[TaskKey] = set()  # joined streams reported (StreamFound: once)
 
     def read(self, live: Iterable[TaskKey], ended: Iterable[TaskKey],
              batches: Iterable[int] = ()) -> list[Event]:
@@ -47,7 +48,9 @@ class StreamReader:
             for entry in entries:
                 parsed = spool.parse_stream_name(entry.name)
                 if parsed is not None and parsed[0] >= JOIN_BASE and (
-                        (batch, parsed[0]) not in live):
+                        (batch, parsed[0]) not in live) and (
+                        (batch, parsed[0]) not in self._found):
+                    self._found.add((batch, parsed[0]))
                     events.append(StreamFound(batch, parsed[0]))
                 if parsed is None or (batch, parsed[0]) not in live:
                     continue
@@ -75,6 +78,7 @@ class StreamReader:
 
     def forget(self, batch: int) -> None:
         """A finished batch: drop its cursors."""
+        self._found = {k for k in self._found if k[0] != batch}
         for key in [k for k in self._names if k[0] == batch]:
             for name in self._names.pop(key):
                 self._cursors.pop(name, None)

@@ -20,6 +20,9 @@ from .lease import Lease
 from .schedulers import Backend
 from .state import Core
 
+#: the stdlib's words for a call made after the executor shut down
+SHUT_DOWN = "cannot schedule new futures after shutdown"
+
 
 class TakenOver(Exception):
     """Stops the owner loop after another client took the run over."""
@@ -97,7 +100,17 @@ class LeaseAndEnd:
             refuse(request, error)
 
     def _close(self) -> None:
+        """The loop ended: refuse what callers put from now on (and what they put after
+        its last look at the queue), then let go of the cache, warm tasks and lease."""
         self._stopping = True
+        with self._put_lock:
+            self._closed = True
+        while True:
+            try:
+                request = self._requests.get_nowait()
+            except queue.Empty:
+                break
+            refuse(request, self.error or RuntimeError(SHUT_DOWN))
         if self.cache is not None:
             self.cache.flush()  # the results still being stored
             self.cache.record(self.run_dir)  # hits and misses, for `slurmexecutor status`

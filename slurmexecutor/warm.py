@@ -38,6 +38,10 @@ FIRST_POLL, MAX_POLL = 0.002, 0.1
 #: `_joinable`'s verdict on a batch of other resources with work left: this task leaves,
 #: so that its CPUs go to that batch's array (`SlurmExecutor.options`)
 STEP_ASIDE = "step aside"
+#: seconds a batch before the latest announced one may stay unreadable before a warm
+#: task looks past it (its writing failed after its number was taken; or a shared
+#: filesystem shows it this late, and then its own array runs it)
+UNREADABLE_SKIP = 10.0
 
 
 def resources_key(resources: dict, python: str, setup: list[str], extra: list[str]) -> str:
@@ -65,6 +69,7 @@ class Watcher:
         self.wanted_key, self.stopping = wanted_key, stopping
         self.polls = 0  # metadata operations on the signal file
         self.stepped_aside: int | None = None  # the batch this task left its CPUs to
+        self._unreadable: tuple[int, float] | None = None  # (batch, since when)
 
     def wait(self, seconds: float) -> tuple[int, dict] | None:
         """The next batch to join and its manifest, or None after `seconds` idle, at
@@ -87,8 +92,8 @@ class Watcher:
                 interval = FIRST_POLL
             while self.after < latest:
                 verdict = self._joinable(self.after + 1)
-                if verdict is None:  # not readable yet: look again at the next poll
-                    break
+                if verdict is None and not self._give_up_on(self.after + 1, latest):
+                    break  # not readable yet: look again at the next poll
                 self.after += 1
                 if isinstance(verdict, dict):
                     return self.after, verdict
@@ -98,6 +103,15 @@ class Watcher:
             time.sleep(interval)
             interval = min(interval * 1.5, MAX_POLL)
         return None
+
+    def _give_up_on(self, batch: int, latest: int) -> bool:
+        """Look past an unreadable batch once a later one is announced and it has stayed
+        unreadable for UNREADABLE_SKIP s (else one failed write would stop this task from
+        ever joining again)."""
+        now = time.monotonic()
+        if self._unreadable is None or self._unreadable[0] != batch:
+            self._unreadable = (batch, now)
+        return batch < latest and now - self._unreadable[1] >= UNREADABLE_SKIP
 
     def _joinable(self, batch: int) -> dict | bool | str | None:
         """Its manifest if this task can join the batch, False if it never can (no

@@ -5,7 +5,7 @@
     write a `start` record
     fork a child ---------------------------------->   while a chunk can be claimed (an
                                                        O_EXCL claim file, see claims.py:
-                                                       its stride first, then the rest):
+                                                       its block first, then the rest):
                                                          write a `claim` record
     "starting call k of chunk j" <---- pipe --------     for each call: skip it if the
                                                          client cancelled it, else run it

@@ -11,10 +11,12 @@ import pytest
 from slurmexecutor import claims
 
 
-def test_order_is_the_own_stride_then_the_rest_from_the_top():
-    # task 1 of 3: its stride, then from the ends of task 2's and task 0's in turn
-    assert claims.claim_order(10, 3, 1) == [1, 4, 7, 8, 9, 5, 6, 2, 3, 0]
-    assert claims.claim_order(10, 3, 0)[:4] == [0, 3, 6, 9]
+def test_order_is_the_own_block_then_the_rest_from_the_top():
+    # task 1 of 3: its block (4-6), then from the ends of task 2's and task 0's in turn
+    assert claims.claim_order(10, 3, 1) == [4, 5, 6, 9, 3, 8, 2, 7, 1, 0]
+    assert claims.claim_order(10, 3, 0)[:4] == [0, 1, 2, 3]
+    # one task alone (a throttled batch's first) starts calls in submission order
+    assert claims.claim_order(3, 2, 0) == [0, 1, 2]
     assert claims.claim_order(2, 5, 4) == [0, 1]  # more tasks than chunks: steal only
     for task in range(3):
         assert sorted(claims.claim_order(10, 3, task)) == list(range(10))
