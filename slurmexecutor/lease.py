@@ -8,6 +8,12 @@ too (its clock must roughly agree with ours). `slurmexecutor clean` never remove
 with a live lease, and `attach` refuses one unless told to take it over; the client that
 lost its lease learns it at its next `renew()`.
 
+A take-over never overwrites the holder's file: the lease has epochs, `lease` (0), then
+`lease.1`, `lease.2`, ... each created with O_EXCL by the one client that takes the run
+over, and written afterwards only by it. The newest epoch is the lease. A holder renews
+its own epoch's file after checking that no next epoch exists, so a renewal racing a
+take-over cannot undo it: the old holder sees the new epoch at its next renewal.
+
 A run without a lease file (written before leases existed) is live while the process
 named in its `run.json` runs on this host.
 """
@@ -34,6 +40,7 @@ class Lease:
         self.run_dir, self.path, self.ttl = run_dir, run_dir / LEASE_FILE, ttl
         self.token = os.urandom(16).hex()
         self.host, self.pid = socket.gethostname(), os.getpid()
+        self.epoch = 0
 
     @property
     def renew_every(self) -> float:
@@ -48,10 +55,10 @@ class Lease:
                 and is_live(holder)):
             raise RunInUseError(f"run {self.run_dir.name} is in use: {describe(holder)} "
                                 "(take_over=True to drive it from here)")
-        if holder is None:
-            self._create()
-        else:
-            self._write()
+        latest = newest_epoch(self.run_dir)  # an unreadable file's epoch is taken too
+        self.epoch = latest + 1 if epoch_path(self.run_dir, latest).exists() else 0
+        self.path = epoch_path(self.run_dir, self.epoch)
+        self._create()
         holder = read_lease(self.run_dir)
         if holder is None or holder["token"] != self.token:  # another client won a race
             raise RunInUseError(f"run {self.run_dir.name} was taken by another client at the "
@@ -60,8 +67,7 @@ class Lease:
     def renew(self) -> bool:
         """Write a fresh heartbeat. False, writing nothing, when the file holds another
         client's token (the lease was taken over) or the run folder is gone."""
-        holder = read_lease(self.run_dir)
-        if holder is not None and holder["token"] != self.token:
+        if self._taken_over():
             return False
         try:
             self._write()
@@ -71,9 +77,17 @@ class Lease:
 
     def release(self) -> None:
         """Mark the lease released (no longer live); a taken-over lease is left alone."""
-        holder = read_lease(self.run_dir)
-        if holder is not None and holder["token"] == self.token:
+        if not self._taken_over():
             self._write(released=True)
+
+    def _taken_over(self) -> bool:
+        """Another client made a newer epoch (or this epoch's file is not ours)."""
+        if epoch_path(self.run_dir, self.epoch + 1).exists():
+            return True
+        try:
+            return spool.read_json(self.path).get("token") != self.token
+        except (OSError, ValueError, AttributeError):
+            return not self.run_dir.exists()
 
     def _record(self, released: bool = False) -> dict[str, Any]:
         return {"host": self.host, "pid": self.pid, "token": self.token, "ttl": self.ttl,
@@ -94,10 +108,26 @@ class Lease:
             os.unlink(tmp)
 
 
+def epoch_path(run_dir: Path, epoch: int) -> Path:
+    """The lease file of one epoch: `lease`, then `lease.1`, `lease.2`, ..."""
+    return run_dir / (LEASE_FILE if epoch == 0 else f"{LEASE_FILE}.{epoch}")
+
+
+def newest_epoch(run_dir: Path) -> int:
+    epoch = 0
+    while epoch_path(run_dir, epoch + 1).exists():
+        epoch += 1
+    return epoch
+
+
 def read_lease(run_dir: Path) -> dict[str, Any] | None:
-    """The run's lease record; None without a (valid) lease file."""
+    """The run's lease record (its newest epoch's, with `epoch` set); None without a
+    (valid) lease file."""
+    epoch = newest_epoch(run_dir)
     try:
-        record = spool.read_json(run_dir / LEASE_FILE)
+        record = spool.read_json(epoch_path(run_dir, epoch))
+        if isinstance(record, dict):
+            record["epoch"] = epoch
     except (FileNotFoundError, ValueError):
         return None
     if not (isinstance(record, dict) and isinstance(record.get("token"), str)

@@ -151,3 +151,29 @@ def test_remove_run_reads_the_lease_again(run_dir):
     with pytest.raises(RunInUseError):
         runs.remove_run(info)
     assert run_dir.exists()
+
+
+def test_a_renewal_racing_a_take_over_never_undoes_it(tmp_path):
+    """The old holder's renew ran its check before the take-over and writes after it:
+    the take-over stays (a new epoch file the old holder never writes), and the old
+    holder learns it at its next renewal."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    first = lease.Lease(run_dir)
+    first.acquire()
+    second = lease.Lease(run_dir)
+    second.acquire(take_over=True)
+    first._write()  # the write of a renewal whose check came before the take-over
+    assert lease.read_lease(run_dir)["token"] == second.token
+    assert not first.renew()
+    assert second.renew()
+    assert lease.read_lease(run_dir)["token"] == second.token
+
+
+def test_a_corrupt_lease_file_does_not_block_attach(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / lease.LEASE_FILE).write_text("{not json")
+    holder = lease.Lease(run_dir)
+    holder.acquire()
+    assert lease.read_lease(run_dir)["token"] == holder.token
