@@ -281,7 +281,7 @@ class Engine(LeaseAndEnd, Intake):
                 self.cost[tuple(journal["functions"])] = action.seconds_per_call
             self._late_sinks = {c: s for c, s in self._late_sinks.items()
                                 if not s.future.done()}
-            self._streams.forget(action.batch)
+            self._streams.forget(action.batch, keep=self.core.following)
 
     def _fail(self, action: ev.Fail) -> None:
         failure = action.failure
@@ -349,9 +349,9 @@ class Engine(LeaseAndEnd, Intake):
     def _read_streams(self) -> bool:
         """New records of live tasks (and of settled ones still awaited) become events."""
         core = self.core
-        if not core.tasks and not core.lingering and not core.batches:
+        if not core.tasks and not core.lingering and not core.batches and not core.following:
             return False
-        watched = {**core.tasks, **core.lingering}
+        watched = {**core.tasks, **core.lingering, **core.following}
         ended = [k for k, t in watched.items() if t.final is not None and not t.ended]
         # batches a warm task may join, also while their own tasks are deferred
         waiting = [n for n, b in core.batches.items() if not b.submit_asked or (

@@ -55,6 +55,9 @@ class Core(CancelPolicy, KillGuard, WidthPolicy, FailurePolicy):
         #: resources key of the batches they may join
         self.warm: dict[tuple[str, int], float] = {}
         self.warm_for: dict[tuple[str, int], str] = {}
+        #: warm tasks whose batch finished: their streams are read on until their `end`
+        #: record, which names the batch (and index) they joined, if any
+        self.following: dict[tuple[int, int], Task] = {}
         #: chunks the client claims for want of tasks: what their calls get if it wins
         self.claim_then: dict[tuple[int, int], Task | Failure] = {}
         self._out: list[Action] = []
@@ -100,6 +103,8 @@ class Core(CancelPolicy, KillGuard, WidthPolicy, FailurePolicy):
                 self._on_record(task, event, now)
             elif (event.batch, event.task) in self.lingering:
                 self._on_late_record(self.lingering[(event.batch, event.task)], event)
+            elif (event.batch, event.task) in self.following:
+                self._on_warm_record(self.following[(event.batch, event.task)], event, now)
         elif isinstance(event, ev.StreamState):
             task = self.tasks.get((event.batch, event.task))
             if task is not None:
@@ -224,6 +229,23 @@ class Core(CancelPolicy, KillGuard, WidthPolicy, FailurePolicy):
                 self._stop_copy(batch, other, call_id)
             self._out.append(ev.Deliver(call_id, kind, record.body, task.ref, call_id in self.doomed))
 
+    def _on_warm_record(self, task: Task, record: ev.Record, now: float) -> None:
+        """A record of a warm task whose batch finished: idle, or its end (joined)."""
+        key = task.slurm_key
+        body = record.body or {}
+        if record.kind == "idle" and body.get("leaving"):
+            self.warm.pop(key, None)
+        elif record.kind == "idle":
+            self.warm[key] = now + float(body.get("keep_alive", 0))
+        elif record.kind == "end":
+            del self.following[task.key]
+            joined = body.get("joined")
+            if joined is None:
+                self.warm.pop(key, None)
+            elif joined in self.batches and body.get("as") is not None:
+                self._add_joiner(self.batches[joined], int(body["as"]), task.job_id,
+                                 task.array_index, now)
+
     def _on_late_record(self, task: Task, record: ev.Record) -> None:
         call_id = record.call_id
         if record.kind == "end" or not task.verdicts:
@@ -278,6 +300,9 @@ class Core(CancelPolicy, KillGuard, WidthPolicy, FailurePolicy):
         if self.warm:  # those past their keep_alive have left
             self.warm = {key: until for key, until in self.warm.items() if until > now}
             self.warm_for = {key: self.warm_for.get(key, "") for key in self.warm}
+        if self.following:  # ... and are no longer followed
+            self.following = {key: task for key, task in self.following.items()
+                              if task.slurm_key in self.warm}
         if self.unneeded:
             self._cancel_unneeded()
         if self.kills_held:
@@ -342,6 +367,7 @@ class Core(CancelPolicy, KillGuard, WidthPolicy, FailurePolicy):
                     key = (task.job_id, task.array_index or 0)
                     self.warm[key] = max(self.warm.get(key, 0.0), now + self.config.keep_alive)
                     self.warm_for[key] = batch.resources
+                    self.following[task.key] = task
             del self.batches[batch.number]
             if self.doomed:  # forget its calls, but not those a lingering task may yet
                 awaited = {c for t in self.lingering.values() for c in t.verdicts}  # answer

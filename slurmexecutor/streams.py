@@ -76,9 +76,11 @@ class StreamReader:
         events.append(StreamsRead(started))
         return events
 
-    def forget(self, batch: int) -> None:
-        """A finished batch: drop its cursors."""
+    def forget(self, batch: int, keep: Iterable[TaskKey] = ()) -> None:
+        """A finished batch: drop its cursors (but those of its tasks in `keep`, warm
+        tasks followed until their `end` record)."""
         self._found = {k for k in self._found if k[0] != batch}
-        for key in [k for k in self._names if k[0] == batch]:
+        kept = set(keep)
+        for key in [k for k in self._names if k[0] == batch and k not in kept]:
             for name in self._names.pop(key):
                 self._cursors.pop(name, None)

@@ -1,0 +1,159 @@
+"""Regression tests of the pure core for futures that never ended (issue 18's review).
+
+Each feeds `Core` the events of the scenario the review found and checks that every
+call gets exactly one verdict, at the right time."""
+
+from __future__ import annotations
+
+from slurmexecutor.errors import CallLostError, JobCancelledError, SubmissionError
+from slurmexecutor.events import (
+    BatchAdded,
+    CancelRequested,
+    ClaimChunks,
+    ClaimsWon,
+    Deliver,
+    Fail,
+    Record,
+    Retry,
+    SchedulerAnswer,
+    StreamFound,
+    StreamsRead,
+    SubmitFailed,
+    SubmitTasks,
+    TasksSubmitted,
+)
+from slurmexecutor.schedulers import TaskState
+from slurmexecutor.state import Config, Core
+
+
+def core(**options) -> Core:
+    return Core(Config(**{"poll_interval": 1.0, "result_grace": 0.0, **options}))
+
+
+def of(actions, kind):
+    return [a for a in actions if isinstance(a, kind)]
+
+
+def failed_calls(actions) -> set[int]:
+    return {c for a in of(actions, Fail) for c in a.call_ids}
+
+
+def test_leftover_chunks_fail_only_once_the_client_won_their_claims():
+    machine = core()
+    machine.step([BatchAdded(0, [[0], [1]], 1)], 0)
+    machine.step([TasksSubmitted(0, "7", 0, 1), Record(0, 0, "start", None,
+                                                        {"host": "h", "pid": 1}),
+                  Record(0, 0, "claim", 0, None), Record(0, 0, "ok", 0, b"")], 0)
+    machine.step([SchedulerAnswer({("7", 0): TaskState("FAILED", 1)})], 1)
+    out = machine.step([StreamsRead(1.5)], 2)
+    [claim] = of(out, ClaimChunks)
+    assert claim.chunks == (1,)
+    assert 1 not in failed_calls(out)  # not before the claim is known to be the client's
+    # the task won the race after all: its call is its own, not failed
+    out = machine.step([ClaimsWon(0, (), asked=(1,))], 2.1)
+    assert not failed_calls(out)
+    # ... and with the claim won, the call fails
+    machine2 = core()
+    machine2.step([BatchAdded(0, [[0], [1]], 1)], 0)
+    machine2.step([TasksSubmitted(0, "7", 0, 1)], 0)
+    machine2.step([SchedulerAnswer({("7", 0): TaskState("FAILED", 1)})], 1)
+    machine2.step([StreamsRead(1.5)], 2)
+    out = machine2.step([ClaimsWon(0, (0, 1), asked=(0, 1))], 2.1)
+    assert failed_calls(out) == {0, 1}
+
+
+def test_a_call_cancelled_after_its_retry_is_never_retried_again():
+    machine = core(retry_on=frozenset({"NODE_FAIL"}), max_retries=3)
+    machine.step([BatchAdded(0, [[0, 1]], 1)], 0)
+    machine.step([TasksSubmitted(0, "7", 0, 1), Record(0, 0, "start", None,
+                                                        {"host": "h", "pid": 1}),
+                  Record(0, 0, "claim", 0, None)], 0)
+    machine.step([SchedulerAnswer({("7", 0): TaskState("NODE_FAIL")})], 1)
+    out = machine.step([SchedulerAnswer({("7", 0): TaskState("NODE_FAIL")}),
+                        StreamsRead(2)], 3)
+    [retry] = of(out, Retry)
+    # the retry is batch 1; the user cancels call 0 there; the original batch ends
+    machine.step([BatchAdded(1, [[0, 1]], 1, attempt=2)], 3.1)
+    machine.step([CancelRequested(frozenset({0}))], 3.2)
+    assert 0 not in machine.batches or not machine.batches[0].open_calls
+    machine.step([TasksSubmitted(1, "8", 0, 1), Record(1, 0, "start", None,
+                                                        {"host": "h", "pid": 2}),
+                  Record(1, 0, "claim", 0, None)], 4)
+    assert 0 in machine.doomed  # the first batch's end did not forget the cancel
+    machine.step([SchedulerAnswer({("8", 0): TaskState("NODE_FAIL")})], 5)
+    out = machine.step([SchedulerAnswer({("8", 0): TaskState("NODE_FAIL")}),
+                        StreamsRead(6)], 7)
+    assert all(0 not in calls for r in of(out, Retry) for calls in r.calls.values())
+    [fail] = [f for f in of(out, Fail) if 0 in f.call_ids]
+    assert fail.failure.error_type is JobCancelledError
+
+
+def _warm_task_joins(machine: Core) -> None:
+    """Batch 0 ran on job 7 task 0, which goes warm and joins batch 1 as task 1000000."""
+    machine.step([BatchAdded(0, [[0]], 1, resources="A")], 0)
+    machine.step([TasksSubmitted(0, "7", 0, 1), Record(0, 0, "start", None,
+                                                        {"host": "h", "pid": 1}),
+                  Record(0, 0, "claim", 0, None), Record(0, 0, "ok", 0, b""),
+                  Record(0, 0, "idle", None, {"keep_alive": 30.0})], 0.1)
+    assert not of(machine.step([BatchAdded(1, [[1], [2]], 2, resources="A")], 0.2),
+                  SubmitTasks)  # it waits for the warm task
+    machine.step([Record(0, 0, "end", None, {"joined": 1, "as": 1_000_000})], 0.3)
+
+
+def test_a_join_is_announced_in_the_old_stream_and_followed_by_its_slurm_id():
+    machine = core(keep_alive=30.0)
+    _warm_task_joins(machine)
+    joined = machine.tasks[(1, 1_000_000)]
+    assert (joined.job_id, joined.array_index) == ("7", 0)  # watched from the start
+
+
+def test_a_settled_joiner_never_comes_back_and_its_batch_does_not_wait_forever():
+    machine = core(keep_alive=30.0)
+    _warm_task_joins(machine)
+    machine.step([Record(1, 1_000_000, "start", None, {"host": "h", "pid": 1,
+                                                        "job_id": "7", "array_index": 0}),
+                  Record(1, 1_000_000, "claim", 0, None)], 0.4)
+    # the Slurm task is scancelled: the joiner settles, its call fails
+    out = machine.step([SchedulerAnswer({("7", 0): TaskState("CANCELLED")})], 2)
+    out += machine.step([StreamsRead(2.5)], 3)
+    assert 1 in failed_calls(out)
+    assert (1, 1_000_000) not in machine.tasks
+    # chunk 1 is left to nobody else: the batch has asked for its own array
+    assert of(out, SubmitTasks)
+    # its stream is still in the folder: found again, it is not a new live task
+    machine.step([StreamFound(1, 1_000_000)], 3.1)
+    assert (1, 1_000_000) not in machine.tasks
+
+
+def test_a_refused_batch_whose_joiner_left_fails_its_unclaimed_calls():
+    machine = core(keep_alive=30.0)
+    _warm_task_joins(machine)
+    machine.step([Record(1, 1_000_000, "start", None, {"host": "h", "pid": 1,
+                                                        "job_id": "7", "array_index": 0}),
+                  Record(1, 1_000_000, "claim", 0, None)], 0.4)
+    error = SubmissionError("sbatch: error: QOSMaxSubmitJobPerUserLimit")
+    out = machine.step([Record(1, 1_000_000, "ok", 1, b"")], 2)
+    out += machine.step([SubmitTasks(1, 0, 2, False) and SubmitFailed(1, error)], 2.1)
+    # the joiner ends (keep_alive over) without claiming chunk 1
+    out += machine.step([Record(1, 1_000_000, "end", None, {})], 3)
+    out += machine.step([], 4)
+    claims = of(out, ClaimChunks)
+    assert claims and 1 in claims[-1].chunks
+    out = machine.step([ClaimsWon(1, (1,), asked=(1,))], 4.1)
+    [fail] = of(out, Fail)
+    assert fail.call_ids == (2,) and fail.failure.error is error
+    assert machine.idle
+
+
+def test_delivered_results_are_not_failed_again():
+    machine = core()
+    machine.step([BatchAdded(0, [[0]], 1)], 0)
+    machine.step([TasksSubmitted(0, "7", 0, 1), Record(0, 0, "start", None,
+                                                        {"host": "h", "pid": 1}),
+                  Record(0, 0, "claim", 0, None)], 0)
+    out = machine.step([Record(0, 0, "ok", 0, b"x")], 0.5)
+    assert of(out, Deliver)
+    out = machine.step([SchedulerAnswer({("7", 0): TaskState("CANCELLED")}),
+                        StreamsRead(1)], 2)
+    assert not failed_calls(out) and not of(out, Deliver)
+    assert CallLostError  # (imported for the reader: what an unrun call would get)
