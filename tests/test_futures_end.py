@@ -1,0 +1,166 @@
+"""Every future ends (issue 18's defects), on the local backend and the real Slurm.
+
+A done-callback of a first call holds the owner thread (callbacks run there) while the
+test makes the race the review found happen deterministically: requests queue up behind
+it, and the test acts before the owner takes them."""
+
+from __future__ import annotations
+
+import gc
+import os
+import pickle
+import subprocess
+import sys
+import textwrap
+import threading
+import weakref
+from concurrent.futures import FIRST_COMPLETED, wait
+
+import pytest
+
+from slurmexecutor import SerializationError
+
+
+def touch_and_return(folder: str, value: int) -> int:
+    open(os.path.join(folder, str(value)), "w").close()
+    return value
+
+
+def identity(value):
+    return value
+
+
+class Counter:
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+    def get(self) -> int:
+        return self.value
+
+
+class ExitAtPickle:
+    def __reduce__(self):
+        raise SystemExit(3)
+
+
+class ErrorAtPickle:
+    def __reduce__(self):
+        raise pickle.PicklingError("no pickling this")
+
+
+def make_exit_at_pickle() -> ExitAtPickle:
+    return ExitAtPickle()
+
+
+def make_error_at_pickle() -> ErrorAtPickle:
+    return ErrorAtPickle()
+
+
+def hold_owner(ex) -> threading.Event:
+    """Block the executor's owner thread (in a done-callback) until the event is set."""
+    release, held = threading.Event(), threading.Event()
+    first = ex.submit(identity, 0)
+
+    def block(_):
+        held.set()
+        release.wait(60)
+
+    first.add_done_callback(block)
+    first.result(timeout=120)
+    assert held.wait(60)
+    return release
+
+
+def test_a_submit_many_future_cancelled_before_the_owner_took_it_never_runs(
+        make_executor, tmp_path):
+    ex = make_executor()
+    marks = tmp_path / "ran"
+    marks.mkdir()
+    release = hold_owner(ex)
+    futures = ex.submit_many(touch_and_return, [(str(marks), i) for i in range(4)])
+    assert futures[1].cancel()
+    release.set()
+    done, pending = wait(futures, timeout=120)
+    assert not pending, "a cancelled submit_many future never ended"
+    assert futures[1].cancelled()
+    assert [f.result() for i, f in enumerate(futures) if i != 1] == [0, 2, 3]
+    ex.shutdown(wait=True)
+    assert sorted(os.listdir(marks)) == ["0", "2", "3"]  # the cancelled call never ran
+
+
+def test_an_abandoned_map_runs_no_chunk_it_had_not_handed_over(make_executor, tmp_path):
+    ex = make_executor()
+    marks = tmp_path / "ran"
+    marks.mkdir()
+    release = hold_owner(ex)
+    results = ex.map(touch_and_return, [str(marks)] * 8, range(8), chunksize=1,
+                     timeout=0.2)
+    with pytest.raises(TimeoutError):  # abandoned (by its timeout) before the owner
+        next(results)  # took its launch: its chunks are cancelled
+    release.set()
+    ex.shutdown(wait=True)
+    assert os.listdir(marks) == []
+
+
+def test_a_bound_method_is_pickled_at_submit(make_executor):
+    ex = make_executor(submit_window=1.0)
+    counter = Counter(1)
+    first = ex.submit(counter.get)
+    counter.value = 2  # same window, same object, changed
+    second = ex.submit(counter.get)
+    assert (first.result(timeout=120), second.result(timeout=120)) == (1, 2)
+
+
+def test_the_executor_keeps_no_finished_callable_alive(make_executor):
+    ex = make_executor()
+    counter = Counter(5)
+    alive = weakref.ref(counter)
+    assert ex.submit(counter.get).result(timeout=120) == 5
+    assert [c.value for c in ex.map(identity, [counter])] == [5]
+    del counter
+    gc.collect()
+    assert alive() is None
+
+
+def test_a_result_that_cannot_be_pickled_gives_what_the_stdlib_gives(make_executor):
+    ex = make_executor()
+    error = ex.submit(make_error_at_pickle).exception(timeout=120)
+    assert isinstance(error, SerializationError) and isinstance(error, pickle.PicklingError)
+    assert "cannot be pickled" in str(error)
+    assert isinstance(error.__cause__, pickle.PicklingError)  # what pickling raised
+    with pytest.raises(SystemExit):  # SystemExit from __reduce__: the call's own error
+        ex.submit(make_exit_at_pickle).result(timeout=120)
+    assert ex.submit(identity, 7).result(timeout=120) == 7  # the worker went on
+
+
+def test_calls_start_in_submission_order(make_executor, tmp_path):
+    ex = make_executor()
+    marks = tmp_path / "ran"
+    marks.mkdir()
+    futures = [ex.submit(touch_and_return, str(marks), i) for i in range(3)]
+    done, _ = wait(futures, timeout=120, return_when=FIRST_COMPLETED)
+    assert futures[0] in done
+    assert [f.result(timeout=120) for f in futures] == [0, 1, 2]
+
+
+@pytest.mark.parametrize("backend", ["local"], indirect=True)
+def test_a_submit_during_interpreter_exit_is_refused_with_the_stdlib_words(backend, tmp_path):
+    script = textwrap.dedent(f"""
+        import threading, time
+        from slurmexecutor import SlurmExecutor
+        ex = SlurmExecutor({str(tmp_path / 'spool')!r}, backend="local", keep_alive=0)
+        ex.submit(time.sleep, 0.5)
+        def keep_submitting():
+            while True:
+                try:
+                    ex.submit(int, 1)
+                except RuntimeError as error:
+                    print("refused:", error, flush=True)
+                    return
+                time.sleep(0.01)
+        threading.Thread(target=keep_submitting).start()  # not a daemon
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120, stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stderr
+    assert "refused: cannot schedule new futures after interpreter shutdown" in done.stdout
