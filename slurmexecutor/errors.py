@@ -25,7 +25,6 @@ does. Everything else derives from `SlurmExecutorError`:
 from __future__ import annotations
 
 import pickle
-from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 
@@ -175,10 +174,10 @@ class JobCancelledError(TaskFailedError):
     """The task was cancelled outside this client (e.g. `scancel`)."""
 
 
-class WorkerCrashedError(TaskFailedError, BrokenProcessPool):
+class WorkerCrashedError(TaskFailedError):
     """The worker died: a non-zero exit code, or killed by a signal. Only the call it
-    ran fails (the others of its chunk run on); it is a `BrokenProcessPool`, what the
-    stdlib's process pool raises when a worker dies."""
+    ran fails (the others of its chunk run on), where the stdlib's process pool breaks
+    with `BrokenProcessPool`."""
 
 
 class CallLostError(TaskFailedError):

@@ -72,6 +72,12 @@ EXCLUDED: dict[str, str] = {
                            "them asynchronously), so shutdown(cancel_futures=True) cancels "
                            "the window only; handed-over calls not started fail with "
                            "JobCancelledError (README: Futures, cancel and shutdown)",
+    "test_exit_at_task_unpickle": "a worker that dies fails only the call it ran, with "
+                                  "WorkerCrashedError; the stdlib pool breaks "
+                                  "(BrokenProcessPool) and fails every call",
+    "test_crash_at_task_unpickle": "same: WorkerCrashedError for that call only",
+    "test_crash_during_func_exec_on_worker": "same: WorkerCrashedError for that call only",
+    "test_crash_during_result_pickle_on_worker": "same: WorkerCrashedError for that call",
     "test_shutdown_deadlock": "uses ProcessPoolExecutor internals (_executor_manager_thread)",
     "test_shutdown_deadlock_pickle": "uses ProcessPoolExecutor internals",
     "test_crash_big_data": "BrokenProcessPool contract",
