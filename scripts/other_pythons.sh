@@ -17,7 +17,8 @@ venvs="${SLURMEXECUTOR_VENVS:-${XDG_CACHE_HOME:-$HOME/.cache}/slurmexecutor/venv
 selection=(tests/test_state.py tests/test_units.py tests/test_claims.py
            tests/test_contract.py tests/test_workflows.py tests/test_cache.py
            tests/test_result_cache.py tests/test_mapreduce.py tests/test_environment.py
-           tests/test_worker_exit.py tests/test_lease.py tests/test_paths.py)
+           tests/test_worker_exit.py tests/test_lease.py tests/test_paths.py
+           tests/test_core_defects.py tests/test_futures_end.py)
 
 find_python() {  # find_python X.Y: print the interpreter's path, or nothing
   local found
@@ -46,6 +47,14 @@ for version in "$@"; do
   if ! SLURMEXECUTOR_SKIP_SLURM=1 "$venv/bin/python" -m pytest -q -rfE -p no:cacheprovider \
       "${selection[@]}"; then
     failed+=("$version")
+  fi
+  # CPython's own test_concurrent_futures, where this Python ships it (3.13 and 3.10
+  # here; pyenv's 3.11 omits it), on the local backend and a real Slurm cluster of its own
+  if "$venv/bin/python" -c "import test.test_concurrent_futures" 2>/dev/null; then
+    if ! "$venv/bin/python" -m pytest -q -rfEs -p no:cacheprovider \
+        tests/test_cpython_futures.py; then
+      failed+=("$version (CPython's test_concurrent_futures)")
+    fi
   fi
 done
 if [ "${#failed[@]}" -gt 0 ]; then
