@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import spool
 from .calltable import CODE
 from .futures import call_log, read_tail
 from .runs import RunInfo, TaskInfo
@@ -159,7 +160,9 @@ def build(info: RunInfo, collector: Collector, now: float | None = None) -> Repo
         seen = collector.tasks.get((task.batch, task.index), _Task())
         if not (seen.start or task.calls or task.state):
             continue  # never started, never needed
-        row = TaskRow(f"{task.batch}.{task.index}", task.ref or "-", seen.host,
+        label = f"{task.batch}." + (f"w{task.index - JOIN_BASE}" if task.index >= JOIN_BASE
+                                     else str(task.index))
+        row = TaskRow(label, task.ref or "-", seen.host,
                       None if task.index >= JOIN_BASE else queued.get(
                           (task.batch, task.index)), seen.start, seen.end,
                       _state(task, info.live), seen.warm or task.index >= JOIN_BASE,
@@ -242,7 +245,11 @@ def _state(task: TaskInfo, live: bool) -> str:
         return task.state.state
     if task.joined is not None:
         return f"left for batch {task.joined}"
-    return "ended" if task.ended else ("running" if task.started and live else "")
+    if task.ended or not task.started:
+        return "ended" if task.ended else ""
+    if task.worker and spool.process_alive(*task.worker):
+        return "running"
+    return "running" if live and task.worker is None else "lost"
 
 
 def _merge(spans: list[Span], rows: int) -> list[Span]:
@@ -275,10 +282,11 @@ def _merge(spans: list[Span], rows: int) -> list[Span]:
     return merged
 
 
-def histogram(durations: array, bins: int = 30) -> list[tuple[float, float, int]]:
+def histogram(durations: array, bins: int = 0) -> list[tuple[float, float, int]]:
     """Bins of call durations; logarithmic when they spread over decades."""
     if not durations:
         return []
+    bins = bins or min(30, max(5, int(math.sqrt(len(durations)))))
     low, high = min(durations), max(durations)
     if high <= low:
         return [(low, high, len(durations))]
