@@ -154,7 +154,7 @@ def build(info: RunInfo, collector: Collector, now: float | None = None) -> Repo
     spans: list[Span] = []
     durations = array("f")
     slowest: list[tuple[float, int, str, str]] = []
-    row_of: dict[tuple[int, int], int] = {}
+    batch_times = [journal["created"] for journal in info.journals.values()]
     ids_of: dict[tuple[int, int], list[int]] = {}  # (batch, chunk) -> its call ids
     for task in sorted(info.tasks, key=lambda t: (t.batch, t.index)):
         seen = collector.tasks.get((task.batch, task.index), _Task())
@@ -167,7 +167,6 @@ def build(info: RunInfo, collector: Collector, now: float | None = None) -> Repo
                           (task.batch, task.index)), seen.start, seen.end,
                       _state(task, info.live), seen.warm or task.index >= JOIN_BASE,
                       task.joined, task.calls)
-        row_of[(task.batch, task.index)] = len(rows)
         rows.append(row)
         ran: set[int] = set()
         for times in seen.times:
@@ -202,7 +201,8 @@ def build(info: RunInfo, collector: Collector, now: float | None = None) -> Repo
             spans.append(span)
         for chunk, claimed in seen.claims.items():  # claimed, but no times: lost
             if chunk not in ran:
-                end = seen.end or (now if info.live else claimed)
+                end = seen.end or (now if row.state == "running" else min(
+                    [now, *(created for created in batch_times if created > claimed)]))
                 spans.append(Span(len(rows) - 1, claimed, max(end, claimed), 0, lost=True,
                                   tip=f"task {row.label}, chunk {chunk}: its task ended "
                                       f"({row.state or 'lost'}) before its calls' results"))
@@ -342,7 +342,7 @@ def _nodes(rows: list[TaskRow], spans: list[Span]) -> list[dict]:
         node["tasks"] += 1
         node["failed"] += row.failed
         node["lost"] += row.state in ("NODE_FAIL", "FAILED", "TIMEOUT", "OUT_OF_MEMORY",
-                                      "BOOT_FAIL", "PREEMPTED")
+                                      "BOOT_FAIL", "PREEMPTED", "lost")
     for span in spans:
         host = rows[span.row].host or "?"
         if not span.lost:

@@ -136,7 +136,7 @@ def _span(span: Span, y: float, bar: float, x, scale: float) -> str:
                    span.tip, extra + " class='span'")]
     for start, end, error in span.call_bars:
         if error:
-            parts.append(_rect(x(start), y, (end - start) * scale, bar, COLORS["failed"],
+            parts.append(_rect(x(start), y, max(3.0, (end - start) * scale), bar, COLORS["failed"],
                                error, " class='failed'"))
         elif (end - start) * scale >= 3:
             parts.append(_rect(x(start) + 0.5, y + 1, (end - start) * scale - 1, bar - 2,
