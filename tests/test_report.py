@@ -15,8 +15,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from conftest import wait_until
+
 from slurmexecutor import report, spool
 from slurmexecutor.report_html import render
 
