@@ -110,6 +110,7 @@ def test_report_shows_a_failure_a_retried_task_and_warm_joins(make_executor, tmp
     assert group.command == f"slurmexecutor logs {ex.run_id} {failed.call_id}"
     assert sum(node["tasks"] for node in data.nodes) == len(data.rows)
     assert sum(node["failed"] for node in data.nodes) == 1
+    assert sum(node["lost"] for node in data.nodes) == 1  # the killed task
     assert data.job_ids == sorted({a["job_id"] for j in journals for a in j["arrays"]},
                                   key=lambda job: (len(job), job))
 
