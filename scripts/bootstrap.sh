@@ -27,4 +27,14 @@ if ! command -v fusermount3 >/dev/null 2>&1 || ! { ldconfig -p 2>/dev/null | gre
     echo "bootstrap: FUSE 3 is not installed and we cannot apt-get it; scripts/lagfs.py will not mount" >&2
   fi
 fi
+if [ "${1:-}" = "test" ] && ! command -v chromium >/dev/null 2>&1; then
+  # tests/test_report.py opens the report in headless Chromium
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    export DEBIAN_FRONTEND=noninteractive
+    [ -n "${apt_updated:-}" ] || apt-get update -qq
+    apt-get install -y -qq chromium >/dev/null
+  else
+    echo "bootstrap: chromium is not installed and we cannot apt-get it; tests/test_report.py will fail" >&2
+  fi
+fi
 python3 -m pip install -q -e ".[${extras}]"

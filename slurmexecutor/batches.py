@@ -165,7 +165,8 @@ def submit_arrays(backend: Backend, settings: Settings, run_dir: Path, journal: 
             raise
         except Exception as error:  # disk full, ...: the calls fail, they do not hang
             raise SubmissionError(f"could not submit the batch: {error!r}") from error
-        journal["arrays"].append({"job_id": job_id, "offset": offset, "size": size})
+        journal["arrays"].append({"job_id": job_id, "offset": offset, "size": size,
+                                  "time": time.time()})  # queue wait from here
         try:
             spool.write_json(spool.journal_path(run_dir, number), journal)
         except OSError as error:  # the job runs; only reattaching would miss it

@@ -14,6 +14,7 @@ import struct
 import sys
 import time
 import traceback
+from array import array
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -152,9 +153,20 @@ class ChildRunner:
         """Run a chunk's calls from position `first`; False if stopped before the end.
         `record`: how the chunk is announced (claim, or backup: a second copy)."""
         sup = self.sup
+        started = time.time()
         if first == 0:  # the client knows the chunk's calls: say which chunk, first
-            sup.out.write((record, index, None))
+            sup.out.write((record, index, {"time": started}))
             os.write(self.pipe, POSITION.pack(index, CLAIMED))
+        took = array("f")  # seconds of each call run, from position `first` on
+        try:
+            return self._run_calls(index, first, took)
+        finally:  # call_id None: the client's core ignores it (report.py reads it)
+            sup.out.write(("times", None, {"chunk": index, "first": first, "start": started,
+                                           "end": time.time(), "backup": record == "backup",
+                                           "took": took.tobytes()}))
+
+    def _run_calls(self, index: int, first: int, took: array) -> bool:
+        sup = self.sup
         chunk = spool.read_blob(spool.chunk_path(sup.run_dir, sup.batch, index), sup.key)
         call_ids = chunk["calls"]
         cancel = _CancelList(spool.cancel_path(sup.run_dir, sup.batch, index))
@@ -170,6 +182,7 @@ class ChildRunner:
                     if _ChildStop.requested:
                         return False
                     call_id = call_ids[position]
+                    began = time.time()
                     if call_id in cancel.ids():
                         sup.out.write(("skip", call_id, None))
                     elif self.mismatch is not None:  # unpickle nothing: say why
@@ -186,6 +199,7 @@ class ChildRunner:
                                 error = exc
                         call = arguments[offset] if arguments is not None else None
                         sup.out.write(self._call(call_id, fn_index, call, error))
+                    took.append(time.time() - began)
                 position += 1
         return True
 

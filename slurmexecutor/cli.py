@@ -3,7 +3,8 @@
     slurmexecutor demo [DIR]                      synthetic BAM + BEDs, count reads per region
     slurmexecutor count-reads BAM REGIONS [...]   read counts per BED region, via map_reduce
     slurmexecutor status [RUN | FOLDER] [--all]   recent runs in the folder, or one run in detail
-    slurmexecutor logs RUN [CALL]                 a run's task logs, or one call's part
+    slurmexecutor logs RUN [CALL] [--follow]      a run's task logs, or one call's part
+    slurmexecutor report RUN [-o FILE] [--serve]  an HTML report of a run (live: --serve)
     slurmexecutor cancel RUN                      scancel a run's jobs, mark its calls cancelled
     slurmexecutor clean                           delete finished runs
     slurmexecutor clean --cache [--cache-dir DIR] empty the result cache (runs untouched)
@@ -23,8 +24,9 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from . import cache, runs, spool
+from .cli_watch import add_watch_parsers, logs_command, report_command
 from .errors import SlurmExecutorError
-from .executor import SlurmExecutor, call_log, default_folder
+from .executor import SlurmExecutor, default_folder
 from .schedulers.script import SBATCH_OPTIONS, ScriptSpec, render_script, validate_resources
 
 
@@ -76,9 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("target", nargs="?", help="a run id (or prefix), or a folder")
     status.add_argument("--all", action="store_true",
                         help=f"show every run, task and failed call, not only {SHOWN} of each")
-    logs = commands.add_parser("logs", help="print a run's task logs, or one call's part")
-    logs.add_argument("run")
-    logs.add_argument("call", nargs="?", type=int)
+    add_watch_parsers(commands)
     cancel = commands.add_parser("cancel", help="cancel a run's jobs and calls")
     cancel.add_argument("run")
     clean = commands.add_parser("clean", help="delete finished runs, or empty the cache")
@@ -174,16 +174,18 @@ def _folder(args: argparse.Namespace) -> Path:
     return Path(args.folder or default_folder()).expanduser()
 
 
-def _read(folder: Path, run_dirs: list[Path]) -> Iterator[runs.RunInfo]:
+def read_runs(folder: Path, run_dirs: list[Path],
+              observe: runs.Observer | None = None) -> Iterator[runs.RunInfo]:
     """Read and classify runs one at a time (one in memory), having asked Slurm about
-    all their jobs in ONE query (again only for jobs submitted since)."""
+    all their jobs in ONE query (again only for jobs submitted since). `observe`: see
+    `runs.read_run`."""
     key = spool.load_key(folder)
     slurm_runs = {run_dir for run_dir in run_dirs
                   if spool.read_json(run_dir / "run.json")["backend"] == "slurm"}
     asked = {job for run_dir in slurm_runs for job in runs.journal_job_ids(run_dir)}
     states = _slurm_states(asked) if asked else {}
     for run_dir in run_dirs:
-        info = runs.read_run(run_dir, key)
+        info = runs.read_run(run_dir, key, observe)
         if info.meta["backend"] == "allocation":  # its steps, by name (squeue -s)
             steps = _slurm_states(set(info.job_ids), info)
             yield runs.classify(info, steps) if steps is not None else info
@@ -239,13 +241,13 @@ def status_command(args: argparse.Namespace) -> int:
     if target is None:
         run_dirs = runs.list_runs(folder)
         shown = run_dirs if args.all else run_dirs[-SHOWN:]
-        print(_runs_table(_read(folder, shown)) if run_dirs else f"no runs in {folder}")
+        print(_runs_table(read_runs(folder, shown)) if run_dirs else f"no runs in {folder}")
         if len(shown) < len(run_dirs):
             print(f"({len(run_dirs) - len(shown)} older run(s) not shown: status --all)")
         return 0
     run_dir = Path(target) if (Path(target) / "run.json").exists() else runs.find_run(
         folder, target)
-    [info] = _read(run_dir.parent, [run_dir])
+    [info] = read_runs(run_dir.parent, [run_dir])
     print(_runs_table([info]))
     print()
     if info.lease_text:
@@ -311,33 +313,9 @@ def _runs_table(infos: Iterable[runs.RunInfo]) -> str:
                      for row in rows)
 
 
-def logs_command(args: argparse.Namespace) -> int:
-    run_dir = runs.find_run(_folder(args), args.run)
-    info = runs.read_run(run_dir, spool.load_key(run_dir.parent))
-    tasks = info.tasks
-    if args.call is not None:
-        call = info.calls.get(args.call)
-        if call is None:
-            raise ValueError(f"run {info.run_id} has no call {args.call}")
-        task = info.task(call.batch, call.task)
-        if task is None:
-            raise ValueError(f"call {args.call} has not been taken by a task yet")
-        tasks = [task]
-    for task in tasks:
-        path = run_dir / "logs" / f"{task.job_id}_{task.array_index}.log"
-        text = path.read_text(errors="replace") if path.exists() else ""
-        if args.call is not None:
-            print(f"==> call {args.call} in {path} <==")
-            print(call_log(text, args.call), end="")
-        else:
-            print(f"==> {path} (task {task.batch}.{task.index}) <==")
-            print(text or "(no log yet)", end="" if text.endswith("\n") else "\n")
-    return 0
-
-
 def cancel_command(args: argparse.Namespace) -> int:
     run_dir = runs.find_run(_folder(args), args.run)
-    [info] = _read(run_dir.parent, [run_dir])
+    [info] = read_runs(run_dir.parent, [run_dir])
     backend = _slurm() if info.meta["backend"] == "slurm" else None
     if info.meta["backend"] == "allocation":  # scancel its steps (found by name)
         from .schedulers.allocation import RunSteps
@@ -363,7 +341,7 @@ def clean_command(args: argparse.Namespace) -> int:
             return 0
         print(f"emptied the result cache {path}: {cache.clear_cache(path)} result(s) removed")
         return 0
-    for info in _read(folder, runs.list_runs(folder)):
+    for info in read_runs(folder, runs.list_runs(folder)):
         if info.client_alive:
             print(f"kept {info.run_id}: still live ({info.lease_text or 'its client runs'})")
         elif info.live:
@@ -392,6 +370,7 @@ COMMANDS = {
     "demo": demo_command,
     "status": status_command,
     "logs": logs_command,
+    "report": report_command,
     "cancel": cancel_command,
     "clean": clean_command,
     "render": render_command,

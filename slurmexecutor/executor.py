@@ -162,6 +162,7 @@ class SlurmExecutor(CallMaker, Executor):
                 "created": time.time(), "host": socket.gethostname(), "pid": os.getpid(),
                 "backend": self.backend.name, "resources": self.resources,
                 "cwd": os.getcwd(), "setup": setup, "sbatch_extra": sbatch_extra,
+                "python": python or sys.executable,
             })
         poll = poll_interval if poll_interval is not None else (
             0.05 if self.backend.cheap_states else 2.0)
@@ -237,6 +238,24 @@ class SlurmExecutor(CallMaker, Executor):
             self._engine.put(Shutdown(cancel_futures))
         if wait:
             self._engine.join()
+
+    # -- watching the run (report.py); nothing is served unless asked -------------------
+
+    def report_url(self, port: int = 0) -> str:
+        """Serve this run's live report on 127.0.0.1 (a daemon thread, started by the
+        first call) and return its address."""
+        server = getattr(self, "_report_server", None)
+        if server is None:
+            from .report_serve import ReportServer
+
+            server = self._report_server = ReportServer(self.run_dir, port).start()
+            log.info("run %s: live report at %s", self.run_id, server.url)
+        return server.url
+
+    def _repr_html_(self) -> str:
+        from .report import summary
+
+        return summary(self.run_dir, self.key)
 
     # -- helpers -------------------------------------------------------------------------
 

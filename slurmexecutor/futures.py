@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import bisect
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, InvalidStateError
 from concurrent.futures._base import CANCELLED, PENDING
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 from . import spool
 from .bars import CallProgress
@@ -83,8 +83,19 @@ class SlurmFuture(Future):
         """The last lines of the task's log (the log is shared by the task's calls)."""
         return read_tail(self.log_path, lines)
 
-    def log(self) -> str:
-        """This call's own part of its task's log (the worker marks where each begins)."""
+    @overload
+    def log(self, follow: Literal[False] = False) -> str: ...
+
+    @overload
+    def log(self, follow: Literal[True]) -> Iterator[str]: ...
+
+    def log(self, follow: bool = False) -> str | Iterator[str]:
+        """This call's own part of its task's log (the worker marks where each begins).
+        `follow=True`: an iterator of its lines as they are printed, until it is done."""
+        if follow:
+            from .logfollow import follow_call
+
+            return follow_call(lambda: self.log_path, self.call_id, self.done)
         path = self.log_path
         if path is None or not path.exists():
             return ""

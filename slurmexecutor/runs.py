@@ -16,6 +16,7 @@ import os
 import shutil
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,9 @@ from .calltable import CODE, FAILED, STATUSES, UNKNOWN, Calls, CallStatus, Chunk
 from .errors import RunInUseError, RunNotFoundError
 from .schedulers import Backend, TaskKey, TaskState, state_of
 from .warm import JOIN_BASE
+
+#: sees the records of one stream: (batch, task index, records)
+Observer = Callable[[int, int, list], None]
 
 __all__ = ["CODE", "FAILED", "STATUSES", "UNKNOWN", "CallStatus", "Calls", "ChunkInfo",
            "RunInfo", "TaskInfo", "cancel_run", "classify", "find_run", "list_runs",
@@ -129,9 +133,10 @@ def journal_job_ids(run_dir: Path) -> set[str]:
             for array in journal["arrays"] if array["job_id"]}
 
 
-def read_run(run_dir: Path, key: bytes) -> RunInfo:
+def read_run(run_dir: Path, key: bytes, observe: Observer | None = None) -> RunInfo:
     """Everything the folder says about a run. Calls without a result stay "unknown"
-    until `classify` weighs the scheduler's word (or, for local runs, the processes)."""
+    until `classify` weighs the scheduler's word (or, for local runs, the processes).
+    `observe(batch, task, records)` sees each stream's records first (report.py)."""
     info = RunInfo(run_dir.name, run_dir, spool.read_json(run_dir / "run.json"))
     info.cancelled = (run_dir / "cancelled").exists()
     info.lease = leases.read_lease(run_dir)
@@ -148,11 +153,11 @@ def read_run(run_dir: Path, key: bytes) -> RunInfo:
         for chunk, ranges in enumerate(journal["chunks"]):
             info.calls.add_chunk(batch, chunk, ranges)
     info.functions = list(functions)
-    _read_streams(run_dir, key, info)
+    _read_streams(run_dir, key, info, observe)
     return info
 
 
-def _read_streams(run_dir: Path, key: bytes, info: RunInfo) -> None:
+def _read_streams(run_dir: Path, key: bytes, info: RunInfo, observe: Observer | None) -> None:
     """From every result stream: which task claimed which chunk, each call's outcome.
     Records are dropped one by one as they are read (an "ok" one keeps nothing)."""
     calls, done = info.calls, CODE["done"]
@@ -161,6 +166,8 @@ def _read_streams(run_dir: Path, key: bytes, info: RunInfo) -> None:
         task = info.task(batch, index)
         cursor = spool.StreamCursor(path)
         records = spool.read_records(cursor, key)
+        if observe is not None:
+            observe(batch, index, records)
         records.reverse()
         claimed: list[int] = []
         while records:
@@ -188,7 +195,7 @@ def _read_streams(run_dir: Path, key: bytes, info: RunInfo) -> None:
                     claimed.append(number)
                     if task:
                         task.calls += calls.chunks[number].calls
-            elif kind not in ("limit", "claims", "backup"):
+            elif kind not in ("limit", "claims", "backup", "times"):
                 status, error = _outcome(kind, body)
                 calls.resolve(call_id, CODE[status], messages.setdefault(error, error))
         if cursor.error:

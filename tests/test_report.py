@@ -1,0 +1,190 @@
+"""The run report (report.py): its numbers checked against the run's own data, the page
+checked in a real browser (headless Chromium), the live page (--serve), following a
+call's output (logs --follow, future.log(follow=True)), and the Jupyter summary."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from conftest import wait_until
+
+from slurmexecutor import report, spool
+from slurmexecutor.report_html import render
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                  "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync"]
+
+
+def square(x):
+    return x * x
+
+
+def fail_loudly(message):
+    print(f"about to fail: {message}", flush=True)
+    raise ValueError(message)
+
+
+def kill_own_task_once(once, value):
+    """SIGKILL the whole array task the first time (it ends FAILED); later: `value`."""
+    if not Path(once).exists():
+        Path(once).write_text("killed")
+        os.killpg(0, signal.SIGKILL)
+        time.sleep(60)  # not reached
+    return value
+
+
+def chatty(go, lines):
+    for i in range(lines):
+        print(f"line {i}", flush=True)
+        if i == 0:  # wait for the test to start following
+            deadline = time.monotonic() + 60
+            while not Path(go).exists() and time.monotonic() < deadline:
+                time.sleep(0.02)
+    return lines
+
+
+def slow(x, seconds):
+    time.sleep(seconds)
+    return x
+
+
+def browser(url: str, tmp_path: Path, name: str) -> tuple[str, str]:
+    """Open `url` in headless Chromium: (the DOM after its scripts ran, console output);
+    a screenshot is saved as tmp_path/NAME.png."""
+    assert CHROMIUM, "chromium is not installed (bash scripts/bootstrap.sh test installs it)"
+    runs = []
+    for extra in (["--dump-dom", "--enable-logging=stderr", "--v=0"],
+                  [f"--screenshot={tmp_path / (name + '.png')}", "--window-size=1400,1000"]):
+        profile = tmp_path / f"chromium-{name}-{len(runs)}"  # a new, empty profile
+        done = subprocess.run([CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile}",
+                               *extra, url], capture_output=True, text=True, timeout=120,
+                              check=False, stdin=subprocess.DEVNULL)
+        assert done.returncode == 0, done.stderr[-2000:]
+        runs.append(done)
+    assert (tmp_path / f"{name}.png").stat().st_size > 10_000
+    return runs[0].stdout, runs[0].stderr
+
+
+def console_errors(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines()
+            if "Uncaught" in line or ("CONSOLE" in line and "ERROR" in line.upper()
+                                      and "source: " in line)]
+
+
+def test_report_shows_a_failure_a_retried_task_and_warm_joins(make_executor, tmp_path):
+    ex = make_executor(keep_alive=60, max_retries=1, retry_on=("FAILED",))
+    once = tmp_path / "once"
+    retried = ex.submit(kill_own_task_once, str(once), 7)
+    assert retried.result(timeout=180) == 7 and retried.attempts == 2
+    failed = ex.submit(fail_loudly, "boom")  # joins the warm task of the retry
+    assert isinstance(failed.exception(timeout=120), ValueError)
+    assert ex.submit(square, 3).result(timeout=120) == 9  # joins it again
+
+    data = report.read_report(ex.run_dir)
+    journals = spool.read_journals(ex.run_dir)
+    assert data.total == 3 and data.counts["done"] == 2 and data.counts["failed"] == 1
+    assert data.retried == 1  # the killed task's call, run again by a retry batch
+    assert [b["batch"] for b in data.batches] == [j["batch"] for j in journals]
+    assert data.batches[1]["kind"] == "retry" and data.batches[1]["attempt"] == 2
+    killed = next(row for row in data.rows if row.label == "0.0")
+    assert killed.state in ("FAILED", "lost")
+    assert any(span.lost and data.rows[span.row] is killed for span in data.spans)
+    assert data.warm_joins == 2 and all(row.warm for row in data.rows[-2:])
+    assert sum(row.queued is not None for row in data.rows) == 2  # sbatch'ed tasks only
+    assert data.timed_calls == 3  # the killed execution recorded no time
+    assert sorted(call for _, call, _, _ in data.slowest) == [0, 1, 2]
+    [group] = data.failures
+    assert (group.kind, group.count, group.calls) == ("ValueError", 1, [failed.call_id])
+    assert "about to fail: boom" in group.tail
+    assert group.command == f"slurmexecutor logs {ex.run_id} {failed.call_id}"
+    assert sum(node["tasks"] for node in data.nodes) == len(data.rows)
+    assert sum(node["failed"] for node in data.nodes) == 1
+    assert sum(node["lost"] for node in data.nodes) == 1  # the killed task
+    assert data.job_ids == sorted({a["job_id"] for j in journals for a in j["arrays"]},
+                                  key=lambda job: (len(job), job))
+
+    page = tmp_path / "run.html"
+    page.write_text(render(data))
+    assert "http" not in re.sub(r"xmlns='http://www.w3.org/2000/svg'", "", page.read_text())
+    dom, console = browser(page.as_uri(), tmp_path, "report")
+    timeline = dom[dom.index("id=\"timeline\""):dom.index("id=\"durations\"")]
+    assert timeline.count("<rect") >= len(data.rows) + 3
+    assert "waited" in timeline and "ended (" in timeline  # queue wait, the lost chunk
+    failures = dom[dom.index("id=\"failures\""):dom.index("id=\"settings\"")]
+    assert "ValueError" in failures and "about to fail: boom" in failures
+    assert f"slurmexecutor logs {ex.run_id} {failed.call_id}" in failures
+    assert not console_errors(console), console
+
+
+def test_report_command_writes_one_file(make_executor, tmp_path, capsys):
+    from slurmexecutor.cli import main
+
+    ex = make_executor()
+    assert list(ex.map(square, range(20))) == [x * x for x in range(20)]
+    out = tmp_path / "r.html"
+    assert main(["--folder", str(ex.folder), "report", ex.run_id[:12], "-o", str(out)]) == 0
+    assert f"-> {out}" in capsys.readouterr().out
+    text = out.read_text()
+    assert "<script" not in text and "id='timeline-svg'" in text
+    assert re.search(r"id='done'>20<", text)
+
+
+def read_done(url: str) -> int:
+    with urllib.request.urlopen(url, timeout=30) as answer:
+        page = answer.read().decode()
+    found = re.search(r"id='done'>(\d+)<", page)
+    return int(found.group(1)) if found else -1
+
+
+@pytest.mark.parametrize("backend", ["local"], indirect=True)
+def test_serve_answers_on_localhost_and_the_done_count_grows(make_executor, tmp_path):
+    ex = make_executor(chunksize=1)
+    futures = [ex.submit(slow, i, 0.3) for i in range(40)]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "slurmexecutor", "--folder", str(ex.folder), "report",
+         ex.run_id, "--serve", "--port", "0"], stdout=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)})
+    try:
+        line = server.stdout.readline()
+        url = re.search(r"http://127\.0\.0\.1:\d+/", line).group(0)
+        assert "ssh -L" in line
+        first = read_done(url)
+        assert first >= 0
+        assert wait_until(lambda: read_done(url) > first, timeout=120, interval=0.5)
+        dom, console = browser(url, tmp_path, "live")
+        assert "id=\"timeline\"" in dom and not console_errors(console), console
+        assert ex.report_url().startswith("http://127.0.0.1:")
+        assert read_done(ex.report_url()) >= 0
+    finally:
+        server.send_signal(signal.SIGINT)
+        server.wait(timeout=30)
+    assert [f.result(timeout=120) for f in futures] == list(range(40))
+    assert "done" in ex._repr_html_() and "40" in ex._repr_html_()
+
+
+def test_a_calls_output_can_be_followed(make_executor, tmp_path, capsys):
+    from slurmexecutor.cli import main
+
+    ex = make_executor()
+    go = tmp_path / "go"
+    future = ex.submit(chatty, str(go), 5)
+    lines = future.log(follow=True)
+    assert next(lines) == "line 0\n"  # printed while the call waits for `go`
+    assert not future.done()
+    go.touch()
+    assert list(lines) == [f"line {i}\n" for i in range(1, 5)]
+    assert future.result(timeout=60) == 5
+    assert main(["--folder", str(ex.folder), "logs", ex.run_id, str(future.call_id),
+                 "--follow"]) == 0
+    assert capsys.readouterr().out == "".join(f"line {i}\n" for i in range(5))
