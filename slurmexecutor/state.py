@@ -24,13 +24,14 @@ from collections.abc import Iterable, Mapping
 from . import events as ev
 from .errors import CallLostError, IntegrityError
 from .events import Action, Event, Failure
+from .joins import WarmJoins
 from .kills import KillGuard
 from .ledger import REQUEUEABLE, Batch, Config, Task
 from .policies import CancelPolicy, FailurePolicy, WidthPolicy
 from .schedulers import TaskKey, TaskState, state_of
 
 
-class Core(CancelPolicy, KillGuard, WidthPolicy, FailurePolicy):
+class Core(CancelPolicy, KillGuard, WidthPolicy, FailurePolicy, WarmJoins):
     """Batches, tasks and calls, and every decision about them."""
 
     def __init__(self, config: Config) -> None:
@@ -152,17 +153,6 @@ class Core(CancelPolicy, KillGuard, WidthPolicy, FailurePolicy):
         elif not event.arrays:
             self._ask_tasks(batch)
 
-    def _add_joiner(self, batch: Batch, index: int, job_id: str | None,
-                    array_index: int | None, now: float) -> None:
-        """A warm task joined `batch` as task `index`: followed like its own, once (a
-        settled joiner never comes back)."""
-        if index in batch.joiners:
-            return
-        batch.joiners.add(index)
-        task = Task(batch, index, job_id, array_index, now)
-        self.tasks[task.key] = task
-        batch.tasks.append(task)
-
     def _add_tasks(self, batch: Batch, job_id: str, offset: int, size: int,
                    now: float) -> None:
         for index in range(offset, offset + size):
@@ -228,23 +218,6 @@ class Core(CancelPolicy, KillGuard, WidthPolicy, FailurePolicy):
             if other is not None and other is not task:
                 self._stop_copy(batch, other, call_id)
             self._out.append(ev.Deliver(call_id, kind, record.body, task.ref, call_id in self.doomed))
-
-    def _on_warm_record(self, task: Task, record: ev.Record, now: float) -> None:
-        """A record of a warm task whose batch finished: idle, or its end (joined)."""
-        key = task.slurm_key
-        body = record.body or {}
-        if record.kind == "idle" and body.get("leaving"):
-            self.warm.pop(key, None)
-        elif record.kind == "idle":
-            self.warm[key] = now + float(body.get("keep_alive", 0))
-        elif record.kind == "end":
-            del self.following[task.key]
-            joined = body.get("joined")
-            if joined is None:
-                self.warm.pop(key, None)
-            elif joined in self.batches and body.get("as") is not None:
-                self._add_joiner(self.batches[joined], int(body["as"]), task.job_id,
-                                 task.array_index, now)
 
     def _on_late_record(self, task: Task, record: ev.Record) -> None:
         call_id = record.call_id
