@@ -3,7 +3,7 @@
 Everything the client and the workers exchange goes through one folder on a filesystem
 both can see. The folder is the journal: a new client can find every run in it again.
 
-    <folder>/                        mode 0700
+    <folder>/                        mode 0700 (folders.py: refused if others may write it)
       key                            32 random bytes (0600): the HMAC key of this folder
       <run>/                         one executor session
         run.json                     when, where, which backend (plain JSON)
@@ -46,22 +46,11 @@ from pathlib import Path
 from typing import Any
 
 from .errors import IntegrityError
+from .folders import ensure_private_dir
 
 KEY_FILE = "key"
 BLOB_MAGIC = b"SLXB1"
 HEADER = struct.Struct(">I32s")  # payload length, HMAC-SHA256 digest
-
-
-def ensure_private_dir(path: Path) -> Path:
-    """Create `path` (and parents) with mode 0700 and return it. An existing folder must
-    be ours; if others may read or write it, it is made private (0700)."""
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    info = path.stat()
-    if info.st_uid != os.getuid():
-        raise PermissionError(f"{path} belongs to another user: choose a folder of yours")
-    if info.st_mode & 0o077:
-        os.chmod(path, 0o700)
-    return path
 
 
 def load_key(folder: Path, *, create: bool = False) -> bytes:
