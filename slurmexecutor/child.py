@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import claims, spool
+from .folders import writable_by_others
 
 if TYPE_CHECKING:
     from .sharing import SharedObjects
@@ -72,7 +73,7 @@ class ChildRunner:
         self.mismatch = environment_mismatch(self.table.get("env"))
         self.functions = {}
         for entry in self.table["sys_path"]:  # before any argument is unpickled
-            if entry not in sys.path:
+            if entry not in sys.path and writable_by_others(entry) is None:
                 sys.path.append(entry)
         self.shared = None
         shared_file = sup.manifest.get("shared")

@@ -117,3 +117,17 @@ def ensure_private_dir(path: Path, *, ancestors: bool = True) -> Path:
         finally:
             os.close(fd)
     return path
+
+
+def writable_by_others(path: str) -> str | None:
+    """Why another user could change what `path` (a sys.path entry) holds, or None. A
+    sticky folder does not help here: anyone may add a module to it."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return "does not exist here"
+    if info.st_uid not in (os.getuid(), *TRUSTED_OWNERS):
+        return f"belongs to another user (uid {info.st_uid})"
+    if info.st_mode & 0o022:
+        return "is writable by group or others"
+    return None

@@ -91,9 +91,11 @@ def as_user(path: Path, name: str, mode: int) -> Path:
     return path
 
 
-def test_a_planted_package_link_never_runs(users, backend):
+def test_a_planted_package_link_never_runs(users):
     """Alice's folder was group-writable (umask 002); Mallory planted the package link of
-    an old layout. Refused until Alice fixes the mode; then her calls run her package."""
+    an old layout. Refused until Alice fixes the mode; then her calls run her package.
+    (Local backend: the test cluster's munge socket and slurm.conf are root's only.)"""
+    backend = "local"
     base = users["base"]
     folder = as_user(Path(tempfile.mkdtemp(dir=base, prefix="alice-")), "sxalice", 0o2770)
     os.chown(folder, USERS["sxalice"], users["gid"])
@@ -179,3 +181,50 @@ def test_the_worker_path_is_verified(tmp_path):
     with pytest.raises(PermissionError, match="must hold only"):
         link_package(run)
     assert sys.modules["slurmexecutor"].__file__ is not None
+
+
+# -- the client's sys.path on the workers ------------------------------------------------
+
+
+def test_only_safe_existing_sys_path_entries_are_shipped(tmp_path, monkeypatch, caplog):
+    from slurmexecutor import batches
+
+    good, loose = tmp_path / "good", tmp_path / "loose"
+    for path in (good, loose):
+        path.mkdir(mode=0o700)
+    loose.chmod(0o777)
+    monkeypatch.setattr(sys, "path", ["", ".", str(tmp_path / "missing"), str(loose),
+                                      str(good), "good"])
+    monkeypatch.chdir(tmp_path)
+    with caplog.at_level("WARNING", logger="slurmexecutor"):
+        assert batches.shipped_sys_path() == [str(good), str(good)]
+        batches.shipped_sys_path()
+    warnings = [r.getMessage() for r in caplog.records if "not shipped" in r.getMessage()]
+    assert len(warnings) == 1 and str(loose) in warnings[0]
+    assert "writable by group or others" in warnings[0]
+
+
+def import_helper(name: str) -> int:
+    return __import__(name).VALUE
+
+
+def test_the_working_directory_ships_only_when_asked(make_executor, tmp_path, monkeypatch):
+    """A module next to the user (`''` on sys.path, as with `python -c` or a notebook)
+    is not importable on the workers until its folder is put on sys.path by name; one in
+    a folder others may write is never imported there."""
+    here, loose = tmp_path / "here", tmp_path / "loose"
+    here.mkdir()
+    loose.mkdir(mode=0o777)
+    loose.chmod(0o777)
+    (here / "next_to_me.py").write_text("VALUE = 7\n")
+    (loose / "in_a_loose_folder.py").write_text("VALUE = 8\n")
+    monkeypatch.chdir(here)
+    monkeypatch.syspath_prepend(str(loose))
+    monkeypatch.setattr(sys, "path", ["", *sys.path])
+    ex = make_executor()
+    error = ex.submit(import_helper, "next_to_me").exception(timeout=120)
+    assert isinstance(error, ModuleNotFoundError), error
+    error = ex.submit(import_helper, "in_a_loose_folder").exception(timeout=120)
+    assert isinstance(error, ModuleNotFoundError), error
+    monkeypatch.syspath_prepend(str(here))
+    assert ex.submit(import_helper, "next_to_me").result(timeout=120) == 7
