@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import shutil
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -26,6 +27,7 @@ import cloudpickle
 
 from . import spool, warm
 from ._log import log
+from .diskio import named
 from .errors import SerializationError, SubmissionError
 from .folders import writable_by_others
 from .schedulers import Backend
@@ -131,7 +133,21 @@ def job_name(names: list[str]) -> str:
 
 def write_batch(run_dir: Path, key: bytes, number: int, spec: BatchSpec,
                 throttled: bool, settings: Settings | None = None) -> dict:
-    """Write functions, manifest, chunks and journal; return the journal."""
+    """Write functions, manifest, chunks and journal; return the journal. If a write
+    fails (a full disk: the error names ENOSPC or EDQUOT), the batch's files are removed
+    again, so a failed batch does not keep filling the disk."""
+    try:
+        return _write_batch(run_dir, key, number, spec, throttled, settings)
+    except BaseException as error:
+        shutil.rmtree(spool.batch_dir(run_dir, number), ignore_errors=True)
+        spool.journal_path(run_dir, number).unlink(missing_ok=True)
+        if isinstance(error, OSError):
+            raise named(error, spool.batch_dir(run_dir, number)) from None
+        raise
+
+
+def _write_batch(run_dir: Path, key: bytes, number: int, spec: BatchSpec,
+                 throttled: bool, settings: Settings | None) -> dict:
     spool.make_batch_dir(run_dir, number)
     if isinstance(spec.functions, str):
         functions_file = spec.functions

@@ -45,6 +45,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from .diskio import append_whole, write_atomic
 from .errors import IntegrityError
 from .folders import ensure_private_dir
 
@@ -88,19 +89,6 @@ def _digest(key: bytes, path: Path, payload: bytes) -> bytes:
     return mac.digest()
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that readers see either nothing or all of it."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def write_blob(path: Path, key: bytes, obj: Any) -> None:
     """Pickle `obj` (plain pickle: callers cloudpickle user objects first) and sign it."""
     payload = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
@@ -129,45 +117,16 @@ def encode_record(key: bytes, path: Path, record: tuple) -> bytes:
     return HEADER.pack(len(payload), _digest(key, path, payload)) + payload
 
 
-def create_exclusive(path: Path, data: bytes) -> bool:
-    """Create `path` and write `data`; False if it exists (O_EXCL: atomic, NFS too)."""
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return False
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
-    return True
-
-
-def create_holding(path: Path, data: bytes) -> bool:
-    """Create `path` already holding `data` (so it is never seen empty); False if it
-    exists. Exclusive like O_EXCL: a hard link of a private file never replaces one
-    (on NFS a retried LINK may answer EEXIST for its own link: the link count says)."""
-    private = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}")
-    try:
-        if not create_exclusive(private, data):
-            raise FileExistsError(private)
-        try:
-            os.link(private, path)
-            return True
-        except FileExistsError:
-            return os.stat(private).st_nlink == 2
-        except OSError:  # no hard links here: create, then write (seen empty briefly)
-            return create_exclusive(path, data)
-    finally:
-        private.unlink(missing_ok=True)
-
-
 class RecordWriter:
-    """Appends signed records to a result stream, one `write` system call per record."""
+    """Appends signed records to a result stream, each whole or not at all (a write
+    that fails half-way, e.g. on ENOSPC, is cut off again: diskio.append_whole)."""
 
     def __init__(self, path: Path, key: bytes) -> None:
         self._key, self._path = key, path
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
 
     def write(self, record: tuple) -> None:
-        os.write(self.fd, encode_record(self._key, self._path, record))
+        append_whole(self.fd, encode_record(self._key, self._path, record), self._path)
 
     def close(self) -> None:
         os.close(self.fd)
@@ -350,7 +309,7 @@ def read_cancelled(path: Path) -> set[int]:
 def append_cancelled(path: Path, call_ids: list[int]) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:
-        os.write(fd, "".join(f"{call_id}\n" for call_id in call_ids).encode())
+        append_whole(fd, "".join(f"{call_id}\n" for call_id in call_ids).encode(), path)
     finally:
         os.close(fd)
 
