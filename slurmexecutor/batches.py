@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import shutil
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -26,7 +27,9 @@ import cloudpickle
 
 from . import spool, warm
 from ._log import log
+from .diskio import named
 from .errors import SerializationError, SubmissionError
+from .folders import writable_by_others
 from .schedulers import Backend
 from .schedulers.script import ScriptSpec, render_script
 from .sharing import SharedArguments, SharedObjects
@@ -92,8 +95,28 @@ def dumps(obj: Any, what: str, shared: SharedArguments | None = None) -> bytes:
 
 
 def shipped_sys_path() -> list[str]:
-    """The client's sys.path, absolute, so modules next to the user import on workers."""
-    return [os.path.abspath(entry or os.getcwd()) for entry in sys.path]
+    """The client's sys.path for the workers, so modules next to the user import there:
+    only entries that exist and that no other user can change (a path missing on a node
+    could be created there by anyone), and never the implicit working directory (`''`,
+    `.`; put `os.getcwd()` on sys.path to ship it). Entries left out are logged once."""
+    shipped, left_out = [], []
+    for entry in sys.path:
+        if entry in ("", "."):
+            continue
+        path = os.path.abspath(entry)
+        why = writable_by_others(path)
+        if why is None:
+            shipped.append(path)
+        elif why != "does not exist here":
+            left_out.append(f"{path} ({why})")
+    if left_out and tuple(left_out) not in _LEFT_OUT:
+        _LEFT_OUT.add(tuple(left_out))
+        log.warning("not shipped to the workers' sys.path, since another user could put "
+                    "modules there: %s", "; ".join(left_out))
+    return shipped
+
+
+_LEFT_OUT: set[tuple[str, ...]] = set()
 
 
 def client_environment() -> dict[str, str]:
@@ -110,7 +133,21 @@ def job_name(names: list[str]) -> str:
 
 def write_batch(run_dir: Path, key: bytes, number: int, spec: BatchSpec,
                 throttled: bool, settings: Settings | None = None) -> dict:
-    """Write functions, manifest, chunks and journal; return the journal."""
+    """Write functions, manifest, chunks and journal; return the journal. If a write
+    fails (a full disk: the error names ENOSPC or EDQUOT), the batch's files are removed
+    again, so a failed batch does not keep filling the disk."""
+    try:
+        return _write_batch(run_dir, key, number, spec, throttled, settings)
+    except BaseException as error:
+        shutil.rmtree(spool.batch_dir(run_dir, number), ignore_errors=True)
+        spool.journal_path(run_dir, number).unlink(missing_ok=True)
+        if isinstance(error, OSError):
+            raise named(error, spool.batch_dir(run_dir, number)) from None
+        raise
+
+
+def _write_batch(run_dir: Path, key: bytes, number: int, spec: BatchSpec,
+                 throttled: bool, settings: Settings | None) -> dict:
     spool.make_batch_dir(run_dir, number)
     if isinstance(spec.functions, str):
         functions_file = spec.functions

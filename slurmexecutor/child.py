@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import claims, spool
+from .diskio import FULL
+from .folders import writable_by_others
 
 if TYPE_CHECKING:
     from .sharing import SharedObjects
@@ -73,7 +75,7 @@ class ChildRunner:
         self.mismatch = environment_mismatch(self.table.get("env"))
         self.functions = {}
         for entry in self.table["sys_path"]:  # before any argument is unpickled
-            if entry not in sys.path:
+            if entry not in sys.path and writable_by_others(entry) is None:
                 sys.path.append(entry)
         self.shared = None
         shared_file = sup.manifest.get("shared")
@@ -198,7 +200,7 @@ class ChildRunner:
                             except Exception as exc:  # noqa: BLE001  (this part's calls)
                                 error = exc
                         call = arguments[offset] if arguments is not None else None
-                        sup.out.write(self._call(call_id, fn_index, call, error))
+                        self._write_result(call_id, self._call(call_id, fn_index, call, error))
                     took.append(time.time() - began)
                 position += 1
         return True
@@ -207,6 +209,16 @@ class ChildRunner:
         if index not in self.functions:
             self.functions[index] = _loads(self.table["functions"][index])
         return self.functions[index]
+
+    def _write_result(self, call_id: int, record: tuple) -> None:
+        """Append a call's record; if the disk or quota is full, the call fails with
+        that error instead (a short record may still fit: the long one was cut off)."""
+        try:
+            self.sup.out.write(record)
+        except OSError as exc:
+            if exc.errno not in FULL:
+                raise
+            self.sup.out.write(_raised_record(call_id, exc))
 
     def _call(self, call_id: int, fn_index: int, call: tuple | None,
               error: BaseException | None) -> tuple:

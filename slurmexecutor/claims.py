@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from .spool import create_exclusive
+from .diskio import create_exclusive
 
 
 def try_claim(path: Path, owner: str) -> bool:

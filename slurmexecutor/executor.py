@@ -156,7 +156,7 @@ class SlurmExecutor(CallMaker, Executor):
         spool.ensure_private_dir(self.run_dir / "logs")
         lease = Lease(self.run_dir)
         lease.acquire(take_over=_take_over)
-        link_package(self.folder)
+        link_package(self.run_dir)
         if _run is None:
             spool.write_json(self.run_dir / "run.json", {
                 "created": time.time(), "host": socket.gethostname(), "pid": os.getpid(),

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from .diskio import EXIT_FULL, EXIT_NO_FOLDER
 from .errors import (
     ERROR_FOR_STATE,
     CallLostError,
@@ -153,7 +154,16 @@ def task_failure(task: Task, started: bool, result_grace: float) -> Failure:
     else:
         error_type = ERROR_FOR_STATE.get(state.state, WorkerCrashedError)
         message = f"the task ended ({state.state}) before {what}"
-        if not task.ended:  # no end record: a result may still be on its way
+        if state.exit_code == EXIT_FULL:
+            message += ("; it could not write to the run folder: the disk or your quota "
+                        "is full (ENOSPC or EDQUOT; see the log)")
+        elif state.exit_code == EXIT_NO_FOLDER:
+            message += ("; the compute node does not see the run folder: it is likely not "
+                        "on a filesystem the compute nodes share (see the log)")
+        elif task.worker is None and not task.ended:
+            message += ("; nothing of it reached the run folder (is the folder on a "
+                        "filesystem the compute nodes share, with space left?)")
+        if not task.ended and state.exit_code not in (EXIT_FULL, EXIT_NO_FOLDER):
             message += (f"; no result was seen within result_grace="
                         f"{result_grace:g} s of the end (if a shared "
                         "filesystem shows results late, raise result_grace)")

@@ -3,7 +3,7 @@
 Everything the client and the workers exchange goes through one folder on a filesystem
 both can see. The folder is the journal: a new client can find every run in it again.
 
-    <folder>/                        mode 0700
+    <folder>/                        mode 0700 (folders.py: refused if others may write it)
       key                            32 random bytes (0600): the HMAC key of this folder
       <run>/                         one executor session
         run.json                     when, where, which backend (plain JSON)
@@ -45,23 +45,13 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from .diskio import append_whole, write_atomic
 from .errors import IntegrityError
+from .folders import ensure_private_dir
 
 KEY_FILE = "key"
 BLOB_MAGIC = b"SLXB1"
 HEADER = struct.Struct(">I32s")  # payload length, HMAC-SHA256 digest
-
-
-def ensure_private_dir(path: Path) -> Path:
-    """Create `path` (and parents) with mode 0700 and return it. An existing folder must
-    be ours; if others may read or write it, it is made private (0700)."""
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    info = path.stat()
-    if info.st_uid != os.getuid():
-        raise PermissionError(f"{path} belongs to another user: choose a folder of yours")
-    if info.st_mode & 0o077:
-        os.chmod(path, 0o700)
-    return path
 
 
 def load_key(folder: Path, *, create: bool = False) -> bytes:
@@ -99,19 +89,6 @@ def _digest(key: bytes, path: Path, payload: bytes) -> bytes:
     return mac.digest()
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that readers see either nothing or all of it."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def write_blob(path: Path, key: bytes, obj: Any) -> None:
     """Pickle `obj` (plain pickle: callers cloudpickle user objects first) and sign it."""
     payload = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
@@ -140,45 +117,16 @@ def encode_record(key: bytes, path: Path, record: tuple) -> bytes:
     return HEADER.pack(len(payload), _digest(key, path, payload)) + payload
 
 
-def create_exclusive(path: Path, data: bytes) -> bool:
-    """Create `path` and write `data`; False if it exists (O_EXCL: atomic, NFS too)."""
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return False
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
-    return True
-
-
-def create_holding(path: Path, data: bytes) -> bool:
-    """Create `path` already holding `data` (so it is never seen empty); False if it
-    exists. Exclusive like O_EXCL: a hard link of a private file never replaces one
-    (on NFS a retried LINK may answer EEXIST for its own link: the link count says)."""
-    private = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}")
-    try:
-        if not create_exclusive(private, data):
-            raise FileExistsError(private)
-        try:
-            os.link(private, path)
-            return True
-        except FileExistsError:
-            return os.stat(private).st_nlink == 2
-        except OSError:  # no hard links here: create, then write (seen empty briefly)
-            return create_exclusive(path, data)
-    finally:
-        private.unlink(missing_ok=True)
-
-
 class RecordWriter:
-    """Appends signed records to a result stream, one `write` system call per record."""
+    """Appends signed records to a result stream, each whole or not at all (a write
+    that fails half-way, e.g. on ENOSPC, is cut off again: diskio.append_whole)."""
 
     def __init__(self, path: Path, key: bytes) -> None:
         self._key, self._path = key, path
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
 
     def write(self, record: tuple) -> None:
-        os.write(self.fd, encode_record(self._key, self._path, record))
+        append_whole(self.fd, encode_record(self._key, self._path, record), self._path)
 
     def close(self) -> None:
         os.close(self.fd)
@@ -361,7 +309,7 @@ def read_cancelled(path: Path) -> set[int]:
 def append_cancelled(path: Path, call_ids: list[int]) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:
-        os.write(fd, "".join(f"{call_id}\n" for call_id in call_ids).encode())
+        append_whole(fd, "".join(f"{call_id}\n" for call_id in call_ids).encode(), path)
     finally:
         os.close(fd)
 

@@ -29,6 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from . import spool
+from .diskio import create_holding
 
 SIGNAL = "batches"
 CLOSED = "closed"
@@ -139,6 +140,6 @@ def join_stream(run_dir: Path, key: bytes, batch: int, start: tuple) -> int:
     first = max([JOIN_BASE - 1, *taken]) + 1
     for index in range(first, first + 100_000):
         path = spool.stream_path(run_dir, batch, index, 0)
-        if spool.create_holding(path, spool.encode_record(key, path, start)):
+        if create_holding(path, spool.encode_record(key, path, start)):
             return index
     raise RuntimeError(f"batch {batch}: no free task index to join it")

@@ -55,6 +55,7 @@ from .child import (
     ChildRunner,
     _ChildStop,
 )
+from .diskio import EXIT_FULL, EXIT_NO_FOLDER, FULL, named
 
 
 def main(argv: list[str]) -> int:
@@ -62,6 +63,21 @@ def main(argv: list[str]) -> int:
         print("usage: python -m slurmexecutor.worker RUN_DIR BATCH TASK", file=sys.stderr)
         return 2
     run_dir, batch, task = Path(argv[0]), int(argv[1]), int(argv[2])
+    if not run_dir.is_dir():
+        print(f"slurmexecutor: the run folder {run_dir} does not exist on "
+              f"{socket.gethostname()}: is it on a filesystem the compute nodes share?",
+              file=sys.stderr)
+        return EXIT_NO_FOLDER
+    try:
+        return _run(run_dir, batch, task)
+    except OSError as error:
+        if error.errno not in FULL:
+            raise
+        print(f"slurmexecutor: {named(error, run_dir)}", file=sys.stderr)
+        return EXIT_FULL
+
+
+def _run(run_dir: Path, batch: int, task: int) -> int:
     attempt = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
     where = _where_am_i(attempt)
     for name in ("SLURMEXECUTOR_TASK", "SLURMEXECUTOR_JOB"):  # not for executors the

@@ -64,8 +64,9 @@ def test_bad_sbatch_extra_is_refused(extra, tmp_path):
 def test_worker_pythonpath_holds_only_this_package(tmp_path):
     with SlurmExecutor(tmp_path, backend="local") as ex:
         script = render_script({}, ScriptSpec(run_dir=ex.run_dir, batch=0, size=1))
-    directory = python_path_dir(tmp_path)
+    directory = python_path_dir(ex.run_dir)
     assert f"export PYTHONPATH={directory}" in script
+    assert directory.parent == ex.run_dir and directory.stat().st_mode & 0o777 == 0o700
     assert sorted(path.name for path in directory.iterdir()) == ["slurmexecutor"]
     assert (directory / "slurmexecutor").resolve() == Path(
         __import__("slurmexecutor").__file__).resolve().parent

@@ -215,7 +215,9 @@ def test_key_must_be_private(tmp_path):
     loose = tmp_path / "loose"
     loose.mkdir(mode=0o777)
     loose.chmod(0o777)
-    assert spool.ensure_private_dir(loose).stat().st_mode & 0o777 == 0o700
+    with pytest.raises(PermissionError, match="writable by group or others"):
+        spool.ensure_private_dir(loose)
+    assert loose.stat().st_mode & 0o777 == 0o777  # refused, never chmodded
 
 
 def test_record_stream_keeps_complete_records_only(tmp_path):

@@ -7,7 +7,7 @@ script with bash (the `#SBATCH` lines are comments there) and honours `time`.
 
 from __future__ import annotations
 
-import hashlib
+import os
 import re
 import shlex
 import sys
@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import slurmexecutor
+
+from ..folders import UnsafeFolderError, ensure_private_dir
 
 #: keyword -> what it takes. Booleans become flags; `array_parallelism` becomes `%N`.
 SBATCH_OPTIONS: dict[str, str] = {
@@ -98,25 +100,36 @@ def directive(flag: str, value: object) -> str:
     return f'{flag}="{text}"' if any(c.isspace() for c in text) else f"{flag}={text}"
 
 
-def python_path_dir(folder: Path) -> Path:
-    """A folder holding only a link to this package, for the workers' PYTHONPATH: the
-    client's whole site-packages must not shadow the worker interpreter's own."""
-    package = Path(slurmexecutor.__file__).resolve().parent
-    tag = hashlib.sha256(str(package).encode()).hexdigest()[:12]
-    return folder / ".pythonpath" / tag
+def python_path_dir(run_dir: Path) -> Path:
+    """The workers' PYTHONPATH: a folder of the run (private, like it) holding only a
+    link to this package, so the client's whole site-packages does not shadow the worker
+    interpreter's own."""
+    return run_dir / "pythonpath"
 
 
-def link_package(folder: Path) -> Path:
-    """Create `python_path_dir(folder)` with its `slurmexecutor` link; return the dir."""
-    target = python_path_dir(folder)
+def link_package(run_dir: Path) -> Path:
+    """Create `python_path_dir(run_dir)` with its `slurmexecutor` link to this package
+    (replacing a link that points elsewhere), verify it, and return the folder."""
+    target = ensure_private_dir(python_path_dir(run_dir))
     link = target / "slurmexecutor"
-    package = Path(slurmexecutor.__file__).resolve().parent
-    if not link.is_symlink():
-        target.mkdir(mode=0o700, parents=True, exist_ok=True)
+    package = str(Path(slurmexecutor.__file__).resolve().parent)
+    try:
+        current: str | None = os.readlink(link)
+    except (FileNotFoundError, OSError):
+        current = None
+    if current != package:
+        fresh = target / f".slurmexecutor.{os.getpid()}.{os.urandom(4).hex()}"
+        os.symlink(package, fresh, target_is_directory=True)
         try:
-            link.symlink_to(package, target_is_directory=True)
-        except FileExistsError:  # another client made it: it points at the same place
-            pass
+            os.replace(fresh, link)
+        except OSError:
+            fresh.unlink()
+            raise
+    info, names = os.lstat(link), sorted(os.listdir(target))
+    if (os.readlink(link) != package or info.st_uid != os.getuid()
+            or names != ["slurmexecutor"]):
+        raise UnsafeFolderError(f"{target} must hold only a link `slurmexecutor` -> "
+                                f"{package} (it holds {names}); remove it and try again")
     return target
 
 
@@ -212,7 +225,7 @@ def render_script(resources: dict, spec: ScriptSpec) -> str:
     lines = ["#!/bin/bash"]
     lines += [f"#SBATCH {option}" for option in sbatch_directives(resources, spec)]
     lines += list(spec.setup)
-    lines.append(f"export PYTHONPATH={shlex.quote(str(python_path_dir(spec.run_dir.parent)))}"
+    lines.append(f"export PYTHONPATH={shlex.quote(str(python_path_dir(spec.run_dir)))}"
                  '${PYTHONPATH:+:$PYTHONPATH}')
     task = f'$(( {spec.offset} + ${{SLURMEXECUTOR_TASK:-$SLURM_ARRAY_TASK_ID}} ))'
     # not `-m`: that puts the job's working directory first on sys.path, so a folder

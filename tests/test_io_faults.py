@@ -1,0 +1,182 @@
+"""Bad disks lose nothing: unreadable streams, a full disk or quota (ENOSPC, EDQUOT)."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from slurmexecutor import IntegrityError, SlurmExecutor, SubmissionError, diskio, spool, streams
+from tests.conftest import wait_until
+
+
+def double(x: int) -> int:
+    return 2 * x
+
+
+def wait_for(gate: str) -> str:
+    while not os.path.exists(gate):
+        time.sleep(0.01)
+    return "done"
+
+
+def failing_reads(monkeypatch, batch: str, times: int | None,
+                  after_claim: bool = False) -> tuple[list[int], list[bool]]:
+    """Make reads of `batch`'s streams fail with ESTALE (`times` times, or always; with
+    `after_claim`, from once a `claim` record was read); returns [failures so far] and
+    [whether they have begun]."""
+    real, failures, armed = spool.read_records, [0], [not after_claim]
+
+    def read_records(cursor, key):
+        if f"/{batch}/" in str(cursor.path) and armed[0] and (
+                times is None or failures[0] < times):
+            failures[0] += 1
+            raise OSError(errno.ESTALE, "Stale file handle", str(cursor.path))
+        records = real(cursor, key)
+        armed[0] = armed[0] or any(record[0] == "claim" for record in records)
+        return records
+
+    monkeypatch.setattr(streams.spool, "read_records", read_records)
+    return failures, armed
+
+
+def test_an_unreadable_stream_fails_only_its_task(make_executor, monkeypatch, caplog,
+                                                  tmp_path):
+    monkeypatch.setattr(streams.StreamReader, "give_up_after", 0.5)
+    failures, armed = failing_reads(monkeypatch, "b0000", None, after_claim=True)
+    gate = tmp_path / "gate"
+    ex = make_executor()
+    with caplog.at_level(logging.WARNING, logger="slurmexecutor"):
+        lost = ex.submit(wait_for, str(gate))
+        assert wait_until(lambda: armed[0], timeout=120)  # claimed; unreadable from now
+        other = ex.submit(double, 2)  # another batch, read fine meanwhile
+        assert other.result(timeout=120) == 4
+        gate.touch()
+        error = lost.exception(timeout=120)
+    assert isinstance(error, IntegrityError) and "could not be read" in str(error), error
+    assert "Stale file handle" in str(error) and failures[0] >= 5
+    assert ex.submit(double, 3).result(timeout=120) == 6  # the executor still works
+    warnings = [r for r in caplog.records if "cannot read" in r.getMessage()]
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]
+
+
+def test_a_transient_read_error_is_retried(make_executor, monkeypatch, caplog):
+    failures, _ = failing_reads(monkeypatch, "b0000", 3)
+    ex = make_executor()
+    with caplog.at_level(logging.WARNING, logger="slurmexecutor"):
+        assert ex.submit(double, 21).result(timeout=120) == 42
+    assert failures[0] == 3
+    assert len([r for r in caplog.records if "cannot read" in r.getMessage()]) == 1
+
+
+# -- a full disk or quota ----------------------------------------------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2 MiB tmpfs (root only), private like a folder of ours."""
+    if os.getuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    where = tmp_path / "small"
+    where.mkdir(mode=0o700)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m,mode=0700", "tmpfs", str(where)],
+                   check=True)
+    yield where
+    subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def fill(path: Path) -> None:
+    """Fill the filesystem of `path` to the last byte."""
+    with open(path, "wb") as handle:
+        try:
+            while True:
+                handle.write(b"\0" * 65536)
+                handle.flush()
+        except OSError as error:
+            assert error.errno == errno.ENOSPC
+
+
+def test_a_full_disk_cuts_off_the_half_written_record(small_disk):
+    key = spool.load_key(small_disk, create=True)
+    stream = small_disk / "s.out"
+    writer = spool.RecordWriter(stream, key)
+    writer.write(("ok", 1, b"a"))
+    fill(small_disk / "filler")
+    (small_disk / "filler").unlink()  # room for about 2 MiB: a 3 MiB record cannot fit
+    with pytest.raises(OSError, match=r"ENOSPC.*free some space") as raised:
+        writer.write(("ok", 2, os.urandom(3 << 20)))
+    assert raised.value.errno == errno.ENOSPC and str(stream) in str(raised.value)
+    writer.write(("ok", 3, b"c"))  # the stream goes on, whole records only
+    cursor = spool.StreamCursor(stream)
+    assert spool.read_records(cursor, key) == [("ok", 1, b"a"), ("ok", 3, b"c")]
+    assert cursor.error is None and cursor.pending_bytes == 0
+
+
+def test_short_writes_and_a_quota_error(tmp_path, monkeypatch):
+    """Writes that take half the bytes at a time, then EDQUOT half-way through."""
+    key = spool.load_key(tmp_path, create=True)
+    stream = tmp_path / "s.out"
+    real, calls, fail_at = os.write, [0], [0]
+
+    def write(fd, data):
+        calls[0] += 1
+        if calls[0] == fail_at[0]:
+            raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))
+        return real(fd, bytes(data[: max(1, len(data) // 2)]))
+
+    monkeypatch.setattr(diskio.os, "write", write)
+    writer = spool.RecordWriter(stream, key)
+    writer.write(("ok", 1, b"x" * 10))
+    assert calls[0] > 3  # it took several short writes
+    fail_at[0] = calls[0] + 3  # the next record fails after two short writes
+    with pytest.raises(OSError, match="EDQUOT"):
+        writer.write(("ok", 2, b"y" * 1000))
+    assert stream.stat().st_size < 200  # cut back to where the record began
+    monkeypatch.setattr(diskio.os, "write", real)
+    writer.write(("ok", 3, b"z"))
+    cursor = spool.StreamCursor(stream)
+    assert spool.read_records(cursor, key) == [("ok", 1, b"x" * 10), ("ok", 3, b"z")]
+    assert cursor.error is None and cursor.pending_bytes == 0
+
+
+def give_big(size: int) -> bytes:
+    return b"r" * size
+
+
+def test_a_full_run_folder_fails_only_what_does_not_fit(small_disk):
+    """A batch that does not fit is removed again and its calls fail naming ENOSPC; a
+    result that does not fit fails its call the same way; small calls go on."""
+    with SlurmExecutor(small_disk, backend="local", poll_interval=0.05, keep_alive=0) as ex:
+        run = ex.run_dir
+        error = ex.submit(len, b"a" * (3 << 20)).exception(timeout=120)
+        assert isinstance(error, SubmissionError) and "ENOSPC" in str(error), error
+        assert not (run / "b0000").exists() and not (run / "b0000.json").exists()
+        error = ex.submit(give_big, 3 << 20).exception(timeout=120)
+        assert isinstance(error, OSError) and "ENOSPC" in str(error), error
+        assert ex.submit(double, 4).result(timeout=120) == 8
+        records = [r for _, _, path in spool.iter_streams(run)
+                   for r in spool.read_records(spool.StreamCursor(path), ex.key)]
+        assert records and all(record[0] != "ok" or len(record[2]) < 4096
+                               for record in records)
+
+
+def test_a_worker_that_cannot_write_says_so():
+    """A task that ended with the worker's exit code for a full disk, or for a folder
+    the node does not see: the calls' errors say so (not `raise result_grace`)."""
+    from slurmexecutor.ledger import Batch, Task, task_failure
+    from slurmexecutor.schedulers import TaskState
+
+    batch = Batch(0, [[0]], 1, False, 0, None, {0})
+    for code, words in ((diskio.EXIT_FULL, "ENOSPC or EDQUOT"),
+                        (diskio.EXIT_NO_FOLDER, "not on a filesystem the compute nodes"),
+                        (1, "nothing of it reached the run folder")):
+        task = Task(batch, 0, "7", 0, 0.0)
+        task.final = TaskState("FAILED", exit_code=code)
+        failure = task_failure(task, False, 60.0)
+        assert words in failure.message
+        assert ("raise result_grace" in failure.message) == (code == 1)
