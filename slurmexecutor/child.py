@@ -171,7 +171,7 @@ class ChildRunner:
         sup = self.sup
         chunk = spool.read_blob(spool.chunk_path(sup.run_dir, sup.batch, index), sup.key)
         call_ids = chunk["calls"]
-        cancel = _CancelList(spool.cancel_path(sup.run_dir, sup.batch, index))
+        cancel = CancelList(spool.cancel_path(sup.run_dir, sup.batch, index))
         position = 0
         for fn_index, blob, count in chunk["parts"]:
             if position + count <= first:
@@ -240,7 +240,7 @@ class ChildRunner:
                                              "error": _raised_record(call_id, exc)[2]})
 
 
-class _CancelList:
+class CancelList:
     """The call ids the client cancelled in a chunk; re-read only when the file grows."""
 
     def __init__(self, path: Path) -> None:

@@ -260,7 +260,10 @@ class Engine(LeaseAndEnd, Intake):
             for sink in held:
                 if isinstance(sink.future, SlurmFuture):
                     sink.future._log_path = path
-        elif isinstance(action, ev.WriteCancel):
+        elif isinstance(action, ev.WriteCancel):  # stop first: a skip may end the chunk
+            if action.stop:
+                spool.append_cancelled(spool.stop_path(self.run_dir, action.batch,
+                                                       action.chunk), list(action.call_ids))
             spool.append_cancelled(spool.cancel_path(self.run_dir, action.batch, action.chunk),
                                    list(action.call_ids))
         elif isinstance(action, ev.ClaimChunks):
@@ -268,7 +271,7 @@ class Engine(LeaseAndEnd, Intake):
                 spool.claim_path(self.run_dir, action.batch, chunk), "client"))
             self._events.append(ev.ClaimsWon(action.batch, won, action.chunks))
         elif isinstance(action, ev.CancelTasks):
-            self.backend.cancel(list(action.refs))
+            self.backend.cancel(list(action.refs), pending_only=True)
         elif isinstance(action, ev.LiftThrottle):
             lift_throttle(self.backend, self._settings(action.batch), self.run_dir,
                           self._journals[action.batch], action.to)

@@ -106,7 +106,7 @@ class FinalAnswer:
 @dataclass(frozen=True)
 class CancelRequested:
     call_ids: frozenset[int]
-    kill: bool = True  # also scancel tasks that hold nothing but cancelled calls
+    kill: bool = True  # also stop those running (ex.cancel; not shutdown's cancel)
 
 
 @dataclass(frozen=True)
@@ -157,6 +157,9 @@ class LiftThrottle:
 
 @dataclass(frozen=True)
 class CancelTasks:
+    """Cancel tasks that have not started (`scancel --state=PENDING`): a started task is
+    never ended by the core; a running call is stopped by its worker (WriteCancel)."""
+
     refs: tuple[str, ...]
 
 
@@ -203,9 +206,13 @@ class Fail:
 
 @dataclass(frozen=True)
 class WriteCancel:
+    """Workers skip these calls; with `stop`, the one running them ends it (cooperative
+    cancel: its supervisor watches the chunk's stop file while a call runs)."""
+
     batch: int
     chunk: int
     call_ids: tuple[int, ...]
+    stop: bool = False
 
 
 @dataclass(frozen=True)

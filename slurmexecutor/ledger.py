@@ -103,7 +103,6 @@ class Task:
     limit_notice: bool = False
     ended: bool = False
     killed: bool = False  # its worker was ended by a signal (scancel, time limit)
-    kill_sent: bool = False  # the core asked for it to be cancelled
     final: TaskState | None = None
     final_since: float = 0.0
     final_polls: int = 0

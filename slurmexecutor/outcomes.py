@@ -53,6 +53,10 @@ def decode(run_dir: Path, kind: str, call_id: int, body: Any, task: TaskRef,
                                  f"the worker died running this call: {body['text']}", task,
                                  call_id, state="CRASHED", exit_code=body["exit_code"],
                                  signal=body["signal"])
+    if kind == "cancelled":  # ex.cancel while it ran: its worker ended it, went on
+        return False, task_error(run_dir, JobCancelledError,
+                                 "the call was cancelled while it ran (its worker ended it)",
+                                 task, call_id, state="CANCELLED")
     if kind == "skip":
         where = "" if cancelled_here else " outside this client"
         return False, task_error(run_dir, JobCancelledError,

@@ -1,6 +1,6 @@
 """Three of the core's policies (state.py), as mixins of `Core`: cancelling calls (and
-backup copies of a chunk; when a kill is safe with warm tasks: kills.py), how wide a
-batch runs (its array, warm tasks, scale-out), and retrying or failing what a task left
+backup copies of a chunk: cooperative, by the workers; the core only cancels tasks that
+have not started), how wide a batch runs (its array, warm tasks, scale-out), and retrying or failing what a task left
 unfinished.
 Pure like the rest of the core: they only read its state and append actions.
 """
@@ -27,10 +27,7 @@ class _CoreState:
     batches: dict[int, Batch]
     tasks: dict[tuple[int, int], Task]
     doomed: set[int]
-    killing: set[int]
-    kills_held: dict[int, float]
     claim_then: dict[tuple[int, int], Task | Failure]
-    unneeded: list[tuple[Task, float]]
     warm: dict[tuple[str, int], float]
     cancelling: bool
     now: float
@@ -38,17 +35,6 @@ class _CoreState:
 
     if TYPE_CHECKING:
         def _live(self, batch: Batch) -> list[Task]: ...
-
-        def _all_doomed(self, batch: Batch, chunk: int) -> bool: ...
-
-        def _kill_cancelled(self, batch: Batch) -> None: ...
-
-        def _may_have_moved(self, batch: Batch, since: float,
-                            joinable: dict[str, bool] | None = None) -> bool: ...
-
-        def _busy_elsewhere(self) -> set[tuple[str, int]]: ...
-
-        def _cancel_pending(self, tasks: list[Task]) -> None: ...
 
         def _fail(self, batch: Batch, call_ids: list[int], failure: Failure) -> None: ...
 
@@ -59,17 +45,14 @@ class _CoreState:
 
 
 class CancelPolicy(_CoreState):
-    """`ex.cancel`: skip, withdraw, kill; and the second copy of a backed-up chunk."""
+    """`ex.cancel`: skip, stop (by the worker), withdraw unclaimed chunks; and the second
+    copy of a backed-up chunk."""
 
     def _stop_copy(self, batch: Batch, other: Task, call_id: int) -> None:
-        """A call of a backed-up chunk has its result: the other copy skips it, and is
-        killed once it holds nothing still wanted (it may be running that very call)."""
-        self._out.append(ev.WriteCancel(batch.number, batch.chunk_of(call_id), (call_id,)))
-        if not other.unresolved and other.key in self.tasks and other.job_id is not None and (
-                not other.kill_sent and not batch.unclaimed) and (
-                other.slurm_key not in self._busy_elsewhere()):
-            other.kill_sent = True  # it holds nothing wanted: no longer followed, and
-            self._cancel_pending([other])  # cancelled once it cannot have moved on
+        """A call of a backed-up chunk has its result: the other copy skips it, or stops
+        it if it runs it (its worker ends that call and carries on)."""
+        self._out.append(ev.WriteCancel(batch.number, batch.chunk_of(call_id), (call_id,),
+                                        stop=True))
 
     def _release_copies(self, task: Task) -> None:
         """A task ended: the calls another live task also runs (backups) are left to it."""
@@ -83,42 +66,32 @@ class CancelPolicy(_CoreState):
                 batch.backup.pop(call_id, None)
 
     def _cancel(self, event: ev.CancelRequested) -> None:
+        """Cancel handed-over calls: workers skip those not started and (with `kill`) stop
+        those running, from the chunk's cancel files; whole unclaimed chunks are claimed
+        by the client. No task is ever ended for it: a task may hold other calls, or have
+        joined another batch (warm) unseen."""
         by_chunk: dict[tuple[int, int], list[int]] = {}
         for batch in self.batches.values():
             for call_id in sorted(event.call_ids & batch.open_calls):
                 self.doomed.add(call_id)
-                if event.kill:
-                    self.killing.add(call_id)
                 by_chunk.setdefault((batch.number, batch.chunk_of(call_id)), []).append(call_id)
         for (number, chunk), call_ids in sorted(by_chunk.items()):
-            self._out.append(ev.WriteCancel(number, chunk, tuple(call_ids)))
+            self._out.append(ev.WriteCancel(number, chunk, tuple(call_ids), stop=event.kill))
         for number in sorted({number for number, _ in by_chunk}):
             batch = self.batches[number]
             whole = tuple(sorted(c for c in batch.unclaimed if self._all_doomed(batch, c)))
             if whole:
                 self._out.append(ev.ClaimChunks(number, whole))
-            self._kill_cancelled(batch)
 
-    def _kill_cancelled(self, batch: Batch) -> None:
-        """Kill the tasks that hold nothing but calls cancelled with kill, once no chunk
-        they could still claim holds other work, and none can have moved on to another
-        batch (kills.py). Held kills are asked again each round; a task may also have
-        claimed (and started) a cancelled chunk before the client saw it."""
-        doomed = [t for t in self._live(batch) if t.job_id is not None and t.unresolved
-                  and t.unresolved <= self.killing and not t.kill_sent]
-        since = self.kills_held.pop(batch.number, self.now)  # held since
-        if not doomed:
-            return
-        if any(not self._all_doomed(batch, c) for c in batch.unclaimed) or (
-                self._may_have_moved(batch, since)):
-            self.kills_held[batch.number] = since
-            return
-        busy = self._busy_elsewhere()
-        doomed = [t for t in doomed if t.slurm_key not in busy]
-        for task in doomed:
-            task.kill_sent = True
-        if doomed:
-            self._out.append(ev.CancelTasks(tuple(t.slurm_id for t in doomed)))
+    def _cancel_pending(self, tasks: list[Task]) -> None:
+        """Tasks no longer needed (not seen started) are no longer followed, and
+        cancelled if they still have not started (a started one finds nothing to claim
+        and ends, or waits warm)."""
+        pending = [t for t in tasks if t.job_id is not None]
+        for task in pending:
+            self.tasks.pop(task.key, None)
+        if pending:
+            self._out.append(ev.CancelTasks(tuple(t.slurm_id for t in pending)))
 
     def _all_doomed(self, batch: Batch, chunk: int) -> bool:
         return all(c in self.doomed for c in batch.chunks[chunk] if c in batch.open_calls)

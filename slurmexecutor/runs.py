@@ -207,7 +207,7 @@ def _read_streams(run_dir: Path, key: bytes, info: RunInfo, observe: Observer | 
 
 
 def _outcome(kind: str, body: Any) -> tuple[str, str]:
-    if kind == "skip":
+    if kind in ("skip", "cancelled"):
         return "cancelled", ""
     if kind == "raised":
         kind = body["type"].removeprefix("builtins.")

@@ -241,7 +241,13 @@ def claim_path(run_dir: Path, batch: int, chunk: int) -> Path:
 
 
 def cancel_path(run_dir: Path, batch: int, chunk: int) -> Path:
+    """Calls of a chunk that workers skip (the client cancelled them)."""
     return batch_dir(run_dir, batch) / f"c{chunk:04d}.cancel"
+
+
+def stop_path(run_dir: Path, batch: int, chunk: int) -> Path:
+    """Calls of a chunk that a worker running one ends (`ex.cancel`)."""
+    return batch_dir(run_dir, batch) / f"c{chunk:04d}.stop"
 
 
 def stream_path(run_dir: Path, batch: int, task: int, attempt: int) -> Path:

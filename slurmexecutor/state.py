@@ -25,13 +25,12 @@ from . import events as ev
 from .errors import CallLostError, IntegrityError
 from .events import Action, Event, Failure
 from .joins import WarmJoins
-from .kills import KillGuard
 from .ledger import REQUEUEABLE, Batch, Config, Task
 from .policies import CancelPolicy, FailurePolicy, WidthPolicy
 from .schedulers import TaskKey, TaskState, state_of
 
 
-class Core(CancelPolicy, KillGuard, WidthPolicy, FailurePolicy, WarmJoins):
+class Core(CancelPolicy, WidthPolicy, FailurePolicy, WarmJoins):
     """Batches, tasks and calls, and every decision about them."""
 
     def __init__(self, config: Config) -> None:
@@ -39,10 +38,6 @@ class Core(CancelPolicy, KillGuard, WidthPolicy, FailurePolicy, WarmJoins):
         self.batches: dict[int, Batch] = {}
         self.tasks: dict[tuple[int, int], Task] = {}  # live tasks only
         self.doomed: set[int] = set()  # calls the user cancelled after launch
-        self.killing: set[int] = set()  # ... whose tasks may be killed (ex.cancel)
-        #: kills.py: batches whose kills wait (since when), and tasks to cancel when safe
-        self.kills_held: dict[int, float] = {}
-        self.unneeded: list[tuple[Task, float]] = []
         self.now = 0.0  # the current step's time
         self.cancelling = False  # shutdown(cancel_futures=True): no more retries
         self.next_poll = 0.0
@@ -73,8 +68,7 @@ class Core(CancelPolicy, KillGuard, WidthPolicy, FailurePolicy, WarmJoins):
         for event in events:
             self._apply(event, now)
         self._tick(now)
-        out, self._out = self._out, []  # kills first: before a retry's batch is written
-        out.sort(key=lambda action: not isinstance(action, ev.CancelTasks))
+        out, self._out = self._out, []
         return out
 
     @property
@@ -187,8 +181,6 @@ class Core(CancelPolicy, KillGuard, WidthPolicy, FailurePolicy, WarmJoins):
             task.unresolved.update(calls)
             batch.owner.update(dict.fromkeys(calls, task))
             self._out.append(ev.Claimed(batch.number, chunk, task.ref, calls))
-            if self.killing.intersection(calls):
-                self._kill_cancelled(batch)
         elif kind == "backup":  # a second copy of a straggling chunk: first result wins
             assert record.call_id is not None
             chunk = record.call_id
@@ -276,10 +268,6 @@ class Core(CancelPolicy, KillGuard, WidthPolicy, FailurePolicy, WarmJoins):
         if self.following:  # ... and are no longer followed
             self.following = {key: task for key, task in self.following.items()
                               if task.slurm_key in self.warm}
-        if self.unneeded:
-            self._cancel_unneeded()
-        if self.kills_held:
-            self._ask_held_kills()
         if not self.batches:
             return
         if now >= self.next_poll:
@@ -347,7 +335,6 @@ class Core(CancelPolicy, KillGuard, WidthPolicy, FailurePolicy, WarmJoins):
                 awaited |= self.open_calls()  # nor those a retry carries in another batch
                 finished = {c for chunk in batch.chunks for c in chunk} - awaited
                 self.doomed -= finished
-                self.killing -= finished
             started = sum(1 for t in batch.tasks if t.started)
             per_call = (now - batch.first_start) * started / batch.done if (
                 batch.done and batch.first_start is not None) else None

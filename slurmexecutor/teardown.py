@@ -128,7 +128,7 @@ class LeaseAndEnd:
     def _end_warm_tasks(self) -> None:
         """No idle task holds an allocation after the executor is gone: the signal file
         says closed (they exit at their next poll) and those known are cancelled, with
-        the unneeded ones still waiting to be (kills.py)."""
+        (a started one is ended by the scheduler: the executor is gone)."""
         if self.settings.keep_alive <= 0 or isinstance(self.error, RunInUseError):
             return
         try:
@@ -136,7 +136,6 @@ class LeaseAndEnd:
         except OSError as error:
             log.warning("slurmexecutor: could not tell warm tasks to end: %s", error)
         refs = [f"{job_id}_{index}" for job_id, index in self.core.warm]
-        refs += [task.slurm_id for task, _ in self.core.unneeded]
         if refs:
             try:
                 self.backend.cancel(refs)

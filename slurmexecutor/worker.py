@@ -21,6 +21,10 @@
       any exit code, 0 too; segfault; kill)? append
       a `crash` record for the one call it announced
       last and fork a new child that resumes after it
+    every 0.5 s while a call runs: is it in its
+      chunk's stop file (ex.cancel)? then end the
+      child, append a `cancelled` record for it and
+      fork a new child that resumes after it
     SIGUSR1 (Slurm's warning before the time limit):
       append a `limit` record; the child finishes
       the call it is running and claims nothing more
@@ -52,9 +56,13 @@ from .child import (
     JOIN_TASK,
     POSITION,
     STOP_SIGNAL,
+    CancelList,
     ChildRunner,
     _ChildStop,
 )
+
+#: seconds between looks at the running call's chunk's stop file (cooperative cancel)
+STOP_POLL = 0.5
 from .diskio import EXIT_FULL, EXIT_NO_FOLDER, FULL, named
 
 
@@ -126,6 +134,10 @@ class Supervisor:
         self.joining: int | None = None
         self.done = False  # the child said it finished (DONE): its end is no crash
         self.stopping = False
+        #: (chunk, position, call id) of a call this supervisor ended (`ex.cancel`)
+        self.stopped: tuple[int, int, int] | None = None
+        self._chunk_calls: dict[int, list[int]] = {}  # of the current batch
+        self._stop_lists: dict[int, CancelList] = {}
         # requeued: first run again what the earlier attempts had claimed
         self.reruns = _claimed_before(run_dir, batch, task, attempt, key)
 
@@ -153,9 +165,13 @@ class Supervisor:
     def run(self) -> None:
         resume: tuple[int, int] | None = None  # (chunk, position) to continue from
         while not self.stopping:
+            self.stopped = None
             position, done, status = self._run_child(resume)
             if done:  # its exit status does not matter: every call it ran has its record
                 return
+            if self.stopped is not None:  # ended on purpose: a cancel, not a crash
+                resume = self._after_stop(position)
+                continue
             # it ended without saying so: whatever the exit status (os._exit(0) too), the
             # call it announced last crashed; the others of its chunk still have to run
             if position is None:  # died before it ran a call: nothing will work
@@ -207,12 +223,21 @@ class Supervisor:
         buffer, status = b"", None
         # wait for the child itself, not for the pipe to close: processes the user's code
         # forks inherit the pipe and may outlive the child
+        next_look = time.monotonic() + STOP_POLL
         while status is None:
             if select.select([read_end], [], [], 0.2)[0]:
                 buffer = self._take_positions(buffer + os.read(read_end, 4096))
             done, raw = os.waitpid(pid, os.WNOHANG)
             if done:
                 status = raw
+            elif self.stopped is None and time.monotonic() >= next_look:
+                next_look = time.monotonic() + STOP_POLL
+                while select.select([read_end], [], [], 0)[0]:  # where it is now
+                    data = os.read(read_end, 4096)
+                    if not data:
+                        break
+                    buffer = self._take_positions(buffer + data)
+                self._stop_if_cancelled(pid)
         while select.select([read_end], [], [], 0)[0]:  # what it said before it ended
             data = os.read(read_end, 4096)
             if not data:
@@ -221,6 +246,45 @@ class Supervisor:
         os.close(read_end)
         self.child_pid = None
         return self.position, self.done, os.waitstatus_to_exitcode(status)
+
+    def _stop_if_cancelled(self, pid: int) -> None:
+        """End the child if the call it runs is in its chunk's stop file (`ex.cancel`):
+        the supervisor then writes the call's `cancelled` record and carries on."""
+        if self.position is None or self.position[1] == CLAIMED:
+            return
+        chunk, position = self.position
+        try:
+            calls = self._chunk_calls.get(chunk)
+            if calls is None:
+                calls = self._chunk_calls[chunk] = spool.read_blob(
+                    spool.chunk_path(self.run_dir, self.batch, chunk), self.key)["calls"]
+            stop = self._stop_lists.get(chunk)
+            if stop is None:
+                stop = self._stop_lists[chunk] = CancelList(
+                    spool.stop_path(self.run_dir, self.batch, chunk))
+            wanted_stop = calls[position] in stop.ids()
+        except Exception as error:  # noqa: BLE001  (unreadable: the call runs on)
+            print(f"slurmexecutor worker: chunk {chunk}: {error}", file=sys.stderr)
+            return
+        if wanted_stop:
+            self.stopped = (chunk, position, calls[position])
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def _after_stop(self, position: tuple[int, int] | None) -> tuple[int, int] | None:
+        """After ending the child for a cancel: the cancelled call's record, and where
+        to resume. If the child had moved on to the next call meanwhile, that call was
+        cut short by us, not by itself: it runs again."""
+        assert self.stopped is not None
+        chunk, stopped_at, call_id = self.stopped
+        if position == (chunk, stopped_at):
+            self.out.write(("cancelled", call_id, {"time": time.time()}))
+            return (chunk, stopped_at + 1)
+        if position is None:
+            return None
+        return (position[0], 0 if position[1] == CLAIMED else position[1])
 
     def _take_positions(self, buffer: bytes) -> bytes:
         whole = len(buffer) - len(buffer) % POSITION.size
@@ -248,6 +312,7 @@ class Supervisor:
         self.out.close()
         self.batch, self.task, self.position, self.joining = batch, task, None, None
         self.manifest = spool.read_blob(spool.manifest_path(self.run_dir, batch), self.key)
+        self._chunk_calls, self._stop_lists = {}, {}
         self.out = spool.RecordWriter(spool.stream_path(self.run_dir, batch, task, 0),
                                       self.key)
         self.reruns = []

@@ -13,12 +13,13 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 import weakref
 from concurrent.futures import FIRST_COMPLETED, wait
 
 import pytest
 
-from slurmexecutor import SerializationError
+from slurmexecutor import JobCancelledError, SerializationError
 
 
 def touch_and_return(folder: str, value: int) -> int:
@@ -164,3 +165,24 @@ def test_a_submit_during_interpreter_exit_is_refused_with_the_stdlib_words(backe
                           timeout=120, stdin=subprocess.DEVNULL, check=False)
     assert done.returncode == 0, done.stderr
     assert "refused: cannot schedule new futures after interpreter shutdown" in done.stdout
+
+
+def sleep_then_say(seconds: float) -> float:
+    print("started", flush=True)
+    time.sleep(seconds)
+    return seconds
+
+
+def test_cancel_stops_a_running_call_and_its_task_carries_on(make_executor):
+    """Cooperative cancel: the worker ends the running call it was asked to stop (its
+    future fails with JobCancelledError at once) and runs the rest of its chunk."""
+    ex = make_executor()
+    first, second = ex.submit_many(sleep_then_say, [(300,), (0,)], chunksize=2)
+    deadline = time.monotonic() + 120
+    while "started" not in first.log() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "started" in first.log()
+    ex.cancel([first])
+    assert isinstance(first.exception(timeout=60), JobCancelledError)
+    assert "while it ran" in str(first.exception())
+    assert second.result(timeout=60) == 0  # the same task went on with its chunk

@@ -166,14 +166,16 @@ def test_retries_never_carry_cancelled_calls_and_stop_at_shutdown_cancel():
     assert not of(out, Retry) and failed(out) == {0: JobCancelledError}
 
 
-def test_cancel_claims_whole_unclaimed_chunks_and_kills_only_tasks_holding_nothing_else():
+def test_cancel_claims_whole_unclaimed_chunks_and_stops_running_calls_by_their_workers():
     machine = core()
     started_batch(machine, chunks=((0, 1), (2, 3), (4,)), planned=2)
     machine.step([Record(0, 1, "start", None, {"host": "h", "pid": 2}),
                   Record(0, 0, "claim", 0, None), Record(0, 1, "claim", 1, None)], 0)
     out = machine.step([CancelRequested(frozenset({0, 2, 3, 4}))], 0.1)
     assert of(out, ClaimChunks) == [ClaimChunks(0, (2,))]
-    assert of(out, CancelTasks) == [CancelTasks(("7_1",))]  # task 0 still holds call 1
+    assert [(w.chunk, w.call_ids, w.stop) for w in of(out, WriteCancel)] == [
+        (0, (0,), True), (1, (2, 3), True), (2, (4,), True)]
+    assert not of(out, CancelTasks)  # no task is ended for a cancel: its worker stops it
     assert not of(out, Fail)  # nothing is failed before the claims are known
     out = machine.step([ClaimsWon(0, (2,))], 0.2)
     assert failed(out) == {4: JobCancelledError}
@@ -185,6 +187,7 @@ def test_cancel_without_kill_only_skips():
     machine.step([Record(0, 0, "claim", 0, None)], 0)
     out = machine.step([CancelRequested(frozenset({0, 1}), kill=False)], 0.1)
     assert not of(out, CancelTasks)
+    assert [w.stop for w in of(out, WriteCancel)] == [False]  # running ones run on
     out = machine.step([Record(0, 0, "ok", 0, b"ran"), Record(0, 0, "skip", 1, None)], 0.2)
     assert [(d.call_id, d.kind, d.cancelled_here) for d in of(out, Deliver)] == [
         (0, "ok", True), (1, "skip", True)]
@@ -323,15 +326,6 @@ def test_a_result_that_comes_after_the_verdict_still_wins_where_it_can():
     assert not of(machine.step([Record(0, 0, "ok", 0, b"too late")], 30.0), Deliver)
 
 
-def test_a_task_that_claimed_a_cancelled_chunk_unseen_is_killed_when_the_claim_shows():
-    machine = core()
-    started_batch(machine, chunks=((0,),), planned=1)
-    out = machine.step([CancelRequested(frozenset({0}))], 0.1)  # claim not seen yet
-    assert of(out, ClaimChunks) == [ClaimChunks(0, (0,))] and not of(out, CancelTasks)
-    out = machine.step([ClaimsWon(0, ()), Record(0, 0, "claim", 0, None)], 0.2)
-    assert of(out, CancelTasks) == [CancelTasks(("7_0",))]  # the task won the claim
-
-
 def test_a_backup_copy_keeps_the_calls_alive_and_the_first_result_wins():
     machine = core()
     started_batch(machine)
@@ -355,7 +349,7 @@ def test_a_backup_copy_keeps_the_calls_alive_and_the_first_result_wins():
     assert of(out, BatchDone)
 
 
-def test_the_slower_copy_is_stopped_once_the_other_answered_all_it_held():
+def test_the_slower_copy_stops_each_call_the_other_answered():
     machine = core()
     started_batch(machine)
     machine.step([Record(0, 0, "claim", 0, None),
@@ -366,7 +360,8 @@ def test_the_slower_copy_is_stopped_once_the_other_answered_all_it_held():
     assert [(w.chunk, w.call_ids) for w in of(out, WriteCancel)] == [(0, (0,))]
     assert not of(out, CancelTasks)  # task 0 still holds call 1, nobody answered it
     out = machine.step([Record(0, 0, "ok", 1, b"b")], 0.3)  # the original was quicker
-    assert [c.refs for c in of(out, CancelTasks)] == [("7_1",)]  # the backup is stopped
+    assert [(w.chunk, w.call_ids, w.stop) for w in of(out, WriteCancel)] == [(0, (1,), True)]
+    assert not of(out, CancelTasks)  # the backup's worker stops the call, not the task
     assert [d.call_id for d in of(out, Deliver)] == [1]
 
 
@@ -432,23 +427,6 @@ def test_chunks_of_deferred_tasks_are_not_failed_when_the_submitted_ones_end():
     assert ("8", 0) in {(t.job_id, t.array_index) for t in machine.tasks.values()}
 
 
-def test_a_warm_task_is_not_killed_while_it_may_have_joined_a_batch_with_wanted_work():
-    """ex.cancel of the calls a warm task holds, read late: the task may already have
-    skipped them and joined another batch of its resources (seen later). Killing it by
-    its Slurm id would end that batch's call: the kill waits until no such chunk is left."""
-    machine = core(keep_alive=30.0)
-    started_batch(machine, chunks=((0,),), planned=1, resources="A")
-    machine.step([Record(0, 0, "claim", 0, None)], 0.1)
-    machine.step([BatchAdded(1, [[1]], 1, resources="A")], 0.2)
-    out = machine.step([CancelRequested(frozenset({0}))], 0.3)
-    assert not of(out, CancelTasks)  # batch 1's chunk may be what task 7_0 runs now
-    # another task claimed it: 7_0 can only be running the cancelled call, kill it
-    machine.step([TasksSubmitted(1, "8", 0, 1),
-                  Record(1, 0, "start", None, {"host": "h", "pid": 3})], 0.4)
-    out = machine.step([Record(1, 0, "claim", 0, None)], 0.5)
-    assert of(out, CancelTasks) == [CancelTasks(("7_0",))]
-
-
 def test_a_task_whose_joined_stream_holds_wanted_calls_is_never_killed():
     machine = core(keep_alive=30.0)
     started_batch(machine, chunks=((0,),), planned=1, resources="A")
@@ -501,31 +479,6 @@ def test_a_joined_task_killed_before_its_start_record_does_not_hold_its_batch():
     assert of(machine.step([], 1.5), SubmitTasks)  # the batch gets its own array
 
 
-def test_an_unneeded_task_that_may_have_joined_another_batch_is_cancelled_only_when_safe():
-    """A batch is done before its task 7_1 was seen to start. With warm tasks it may have
-    started unseen and joined batch 1 (same resources, chunks left): cancelling 7_1 then
-    would end batch 1's call. It is cancelled once batch 1's chunks are all claimed,
-    and never if it shows up working in batch 1."""
-    for joins in (False, True):
-        machine = core(keep_alive=30.0)
-        started_batch(machine, chunks=((0,),), planned=2, resources="A")
-        machine.step([BatchAdded(1, [[1]], 1, resources="A")], 0.1)
-        out = machine.step([Record(0, 0, "claim", 0, None), Record(0, 0, "ok", 0, b"x")], 0.2)
-        assert not of(out, CancelTasks)  # 7_1 may be in batch 1 already
-        if joins:
-            joined = 1_000_000
-            machine.step([StreamFound(1, joined), Record(1, joined, "start", None, {
-                "host": "h", "pid": 2, "job_id": "7", "array_index": 1}),
-                Record(1, joined, "claim", 0, None)], 0.3)
-            assert not machine.unneeded  # a working task now
-        else:
-            machine.step([TasksSubmitted(1, "8", 0, 1),
-                          Record(1, 0, "start", None, {"host": "h", "pid": 3})], 0.3)
-            out = machine.step([Record(1, 0, "claim", 0, None)], 0.4)
-            assert of(out, CancelTasks) == [CancelTasks(("7_1",))]
-        assert not of(machine.step([], 0.5), CancelTasks)
-
-
 def test_without_warm_tasks_unneeded_tasks_are_cancelled_at_once():
     machine = core()
     started_batch(machine, chunks=((0,),), planned=2)
@@ -542,80 +495,6 @@ def _held_kill(machine):
     assert of(out, SubmitTasks)
     out = machine.step([CancelRequested(frozenset({0}))], 0.3)
     assert not of(out, CancelTasks) and set(machine.kills_held) == {0}
-
-
-def test_a_held_kill_goes_out_when_the_other_batchs_chunks_are_withdrawn():
-    """Batch 1's chunk leaves `unclaimed` by ClaimsWon (no claim record): the held kill
-    of 7_0 is asked again at the next tick and goes out."""
-    machine = core(keep_alive=30.0)
-    _held_kill(machine)
-    out = machine.step([CancelRequested(frozenset({1}), kill=False)], 0.4)
-    [claim] = of(out, ClaimChunks)
-    kills = of(out, CancelTasks)
-    out = machine.step([ClaimsWon(1, claim.chunks)], 0.5)
-    kills += of(out, CancelTasks)
-    assert 1 not in machine.batches  # batch 1 is gone: nothing can have joined it
-    for t in range(6, 200):
-        kills += of(machine.step([], t / 10), CancelTasks)
-    assert kills == [CancelTasks(("7_0",))], (kills, machine.kills_held)
-
-
-def test_a_held_kill_goes_out_when_the_other_batch_cannot_be_submitted():
-    machine = core(keep_alive=30.0)
-    _held_kill(machine)
-    kills = of(machine.step([SubmitFailed(1, SubmissionError("invalid partition"))], 0.4),
-               CancelTasks)
-    for t in range(5, 200):
-        kills += of(machine.step([], t / 10), CancelTasks)
-    assert kills == [CancelTasks(("7_0",))], (kills, machine.kills_held)
-
-
-def test_the_slower_copy_is_cancelled_once_it_cannot_have_joined_another_batch():
-    """Backups: 7_1 finished chunk 0 first; the original 7_0 (maybe hung) is cancelled,
-    held while batch 1 has chunks it could have joined."""
-    machine = core(keep_alive=30.0)
-    started_batch(machine, chunks=((0,),), planned=2, resources="A")
-    machine.step([Record(0, 0, "claim", 0, None),
-                  Record(0, 1, "start", None, {"host": "h", "pid": 2}),
-                  Record(0, 1, "backup", 0, None)], 0.1)
-    machine.step([BatchAdded(1, [[1], [2]], 1, resources="A")], 0.2)
-    out = machine.step([Record(0, 1, "ok", 0, b"x")], 0.3)
-    assert not of(out, CancelTasks)  # held: batch 1 has wanted chunks
-    kills = of(machine.step([TasksSubmitted(1, "8", 0, 1),
-                  Record(1, 0, "start", None, {"host": "h", "pid": 3}),
-                  Record(1, 0, "claim", 0, None), Record(1, 0, "claim", 1, None)], 0.4),
-               CancelTasks)
-    for t in range(5, 50):
-        kills += of(machine.step([], t / 10), CancelTasks)
-    # 7_0 never killed (batch 0 done: 7_0 is now considered a warm task at best)
-    assert CancelTasks(("7_0",)) in kills, kills
-
-
-def test_a_batch_no_warm_task_may_join_holds_no_kill():
-    """warm._joinable never joins steal=False batches: their chunks hold no kill."""
-    machine = core(keep_alive=30.0)
-    started_batch(machine, chunks=((0,),), planned=1, resources="A")
-    machine.step([Record(0, 0, "claim", 0, None)], 0.1)
-    machine.step([BatchAdded(1, [[c] for c in range(1, 100)], 99, steal=False,
-                             resources="A")], 0.2)
-    out = machine.step([CancelRequested(frozenset({0}))], 0.3)
-    assert of(out, CancelTasks), machine.kills_held
-
-
-def test_a_kill_that_waits_for_a_wanted_chunk_goes_out_once_another_task_claims_it():
-    """7_0 runs cancelled call 0; chunk 1 is wanted and unclaimed, so the kill waits;
-    7_1 claims chunk 1 (no killing call in it): the kill goes out."""
-    machine = core()
-    started_batch(machine, chunks=((0,), (1,)), planned=2)
-    machine.step([Record(0, 0, "claim", 0, None)], 0.1)
-    out = machine.step([CancelRequested(frozenset({0}))], 0.2)
-    assert not of(out, CancelTasks)
-    out = machine.step([Record(0, 1, "start", None, {"host": "h", "pid": 2}),
-                        Record(0, 1, "claim", 1, None)], 0.3)
-    kills = list(of(out, CancelTasks))
-    for t in range(4, 50):
-        kills += of(machine.step([], t / 10), CancelTasks)
-    assert CancelTasks(("7_0",)) in kills, kills
 
 
 def test_parts_grow_again_once_the_queue_has_room():
@@ -646,24 +525,6 @@ def test_parts_grow_again_once_the_queue_has_room():
     assert asks < 10, f"{asks} sbatch calls for 64 tasks once the queue had room"
 
 
-def test_kills_go_out_before_a_retrys_batch_exists():
-    """In one tick: 7_0 settles NODE_FAIL (Retry: the engine writes and announces a batch
-    of the same resources) and unneeded 7_2 is cancelled, judged before the retry batch
-    exists: the cancel goes out first, so 7_2 cannot join that batch before it."""
-    machine = core(keep_alive=30.0, retry_on=frozenset({"NODE_FAIL"}), max_retries=1)
-    machine.step([BatchAdded(0, [[0], [1]], 3, resources="A")], 0.0)
-    machine.step([TasksSubmitted(0, "7", 0, 3),
-                  Record(0, 0, "start", None, {"host": "h", "pid": 1}),
-                  Record(0, 0, "claim", 0, None)], 0.1)
-    machine.step([SchedulerAnswer({("7", 0): TaskState("NODE_FAIL")})], 0.2)
-    out = machine.step([SchedulerAnswer({("7", 0): TaskState("NODE_FAIL")}),
-                        Record(0, 1, "start", None, {"host": "h", "pid": 2}),
-                        Record(0, 1, "claim", 1, None), StreamsRead(0.25)], 0.3)
-    kinds = [type(a).__name__ for a in out]
-    assert "Retry" in kinds and "CancelTasks" in kinds
-    assert kinds.index("CancelTasks") < kinds.index("Retry"), kinds
-
-
 def test_an_attached_batch_submits_the_tasks_its_client_never_did():
     """The journal lists only the parts that went out (deferred, halved): `attach`
     passes them as `arrays`, and the rest is asked for."""
@@ -676,20 +537,3 @@ def test_an_attached_batch_submits_the_tasks_its_client_never_did():
     assert asks, "tasks 2..3 are never submitted"
 
 
-def test_held_kills_and_cancels_go_out_after_the_hold_without_evidence_of_a_move():
-    """A move to another batch shows in the streams within the result grace and a few
-    polls (here 0 + 1 + 2 x 1 s): a task still seen holding only cancelled calls after
-    that runs them, and is killed although batch 1 still waits for tasks."""
-    machine = core(keep_alive=30.0)
-    _held_kill(machine)  # held at 0.3
-    assert not of(machine.step([], 3.2), CancelTasks)
-    assert of(machine.step([], 3.4), CancelTasks) == [CancelTasks(("7_0",))]
-
-    machine = core(keep_alive=30.0)  # an unneeded task (7_1 never seen started)
-    started_batch(machine, chunks=((0,),), planned=2, resources="A")
-    machine.step([BatchAdded(1, [[1]], 1, resources="A")], 0.1)
-    assert not of(machine.step([Record(0, 0, "claim", 0, None),
-                                Record(0, 0, "ok", 0, b"x")], 0.2), CancelTasks)
-    assert not of(machine.step([], 3.1), CancelTasks)
-    assert of(machine.step([], 3.3), CancelTasks) == [CancelTasks(("7_1",))]
-    assert not machine.unneeded

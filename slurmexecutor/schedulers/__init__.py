@@ -93,8 +93,9 @@ class Backend(abc.ABC):
         return {}
 
     @abc.abstractmethod
-    def cancel(self, refs: Collection[str]) -> None:
-        """Cancel whole arrays ("123") or single tasks ("123_4")."""
+    def cancel(self, refs: Collection[str], pending_only: bool = False) -> None:
+        """Cancel whole arrays ("123") or single tasks ("123_4"); with `pending_only`,
+        only those that have not started (a started task is never ended by it)."""
 
     @abc.abstractmethod
     def max_array_size(self) -> int:

@@ -347,8 +347,10 @@ class RunSteps(Backend):
         return {key: TaskState("RUNNING", reason=f"step {step}")
                 for key, step in run_steps(job_ids, self.timeout).items()}
 
-    def cancel(self, refs: Collection[str]) -> None:
+    def cancel(self, refs: Collection[str], pending_only: bool = False) -> None:
         """scancel the running steps of these pseudo arrays (not single tasks)."""
+        if pending_only:  # steps are running by definition
+            return
         from .slurm import run_command
 
         steps = sorted(set(run_steps(refs, self.timeout).values()))

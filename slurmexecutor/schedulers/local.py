@@ -89,7 +89,7 @@ class LocalBackend(Backend):
         with self._lock:
             return {key: state for key, state in self._states.items() if key[0] in job_ids}
 
-    def cancel(self, refs: Collection[str]) -> None:
+    def cancel(self, refs: Collection[str], pending_only: bool = False) -> None:
         def matches(key: TaskKey, ref: str) -> bool:
             return ref == key[0] or ref == f"{key[0]}_{key[1]}"
 
@@ -98,7 +98,7 @@ class LocalBackend(Backend):
                 if any(matches(task.key, ref) for ref in refs):
                     self._queue.remove(task)
                     self._states[task.key] = TaskState("CANCELLED")
-            for task in self._running.values():
+            for task in [] if pending_only else self._running.values():
                 if any(matches(task.key, ref) for ref in refs) and not task.ending:
                     self._terminate(task, "CANCELLED")
             self._lock.notify()

@@ -184,10 +184,11 @@ class SlurmBackend(Backend):
             return {}
         return parse_sacct(done.stdout)
 
-    def cancel(self, refs: Collection[str]) -> None:
-        if refs:
-            log.info("scancel %s", " ".join(refs))
-            run_command(["scancel", *refs], check=False)
+    def cancel(self, refs: Collection[str], pending_only: bool = False) -> None:
+        if refs:  # --state=PENDING: the controller skips tasks that started meanwhile
+            state = ["--state=PENDING"] if pending_only else []
+            log.info("scancel %s", " ".join([*state, *refs]))
+            run_command(["scancel", *state, *refs], check=False)
 
     def _scontrol_config(self) -> str:
         if self._config is None:
