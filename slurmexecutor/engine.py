@@ -351,14 +351,9 @@ class Engine(LeaseAndEnd, Intake):
 
     def _read_streams(self) -> bool:
         """New records of live tasks (and of settled ones still awaited) become events."""
-        core = self.core
-        if not core.tasks and not core.lingering and not core.batches and not core.following:
+        wanted = self.core.to_read()
+        if wanted is None:
             return False
-        watched = {**core.tasks, **core.lingering, **core.following}
-        ended = [k for k, t in watched.items() if t.final is not None and not t.ended]
-        # batches a warm task may join, also while their own tasks are deferred
-        waiting = [n for n, b in core.batches.items() if not b.submit_asked or (
-            self.settings.keep_alive > 0 and b.steal and b.unclaimed)]
-        events = self._streams.read(watched, ended, waiting)
+        events = self._streams.read(wanted.streams, wanted.ended, wanted.folders)
         self._events += events
         return any(isinstance(event, ev.Record) for event in events)

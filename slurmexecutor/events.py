@@ -216,6 +216,17 @@ class WriteCancel:
 
 
 @dataclass(frozen=True)
+class ReadStreams:
+    """What the owner reads this round, as the core asks (`Core.to_read`): the streams of
+    these tasks, those of them the scheduler says ended (opened by name), and the
+    folders of batches a warm task may join unannounced."""
+
+    streams: frozenset[tuple[int, int]]
+    ended: tuple[tuple[int, int], ...]
+    folders: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class ClaimChunks:
     """Claim chunks for the client, so that no task will run them."""
 

@@ -75,6 +75,18 @@ class Core(CancelPolicy, WidthPolicy, FailurePolicy, WarmJoins):
     def idle(self) -> bool:
         return not self.batches
 
+    def to_read(self) -> ev.ReadStreams | None:
+        """What the owner reads this round: live tasks, settled ones still awaited
+        (lingering), warm ones followed to their end; None when nothing is live."""
+        if not self.tasks and not self.lingering and not self.batches and not self.following:
+            return None
+        watched = {**self.tasks, **self.lingering, **self.following}
+        ended = tuple(k for k, t in watched.items() if t.final is not None and not t.ended)
+        # batches a warm task may join, also while their own tasks are deferred
+        folders = tuple(n for n, b in self.batches.items() if not b.submit_asked or (
+            self.config.keep_alive > 0 and b.steal and b.unclaimed))
+        return ev.ReadStreams(frozenset(watched), ended, folders)
+
     def open_calls(self) -> set[int]:
         return {c for batch in self.batches.values() for c in batch.open_calls}
 

@@ -53,9 +53,9 @@ class Model:
 
     def step(self) -> None:
         self.now += 0.5
-        watched = {**self.core.tasks, **self.core.lingering, **self.core.following}
-        ended = [k for k, t in watched.items() if t.final is not None and not t.ended]
-        events = self.pending + self.reader.read(watched, ended, list(self.core.batches))
+        wanted = self.core.to_read()
+        read = self.reader.read(wanted.streams, wanted.ended, wanted.folders) if wanted else []
+        events = self.pending + read
         self.pending = []
         while True:
             actions = self.core.step(events, self.now)
