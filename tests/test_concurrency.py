@@ -1,7 +1,9 @@
 """A randomized concurrency test of the executor core (local backend only).
 
-Each seed builds one executor and lets 2-4 threads submit, map, cancel (Future.cancel
-and ex.cancel), wait and fetch results at random, while one of them shuts the executor
+Each seed builds one executor and lets 2-4 threads submit (also through an
+`ex.options` view, with futures as arguments, and as `submit_many` batches whose futures
+are cancelled at once), map, cancel (Future.cancel and ex.cancel), wait and fetch
+results at random, while one of them shuts the executor
 down (wait True/False, cancel_futures True/False) at a random point. Then it checks:
 
   - every future is done, and concurrent.futures.wait / as_completed return;
@@ -31,7 +33,7 @@ from pathlib import Path
 import pytest
 from conftest import wait_until
 
-from slurmexecutor import JobCancelledError, SlurmExecutor
+from slurmexecutor import DependencyError, JobCancelledError, SlurmExecutor
 
 SEEDS = 200
 #: a result() / map that takes this long on trivial calls is a hang
@@ -46,6 +48,11 @@ def mark(directory, key, x):
     return 3 * x + 1
 
 
+def mark_after(directory, key, x, _input):
+    """A dependent call: runs once its input future is done (its value is not used)."""
+    return mark(directory, key, x)
+
+
 def expected_ok(x) -> bool:
     return x % 7 != 0
 
@@ -55,6 +62,7 @@ class Call:
     future: cf.Future
     key: str
     x: int
+    input: cf.Future | None = None  # a dependent call's input future
 
 
 @dataclass
@@ -121,6 +129,58 @@ class Scenario:
                 self.violation(f"submit accepted after shutdown returned ({key})")
             with self.lock:
                 self.calls.append(Call(future, key, x))
+
+    def submit_many(self, rng: random.Random) -> None:
+        keys = [f"b{next(self.counter)}" for _ in range(rng.randint(1, 5))]
+        xs = [rng.randrange(1, 1000) for _ in keys]
+        after = self.shutdown_returned.is_set()
+        try:
+            futures = self.ex.submit_many(mark, [(str(self.markers), k, x)
+                                                 for k, x in zip(keys, xs)],
+                                          chunksize=rng.choice([None, 1, 2]))
+        except RuntimeError as error:
+            self.refused("submit_many", error)
+            return
+        if after:
+            self.violation(f"submit_many accepted after shutdown returned ({keys})")
+        with self.lock:
+            self.calls += [Call(f, k, x) for f, k, x in zip(futures, keys, xs)]
+        if rng.random() < 0.5:  # at once: the owner may not have taken the batch yet
+            victim = rng.choice(futures)
+            if victim.cancel():
+                with self.lock:
+                    self.cancel_true.add(id(victim))
+
+    def submit_view(self, rng: random.Random) -> None:
+        """Through an `ex.options` view (other settings: a window and arrays of its own)."""
+        key, x = f"v{next(self.counter)}", rng.randrange(1, 1000)
+        after = self.shutdown_returned.is_set()
+        try:
+            future = self.ex.options(setup=["true"]).submit(mark, str(self.markers), key, x)
+        except RuntimeError as error:
+            self.refused("a view's submit", error)
+            return
+        if after:
+            self.violation(f"a view's submit accepted after shutdown returned ({key})")
+        with self.lock:
+            self.calls.append(Call(future, key, x))
+
+    def submit_dependent(self, rng: random.Random) -> None:
+        """A call with another call's future as an argument."""
+        inputs = self.pick(rng, 1)
+        if not inputs:
+            return
+        key, x = f"d{next(self.counter)}", rng.randrange(1, 1000)
+        after = self.shutdown_returned.is_set()
+        try:
+            future = self.ex.submit(mark_after, str(self.markers), key, x, inputs[0].future)
+        except RuntimeError as error:
+            self.refused("a dependent submit", error)
+            return
+        if after:
+            self.violation(f"a dependent submit accepted after shutdown returned ({key})")
+        with self.lock:
+            self.calls.append(Call(future, key, x, inputs[0].future))
 
     def map(self, rng: random.Random) -> None:
         n = rng.randint(1, 4)
@@ -200,7 +260,8 @@ class Scenario:
 
     def run_thread(self, index: int) -> None:
         rng = random.Random(f"{self.seed}-{index}")
-        operations = [self.submit] * 7 + [self.map] * 2 + [self.cancel_future] * 3 + [
+        operations = [self.submit] * 5 + [self.submit_many] * 2 + [self.submit_view] + [
+            self.submit_dependent] + [self.map] * 2 + [self.cancel_future] * 3 + [
             self.cancel_many] * 2 + [self.wait_some] * 2 + [self.result] * 2 + [
             lambda rng: time.sleep(rng.uniform(0, 0.05))] * 2
         count = rng.randint(4, 10)
@@ -234,6 +295,14 @@ class Scenario:
                     self.violation(f"{call.key} is cancelled, but nobody cancelled it")
                 continue
             error = future.exception(timeout=0)
+            if isinstance(error, DependencyError):
+                given = call.input
+                if given is None or not given.done() or not (
+                        given.cancelled() or given.exception(timeout=0) is not None):
+                    self.violation(f"{call.key}: {error!r} but its input succeeded")
+                if ran:
+                    self.violation(f"{call.key} ran although its input failed")
+                continue
             if isinstance(error, JobCancelledError):
                 if id(future) not in self.ex_cancelled and not self.cancel_futures:
                     self.violation(f"{call.key}: {error!r} without ex.cancel/cancel_futures")
