@@ -19,7 +19,7 @@ from pathlib import Path
 
 import cloudpickle
 
-from slurmexecutor import cache
+from slurmexecutor.folder import cache
 
 
 def work(x: int) -> int:

@@ -14,9 +14,15 @@ from __future__ import annotations
 import argparse
 import time
 
-from slurmexecutor.events import BatchAdded, CancelRequested, CancelTasks, Record, TasksSubmitted
-from slurmexecutor.ledger import Config
-from slurmexecutor.state import Core
+from slurmexecutor.core.events import (
+    BatchAdded,
+    CancelRequested,
+    CancelTasks,
+    Record,
+    TasksSubmitted,
+)
+from slurmexecutor.core.ledger import Config
+from slurmexecutor.core.state import Core
 
 
 def two_batches(tasks: int, started: int) -> Core:

@@ -36,14 +36,15 @@ from pathlib import Path
 from _cluster import cluster_cpus, slurm_cluster
 from _report import load_line, table
 
-from slurmexecutor import SlurmExecutor, map_reduce, spool
-from slurmexecutor.countreads import (
+from slurmexecutor import SlurmExecutor, map_reduce
+from slurmexecutor.apps.countreads import (
     Region,
     count_reads_serial,
     count_region_reads,
     make_demo_data,
     read_bed,
 )
+from slurmexecutor.folder import spool
 
 BENCH_DIR = Path(__file__).resolve().parent
 

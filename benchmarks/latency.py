@@ -24,7 +24,8 @@ import time
 from _cluster import slurm_cluster
 from _report import load_line, table
 
-from slurmexecutor import SlurmExecutor, spool
+from slurmexecutor import SlurmExecutor
+from slurmexecutor.folder import spool
 
 
 def inc(x: int) -> int:

@@ -34,7 +34,8 @@ from pathlib import Path
 from _cluster import cluster_cpus, slurm_cluster
 from _report import load_line, table
 
-from slurmexecutor import SlurmExecutor, spool
+from slurmexecutor import SlurmExecutor
+from slurmexecutor.folder import spool
 
 SQUEUE_POLL_S = 0.02
 ARRAY_CAP = 1000  # MaxArraySize=1001 on the test cluster; the brief caps at 1000

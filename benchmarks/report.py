@@ -28,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from _report import load_line, table
 
-from slurmexecutor import report, spool
+from slurmexecutor.folder import spool
+from slurmexecutor.reports import report
 
 CHUNKS_PER_BATCH = 1000
 ERRORS = ["ValueError", "KeyError", "ZeroDivisionError"]

@@ -86,7 +86,7 @@ def walk_run(folder: Path) -> tuple[dict[str, Any], list[Path]]:
 
 def folder_stats(folder: Path, since: float) -> dict[str, Any]:
     """Counts of the run in `folder`; records read with this interpreter's spool module."""
-    from slurmexecutor import spool
+    from slurmexecutor.folder import spool
 
     counts, streams = walk_run(folder)
     if not counts:
@@ -228,7 +228,7 @@ def wrappers(folder: Path, record: Path) -> Path:
 def measure(tree: Path, backend: str, calls: int, args: argparse.Namespace,
             work: Path) -> dict[str, Any]:
     """One map in a child interpreter that imports slurmexecutor from `tree`, run in `work`
-    (its cwd too: `python -m slurmexecutor.worker` puts the cwd first on sys.path)."""
+    (its cwd too: `python -m slurmexecutor.worker.supervisor` puts the cwd first on sys.path)."""
     work.mkdir(mode=0o700)
     record = work / "commands.log"
     env = {**os.environ, "PYTHONPATH": str(tree),

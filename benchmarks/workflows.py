@@ -28,7 +28,8 @@ from pathlib import Path
 from _cluster import slurm_cluster
 from _report import load_line, table
 
-from slurmexecutor import SlurmExecutor, spool
+from slurmexecutor import SlurmExecutor
+from slurmexecutor.folder import spool
 
 
 def inc(x: int) -> int:

@@ -2,7 +2,7 @@
 
     from slurmexecutor import SlurmExecutor, map_reduce
 
-Names are imported lazily, so that `python -m slurmexecutor.worker` (what every array
+Names are imported lazily, so that `python -m slurmexecutor.worker.supervisor` (what every array
 task runs) does not pay for the client side.
 """
 
@@ -22,7 +22,7 @@ _EXPORTS = {
     "MapReduceTask": "mapreduce",
     "reducers": None,
     "errors": None,
-    "progress": "bars",
+    "progress": "owner.bars",
     "SlurmExecutorError": "errors",
     "SubmissionError": "errors",
     "SubmissionDeferred": "errors",
@@ -44,7 +44,7 @@ _EXPORTS = {
     "CallLostError": "errors",
 }
 __all__ = list(_EXPORTS)
-importlib.import_module(".joblib_backend", __name__).register_on_import()  # joblib: see there
+importlib.import_module(".apps.joblib_backend", __name__).register_on_import()  # joblib: see there
 
 
 def __getattr__(name: str) -> Any:

@@ -16,16 +16,16 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
-from .bars import CallProgress
-from .batches import BatchSpec, Chunk, Settings, auto_chunksize, dumps
-from .dependencies import Dependent, find_futures, snapshot
-from .futures import ChunkSink, FutureSink, SlurmFuture
-from .handoff import CachedResult, Submit
-from .schedulers.script import validate_extra, validate_resources
-from .sharing import SharedArguments
+from slurmexecutor.folder.sharing import SharedArguments
+from slurmexecutor.owner.bars import CallProgress
+from slurmexecutor.owner.batches import BatchSpec, Chunk, Settings, auto_chunksize, dumps
+from slurmexecutor.owner.dependencies import Dependent, find_futures, snapshot
+from slurmexecutor.owner.futures import ChunkSink, FutureSink, SlurmFuture
+from slurmexecutor.owner.handoff import CachedResult, Submit
+from slurmexecutor.schedulers.script import validate_extra, validate_resources
 
 if TYPE_CHECKING:
-    from .executor import SlurmExecutor
+    from slurmexecutor.executor import SlurmExecutor
 
 
 def callable_name(fn: Callable) -> str:

@@ -52,19 +52,20 @@ from concurrent.futures import Executor, Future
 from pathlib import Path
 from typing import Any
 
-from . import spool
-from ._log import log
-from .batches import BatchSpec, Settings, dumps
-from .caching import CallCache, open_cache
-from .calls import CallMaker, callable_name
-from .engine import Engine
-from .errors import RunNotFoundError
-from .futures import FutureSink, SlurmFuture, call_log
-from .handoff import CancelCalls, Launch, Shutdown
-from .lease import Lease
-from .schedulers import make_backend
-from .schedulers.script import link_package, validate_extra, validate_resources
-from .state import Config, Core
+from slurmexecutor._log import log
+from slurmexecutor.calls import CallMaker, callable_name
+from slurmexecutor.core.state import Config, Core
+from slurmexecutor.errors import RunNotFoundError
+from slurmexecutor.folder import spool
+from slurmexecutor.folder.folders import default_folder
+from slurmexecutor.folder.lease import Lease
+from slurmexecutor.owner.batches import BatchSpec, Settings, dumps
+from slurmexecutor.owner.caching import CallCache, open_cache
+from slurmexecutor.owner.engine import Engine
+from slurmexecutor.owner.futures import FutureSink, SlurmFuture, call_log
+from slurmexecutor.owner.handoff import CancelCalls, Launch, Shutdown
+from slurmexecutor.schedulers import make_backend
+from slurmexecutor.schedulers.script import link_package, validate_extra, validate_resources
 
 DEFAULT_RETRY_ON = ("NODE_FAIL", "PREEMPTED")
 #: seconds a task that Slurm says has ended, but whose `end` record the client has not
@@ -95,11 +96,6 @@ def _finish_at_exit() -> None:
 
 
 threading._register_atexit(_finish_at_exit)  # type: ignore[attr-defined]
-
-
-def default_folder() -> Path:
-    """$SLURMEXECUTOR_FOLDER, else ~/.slurmexecutor (home is shared on most clusters)."""
-    return Path(os.environ.get("SLURMEXECUTOR_FOLDER") or "~/.slurmexecutor").expanduser()
 
 
 class SlurmExecutor(CallMaker, Executor):
@@ -188,7 +184,7 @@ class SlurmExecutor(CallMaker, Executor):
         #: every call's future, by call id, for runs reattached with `attach`
         self.futures: dict[int, SlurmFuture] = {}
         if _run is not None:
-            from .reattach import reattach
+            from slurmexecutor.owner.reattach import reattach
 
             self.futures = reattach(self._engine, self.resources.get("time"))
             self._next_call = max(self.futures, default=-1) + 1
@@ -246,14 +242,14 @@ class SlurmExecutor(CallMaker, Executor):
         first call) and return its address."""
         server = getattr(self, "_report_server", None)
         if server is None:
-            from .report_serve import ReportServer
+            from slurmexecutor.reports.report_serve import ReportServer
 
             server = self._report_server = ReportServer(self.run_dir, port).start()
             log.info("run %s: live report at %s", self.run_id, server.url)
         return server.url
 
     def _repr_html_(self) -> str:
-        from .report import summary
+        from slurmexecutor.reports.report import summary
 
         return summary(self.run_dir, self.key)
 

@@ -24,8 +24,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from .bars import CallProgress
-from .reducers import _MISSING, Reducer, as_reducer
+from slurmexecutor.owner.bars import CallProgress
+from slurmexecutor.reducers import _MISSING, Reducer, as_reducer
 
 
 @dataclass
@@ -214,7 +214,7 @@ def map_reduce_async(fn: Callable, items: Iterable, fractions: int,
         raise ValueError("map_reduce: the input is empty (pass initial= to allow that)")
     owns = executor is None
     if owns:
-        from .executor import SlurmExecutor
+        from slurmexecutor.executor import SlurmExecutor
 
         executor = SlurmExecutor()
     futures = executor.submit_many(  # one chunk per fraction, claimed like any chunk

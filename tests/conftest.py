@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from slurmexecutor import SlurmExecutor, spool
+from slurmexecutor import SlurmExecutor
+from slurmexecutor.folder import spool
 
 REPO = Path(__file__).resolve().parent.parent
 CLUSTER_SCRIPT = REPO / "scripts" / "slurm_cluster.py"  # = python -m slurmexecutor.testing

@@ -22,8 +22,10 @@ import cloudpickle
 import pytest
 from tqdm import tqdm
 
-from slurmexecutor import cli, runs, spool
-from slurmexecutor.bars import progress
+from slurmexecutor.apps import cli
+from slurmexecutor.folder import spool
+from slurmexecutor.owner.bars import progress
+from slurmexecutor.reports import runs
 from slurmexecutor.schedulers import REMAINDER, TaskState
 
 JOB = "4242"

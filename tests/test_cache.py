@@ -18,9 +18,10 @@ from pathlib import Path
 import cloudpickle
 import pytest
 
-from slurmexecutor import SlurmExecutor, cache
-from slurmexecutor.cache import CallKeys, ResultCache, UncacheableError, function_fingerprint
-from slurmexecutor.cli import main as cli_main
+from slurmexecutor import SlurmExecutor
+from slurmexecutor.apps.cli import main as cli_main
+from slurmexecutor.folder import cache
+from slurmexecutor.folder.cache import CallKeys, ResultCache, UncacheableError, function_fingerprint
 
 fingerprint = function_fingerprint
 
@@ -112,7 +113,7 @@ def test_same_source_same_fingerprints_and_keys_in_new_processes_whatever_the_ha
     script.write_text(textwrap.dedent(f"""
         import json, sys
         sys.path.insert(0, {str(where)!r})
-        from slurmexecutor.cache import CallKeys, function_fingerprint as fp
+        from slurmexecutor.folder.cache import CallKeys, function_fingerprint as fp
         import {name} as module
         SEEDS = {{"a", "b", "c", "d", "e"}}
         def local(x):

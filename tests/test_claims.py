@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from slurmexecutor import claims
+from slurmexecutor.folder import claims
 
 
 def test_order_is_the_own_block_then_the_rest_from_the_top():

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 from conftest import wait_until
 
-from slurmexecutor import JobCancelledError, SlurmExecutor, spool
-from slurmexecutor.countreads import count_reads_serial, make_demo_data, read_bed
+from slurmexecutor import JobCancelledError, SlurmExecutor
+from slurmexecutor.apps.countreads import count_reads_serial, make_demo_data, read_bed
+from slurmexecutor.folder import spool
 
 pytestmark = pytest.mark.usefixtures("slurm_cluster")
 
@@ -157,7 +158,7 @@ def test_render_shows_the_exact_script(tmp_path):
                      "#SBATCH --mem=4G", "#SBATCH --array=0-15%5",
                      "#SBATCH --signal=B:USR1@60", "module load python"):
         assert expected in lines
-    assert lines[-1].startswith("exec ") and "from slurmexecutor.worker import main" in lines[-1]
+    assert lines[-1].startswith("exec ") and "from slurmexecutor.worker.supervisor import main" in lines[-1]
     bad = cli("render", "--no-such-option", "1", folder=tmp_path, check=False)
     assert bad.returncode == 2 and "unrecognized arguments" in bad.stderr
     for command in ("render", "count-reads", "demo"):  # help texts hold a literal %N

@@ -36,13 +36,8 @@ import pytest
 from conftest import wait_until
 
 import slurmexecutor
-from slurmexecutor import (
-    RunInUseError,
-    SlurmExecutor,
-    SubmissionError,
-    WorkerCrashedError,
-    spool,
-)
+from slurmexecutor import RunInUseError, SlurmExecutor, SubmissionError, WorkerCrashedError
+from slurmexecutor.folder import spool
 
 TESTS = str(Path(__file__).resolve().parent)
 #: how long a call waiting for its "go" file waits at most (it never runs forever)

@@ -5,8 +5,7 @@ call gets exactly one verdict, at the right time."""
 
 from __future__ import annotations
 
-from slurmexecutor.errors import CallLostError, JobCancelledError, SubmissionError
-from slurmexecutor.events import (
+from slurmexecutor.core.events import (
     BatchAdded,
     CancelRequested,
     ClaimChunks,
@@ -22,8 +21,9 @@ from slurmexecutor.events import (
     SubmitTasks,
     TasksSubmitted,
 )
+from slurmexecutor.core.state import Config, Core
+from slurmexecutor.errors import CallLostError, JobCancelledError, SubmissionError
 from slurmexecutor.schedulers import TaskState
-from slurmexecutor.state import Config, Core
 
 
 def core(**options) -> Core:

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from slurmexecutor import claims, spool
-from slurmexecutor import events as ev
+from slurmexecutor.core import events as ev
+from slurmexecutor.core.state import Config, Core
 from slurmexecutor.errors import SubmissionError
+from slurmexecutor.folder import claims, spool
+from slurmexecutor.owner.streams import StreamReader
 from slurmexecutor.schedulers import TaskState
-from slurmexecutor.state import Config, Core
-from slurmexecutor.streams import StreamReader
 
 
 @dataclass

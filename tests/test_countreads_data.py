@@ -1,4 +1,4 @@
-"""Tests for the read-counting demo workload in slurmexecutor.countreads."""
+"""Tests for the read-counting demo workload in slurmexecutor.apps.countreads."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from pathlib import Path
 import pysam
 import pytest
 
-from slurmexecutor import countreads
-from slurmexecutor.countreads import (
+from slurmexecutor.apps import countreads
+from slurmexecutor.apps.countreads import (
     Region,
     count_reads_serial,
     count_region_reads,

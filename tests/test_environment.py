@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from slurmexecutor import EnvironmentMismatchError, batches
+from slurmexecutor import EnvironmentMismatchError
+from slurmexecutor.owner import batches
 
 
 def other_python() -> str | None:

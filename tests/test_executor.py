@@ -26,9 +26,9 @@ from slurmexecutor import (
     SlurmExecutor,
     SubmissionError,
     WorkerCrashedError,
-    spool,
 )
-from slurmexecutor.batches import MIN_CHUNK_SECONDS, auto_chunksize
+from slurmexecutor.folder import spool
+from slurmexecutor.owner.batches import MIN_CHUNK_SECONDS, auto_chunksize
 from slurmexecutor.schedulers import state_of
 
 REPO = Path(__file__).resolve().parent.parent
@@ -288,7 +288,7 @@ def test_result_flushes_the_window_at_once(make_executor):
 
 
 def test_worker_does_not_import_the_client_side():
-    code = ("import sys, slurmexecutor.worker; "
+    code = ("import sys, slurmexecutor.worker.supervisor; "
             "bad = {'slurmexecutor.executor', 'slurmexecutor.monitor', 'concurrent.futures', "
             "'cloudpickle', 'tempfile', 'dataclasses'} & set(sys.modules); print(sorted(bad))")
     done = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True,

@@ -27,8 +27,8 @@ from slurmexecutor import (
     RunInUseError,
     SlurmExecutor,
     WorkerCrashedError,
-    spool,
 )
+from slurmexecutor.folder import spool
 
 
 def sleep_then(seconds, value=None):
@@ -342,7 +342,7 @@ def test_100k_call_map_with_bounded_client_memory(slurm_cluster, tmp_path):
 
 
 def test_calls_cancelled_from_outside_fail_instead_of_hanging(make_executor, backend):
-    from slurmexecutor import runs
+    from slurmexecutor.reports import runs
 
     ex = make_executor(array_parallelism=1, chunksize=1)
     blocker = ex.submit(sleep_then, 3, "done")

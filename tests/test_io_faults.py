@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from slurmexecutor import IntegrityError, SlurmExecutor, SubmissionError, diskio, spool, streams
+from slurmexecutor import IntegrityError, SlurmExecutor, SubmissionError
+from slurmexecutor.folder import diskio, spool
+from slurmexecutor.owner import streams
 from tests.conftest import wait_until
 
 
@@ -168,7 +170,7 @@ def test_a_full_run_folder_fails_only_what_does_not_fit(small_disk):
 def test_a_worker_that_cannot_write_says_so():
     """A task that ended with the worker's exit code for a full disk, or for a folder
     the node does not see: the calls' errors say so (not `raise result_grace`)."""
-    from slurmexecutor.ledger import Batch, Task, task_failure
+    from slurmexecutor.core.ledger import Batch, Task, task_failure
     from slurmexecutor.schedulers import TaskState
 
     batch = Batch(0, [[0]], 1, False, 0, None, {0})

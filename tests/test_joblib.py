@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 from conftest import wait_until
 
-from slurmexecutor import RemoteTraceback, SerializationError, spool
+from slurmexecutor import RemoteTraceback, SerializationError
+from slurmexecutor.folder import spool
 
 joblib = pytest.importorskip("joblib", reason="the joblib extra: pip install slurmexecutor[joblib]")
 
@@ -84,7 +85,7 @@ def test_parallel_runs_batches_on_the_executor_in_order(config):
     assert [value for value, _ in out] == [i * i for i in range(200)]
     assert os.getpid() not in {pid for _, pid in out}  # ran in array tasks
     written = batches(config["folder"])
-    assert written and all(b["functions"] == ["slurmexecutor.joblib_backend.run_batch"]
+    assert written and all(b["functions"] == ["slurmexecutor.apps.joblib_backend.run_batch"]
                            for b in written)
     assert len(list(config["folder"].glob("*/run.json"))) == 1  # one executor per call
     assert 1 < calls(config["folder"]) < 200  # a submit per joblib batch: auto-batching

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from slurmexecutor import lease, runs, spool
 from slurmexecutor.errors import RunInUseError
+from slurmexecutor.folder import lease, spool
+from slurmexecutor.reports import runs
 
 
 @pytest.fixture

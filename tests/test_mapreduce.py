@@ -10,7 +10,8 @@ from collections import Counter
 import pytest
 from conftest import wait_until
 
-from slurmexecutor import JobCancelledError, map_reduce, map_reduce_async, reducers, spool
+from slurmexecutor import JobCancelledError, map_reduce, map_reduce_async, reducers
+from slurmexecutor.folder import spool
 from slurmexecutor.mapreduce import split_fractions
 from slurmexecutor.reducers import as_reducer
 

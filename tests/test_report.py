@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 from conftest import wait_until
 
-from slurmexecutor import report, spool
-from slurmexecutor.report_html import render
+from slurmexecutor.folder import spool
+from slurmexecutor.reports import report
+from slurmexecutor.reports.report_html import render
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
@@ -128,7 +129,7 @@ def test_report_shows_a_failure_a_retried_task_and_warm_joins(make_executor, tmp
 
 
 def test_report_command_writes_one_file(make_executor, tmp_path, capsys):
-    from slurmexecutor.cli import main
+    from slurmexecutor.apps.cli import main
 
     ex = make_executor()
     assert list(ex.map(square, range(20))) == [x * x for x in range(20)]
@@ -174,7 +175,7 @@ def test_serve_answers_on_localhost_and_the_done_count_grows(make_executor, tmp_
 
 
 def test_a_calls_output_can_be_followed(make_executor, tmp_path, capsys):
-    from slurmexecutor.cli import main
+    from slurmexecutor.apps.cli import main
 
     ex = make_executor()
     go = tmp_path / "go"

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from slurmexecutor import JobCancelledError, SlurmExecutor, map_reduce, spool
+from slurmexecutor import JobCancelledError, SlurmExecutor, map_reduce
+from slurmexecutor.folder import spool
 
 
 def square(x):

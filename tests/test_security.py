@@ -187,7 +187,7 @@ def test_the_worker_path_is_verified(tmp_path):
 
 
 def test_only_safe_existing_sys_path_entries_are_shipped(tmp_path, monkeypatch, caplog):
-    from slurmexecutor import batches
+    from slurmexecutor.owner import batches
 
     good, loose = tmp_path / "good", tmp_path / "loose"
     for path in (good, loose):

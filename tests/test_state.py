@@ -2,17 +2,7 @@
 
 from __future__ import annotations
 
-from slurmexecutor.errors import (
-    CallLostError,
-    IntegrityError,
-    JobCancelledError,
-    JobTimeoutError,
-    NodeFailureError,
-    SubmissionDeferred,
-    SubmissionError,
-    WorkerCrashedError,
-)
-from slurmexecutor.events import (
+from slurmexecutor.core.events import (
     BatchAdded,
     BatchDone,
     CancelRequested,
@@ -38,8 +28,18 @@ from slurmexecutor.events import (
     TasksSubmitted,
     WriteCancel,
 )
+from slurmexecutor.core.state import Config, Core, window_due
+from slurmexecutor.errors import (
+    CallLostError,
+    IntegrityError,
+    JobCancelledError,
+    JobTimeoutError,
+    NodeFailureError,
+    SubmissionDeferred,
+    SubmissionError,
+    WorkerCrashedError,
+)
 from slurmexecutor.schedulers import TaskState
-from slurmexecutor.state import Config, Core, window_due
 
 
 def core(**options) -> Core:

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from slurmexecutor import SlurmExecutor, spool
+from slurmexecutor import SlurmExecutor
 from slurmexecutor.errors import SubmissionDeferred, SubmissionError
+from slurmexecutor.folder import spool
 from slurmexecutor.schedulers import sbatch
 from slurmexecutor.schedulers.slurm import SlurmBackend, parse_max_job_count
 

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from slurmexecutor import IntegrityError, spool
-from slurmexecutor.bars import CallProgress, progress
-from slurmexecutor.batches import MAX_CHUNKS, auto_chunksize
+from slurmexecutor import IntegrityError
 from slurmexecutor.errors import JobTimeoutError, TaskFailedError
+from slurmexecutor.folder import spool
+from slurmexecutor.owner.bars import CallProgress, progress
+from slurmexecutor.owner.batches import MAX_CHUNKS, auto_chunksize
 from slurmexecutor.schedulers import REMAINDER, TaskState, state_of
 from slurmexecutor.schedulers.script import (
     WORKER_ENTRY,
@@ -100,8 +101,8 @@ def test_chunks_follow_the_work_and_are_capped_per_batch():
 
 
 def test_a_retry_keeps_shared_arguments_shared(tmp_path):
-    from slurmexecutor.batches import BatchSpec, Chunk, retry_chunks, write_batch
-    from slurmexecutor.sharing import SharedArguments, SharedObjects
+    from slurmexecutor.folder.sharing import SharedArguments, SharedObjects
+    from slurmexecutor.owner.batches import BatchSpec, Chunk, retry_chunks, write_batch
 
     key = spool.load_key(tmp_path, create=True)
     run_dir = spool.ensure_private_dir(tmp_path / "run")
@@ -298,7 +299,7 @@ def test_progress_off_when_not_a_terminal(monkeypatch):
 def test_the_sink_table_hands_each_call_out_once():
     from concurrent.futures import Future
 
-    from slurmexecutor.futures import ChunkSink, FutureSink, SinkTable
+    from slurmexecutor.owner.futures import ChunkSink, FutureSink, SinkTable
 
     table = SinkTable()
     chunk = ChunkSink(Future(), 10, 3)

@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 from conftest import wait_until
 
-from slurmexecutor import JobCancelledError, TaskFailedError, spool
+from slurmexecutor import JobCancelledError, TaskFailedError
+from slurmexecutor.folder import spool
+from slurmexecutor.folder.warm import JOIN_BASE, Watcher
 from slurmexecutor.schedulers import state_of
-from slurmexecutor.warm import JOIN_BASE, Watcher
 
 
 def inc(x: int) -> int:
@@ -75,7 +76,7 @@ def test_shutdown_ends_an_idle_warm_task(make_executor):
 
 
 def test_status_shows_an_idle_warm_task(make_executor, capsys):
-    from slurmexecutor.cli import main
+    from slurmexecutor.apps.cli import main
 
     ex = make_executor(keep_alive=60)
     assert ex.submit(inc, 1).result(timeout=120) == 2
@@ -162,8 +163,8 @@ def test_the_watch_stops_at_the_time_limit_warning_and_at_close(tmp_path):
 
 
 def test_the_watch_misses_no_batch_when_several_come_at_once(tmp_path):
-    from slurmexecutor import claims, warm
-    from slurmexecutor.batches import BatchSpec, Chunk, write_batch
+    from slurmexecutor.folder import claims, warm
+    from slurmexecutor.owner.batches import BatchSpec, Chunk, write_batch
 
     key = spool.load_key(tmp_path, create=True)
     run_dir = spool.ensure_private_dir(tmp_path / "run")
@@ -183,7 +184,7 @@ def test_the_watch_misses_no_batch_when_several_come_at_once(tmp_path):
 def test_a_joined_stream_holds_its_start_record_from_the_first_moment(tmp_path):
     """Killed right after joining, a warm task is still named by its stream: a stream
     seen empty would be a task the client can neither follow nor settle."""
-    from slurmexecutor import warm
+    from slurmexecutor.folder import warm
 
     key = spool.load_key(tmp_path, create=True)
     run_dir = spool.ensure_private_dir(tmp_path / "run")

@@ -1,5 +1,5 @@
 """The worker alone (no executor, no scheduler): a run folder built by hand, one array
-task run as `python -m slurmexecutor.worker`, its result stream read back.
+task run as `python -m slurmexecutor.worker.supervisor`, its result stream read back.
 
 A call that ends its process (`os._exit`, with any exit code, 0 included) fails that one
 call with a `crash` record; the other calls of its chunk, and later chunks, still run.
@@ -15,7 +15,7 @@ from pathlib import Path
 import cloudpickle
 import pytest
 
-from slurmexecutor import spool
+from slurmexecutor.folder import spool
 
 REPO = Path(__file__).resolve().parent.parent
 HERE = str(Path(__file__).resolve().parent)
@@ -62,7 +62,7 @@ def run_worker(run_dir: Path, key: bytes) -> list[tuple]:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("SLURM_", "SLURMEXECUTOR_"))}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    done = subprocess.run([sys.executable, "-m", "slurmexecutor.worker", str(run_dir), "0", "0"],
+    done = subprocess.run([sys.executable, "-m", "slurmexecutor.worker.supervisor", str(run_dir), "0", "0"],
                           env=env, capture_output=True, text=True, timeout=120,
                           stdin=subprocess.DEVNULL, check=False)
     assert done.returncode == 0, done.stderr

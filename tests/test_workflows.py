@@ -12,7 +12,8 @@ from concurrent.futures import ThreadPoolExecutor, wait
 import pytest
 from conftest import wait_until
 
-from slurmexecutor import DependencyError, map_reduce, spool
+from slurmexecutor import DependencyError, map_reduce
+from slurmexecutor.folder import spool
 
 
 def inc(x):
@@ -216,8 +217,8 @@ def test_an_owner_that_fails_on_a_bug_leaves_no_future_hanging(tmp_path):
     """Every future it held fails, waiting calls too, and a request that races past the
     caller's check is failed at once instead of sitting in a queue nobody reads."""
     from slurmexecutor import SlurmExecutor, SlurmExecutorError
-    from slurmexecutor.futures import SlurmFuture
-    from slurmexecutor.handoff import Submit
+    from slurmexecutor.owner.futures import SlurmFuture
+    from slurmexecutor.owner.handoff import Submit
 
     ex = SlurmExecutor(tmp_path, backend="local", keep_alive=0)
     try:

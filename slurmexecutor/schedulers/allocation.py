@@ -28,10 +28,10 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from .._log import log
-from . import Backend, TaskKey, TaskState
-from .local import KILL_WAIT, LocalBackend, _Task
-from .script import parse_directives
+from slurmexecutor._log import log
+from slurmexecutor.schedulers.base import Backend, TaskKey, TaskState
+from slurmexecutor.schedulers.local import KILL_WAIT, LocalBackend, _Task
+from slurmexecutor.schedulers.script import parse_directives
 
 #: resources that describe the allocation, not a step: not used inside one
 JOB_ONLY = ("partition", "account", "qos", "reservation", "begin", "deadline", "mail_type",
@@ -297,7 +297,7 @@ def _tail(path: Path, size: int = 8192) -> str:
 def run_steps(job_ids: Collection[str], timeout: float = 15.0) -> dict[TaskKey, str]:
     """The steps (`squeue -s`) of these pseudo array jobs ("ALLOC-PID-N"): task -> step
     id. Raises SubmissionError when Slurm cannot be asked."""
-    from .slurm import run_command
+    from slurmexecutor.schedulers.slurm import run_command
 
     allocations = sorted({job.split("-", 1)[0] for job in job_ids})
     if not allocations:
@@ -351,7 +351,7 @@ class RunSteps(Backend):
         """scancel the running steps of these pseudo arrays (not single tasks)."""
         if pending_only:  # steps are running by definition
             return
-        from .slurm import run_command
+        from slurmexecutor.schedulers.slurm import run_command
 
         steps = sorted(set(run_steps(refs, self.timeout).values()))
         if steps:

@@ -18,9 +18,9 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
-from .._log import log
-from . import Backend, TaskKey, TaskState
-from .script import parse_directives, time_limit_seconds, warning_seconds
+from slurmexecutor._log import log
+from slurmexecutor.schedulers.base import Backend, TaskKey, TaskState
+from slurmexecutor.schedulers.script import parse_directives, time_limit_seconds, warning_seconds
 
 KILL_WAIT = 2.0  # seconds between SIGTERM and SIGKILL, like Slurm's KillWait
 _job_numbers = itertools.count(1)

@@ -33,8 +33,8 @@ import subprocess
 import time
 from typing import NamedTuple
 
-from .._log import log
-from ..errors import SubmissionDeferred, SubmissionError
+from slurmexecutor._log import log
+from slurmexecutor.errors import SubmissionDeferred, SubmissionError
 
 
 class Refusal(NamedTuple):

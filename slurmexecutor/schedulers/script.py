@@ -14,9 +14,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import slurmexecutor
-
-from ..folders import UnsafeFolderError, ensure_private_dir
+from slurmexecutor.folder.folders import UnsafeFolderError, ensure_private_dir
 
 #: keyword -> what it takes. Booleans become flags; `array_parallelism` becomes `%N`.
 SBATCH_OPTIONS: dict[str, str] = {
@@ -112,7 +110,7 @@ def link_package(run_dir: Path) -> Path:
     (replacing a link that points elsewhere), verify it, and return the folder."""
     target = ensure_private_dir(python_path_dir(run_dir))
     link = target / "slurmexecutor"
-    package = str(Path(slurmexecutor.__file__).resolve().parent)
+    package = str(Path(__file__).resolve().parents[1])  # this package
     try:
         current: str | None = os.readlink(link)
     except (FileNotFoundError, OSError):
@@ -217,7 +215,7 @@ def sbatch_directives(resources: dict, spec: ScriptSpec) -> list[str]:
 #: how the batch script starts the worker: `python -c` with the working directory
 #: taken off sys.path (it stays the calls' working directory)
 WORKER_ENTRY = ("import sys; sys.path[:] = [p for p in sys.path if p not in ('', '.')]; "
-                "from slurmexecutor.worker import main; sys.exit(main(sys.argv[1:]))")
+                "from slurmexecutor.worker.supervisor import main; sys.exit(main(sys.argv[1:]))")
 
 
 def render_script(resources: dict, spec: ScriptSpec) -> str:

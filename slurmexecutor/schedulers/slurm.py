@@ -7,9 +7,10 @@ import subprocess
 from collections.abc import Collection
 from pathlib import Path
 
-from .._log import log
-from ..errors import SubmissionDeferred, SubmissionError
-from . import REMAINDER, Backend, TaskKey, TaskState, sbatch
+from slurmexecutor._log import log
+from slurmexecutor.errors import SubmissionDeferred, SubmissionError
+from slurmexecutor.schedulers import sbatch
+from slurmexecutor.schedulers.base import REMAINDER, Backend, TaskKey, TaskState
 
 #: squeue columns: array job id, array index, state, raw exit status, reason.
 SQUEUE_FORMAT = "ArrayJobID:|,ArrayTaskID:|,State:|,exit_code:|,Reason:"

@@ -15,7 +15,7 @@ It needs root and Debian's ``slurm-wlm`` and ``munge`` packages; it writes nothi
 outside DIR and never touches the system's munged.
 """
 
-from .cluster import (
+from slurmexecutor.testing.cluster import (
     Cluster,
     down,
     kill_node,
@@ -24,9 +24,9 @@ from .cluster import (
     start_node,
     up,
 )
-from .config import CAPPED_MAX_TIME
-from .layout import ClusterError, Shared
-from .waiting import slurm_installed
+from slurmexecutor.testing.config import CAPPED_MAX_TIME
+from slurmexecutor.testing.layout import ClusterError, Shared
+from slurmexecutor.testing.waiting import slurm_installed
 
 __all__ = [
     "CAPPED_MAX_TIME",

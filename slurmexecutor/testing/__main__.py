@@ -35,8 +35,15 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .cluster import down, kill_node, restart_controller, restore_controller, start_node, up
-from .layout import ClusterError, Layout, Shared, log
+from slurmexecutor.testing.cluster import (
+    down,
+    kill_node,
+    restart_controller,
+    restore_controller,
+    start_node,
+    up,
+)
+from slurmexecutor.testing.layout import ClusterError, Layout, Shared, log
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:

@@ -18,8 +18,8 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .config import check_paths, free_ports, render_conf, with_settings
-from .daemons import (
+from slurmexecutor.testing.config import check_paths, free_ports, render_conf, with_settings
+from slurmexecutor.testing.daemons import (
     daemon_pid,
     job_process_roots,
     running_daemons,
@@ -28,10 +28,16 @@ from .daemons import (
     start_slurmd,
     stop_slurmctld,
 )
-from .layout import SLURMD, ClusterError, Layout, Shared, log
-from .processes import kill_trees, terminate
-from .sharedfs import check_shared, start_lagfs, stop_lagfs
-from .waiting import print_log_tails, slurm_env, wait_answering, wait_idle, wait_responding
+from slurmexecutor.testing.layout import SLURMD, ClusterError, Layout, Shared, log
+from slurmexecutor.testing.processes import kill_trees, terminate
+from slurmexecutor.testing.sharedfs import check_shared, start_lagfs, stop_lagfs
+from slurmexecutor.testing.waiting import (
+    print_log_tails,
+    slurm_env,
+    wait_answering,
+    wait_idle,
+    wait_responding,
+)
 
 
 class Cluster:

@@ -12,7 +12,7 @@ import socket
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from .layout import UNIX_PATH_MAX, ClusterError, Layout
+from slurmexecutor.testing.layout import UNIX_PATH_MAX, ClusterError, Layout
 
 #: The time limit of the ``capped`` partition.
 CAPPED_MAX_TIME = "00:01:00"

@@ -15,7 +15,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from .layout import (
+from slurmexecutor.testing.layout import (
     MARKER_DIR,
     MARKER_NODE,
     MUNGED,
@@ -25,8 +25,16 @@ from .layout import (
     Layout,
     tail,
 )
-from .processes import all_pids, cmdline, environ, is_alive, protected_pids, read_pid, terminate
-from .sharedfs import check_node_sees_real, lagfs_pid
+from slurmexecutor.testing.processes import (
+    all_pids,
+    cmdline,
+    environ,
+    is_alive,
+    protected_pids,
+    read_pid,
+    terminate,
+)
+from slurmexecutor.testing.sharedfs import check_node_sees_real, lagfs_pid
 
 
 def daemon_pid(path: Path, binary: str, marker: str) -> int | None:

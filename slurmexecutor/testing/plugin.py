@@ -28,9 +28,9 @@ from typing import Any
 
 import pytest
 
-from .cluster import Cluster, up
-from .layout import ClusterError
-from .waiting import slurm_installed
+from slurmexecutor.testing.cluster import Cluster, up
+from slurmexecutor.testing.layout import ClusterError
+from slurmexecutor.testing.waiting import slurm_installed
 
 #: Names a folder to run the session's cluster in (one running there is reused).
 CLUSTER_DIR_VARIABLE = "SLURMEXECUTOR_TEST_CLUSTER"

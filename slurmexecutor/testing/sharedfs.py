@@ -15,8 +15,16 @@ import sys
 import time
 from pathlib import Path
 
-from .layout import MARKER_DIR, MARKER_NODE, ClusterError, Layout, Shared, log, tail
-from .processes import cmdline, is_alive, read_pid, terminate
+from slurmexecutor.testing.layout import (
+    MARKER_DIR,
+    MARKER_NODE,
+    ClusterError,
+    Layout,
+    Shared,
+    log,
+    tail,
+)
+from slurmexecutor.testing.processes import cmdline, is_alive, read_pid, terminate
 
 LAGFS = Path(__file__).resolve().parents[2] / "scripts" / "lagfs.py"
 

@@ -9,8 +9,8 @@ import sys
 import time
 from collections.abc import Sequence
 
-from .daemons import running_daemons
-from .layout import MUNGED, SLURMCTLD, SLURMD, ClusterError, Layout, tail
+from slurmexecutor.testing.daemons import running_daemons
+from slurmexecutor.testing.layout import MUNGED, SLURMCTLD, SLURMD, ClusterError, Layout, tail
 
 
 def slurm_env(layout: Layout) -> dict[str, str]:

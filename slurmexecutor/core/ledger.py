@@ -1,0 +1,172 @@
+"""The core's bookkeeping (state.py): its knobs, batches and tasks, and which error fits
+how a task ended. Plain values only."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from slurmexecutor.core.events import Failure, TaskRef
+from slurmexecutor.errors import (
+    ERROR_FOR_STATE,
+    CallLostError,
+    JobTimeoutError,
+    TaskFailedError,
+    WorkerCrashedError,
+)
+from slurmexecutor.folder.diskio import EXIT_FULL, EXIT_NO_FOLDER
+from slurmexecutor.schedulers import TaskState
+
+#: Final states after which Slurm may requeue the task: settle them only when a second
+#: scheduler answer still shows them final.
+REQUEUEABLE = frozenset({"NODE_FAIL", "PREEMPTED", "REQUEUED", "BOOT_FAIL"})
+
+
+@dataclass(frozen=True)
+class Config:
+    """The policies' knobs (seconds)."""
+
+    poll_interval: float
+    result_grace: float
+    retry_on: frozenset[str] = frozenset()
+    max_retries: int = 0
+    probe: float = 0.3  # how often a throttled batch's running work is measured
+    horizon: float = 3.0  # one more task per this many seconds of estimated work left
+    vanish_grace: float = 5.0  # a task missing from the queue this long has left it
+    keep_alive: float = 0.0  # idle tasks wait this long for another batch (warm.py)
+    warm_wait: float = 1.0  # a new batch waits this long for a warm task to join it
+
+
+@dataclass(eq=False)
+class Batch:
+    """Calls handed over together: chunks that up to `planned` array tasks claim."""
+
+    number: int
+    chunks: list[Sequence[int]]
+    planned: int
+    steal: bool
+    attempt: int
+    time_limit: str | None
+    open_calls: set[int]
+    unclaimed: set[int] = field(default_factory=set)
+    submitted: int = 0
+    first_start: float | None = None
+    tasks: list[Task] = field(default_factory=list)
+    last_failed: Task | None = None
+    submit_error: BaseException | None = None
+    throttle: int = 1  # tasks allowed to run at once while throttled
+    done: int = 0  # results read so far (the measure of the work's cost)
+    next_scale: float = 0.0
+    submit_asked: bool = False  # its array was asked for (or it had one)
+    warm_until: float = 0.0  # no array before then: a warm task may join
+    resources: str = ""  # the resources key of its tasks (warm tasks join only equal)
+    #: tasks a submission limit refused for now: (first, count, throttled), and when to
+    #: ask again (policies.WidthPolicy)
+    deferred: tuple[int, int, bool] | None = None
+    retry_at: float = 0.0
+    deferrals: int = 0
+    #: after a refusal, at most this many tasks per sbatch (halved per refusal: an array
+    #: larger than a per-user submit limit would never fit whole); the rest waits
+    defer_cap: int = 0
+    rest: tuple[int, int, bool] | None = None
+    resubmitting: bool = False  # deferred tasks asked for again, no answer yet
+    joiners: set[int] = field(default_factory=set)  # indices of warm tasks ever seen join
+    owner: dict[int, Task] = field(default_factory=dict)  # call -> the task that claimed it
+    backup: dict[int, Task] = field(default_factory=dict)  # call -> its backup's task
+    _chunk_index: dict[int, int] | None = None  # call -> its chunk, built when first asked
+
+    def chunk_of(self, call_id: int) -> int:
+        """The chunk that holds a call (an index built on first use: cancels and retries
+        need it, a plain map does not)."""
+        if self._chunk_index is None:
+            self._chunk_index = {c: i for i, chunk in enumerate(self.chunks) for c in chunk}
+        return self._chunk_index[call_id]
+
+    @property
+    def throttled(self) -> bool:
+        """Fewer of its tasks may run than it planned (scale-out may raise that)."""
+        return self.throttle < self.planned
+
+
+@dataclass(eq=False)
+class Task:
+    """One array task as the core follows it."""
+
+    batch: Batch
+    index: int
+    job_id: str | None
+    array_index: int | None
+    registered: float
+    unresolved: set[int] = field(default_factory=set)
+    started: bool = False
+    worker: tuple[str, int] | None = None
+    limit_notice: bool = False
+    ended: bool = False
+    killed: bool = False  # its worker was ended by a signal (scancel, time limit)
+    final: TaskState | None = None
+    final_since: float = 0.0
+    final_polls: int = 0
+    error: str | None = None
+    truncated: str | None = None
+    verdicts: set[int] = field(default_factory=set)  # calls failed without a result
+    linger_until: float = 0.0
+    _ref: TaskRef | None = None
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return (self.batch.number, self.index)
+
+    @property
+    def slurm_key(self) -> tuple[str, int]:
+        """(job id, array index): one Slurm task, in whichever batch it shows up."""
+        return (self.job_id or "", self.array_index or 0)
+
+    @property
+    def slurm_id(self) -> str:
+        """Its Slurm task id, `JOB_INDEX` (scancel's form)."""
+        return f"{self.job_id}_{self.array_index}"
+
+    @property
+    def ref(self) -> TaskRef:
+        if self._ref is None or self._ref.job_id != self.job_id:
+            self._ref = TaskRef(self.batch.number, self.index, self.job_id, self.array_index,
+                                self.batch.attempt)
+        return self._ref
+
+
+def task_failure(task: Task, started: bool, result_grace: float) -> Failure:
+    """The failure that fits how `task` ended, for calls it left without a result
+    (`started`: they had begun, else they could not start)."""
+    state = task.final
+    what = "this call finished" if started else "this call could start"
+    error_type: type[TaskFailedError]
+    if task.limit_notice:
+        error_type, message = JobTimeoutError, (
+            f"the call did not finish within the time limit ({task.batch.time_limit})")
+    elif task.ended and not task.killed:
+        error_type, message = CallLostError, (
+            "the worker ended without running this call (see the log)")
+    elif state is None or state.state == "UNKNOWN":
+        error_type, message = CallLostError, (
+            "the task left the queue without a result and the scheduler has no record "
+            "of how it ended (no accounting)")
+    else:
+        error_type = ERROR_FOR_STATE.get(state.state, WorkerCrashedError)
+        message = f"the task ended ({state.state}) before {what}"
+        if state.exit_code == EXIT_FULL:
+            message += ("; it could not write to the run folder: the disk or your quota "
+                        "is full (ENOSPC or EDQUOT; see the log)")
+        elif state.exit_code == EXIT_NO_FOLDER:
+            message += ("; the compute node does not see the run folder: it is likely not "
+                        "on a filesystem the compute nodes share (see the log)")
+        elif task.worker is None and not task.ended:
+            message += ("; nothing of it reached the run folder (is the folder on a "
+                        "filesystem the compute nodes share, with space left?)")
+        if not task.ended and state.exit_code not in (EXIT_FULL, EXIT_NO_FOLDER):
+            message += (f"; no result was seen within result_grace="
+                        f"{result_grace:g} s of the end (if a shared "
+                        "filesystem shows results late, raise result_grace)")
+    name = "TIMEOUT" if error_type is JobTimeoutError else (
+        state.state if state else None)
+    return Failure(error_type, message, task.ref, name, state.exit_code if state else None,
+                   state.signal if state else None)

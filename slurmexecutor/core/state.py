@@ -1,0 +1,415 @@
+"""The decision core: a pure state machine over batches, array tasks and calls.
+
+    events in (engine -> core)                 actions out (core -> engine)
+    --------------------------                 ----------------------------
+    BatchAdded, TasksSubmitted, SubmitFailed   SubmitTasks, LiftThrottle, CancelTasks
+    Record: start/claim/limit/end/outcome      Deliver: this record decides its call
+    StreamState: a broken or truncated stream  Fail: calls failed (why, which task)
+    SchedulerAnswer, FinalAnswer               QueryScheduler, QueryFinal
+    CancelRequested, ClaimsWon, Shutdown       WriteCancel, ClaimChunks, Retry
+                                               Claimed, BatchDone
+
+`Core.step(events, now)` returns the actions; it does no I/O and has no clock or thread
+of its own, so every policy (when a task is settled, when a call is lost, retries,
+scale-out, cancellation) is unit-tested with plain values (tests/test_state.py). The
+engine (engine.py) is the only caller: one owner thread per executor. Cancelling, a
+batch's width, and retrying or failing unfinished calls live in policies.py (mixins
+of Core).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+from slurmexecutor.core import events as ev
+from slurmexecutor.core.events import Action, Event, Failure
+from slurmexecutor.core.joins import WarmJoins
+from slurmexecutor.core.ledger import REQUEUEABLE, Batch, Config, Task
+from slurmexecutor.core.policies import CancelPolicy, FailurePolicy, WidthPolicy
+from slurmexecutor.errors import CallLostError, IntegrityError
+from slurmexecutor.schedulers import TaskKey, TaskState, state_of
+
+
+class Core(CancelPolicy, WidthPolicy, FailurePolicy, WarmJoins):
+    """Batches, tasks and calls, and every decision about them."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.batches: dict[int, Batch] = {}
+        self.tasks: dict[tuple[int, int], Task] = {}  # live tasks only
+        self.doomed: set[int] = set()  # calls the user cancelled after launch
+        self.now = 0.0  # the current step's time
+        self.cancelling = False  # shutdown(cancel_futures=True): no more retries
+        self.next_poll = 0.0
+        #: settled tasks that had no end record: read on for another result_grace, so a
+        #: result that comes after all still wins where its future is unresolved
+        self.lingering: dict[tuple[int, int], Task] = {}
+        #: when the latest complete read of the streams began: a task the scheduler
+        #: calls ended is judged only on a read that began after we learned it
+        self.scanned = float("-inf")
+        #: warm tasks seen idle: (job id, array index) -> until when they wait, and the
+        #: resources key of the batches they may join
+        self.warm: dict[tuple[str, int], float] = {}
+        self.warm_for: dict[tuple[str, int], str] = {}
+        #: warm tasks whose batch finished: their streams are read on until their `end`
+        #: record, which names the batch (and index) they joined, if any
+        self.following: dict[tuple[int, int], Task] = {}
+        #: chunks the client claims for want of tasks: what their calls get if it wins
+        self.claim_then: dict[tuple[int, int], Task | Failure] = {}
+        self._out: list[Action] = []
+
+    # -- the one entry point -------------------------------------------------------------
+
+    def step(self, events: Iterable[Event], now: float) -> list[Action]:
+        """Apply `events`, then the clock's decisions; return what to do."""
+        self._out, self.now = [], now
+        for key in [k for k, t in self.lingering.items() if now > t.linger_until]:
+            del self.lingering[key]
+        for event in events:
+            self._apply(event, now)
+        self._tick(now)
+        out, self._out = self._out, []
+        return out
+
+    @property
+    def idle(self) -> bool:
+        return not self.batches
+
+    def to_read(self) -> ev.ReadStreams | None:
+        """What the owner reads this round: live tasks, settled ones still awaited
+        (lingering), warm ones followed to their end; None when nothing is live."""
+        if not self.tasks and not self.lingering and not self.batches and not self.following:
+            return None
+        watched = {**self.tasks, **self.lingering, **self.following}
+        ended = tuple(k for k, t in watched.items() if t.final is not None and not t.ended)
+        # batches a warm task may join, also while their own tasks are deferred
+        folders = tuple(n for n, b in self.batches.items() if not b.submit_asked or (
+            self.config.keep_alive > 0 and b.steal and b.unclaimed))
+        return ev.ReadStreams(frozenset(watched), ended, folders)
+
+    def open_calls(self) -> set[int]:
+        return {c for batch in self.batches.values() for c in batch.open_calls}
+
+    # -- events --------------------------------------------------------------------------
+
+    def _apply(self, event: Event, now: float) -> None:
+        if isinstance(event, ev.BatchAdded):
+            self._add_batch(event, now)
+        elif isinstance(event, ev.TasksSubmitted):
+            batch = self.batches.get(event.batch)
+            if batch is not None:
+                self._add_tasks(batch, event.job_id, event.offset, event.size, now)
+                self._submitted_part(batch, now)
+        elif isinstance(event, ev.SubmitFailed):
+            self._submit_failed(event)
+        elif isinstance(event, ev.SubmitDeferred):
+            self._submit_deferred(event, now)
+        elif isinstance(event, ev.Record):
+            task = self.tasks.get((event.batch, event.task))
+            if task is not None:
+                self._on_record(task, event, now)
+            elif (event.batch, event.task) in self.lingering:
+                self._on_late_record(self.lingering[(event.batch, event.task)], event)
+            elif (event.batch, event.task) in self.following:
+                self._on_warm_record(self.following[(event.batch, event.task)], event, now)
+        elif isinstance(event, ev.StreamState):
+            task = self.tasks.get((event.batch, event.task))
+            if task is not None:
+                task.error = task.error or event.error
+                task.truncated = event.truncated
+        elif isinstance(event, ev.StreamsRead):
+            self.scanned = max(self.scanned, event.started)
+        elif isinstance(event, ev.StreamFound):  # a joiner not announced (attach)
+            batch = self.batches.get(event.batch)
+            if batch is not None:
+                self._add_joiner(batch, event.task, None, None, now)  # ids from its start
+        elif isinstance(event, ev.SchedulerAnswer):
+            self._on_states(event.states, now)
+        elif isinstance(event, ev.FinalAnswer):
+            self._on_finals(event, now)
+        elif isinstance(event, ev.CancelRequested):
+            self._cancel(event)
+        elif isinstance(event, ev.ClaimsWon):
+            self._claims_won(event)
+        elif isinstance(event, ev.ShutdownRequested) and event.cancel_futures:
+            # everything handed over so far: skip what has not started, kill nothing
+            self.cancelling = True
+            self._cancel(ev.CancelRequested(frozenset(self.open_calls()), kill=False))
+
+    def _add_batch(self, event: ev.BatchAdded, now: float) -> None:
+        calls = {c for chunk in event.chunks for c in chunk}
+        open_calls = calls if event.open_calls is None else calls & event.open_calls
+        batch = Batch(event.batch, event.chunks, event.planned, event.steal, event.attempt,
+                      event.time_limit, set(open_calls),
+                      unclaimed=set(range(len(event.chunks))))
+        batch.throttle = 1 if event.throttled else event.planned
+        self.batches[batch.number] = batch
+        for job_id, offset, size in event.arrays:
+            self._add_tasks(batch, job_id, offset, size, now)
+        if not batch.open_calls:
+            return
+        batch.submit_asked = bool(event.arrays)
+        batch.resources = event.resources
+        if event.arrays and batch.submitted < batch.planned:  # attach: the client died
+            batch.deferred = (batch.submitted, batch.planned - batch.submitted,  # before
+                              batch.throttled)  # the rest went out: it goes out now
+        if not event.arrays and event.steal and any(until > now and self.warm_for.get(
+                key) == event.resources for key, until in self.warm.items()):
+            batch.warm_until = now + self.config.warm_wait  # a warm task may take it
+        elif not event.arrays:
+            self._ask_tasks(batch)
+
+    def _add_tasks(self, batch: Batch, job_id: str, offset: int, size: int,
+                   now: float) -> None:
+        for index in range(offset, offset + size):
+            task = Task(batch, index, job_id, index - offset, now)
+            self.tasks[task.key] = task
+            batch.tasks.append(task)
+        batch.submitted = max(batch.submitted, offset + size)
+        batch.resubmitting = False
+
+    def _on_record(self, task: Task, record: ev.Record, now: float) -> None:
+        batch, kind = task.batch, record.kind
+        if kind == "start":
+            task.started = True
+            task.worker = (record.body["host"], record.body["pid"])
+            batch.first_start = batch.first_start or now
+            if task.job_id is None and record.body.get("job_id"):  # a warm task joined
+                task.job_id = str(record.body["job_id"])
+                task.array_index = int(record.body.get("array_index") or 0)
+            self.warm.pop((task.job_id or "", task.array_index or 0), None)
+        elif kind == "idle":
+            key = (task.job_id or "", task.array_index or 0)
+            if record.body and record.body.get("leaving"):
+                self.warm.pop(key, None)
+            elif task.job_id is not None:
+                self.warm[key] = now + float((record.body or {}).get("keep_alive", 0))
+                self.warm_for[key] = batch.resources
+        elif kind == "claim":
+            assert record.call_id is not None
+            chunk = record.call_id
+            batch.unclaimed.discard(chunk)
+            calls = tuple(c for c in batch.chunks[chunk] if c in batch.open_calls)
+            task.unresolved.update(calls)
+            batch.owner.update(dict.fromkeys(calls, task))
+            self._out.append(ev.Claimed(batch.number, chunk, task.ref, calls))
+        elif kind == "backup":  # a second copy of a straggling chunk: first result wins
+            assert record.call_id is not None
+            chunk = record.call_id
+            calls = tuple(c for c in batch.chunks[chunk] if c in batch.open_calls)
+            task.unresolved.update(calls)
+            batch.backup.update(dict.fromkeys(calls, task))
+            done = tuple(c for c in batch.chunks[chunk] if c not in batch.open_calls)
+            if done:  # what the first copy finished: the backup skips it
+                self._out.append(ev.WriteCancel(batch.number, chunk, done))
+        elif kind == "limit":
+            task.limit_notice = True
+        elif kind == "end":  # the last record of an attempt: its stream is complete
+            task.ended = True
+            joined = (record.body or {}).get("joined")
+            if joined is None:
+                self.warm.pop((task.job_id or "", task.array_index or 0), None)
+            elif joined in self.batches and record.body.get("as") is not None:
+                self._add_joiner(self.batches[joined], int(record.body["as"]), task.job_id,
+                                 task.array_index, now)  # announced where the client looks
+            task.killed = bool(record.body and record.body.get("signal"))
+        elif record.call_id in batch.open_calls:  # later duplicates (requeues) are ignored
+            call_id = record.call_id
+            batch.done += 1
+            other = batch.backup.get(call_id)
+            other = batch.owner.get(call_id) if other is task else other
+            self._close(batch, call_id)
+            if other is not None and other is not task:
+                self._stop_copy(batch, other, call_id)
+            self._out.append(ev.Deliver(call_id, kind, record.body, task.ref, call_id in self.doomed))
+
+    def _on_late_record(self, task: Task, record: ev.Record) -> None:
+        call_id = record.call_id
+        if record.kind == "end" or not task.verdicts:
+            self.lingering.pop(task.key, None)
+        elif call_id in task.verdicts and record.kind not in ("start", "claim", "limit"):
+            task.verdicts.discard(call_id)
+            for batch in self.batches.values():  # a retry may carry it: it is done now
+                if call_id in batch.open_calls:
+                    self._close(batch, call_id)
+            self._out.append(ev.Deliver(call_id, record.kind, record.body, task.ref,
+                                     call_id in self.doomed, late=True))
+
+    def _on_states(self, states: Mapping[TaskKey, TaskState], now: float) -> None:
+        vanished: list[Task] = []
+        states = dict(states)  # once, not per task
+        for task in self._watched():
+            state = state_of(states, task.job_id, task.array_index)
+            if state is None:
+                if now - task.registered > 2 * self.config.poll_interval + (
+                        self.config.vanish_grace):
+                    vanished.append(task)
+            elif state.final:
+                if task.final is None:
+                    task.final, task.final_since = state, now
+                task.final_polls += 1
+            else:
+                if task.final is not None:  # requeued: pending or running again
+                    task.final, task.final_polls = None, 0
+                    if task.killed:  # the end record was its killed attempt's
+                        task.ended = task.killed = False
+                task.started = task.started or state.running
+        if vanished:
+            self._out.append(ev.QueryFinal(
+                tuple(t.key for t in vanished),
+                tuple((t.job_id or "", t.array_index or 0) for t in vanished),
+                {t.key: t.worker for t in vanished if t.worker is not None}))
+
+    def _on_finals(self, event: ev.FinalAnswer, now: float) -> None:
+        for key in event.tasks:
+            task = self.tasks.get(key)
+            if task is None or key in event.alive:
+                continue  # settled meanwhile, or its worker still runs (local)
+            if task.final is None:
+                job_key = (task.job_id or "", task.array_index or 0)
+                task.final = event.finals.get(job_key, TaskState("UNKNOWN"))
+                task.final_since = now
+            task.final_polls += 2  # gone from the queue: it will not come back
+
+    # -- the clock -----------------------------------------------------------------------
+
+    def _tick(self, now: float) -> None:
+        if self.warm:  # those past their keep_alive have left
+            self.warm = {key: until for key, until in self.warm.items() if until > now}
+            self.warm_for = {key: self.warm_for.get(key, "") for key in self.warm}
+        if self.following:  # ... and are no longer followed
+            self.following = {key: task for key, task in self.following.items()
+                              if task.slurm_key in self.warm}
+        if not self.batches:
+            return
+        if now >= self.next_poll:
+            job_ids = frozenset(t.job_id for t in self._watched() if t.job_id is not None)
+            if job_ids:
+                self.next_poll = now + self.config.poll_interval
+                self._out.append(ev.QueryScheduler(job_ids))
+        for task in list(self.tasks.values()):
+            self._settle_task(task, now)
+        for batch in list(self.batches.values()):
+            self._settle_batch(batch, now)
+
+    def _settle_task(self, task: Task, now: float) -> None:
+        """Retire a task that has ended; fail (or retry) the claimed calls it left.
+
+        Its stream is complete once its `end` record is read. Without one (the worker was
+        killed outright, or a shared filesystem shows the client its writes late), the
+        scheduler's final state counts only after `result_grace` s, and only on a read of
+        the folder that began after the client learned that state: late is not lost."""
+        batch = task.batch
+        if batch.backup and (task.error or task.ended or task.final):
+            self._release_copies(task)
+        if task.error:
+            self._fail(batch, sorted(task.unresolved), Failure(IntegrityError, task.error,
+                                                                task.ref))
+        elif task.ended and (not task.killed or task.job_id is None):  # (no id: nothing
+            if task.limit_notice:  # to ask the scheduler about; a joiner that never started)
+                batch.last_failed = task  # stopped claiming at the time limit
+            if task.unresolved:
+                self._fail_unfinished(task, sorted(task.unresolved))
+        elif task.final and self.scanned > task.final_since and (
+                task.killed or now - task.final_since >= self.config.result_grace) and (
+                task.final.state not in REQUEUEABLE or task.final_polls >= 2):
+            if task.unresolved or batch.unclaimed:
+                batch.last_failed = task
+            if task.unresolved and not task.ended:  # its results may still be on the way
+                task.verdicts = set(task.unresolved)
+                task.linger_until = now + self.config.result_grace
+                self.lingering[task.key] = task
+            if task.unresolved:
+                self._fail_unfinished(task, sorted(task.unresolved))
+            if not batch.steal and task.index in batch.unclaimed:  # nobody else may take it
+                self._claim_then_fail(batch, (task.index,), task)
+        else:
+            return
+        self.tasks.pop(task.key, None)
+
+    def _settle_batch(self, batch: Batch, now: float) -> None:
+        live = self._live(batch)
+        if not batch.unclaimed and batch.submitted:  # nothing left for tasks yet to start
+            self._cancel_pending([t for t in live if not t.started])
+        if not batch.open_calls:  # all done: tasks that did not start are not needed
+            self._cancel_pending([t for t in live if not t.started and t.key in self.tasks])
+            for task in live:
+                self.tasks.pop(task.key, None)
+                if self.config.keep_alive > 0 and task.started and not task.ended and (
+                        task.job_id is not None):  # it waits for the next batch now
+                    key = (task.job_id, task.array_index or 0)
+                    self.warm[key] = max(self.warm.get(key, 0.0), now + self.config.keep_alive)
+                    self.warm_for[key] = batch.resources
+                    self.following[task.key] = task
+            del self.batches[batch.number]
+            if self.doomed:  # forget its calls, but not those a lingering task may yet
+                awaited = {c for t in self.lingering.values() for c in t.verdicts}  # answer
+                awaited |= self.open_calls()  # nor those a retry carries in another batch
+                finished = {c for chunk in batch.chunks for c in chunk} - awaited
+                self.doomed -= finished
+            started = sum(1 for t in batch.tasks if t.started)
+            per_call = (now - batch.first_start) * started / batch.done if (
+                batch.done and batch.first_start is not None) else None
+            self._out.append(ev.BatchDone(batch.number, per_call))
+            return
+        if not batch.submit_asked and batch.unclaimed:
+            self._warm_or_submit(batch, now)
+        if batch.deferred is not None:
+            self._submit_when_due(batch, now)
+        if batch.deferred is not None or batch.resubmitting:  # its tasks are still to come
+            return
+        if not batch.unclaimed or (batch.submitted == 0 and batch.submit_error is None):
+            return  # (nothing asked yet; a refused batch goes on: its joiners may go)
+        if batch.throttled and batch.first_start is not None and now >= batch.next_scale:
+            self._scale_out(batch, now)
+        if not self._live(batch):  # nobody is left to claim them
+            failed = batch.last_failed
+            error = batch.submit_error
+            if failed is None or error is not None:
+                self._claim_then_fail(batch, tuple(sorted(batch.unclaimed)), Failure(
+                    type(error), str(error), error=error) if error is not None else Failure(
+                    CallLostError, "no array task of its batch was left to run this call"))
+            else:
+                self._claim_then_fail(batch, tuple(sorted(batch.unclaimed)), failed)
+
+    # -- helpers -------------------------------------------------------------------------
+
+    def _claim_then_fail(self, batch: Batch, chunks: tuple[int, ...],
+                         why: Task | Failure) -> None:
+        """The client claims chunks nobody is left to run; their calls fail (or are
+        retried, after `why`, the task that left them) only for the claims it wins
+        (ClaimsWon): a task that won one runs its calls, and they are not failed."""
+        batch.unclaimed.difference_update(chunks)
+        for chunk in chunks:
+            self.claim_then[(batch.number, chunk)] = why
+        self._out.append(ev.ClaimChunks(batch.number, chunks))
+
+    def _watched(self) -> list[Task]:
+        return [t for t in self.tasks.values()
+                if t.job_id is not None and (not t.ended or t.killed)]
+
+    def _live(self, batch: Batch) -> list[Task]:
+        return [t for t in batch.tasks if t.key in self.tasks]
+
+    def _close(self, batch: Batch, call_id: int) -> None:
+        batch.open_calls.discard(call_id)
+        task = batch.owner.pop(call_id, None)
+        if task is not None:
+            task.unresolved.discard(call_id)
+        if batch.backup:
+            copy = batch.backup.pop(call_id, None)
+            if copy is not None:
+                copy.unresolved.discard(call_id)
+
+    def _fail(self, batch: Batch, call_ids: list[int], failure: Failure) -> None:
+        call_ids = [c for c in call_ids if c in batch.open_calls]
+        for call_id in call_ids:
+            self._close(batch, call_id)
+        if call_ids:
+            self._out.append(ev.Fail(tuple(call_ids), failure))
+
+
+def window_due(opened: float, touched: float, quiet: float, longest: float) -> float:
+    """When a submission window goes out: `quiet` s after its last call, `longest` s
+    after its first at the latest."""
+    return min(touched + quiet, opened + longest)

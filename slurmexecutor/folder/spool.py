@@ -1,0 +1,349 @@
+"""The folder protocol: layout, authenticated serialisation and atomic writes.
+
+Everything the client and the workers exchange goes through one folder on a filesystem
+both can see. The folder is the journal: a new client can find every run in it again.
+
+    <folder>/                        mode 0700 (folders.py: refused if others may write it)
+      key                            32 random bytes (0600): the HMAC key of this folder
+      <run>/                         one executor session
+        run.json                     when, where, which backend (plain JSON)
+        lease                        the driving client's heartbeat: host, pid, token, ttl,
+                                     last renewal (JSON; see lease.py)
+        b0003.json                   batch journal: calls per chunk, array job ids
+        b0003/                       everything else of batch 3 (a finished batch's
+                                     folder is never listed again)
+          fn                         the batch's functions, pickled once (signed blob)
+          manifest                   for its tasks: functions file, chunk and task counts
+          shared                     arguments shared by many calls, pickled once (signed)
+          c0005.in                   call ids and arguments of chunk 5 (signed blob)
+          c0005.cancel               call ids of chunk 5 the client cancelled
+          claims/5                   created (O_EXCL) by the task that runs chunk 5
+          t0007.r0.out               records array task 7 appended (attempt 0)
+          a0.sh                      the batch script of the array starting at task 0
+        logs/JOB_INDEX.log           an array task's stdout and stderr
+
+Signed blobs and records carry an HMAC-SHA256 of their payload AND of the file's own
+name (`run/batch/file`); nothing is unpickled before its signature checks, so a truncated,
+corrupted, forged, or swapped file (one moved to another name or run) is rejected. The
+key and the folders must belong to the user and be private, or they are refused.
+A result stream is a sequence of records, each `length | hmac | payload`, appended by
+one process per attempt: a task that dies half-way keeps every record it completed.
+
+This module must stay light: the worker imports it, and a task's start-up time matters.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import pickle
+import socket
+import struct
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from slurmexecutor.errors import IntegrityError
+from slurmexecutor.folder.diskio import append_whole, write_atomic
+from slurmexecutor.folder.folders import ensure_private_dir
+
+KEY_FILE = "key"
+BLOB_MAGIC = b"SLXB1"
+HEADER = struct.Struct(">I32s")  # payload length, HMAC-SHA256 digest
+
+
+def load_key(folder: Path, *, create: bool = False) -> bytes:
+    """Read the folder's HMAC key, creating it (0600) on first use when `create`."""
+    path = folder / KEY_FILE
+    if create and not path.exists():
+        ensure_private_dir(folder)
+        tmp = folder / f".{KEY_FILE}.{os.getpid()}.{os.urandom(4).hex()}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(os.urandom(32))
+        try:
+            os.link(tmp, path)  # appears whole, or not at all (another client won)
+        except FileExistsError:
+            pass
+        finally:
+            os.unlink(tmp)
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(handle.fileno())
+        key = handle.read()
+    if info.st_uid != os.getuid() or info.st_mode & 0o077:
+        raise IntegrityError(f"{path} must belong to you and be private (mode 0600)")
+    if len(key) != 32:
+        raise IntegrityError(f"{path} is not a valid key file ({len(key)} bytes)")
+    return key
+
+
+def _digest(key: bytes, path: Path, payload: bytes) -> bytes:
+    """HMAC of the payload bound to its place: `run/batch/file`, so a file moved or
+    copied to another name (or batch, or run) does not authenticate there."""
+    place = "/".join(path.parts[-3:])
+    mac = hmac.new(key, f"{place}\0".encode(), hashlib.sha256)
+    mac.update(payload)
+    return mac.digest()
+
+
+def write_blob(path: Path, key: bytes, obj: Any) -> None:
+    """Pickle `obj` (plain pickle: callers cloudpickle user objects first) and sign it."""
+    payload = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    digest = _digest(key, path, payload)
+    write_atomic(path, BLOB_MAGIC + HEADER.pack(len(payload), digest) + payload)
+
+
+def read_blob(path: Path, key: bytes) -> Any:
+    """Read a blob written by `write_blob`, refusing it unless its signature checks."""
+    data = path.read_bytes()
+    start = len(BLOB_MAGIC) + HEADER.size
+    if not data.startswith(BLOB_MAGIC) or len(data) < start:
+        raise IntegrityError(f"{path} is not a slurmexecutor file or is truncated")
+    length, digest = HEADER.unpack_from(data, len(BLOB_MAGIC))
+    payload = data[start:]
+    if len(payload) != length:
+        raise IntegrityError(f"{path} is truncated ({len(payload)} of {length} bytes)")
+    if not hmac.compare_digest(digest, _digest(key, path, payload)):
+        raise IntegrityError(f"{path} failed authentication (corrupted, moved, or not ours)")
+    return pickle.loads(payload)
+
+
+def encode_record(key: bytes, path: Path, record: tuple) -> bytes:
+    """One signed record as it is appended to the stream at `path`."""
+    payload = pickle.dumps(record, protocol=pickle.HIGHEST_PROTOCOL)
+    return HEADER.pack(len(payload), _digest(key, path, payload)) + payload
+
+
+class RecordWriter:
+    """Appends signed records to a result stream, each whole or not at all (a write
+    that fails half-way, e.g. on ENOSPC, is cut off again: diskio.append_whole)."""
+
+    def __init__(self, path: Path, key: bytes) -> None:
+        self._key, self._path = key, path
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+
+    def write(self, record: tuple) -> None:
+        append_whole(self.fd, encode_record(self._key, self._path, record), self._path)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class StreamCursor:
+    """How far the client has read one result stream."""
+
+    __slots__ = ("error", "offset", "path", "pending_bytes")
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.offset = 0
+        self.pending_bytes = 0  # bytes after the last complete record
+        self.error: str | None = None  # set once a record failed authentication
+
+
+def read_records(cursor: StreamCursor, key: bytes) -> list[tuple]:
+    """Return the complete records appended to a stream since the cursor, advancing it.
+
+    An incomplete record at the end is left for the next read (its writer may still be
+    writing it). A record whose signature fails stops the stream: `cursor.error` says
+    where, and nothing after it is trusted.
+    """
+    if cursor.error:
+        return []
+    try:
+        with open(cursor.path, "rb") as handle:
+            handle.seek(cursor.offset)
+            data = handle.read()
+    except FileNotFoundError:
+        return []
+    records, position = [], 0
+    while len(data) - position >= HEADER.size:
+        length, digest = HEADER.unpack_from(data, position)
+        end = position + HEADER.size + length
+        if end > len(data):
+            break
+        payload = data[position + HEADER.size : end]
+        if not hmac.compare_digest(digest, _digest(key, cursor.path, payload)):
+            cursor.error = (
+                f"{cursor.path}: record at byte {cursor.offset + position} failed "
+                "authentication (the file was corrupted or written by someone else)"
+            )
+            break
+        records.append(pickle.loads(payload))
+        position = end
+    cursor.offset += position
+    cursor.pending_bytes = len(data) - position
+    return records
+
+
+def process_alive(host: str, pid: int) -> bool:
+    """True when `pid` runs on this host (False for another host: we cannot tell)."""
+    if host != socket.gethostname():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# -- names ---------------------------------------------------------------------------
+
+
+def batch_name(batch: int) -> str:
+    return f"b{batch:04d}"
+
+
+def task_name(batch: int, task: int) -> str:
+    return f"{batch_name(batch)}.t{task:04d}"
+
+
+def chunk_name(batch: int, chunk: int) -> str:
+    return f"{batch_name(batch)}.c{chunk:04d}"
+
+
+def batch_dir(run_dir: Path, batch: int) -> Path:
+    return run_dir / batch_name(batch)
+
+
+def manifest_path(run_dir: Path, batch: int) -> Path:
+    """What every task of a batch needs: its functions file, chunk and task counts."""
+    return batch_dir(run_dir, batch) / "manifest"
+
+
+def functions_path(run_dir: Path, batch: int) -> Path:
+    return batch_dir(run_dir, batch) / "fn"
+
+
+def shared_path(run_dir: Path, batch: int) -> Path:
+    return batch_dir(run_dir, batch) / "shared"
+
+
+def journal_path(run_dir: Path, batch: int) -> Path:
+    return run_dir / f"{batch_name(batch)}.json"
+
+
+def chunk_path(run_dir: Path, batch: int, chunk: int) -> Path:
+    return batch_dir(run_dir, batch) / f"c{chunk:04d}.in"
+
+
+def claims_dir(run_dir: Path, batch: int) -> Path:
+    return batch_dir(run_dir, batch) / "claims"
+
+
+def claim_path(run_dir: Path, batch: int, chunk: int) -> Path:
+    return claims_dir(run_dir, batch) / str(chunk)
+
+
+def cancel_path(run_dir: Path, batch: int, chunk: int) -> Path:
+    """Calls of a chunk that workers skip (the client cancelled them)."""
+    return batch_dir(run_dir, batch) / f"c{chunk:04d}.cancel"
+
+
+def stop_path(run_dir: Path, batch: int, chunk: int) -> Path:
+    """Calls of a chunk that a worker running one ends (`ex.cancel`)."""
+    return batch_dir(run_dir, batch) / f"c{chunk:04d}.stop"
+
+
+def stream_path(run_dir: Path, batch: int, task: int, attempt: int) -> Path:
+    return batch_dir(run_dir, batch) / f"t{task:04d}.r{attempt}.out"
+
+
+def script_path(run_dir: Path, batch: int, offset: int) -> Path:
+    return batch_dir(run_dir, batch) / f"a{offset}.sh"
+
+
+def make_batch_dir(run_dir: Path, batch: int) -> Path:
+    """Create a batch's folder and its claims folder (private, like the run)."""
+    path = batch_dir(run_dir, batch)
+    path.mkdir(mode=0o700, exist_ok=True)
+    claims_dir(run_dir, batch).mkdir(mode=0o700, exist_ok=True)
+    return path
+
+
+def parse_stream_name(name: str) -> tuple[int, int] | None:
+    """`t0007.r1.out` (in a batch's folder) -> (7, 1): task and attempt; None for any
+    other file name."""
+    parts = name.split(".")
+    if len(parts) != 3 or parts[2] != "out" or not parts[0].startswith("t") or (
+            not parts[1].startswith("r")):
+        return None
+    try:
+        return int(parts[0][1:]), int(parts[1][1:])
+    except ValueError:
+        return None
+
+
+def parse_batch_name(name: str) -> int | None:
+    """`b0003` -> 3; None for any other name (journals end in .json)."""
+    if not name.startswith("b") or not name[1:].isdigit():
+        return None
+    return int(name[1:])
+
+
+def iter_streams(run_dir: Path) -> Iterator[tuple[int, int, Path]]:
+    """Every result stream of a run: (batch, task, path), in batch and task order."""
+    try:
+        batches = sorted((number, entry.path) for entry in os.scandir(run_dir)
+                         if (number := parse_batch_name(entry.name)) is not None)
+    except FileNotFoundError:
+        return
+    for number, path in batches:
+        streams = []
+        for entry in os.scandir(path):
+            parsed = parse_stream_name(entry.name)
+            if parsed is not None:
+                streams.append((parsed, Path(entry.path)))
+        for (task, _attempt), stream in sorted(streams):
+            yield number, task, stream
+
+
+def read_cancelled(path: Path) -> set[int]:
+    """Call ids listed in a task's cancel file (empty when there is none)."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return set()
+    return {int(line) for line in text.split() if line.isdigit()}
+
+
+def append_cancelled(path: Path, call_ids: list[int]) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        append_whole(fd, "".join(f"{call_id}\n" for call_id in call_ids).encode(), path)
+    finally:
+        os.close(fd)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    write_atomic(path, json.dumps(obj, indent=1).encode())
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text())
+
+
+def read_journals(run_dir: Path) -> list[dict]:
+    """A run's batch journals, in batch order (by number: b10000 comes after b9999)."""
+    journals = [read_json(path) for path in run_dir.glob("b*.json")]
+    return sorted(journals, key=lambda journal: journal["batch"])
+
+
+def compress_ids(ids: Iterable[int]) -> list[list[int]]:
+    """[1, 2, 3, 7] -> [[1, 4], [7, 8]]: half-open ranges, for compact journals."""
+    ranges: list[list[int]] = []
+    for call_id in ids:
+        if ranges and ranges[-1][1] == call_id:
+            ranges[-1][1] += 1
+        else:
+            ranges.append([call_id, call_id + 1])
+    return ranges
+
+
+def expand_ids(ranges: list[list[int]]) -> list[int]:
+    return [call_id for start, stop in ranges for call_id in range(start, stop)]

@@ -1,0 +1,360 @@
+"""The owner: one thread per executor that owns every batch, task and future transition.
+
+Caller threads only put requests on a queue (`put`) and wake the owner; they never touch
+batch or task state and never run a scheduler command or a folder write. Each round the
+owner (compare CPython's concurrent/futures/process.py, `_ExecutorManagerThread`):
+
+  1. drains the requests: calls join the submission window, ready batches are written,
+     cancels and shutdown become events;
+  2. reads the new records of live tasks' result streams (one scandir);
+  3. feeds all of it into the pure core (state.py) and carries out its actions: sbatch,
+     scontrol, scancel, squeue/sacct queries, claims, cancel files, and completing futures
+     (done-callbacks run here);
+  4. renews the run's lease, then sleeps until woken or the next deadline.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from slurmexecutor._log import log
+from slurmexecutor.core import events as ev
+from slurmexecutor.core.events import Action, Event
+from slurmexecutor.core.state import Core
+from slurmexecutor.errors import (
+    JobCancelledError,
+    SlurmExecutorError,
+    SubmissionDeferred,
+    SubmissionError,
+    TaskFailedError,
+)
+from slurmexecutor.folder import claims, spool, warm
+from slurmexecutor.folder.lease import Lease
+from slurmexecutor.owner import outcomes
+from slurmexecutor.owner.batches import (
+    BatchSpec,
+    Settings,
+    lift_throttle,
+    retry_chunks,
+    submit_arrays,
+    without_calls,
+    write_batch,
+)
+from slurmexecutor.owner.caching import CallCache
+from slurmexecutor.owner.dependencies import Dependent
+from slurmexecutor.owner.futures import FutureSink, SinkTable, SlurmFuture
+from slurmexecutor.owner.handoff import NotifyCancelled, Window
+from slurmexecutor.owner.intake import Intake
+from slurmexecutor.owner.streams import StreamReader
+from slurmexecutor.owner.teardown import SHUT_DOWN, LeaseAndEnd, TakenOver, refuse
+from slurmexecutor.schedulers import Backend
+
+
+class Engine(LeaseAndEnd, Intake):
+    """The owner thread and everything only it may touch."""
+
+    def __init__(self, run_dir: Path, key: bytes, backend: Backend, core: Core,
+                 settings: Settings, lease: Lease, cache: CallCache | None = None) -> None:
+        self.run_dir, self.key, self.backend, self.core = run_dir, key, backend, core
+        self.settings, self.lease = settings, lease
+        self.sinks = SinkTable()
+        #: task-seconds per call of the latest finished batch of each function set (read
+        #: by callers to chunk a map: plain dict reads)
+        self.cost: dict[tuple[str, ...], float] = {}
+        self.next_batch = 0
+        self._requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._put_lock = threading.Lock()
+        self._closed = False  # the owner failed: requests are refused (teardown.py)
+        self._wake = threading.Event()
+        self._flush = False
+        self._stopping = False
+        #: submission windows, one per resource set (`SlurmExecutor.options`)
+        self._windows: dict[str, Window] = {}
+        self._journals: dict[int, dict] = {}
+        self._settings_of: dict[int, Settings] = {}  # live batches' resources etc.
+        #: calls waiting for their input futures (dependencies.py), by call id
+        self._dependents: dict[int, Dependent] = {}
+        self._ready: list[Dependent] = []
+        self.cache = cache  # the result cache (caching.py), if on
+        self._cache_keys: dict[int, str] = {}  # call id -> key its result is stored under
+        self._streams = StreamReader(run_dir, key)
+        self._late_sinks: dict[int, FutureSink] = {}  # failed calls of unfinished chunks
+        self._events: list[Event] = []
+        self._next_renewal = 0.0
+        self._deferred_warned = False  # one WARNING when a submission limit is first hit
+        self.error: BaseException | None = None  # why the owner stopped early
+        self._thread = threading.Thread(target=self._run, name="slurmexecutor-owner",
+                                        daemon=True)
+
+    # -- caller side (any thread) ------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def put(self, request: Any) -> None:
+        with self._put_lock:  # vs. _abandon: no request is left behind in the queue
+            if not self._closed:
+                self._requests.put(request)
+                self._wake.set()
+                return
+        refuse(request, self.error or RuntimeError(SHUT_DOWN))
+
+    def flush(self) -> None:
+        """Send the submission window out now (someone waits for a result)."""
+        self._flush = True
+        self._wake.set()
+
+    def notify_cancelled(self, future: SlurmFuture) -> None:
+        self.put(NotifyCancelled(future))
+
+    def is_owner_thread(self) -> bool:
+        return threading.current_thread() is self._thread
+
+    def join(self, timeout: float | None = None) -> None:
+        if self._thread.is_alive() and not self.is_owner_thread():
+            self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    # -- the loop ------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            wait = 0.01
+            while True:
+                flush, self._flush = self._flush, False  # before draining: none is lost
+                busy = self._drain()
+                now = time.monotonic()
+                if self._windows and (flush or self._stopping or now >= self._window_due()):
+                    self._launch_windows()
+                busy |= self._read_streams()
+                busy |= self._step()
+                if self._flush and self._windows:  # e.g. calls whose inputs just ended
+                    self._flush = False
+                    self._launch_windows()
+                    busy |= self._step()
+                self._renew_lease(now)
+                if self._stopping and self.core.idle and not self._windows and (
+                        not self._dependents and self._requests.empty()):
+                    return
+                wait = 0.005 if busy else min(wait * 1.5, 0.05 if not self.core.idle else 1.0)
+                if self._windows:
+                    wait = max(0.0, min(wait, self._window_due() - time.monotonic()))
+                self._wake.wait(wait)
+                self._wake.clear()
+        except TakenOver:
+            pass
+        except BaseException as error:  # noqa: BLE001  (no future may hang on a bug)
+            log.exception("slurmexecutor: the executor's owner thread failed")
+            self._abandon(SlurmExecutorError(f"the executor's owner thread failed: {error!r}"))
+        finally:
+            self._close()
+
+    def _step(self) -> bool:
+        """Feed the pending events to the core and carry out its actions, until quiet."""
+        busy = bool(self._events)
+        while True:
+            events, self._events = self._events, []
+            actions = self.core.step(events, time.monotonic())
+            for action in actions:
+                try:
+                    self._do(action)
+                except Exception:  # noqa: BLE001  (one failed action must not stop the rest)
+                    log.exception("slurmexecutor: %s failed", type(action).__name__)
+            busy |= bool(actions)
+            if not self._events:
+                return busy
+
+    # -- batches -------------------------------------------------------------------------
+
+    def _launch(self, spec: BatchSpec, sinks: list[FutureSink] | None) -> None:
+        """Write a batch and hand it to the core, which asks for its tasks. The sinks'
+        futures are already RUNNING (a map's) or made so here. A retry (`sinks` None)
+        keeps the sinks its calls have."""
+        if sinks is not None:
+            # PENDING -> RUNNING here; a future cancelled before the owner got to it
+            # becomes CANCELLED_AND_NOTIFIED and its call never leaves the client
+            kept = [s for s in sinks if s.future.running() or s.launch()]
+            if len(kept) < len(sinks):
+                spec = without_calls(spec, {c for s in kept for c in s.call_ids})
+                if not spec.chunks:
+                    return
+            for sink in kept:
+                self.sinks.add(sink)
+        number, self.next_batch = self.next_batch, self.next_batch + 1
+        throttled = spec.steal and spec.planned > 1
+        call_ids = [c for chunk in spec.chunks for c in chunk.call_ids]
+        settings = spec.settings or self.settings
+        try:
+            journal = write_batch(self.run_dir, self.key, number, spec, throttled, settings)
+            if self.settings.keep_alive > 0:
+                warm.announce(self.run_dir, number)
+        except Exception as error:  # noqa: BLE001  (disk full, ...): fail, do not hang
+            failure = SubmissionError(f"could not write the batch: {error!r}")
+            self._fail_now(tuple(call_ids), failure)
+            return
+        self._journals[number] = journal
+        self._settings_of[number] = settings
+        for index, chunk in enumerate(spec.chunks):
+            for call_id in chunk.call_ids:
+                held = self.sinks.get(call_id)
+                future = held.future if held is not None else None
+                if held is not None and isinstance(future, SlurmFuture):
+                    future.chunk = (number, index)
+                    future._attempt = spec.attempt
+                    if len(held.call_ids) > 1:  # a map chunk: one future for all
+                        break
+        self._events.append(ev.BatchAdded(
+            number, [chunk.call_ids for chunk in spec.chunks], spec.planned, spec.steal,
+            spec.attempt, settings.time_limit, throttled,
+            resources=settings.resources_key()))
+
+    def queue_event(self, event: Event) -> None:
+        """For attach, before the owner starts: an event for its first round."""
+        self._events.append(event)
+
+    def add_journal(self, journal: dict) -> None:
+        """For attach: a batch written by an earlier client."""
+        self._journals[journal["batch"]] = journal
+        self.next_batch = max(self.next_batch, journal["batch"] + 1)
+
+    # -- actions -------------------------------------------------------------------------
+
+    def _do(self, action: Action) -> None:
+        if isinstance(action, ev.Deliver):
+            sink = self.sinks.pop(action.call_id)
+            if sink is None and action.late:
+                sink = self._late_sinks.pop(action.call_id, None)
+            if sink is not None:
+                ok, value = outcomes.decode(self.run_dir, action.kind, action.call_id,
+                                            action.body, action.task, action.cancelled_here)
+                sink.deliver(action.call_id, ok, value, replace=action.late)
+                key = self._cache_keys.pop(action.call_id, None)
+                if key is not None and ok and self.cache is not None:
+                    self.cache.store_result(key, action.body)
+        elif isinstance(action, ev.Fail):
+            self._fail(action)
+        elif isinstance(action, ev.SubmitTasks):
+            self._submit_tasks(action)
+        elif isinstance(action, ev.QueryScheduler):
+            try:
+                self._events.append(ev.SchedulerAnswer(self.backend.states(action.job_ids)))
+            except Exception as error:  # noqa: BLE001  (results still come in)
+                log.warning("slurmexecutor: asking the scheduler failed: %s", error)
+        elif isinstance(action, ev.QueryFinal):
+            alive = frozenset(key for key, (host, pid) in action.workers.items()
+                              if spool.process_alive(host, pid))
+            self._events.append(ev.FinalAnswer(action.tasks, self.backend.final_states(
+                action.keys), alive))
+        elif isinstance(action, ev.Claimed):
+            path = outcomes.log_file(self.run_dir, action.task)
+            held = list({id(s.future): s for c in action.call_ids
+                         if (s := self.sinks.get(c)) is not None}.values())
+            if held:  # the chunk's calls started: one progress update for all
+                held[0].claimed(len(action.call_ids))
+            for sink in held:
+                if isinstance(sink.future, SlurmFuture):
+                    sink.future._log_path = path
+        elif isinstance(action, ev.WriteCancel):  # stop first: a skip may end the chunk
+            if action.stop:
+                spool.append_cancelled(spool.stop_path(self.run_dir, action.batch,
+                                                       action.chunk), list(action.call_ids))
+            spool.append_cancelled(spool.cancel_path(self.run_dir, action.batch, action.chunk),
+                                   list(action.call_ids))
+        elif isinstance(action, ev.ClaimChunks):
+            won = tuple(chunk for chunk in action.chunks if claims.try_claim(
+                spool.claim_path(self.run_dir, action.batch, chunk), "client"))
+            self._events.append(ev.ClaimsWon(action.batch, won, action.chunks))
+        elif isinstance(action, ev.CancelTasks):
+            self.backend.cancel(list(action.refs), pending_only=True)
+        elif isinstance(action, ev.LiftThrottle):
+            lift_throttle(self.backend, self._settings(action.batch), self.run_dir,
+                          self._journals[action.batch], action.to)
+        elif isinstance(action, ev.Retry):
+            self._retry(action)
+        elif isinstance(action, ev.BatchDone):
+            journal = self._journals.pop(action.batch, None)
+            self._settings_of.pop(action.batch, None)
+            if journal is not None and action.seconds_per_call is not None:
+                self.cost[tuple(journal["functions"])] = action.seconds_per_call
+            self._late_sinks = {c: s for c, s in self._late_sinks.items()
+                                if not s.future.done()}
+            self._streams.forget(action.batch, keep=self.core.following)
+
+    def _fail(self, action: ev.Fail) -> None:
+        failure = action.failure
+        if failure.task is not None and issubclass(failure.error_type, TaskFailedError) and (
+                failure.error_type is not JobCancelledError):
+            log.warning("job %s_%s: %d call(s) failed: %s", failure.task.job_id,
+                        failure.task.array_index, len(action.call_ids), failure.message)
+        for call_id in action.call_ids:
+            sink = self.sinks.pop(call_id)
+            self._cache_keys.pop(call_id, None)
+            if sink is not None:
+                sink.deliver(call_id, False, outcomes.failure_error(self.run_dir, failure,
+                                                                    call_id))
+                if not sink.future.done():  # a map chunk: a late result may still win
+                    self._late_sinks[call_id] = sink
+
+    def _submit_tasks(self, action: ev.SubmitTasks) -> None:
+        arrays = submit_arrays(self.backend, self._settings(action.batch), self.run_dir,
+                               self._journals[action.batch], action.first, action.count,
+                               action.throttled)
+        submitted = action.first
+        try:
+            for job_id, offset, size in arrays:
+                self._events.append(ev.TasksSubmitted(action.batch, job_id, offset, size))
+                submitted = offset + size
+        except SubmissionDeferred as error:  # a limit: the work waits (policies.py)
+            (log.info if self._deferred_warned else log.warning)(
+                "batch %d: Slurm refused its array for now (%s); it waits and is "
+                "submitted when the queue shrinks", action.batch, error)
+            self._deferred_warned = True
+            self._events.append(ev.SubmitDeferred(
+                action.batch, submitted, action.first + action.count - submitted,
+                action.throttled, error))
+        except SubmissionError as error:
+            log.warning("batch %d: %s", action.batch, error)
+            self._events.append(ev.SubmitFailed(action.batch, error))
+
+    def _retry(self, action: ev.Retry) -> None:
+        journal = self._journals[action.batch]
+        call_ids = tuple(c for calls in action.calls.values() for c in calls)
+        log.warning("retrying %d call(s) of batch %d after %s (attempt %d)", len(call_ids),
+                    action.batch, action.state, action.attempt)
+        try:
+            chunks = retry_chunks(self.run_dir, self.key, action.batch, dict(action.calls),
+                                  journal.get("shared_file"))
+        except Exception as error:  # noqa: BLE001
+            self._fail_now(call_ids, SubmissionError(f"could not prepare the retry: {error!r}"))
+            return
+        settings = self._settings(action.batch)
+        spec = BatchSpec("retry", journal["functions_file"], journal["functions"], chunks,
+                         min(settings.slots, len(chunks)), attempt=action.attempt,
+                         shared=journal.get("shared_file"), settings=settings)
+        self._launch(spec, None)
+
+    def _settings(self, batch: int) -> Settings:
+        """A live batch's resources etc. (the executor's for batches of an earlier client)."""
+        return self._settings_of.get(batch, self.settings)
+
+    def _fail_now(self, call_ids: tuple[int, ...], error: BaseException) -> None:
+        for call_id in call_ids:
+            sink = self.sinks.pop(call_id)
+            if sink is not None:
+                sink.deliver(call_id, False, error)
+
+    def _read_streams(self) -> bool:
+        """New records of live tasks (and of settled ones still awaited) become events."""
+        wanted = self.core.to_read()
+        if wanted is None:
+            return False
+        events = self._streams.read(wanted.streams, wanted.ended, wanted.folders)
+        self._events += events
+        return any(isinstance(event, ev.Record) for event in events)

@@ -1,0 +1,49 @@
+"""Rebuilding an engine's batches and futures from a run's journals (`attach`).
+
+Every call gets a RUNNING future (its call was handed over long ago); the latest batch
+that carries a call owns it (retries). Batches whose arrays were never submitted (the
+client died in between) are submitted now; results already on disk are read back by the
+owner's first rounds, and tasks that left the queue without them fail their calls.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from slurmexecutor.core.events import BatchAdded
+from slurmexecutor.folder import spool
+from slurmexecutor.owner.engine import Engine
+from slurmexecutor.owner.futures import FutureSink, SlurmFuture
+
+
+def reattach(engine: Engine, time_limit: str | None) -> dict[int, SlurmFuture]:
+    """Feed the run's journals to the engine (before it starts); return the futures."""
+    journals = spool.read_journals(engine.run_dir)
+    owner: dict[int, int] = {}  # call -> the latest batch that carries it
+    for journal in journals:
+        for ranges in journal["chunks"]:
+            for call_id in spool.expand_ids(ranges):
+                owner[call_id] = journal["batch"]
+    futures = {call_id: SlurmFuture(engine, [call_id]) for call_id in sorted(owner)}
+    for journal in journals:
+        number = journal["batch"]
+        engine.add_journal(journal)
+        chunks: list[Sequence[int]] = [spool.expand_ids(r) for r in journal["chunks"]]
+        open_calls = frozenset(c for chunk in chunks for c in chunk if owner[c] == number)
+        if not open_calls:
+            continue
+        for index, chunk in enumerate(chunks):
+            for call_id in chunk:
+                if owner[call_id] == number:
+                    future = futures[call_id]
+                    future.chunk = (number, index)
+                    sink = FutureSink(future)
+                    engine.sinks.add(sink)
+                    sink.launch()
+                    future._attempt = journal["attempt"]
+        engine.queue_event(BatchAdded(
+            number, chunks, journal["planned"], journal["steal"], journal["attempt"],
+            time_limit, journal.get("throttled", False),
+            tuple((a["job_id"], a["offset"], a["size"]) for a in journal["arrays"]),
+            open_calls))
+    return futures

@@ -1,0 +1,305 @@
+"""The forked child of an array task's worker (worker.py): it claims chunks and runs
+their calls, announcing each on a pipe to the supervisor; then, with backups, runs
+straggling chunks again, and with keep_alive waits for the next batch (warm.py).
+
+Pipe messages are pairs of unsigned ints: (chunk, position) before each call, and the
+markers below.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import struct
+import sys
+import time
+import traceback
+from array import array
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from slurmexecutor.folder import claims, spool
+from slurmexecutor.folder.diskio import FULL
+from slurmexecutor.folder.folders import writable_by_others
+
+if TYPE_CHECKING:
+    from slurmexecutor.folder.sharing import SharedObjects
+    from slurmexecutor.worker.supervisor import Supervisor
+
+POSITION = struct.Struct(">II")  # chunk index, call position within the chunk
+CLAIMED = 0xFFFFFFFF  # the position sent when a chunk is claimed, before its first call
+DONE = (CLAIMED, CLAIMED)  # the child's last message: it finished and claims nothing more
+IDLE = 0xFFFFFFFE  # (IDLE, 0): it ran everything it claimed and waits for a batch (warm)
+JOIN = 0xFFFFFFFD  # (JOIN, batch), then (JOIN_TASK, index): it joined another batch
+JOIN_TASK = 0xFFFFFFFC
+STOP_SIGNAL = signal.SIGUSR1
+
+
+class _ChildStop:
+    requested = False
+
+    @classmethod
+    def request(cls, signum: int, frame: object) -> None:
+        cls.requested = True
+
+
+class ChildRunner:
+    """Inside the forked child: claims chunks and runs their calls in order."""
+
+    def __init__(self, supervisor: Supervisor, pipe: int) -> None:
+        self.sup = supervisor
+        self.pipe = pipe
+        self.functions: dict[int, object] = {}
+        self.mismatch: str | None = None  # why this interpreter cannot run the batch
+        self.table: dict = {}
+        self.shared: SharedObjects | None = None
+
+    def run(self, resume: tuple[int, int] | None) -> None:
+        self._load_batch()
+        if self.mismatch is None:
+            import cloudpickle  # noqa: F401  (needed to unpickle by-value functions)
+
+        if resume is not None:
+            self._run_chunk(resume[0], resume[1])
+        for index in list(self.sup.reruns):
+            self._run_chunk(index, 0)
+        self._work()
+        keep_alive = self.sup.manifest.get("keep_alive") or 0
+        if keep_alive > 0 and not _ChildStop.requested:
+            self._serve_warm(keep_alive)
+
+    def _load_batch(self) -> None:
+        """The functions (and shared arguments) of the supervisor's current batch."""
+        sup = self.sup
+        self.table = spool.read_blob(sup.run_dir / sup.manifest["functions"], sup.key)
+        self.mismatch = environment_mismatch(self.table.get("env"))
+        self.functions = {}
+        for entry in self.table["sys_path"]:  # before any argument is unpickled
+            if entry not in sys.path and writable_by_others(entry) is None:
+                sys.path.append(entry)
+        self.shared = None
+        shared_file = sup.manifest.get("shared")
+        if shared_file:  # arguments many calls share: each unpickled once, when needed
+            from slurmexecutor.folder.sharing import SharedObjects
+
+            self.shared = SharedObjects(
+                lambda: spool.read_blob(sup.run_dir / shared_file, sup.key)["objects"])
+
+    def _work(self) -> None:
+        """Claim and run chunks of the current batch until none is left (then, with
+        backups, run stragglers again)."""
+        manifest, task = self.sup.manifest, self.sup.task
+        order = claims.claim_order(manifest["chunks"], manifest["tasks"], task) if (
+            manifest["steal"]) else [task] if task < manifest["chunks"] else []
+        folder = spool.claims_dir(self.sup.run_dir, self.sup.batch)
+        claimer = claims.Claimer(folder, order, str(task))
+        backups = claims.Backups(folder, str(task)) if manifest.get("backups") else None
+        took: list[float] = []  # seconds per chunk it ran whole
+        try:
+            if _ChildStop.requested:  # claim nothing it cannot start
+                return
+            for index in claimer.claims():
+                self._timed_chunk(index, took, backups is not None)
+                if _ChildStop.requested:
+                    return
+            while backups is not None and took:  # every chunk is taken: stragglers?
+                straggler = backups.next(set(claimer.taken_by_me), sum(took) / len(took),
+                                         lambda: _ChildStop.requested)
+                if straggler is None:
+                    return
+                claimer.taken_by_me.append(straggler)
+                self._timed_chunk(straggler, took, True, record="backup")
+        finally:
+            stats = claimer.stats()
+            if backups is not None:
+                stats["listings"] += backups.listings
+            self.sup.out.write(("claims", None, stats))
+
+    def _serve_warm(self, keep_alive: float) -> None:
+        """Warm: wait up to `keep_alive` idle seconds for a batch of the same resources,
+        join it, work, and wait again (see warm.py)."""
+        from slurmexecutor.folder import warm
+
+        sup = self.sup
+        watcher = warm.Watcher(sup.run_dir, sup.key, sup.batch, sup.manifest.get("resources"),
+                               lambda: _ChildStop.requested)
+        while not _ChildStop.requested:
+            os.write(self.pipe, POSITION.pack(IDLE, 0))
+            sup.out.write(("idle", None, {"time": time.time(), "keep_alive": keep_alive}))
+            found = watcher.wait(keep_alive)
+            if found is None:
+                break
+            batch, manifest = found
+            start = ("start", None, {**sup.where, "time": time.time(), "warm": True})
+            index = warm.join_stream(sup.run_dir, sup.key, batch, start)
+            sup.out.write(("end", None, {"time": time.time(), "joined": batch, "as": index,
+                                         "polls": watcher.polls}))
+            os.write(self.pipe, POSITION.pack(JOIN, batch))
+            os.write(self.pipe, POSITION.pack(JOIN_TASK, index))
+            sup.batch, sup.task, sup.manifest = batch, index, manifest
+            sup.out = spool.RecordWriter(spool.stream_path(sup.run_dir, batch, index, 0),
+                                         sup.key)
+            self._load_batch()
+            self._work()
+        sup.out.write(("idle", None, {"time": time.time(), "polls": watcher.polls,
+                                      "leaving": True, "aside_for": watcher.stepped_aside}))
+
+    def _timed_chunk(self, index: int, took: list[float], mark: bool,
+                     record: str = "claim") -> None:
+        started = time.monotonic()
+        if self._run_chunk(index, 0, record) and mark:
+            took.append(time.monotonic() - started)
+            claims.mark_done(spool.claims_dir(self.sup.run_dir, self.sup.batch), index)
+
+    def _run_chunk(self, index: int, first: int, record: str = "claim") -> bool:
+        """Run a chunk's calls from position `first`; False if stopped before the end.
+        `record`: how the chunk is announced (claim, or backup: a second copy)."""
+        sup = self.sup
+        started = time.time()
+        if first == 0:  # the client knows the chunk's calls: say which chunk, first
+            sup.out.write((record, index, {"time": started}))
+            os.write(self.pipe, POSITION.pack(index, CLAIMED))
+        took = array("f")  # seconds of each call run, from position `first` on
+        try:
+            return self._run_calls(index, first, took)
+        finally:  # call_id None: the client's core ignores it (report.py reads it)
+            sup.out.write(("times", None, {"chunk": index, "first": first, "start": started,
+                                           "end": time.time(), "backup": record == "backup",
+                                           "took": took.tobytes()}))
+
+    def _run_calls(self, index: int, first: int, took: array) -> bool:
+        sup = self.sup
+        chunk = spool.read_blob(spool.chunk_path(sup.run_dir, sup.batch, index), sup.key)
+        call_ids = chunk["calls"]
+        cancel = CancelList(spool.cancel_path(sup.run_dir, sup.batch, index))
+        position = 0
+        for fn_index, blob, count in chunk["parts"]:
+            if position + count <= first:
+                position += count
+                continue
+            arguments: list | None = None  # unpickled once its first call is announced:
+            error: Exception | None = None  # unpickling runs user code, which may crash
+            for offset in range(count):
+                if position >= first:
+                    if _ChildStop.requested:
+                        return False
+                    call_id = call_ids[position]
+                    began = time.time()
+                    if call_id in cancel.ids():
+                        sup.out.write(("skip", call_id, None))
+                    elif self.mismatch is not None:  # unpickle nothing: say why
+                        sup.out.write(("mismatch", call_id, self.mismatch))
+                    else:
+                        os.write(self.pipe, POSITION.pack(index, position))
+                        sys.stderr.flush()
+                        print(f"--- slurmexecutor call {call_id} ---", flush=True)
+                        if arguments is None and error is None:
+                            try:
+                                arguments = self.shared.loads(blob) if (
+                                    self.shared) else _loads(blob)
+                            except Exception as exc:  # noqa: BLE001  (this part's calls)
+                                error = exc
+                        call = arguments[offset] if arguments is not None else None
+                        self._write_result(call_id, self._call(call_id, fn_index, call, error))
+                    took.append(time.time() - began)
+                position += 1
+        return True
+
+    def _function(self, index: int):
+        if index not in self.functions:
+            self.functions[index] = _loads(self.table["functions"][index])
+        return self.functions[index]
+
+    def _write_result(self, call_id: int, record: tuple) -> None:
+        """Append a call's record; if the disk or quota is full, the call fails with
+        that error instead (a short record may still fit: the long one was cut off)."""
+        try:
+            self.sup.out.write(record)
+        except OSError as exc:
+            if exc.errno not in FULL:
+                raise
+            self.sup.out.write(_raised_record(call_id, exc))
+
+    def _call(self, call_id: int, fn_index: int, call: tuple | None,
+              error: BaseException | None) -> tuple:
+        import cloudpickle
+
+        if error is not None or call is None:  # its arguments could not be unpickled
+            return _raised_record(call_id, error or ValueError("no arguments"))
+        try:
+            fn = self._function(fn_index)
+            args, kwargs = call
+            value = fn(*args, **kwargs)
+        except BaseException as exc:  # noqa: BLE001  (SystemExit in a call is its failure)
+            return _raised_record(call_id, exc)
+        try:
+            return ("ok", call_id, cloudpickle.dumps(value))
+        except BaseException as exc:  # noqa: BLE001  (SystemExit from __reduce__ too)
+            message = f"the result ({type(value).__name__}) cannot be pickled: {exc!r}"
+            return ("unpicklable", call_id, {"message": message,
+                                             "error": _raised_record(call_id, exc)[2]})
+
+
+class CancelList:
+    """The call ids the client cancelled in a chunk; re-read only when the file grows."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.size = path, -1
+        self.cancelled: set[int] = set()
+
+    def ids(self) -> set[int]:
+        try:
+            size = os.stat(self.path).st_size
+        except FileNotFoundError:
+            return self.cancelled
+        if size != self.size:
+            self.size, self.cancelled = size, spool.read_cancelled(self.path)
+        return self.cancelled
+
+
+def _loads(blob: bytes):
+    import pickle
+
+    return pickle.loads(blob)
+
+
+def _raised_record(call_id: int, exc: BaseException) -> tuple:
+    import cloudpickle
+
+    text = "".join(traceback.format_exception(exc))
+    try:
+        blob = cloudpickle.dumps(exc)
+        _loads(blob)  # an exception that pickles but cannot be rebuilt is no use
+    except Exception:  # noqa: BLE001
+        blob = None
+    kind = f"{type(exc).__module__}.{type(exc).__qualname__}"
+    return ("raised", call_id, {"blob": blob, "type": kind, "message": str(exc), "tb": text})
+
+
+def environment_mismatch(client: dict | None) -> str | None:
+    """Why this interpreter cannot unpickle what the client pickled (another Python
+    major.minor, another cloudpickle), or None; checked before anything is unpickled."""
+    if not client:
+        return None
+    here = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    problems = []
+    if client.get("python") != here:
+        problems.append(f"Python {here} here, {client.get('python')} on the client")
+    try:
+        import cloudpickle
+
+        version: str | None = cloudpickle.__version__
+    except ImportError:
+        version = None
+    if version is None:
+        problems.append(f"cloudpickle is not installed here ({client.get('cloudpickle')} "
+                        "on the client)")
+    elif client.get("cloudpickle") != version:
+        problems.append(f"cloudpickle {version} here, {client.get('cloudpickle')} on the "
+                        "client")
+    if not problems:
+        return None
+    return (f"the worker's environment does not match the client's: {'; '.join(problems)} "
+            f"(worker interpreter {sys.executable}, client interpreter "
+            f"{client.get('executable')}); pass python= (and setup=) an interpreter with "
+            "the client's Python and cloudpickle versions")
