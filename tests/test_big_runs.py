@@ -271,8 +271,8 @@ def test_status_of_a_folder_reads_only_the_recent_runs(tmp_path, monkeypatch, ca
         build_run(tmp_path, 20, chunk=5, name=f"20240101-{number:06d}-r")
     read: list[Path] = []
     read_run = runs.read_run
-    monkeypatch.setattr(runs, "read_run", lambda path, key: read.append(path) or read_run(
-        path, key))
+    monkeypatch.setattr(runs, "read_run", lambda path, key, observe=None: read.append(
+        path) or read_run(path, key, observe))
     assert cli.main(["--folder", str(tmp_path), "status"]) == 0
     output = capsys.readouterr().out
     assert len(read) == cli.SHOWN and read[-1].name == f"20240101-{cli.SHOWN + 4:06d}-r"

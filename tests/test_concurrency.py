@@ -341,8 +341,7 @@ def owner_state(ex) -> str:
     """What the owner still holds, for a failure's message (a hang is found by it)."""
     engine, core = ex._engine, ex._engine.core
     batches = {n: {"open": len(b.open_calls), "unclaimed": sorted(b.unclaimed)[:5],
-                   "submitted": b.submitted, "planned": b.planned, "asked": b.submit_asked,
-                   "warm_until": b.warm_until, "deferred": b.deferred,
+                   "submitted": b.submitted, "planned": b.planned, "pending": b.pending,
                    "tasks": [(t.index, t.job_id, t.started, t.ended, t.final and t.final.state)
                              for t in b.tasks][:6]}
                for n, b in core.batches.items()}

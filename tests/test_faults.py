@@ -278,7 +278,7 @@ def test_truncated_result_is_rejected(make_executor):
     cursor = spool.StreamCursor(stream)
     records = spool.read_records(cursor, ex.key)
     assert [kind for kind, _, _ in records] == ["start", "claim", "ok", "ok", "ok", "ok",
-                                                "claims", "end"]
+                                                "times", "claims", "end"]
     data = stream.read_bytes()
     start, end = last_result_span(data)
     stream.write_bytes(data[: (start + end) // 2])  # cut through the last result

@@ -460,7 +460,8 @@ def test_a_refused_array_is_asked_for_in_halves_until_a_part_fits():
     assert (ask.first, ask.count) == (2, 4)
     # cut at MaxArraySize: the first array went out, the second was refused
     machine.step([TasksSubmitted(0, "8", 2, 1), SubmitDeferred(0, 3, 3, False, refusal)], 5.1)
-    assert machine.batches[0].deferred == (3, 5, False)  # the refused tasks and the rest
+    pending = machine.batches[0].pending  # the refused tasks and the rest: one record
+    assert (pending.next, pending.end, pending.asked) == (3, 8, 0)
     assert not of(machine.step([], 5.2), Fail)
     [ask] = of(machine.step([], 20.0), SubmitTasks)
     assert (ask.first, ask.count) == (3, 1)

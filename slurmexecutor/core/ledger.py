@@ -38,6 +38,27 @@ class Config:
 
 
 @dataclass(eq=False)
+class Submission:
+    """A batch's tasks still to go out (tasks `next` .. `end` - 1): its one pending
+    submission record (policies.WidthPolicy)."""
+
+    next: int
+    end: int
+    due: float  # not asked before then (a warm task may join; back-off after a refusal)
+    warm: bool = False  # nothing asked yet: a warm task may take the batch first
+    asked: int = 0  # tasks of an sbatch in flight, not answered yet
+    #: after a refusal, at most this many tasks per sbatch (halved per refusal: an array
+    #: larger than a per-user submit limit would never fit whole; doubled per part that
+    #: went out); 0: all at once
+    cap: int = 0
+    refusals: int = 0
+
+    @property
+    def left(self) -> int:
+        return self.end - self.next
+
+
+@dataclass(eq=False)
 class Batch:
     """Calls handed over together: chunks that up to `planned` array tasks claim."""
 
@@ -49,7 +70,6 @@ class Batch:
     time_limit: str | None
     open_calls: set[int]
     unclaimed: set[int] = field(default_factory=set)
-    submitted: int = 0
     first_start: float | None = None
     tasks: list[Task] = field(default_factory=list)
     last_failed: Task | None = None
@@ -57,19 +77,9 @@ class Batch:
     throttle: int = 1  # tasks allowed to run at once while throttled
     done: int = 0  # results read so far (the measure of the work's cost)
     next_scale: float = 0.0
-    submit_asked: bool = False  # its array was asked for (or it had one)
-    warm_until: float = 0.0  # no array before then: a warm task may join
     resources: str = ""  # the resources key of its tasks (warm tasks join only equal)
-    #: tasks a submission limit refused for now: (first, count, throttled), and when to
-    #: ask again (policies.WidthPolicy)
-    deferred: tuple[int, int, bool] | None = None
-    retry_at: float = 0.0
-    deferrals: int = 0
-    #: after a refusal, at most this many tasks per sbatch (halved per refusal: an array
-    #: larger than a per-user submit limit would never fit whole); the rest waits
-    defer_cap: int = 0
-    rest: tuple[int, int, bool] | None = None
-    resubmitting: bool = False  # deferred tasks asked for again, no answer yet
+    pending: Submission | None = None  # tasks still to go out; None: all out, or refused
+    submitted: int = 0  # array tasks that went out (indices 0 .. submitted - 1)
     joiners: set[int] = field(default_factory=set)  # indices of warm tasks ever seen join
     owner: dict[int, Task] = field(default_factory=dict)  # call -> the task that claimed it
     backup: dict[int, Task] = field(default_factory=dict)  # call -> its backup's task

@@ -120,9 +120,27 @@ class WidthPolicy(_CoreState):
     """How many tasks a batch gets: its array when no warm task takes it, and one more
     task per `horizon` s of measured work left."""
 
-    def _ask_tasks(self, batch: Batch) -> None:
-        batch.submit_asked = True
-        self._out.append(ev.SubmitTasks(batch.number, 0, batch.planned, batch.throttled))
+    def _ask(self, batch: Batch) -> None:
+        """Ask for the batch's pending tasks (at most `cap` of them) in one sbatch."""
+        pending = batch.pending
+        assert pending is not None
+        count = min(pending.left, pending.cap or pending.left)
+        pending.asked, pending.warm = count, False
+        self._out.append(ev.SubmitTasks(batch.number, pending.next, count, batch.throttled))
+
+    def _tasks_submitted(self, batch: Batch, offset: int, size: int, now: float) -> None:
+        """An array (part) went out. All of a capped request went out and more is left:
+        the rest is asked for at once, in parts twice as large."""
+        pending = batch.pending
+        batch.submitted = max(batch.submitted, offset + size)
+        if pending is None:
+            return
+        pending.next = max(pending.next, offset + size)
+        pending.asked = max(0, pending.asked - size)
+        if pending.left <= 0:
+            batch.pending = None
+        elif not pending.asked:
+            pending.cap, pending.due = pending.cap * 2, now
 
     def _submit_failed(self, event: ev.SubmitFailed) -> None:
         """sbatch refused the batch for good: no more tasks; nobody left runs its calls."""
@@ -130,59 +148,50 @@ class WidthPolicy(_CoreState):
         if batch is None:
             return
         batch.planned = batch.submitted  # no more attempts at scaling out
-        batch.resubmitting, batch.rest, batch.deferred = False, None, None
+        batch.pending = None
         batch.submit_error = event.error
         if not self._live(batch):
             self._fail(batch, sorted(batch.open_calls),
                        Failure(type(event.error), str(event.error), error=event.error))
 
     def _submit_deferred(self, event: ev.SubmitDeferred, now: float) -> None:
-        """A submission limit refused the tasks for now: ask again later, backing off
-        from DEFER_FIRST to DEFER_MAX s while the refusals go on."""
+        """A submission limit refused the tasks for now: ask again later, at most half as
+        many at once, backing off from DEFER_FIRST to DEFER_MAX s while refusals go on."""
         batch = self.batches.get(event.batch)
-        if batch is None:
+        if batch is None or batch.pending is None:
             return
-        count, waiting = event.count, batch.rest or batch.deferred
-        if waiting is not None and event.first + event.count == waiting[0]:  # it waits too
-            count += waiting[1]
-        batch.rest = None
-        batch.deferred, batch.resubmitting = (event.first, count, event.throttled), False
-        batch.defer_cap = max(1, event.count // 2)
-        batch.retry_at = now + min(DEFER_MAX, DEFER_FIRST * DEFER_GROWTH ** batch.deferrals)
-        batch.deferrals += 1
+        pending = batch.pending
+        pending.next, pending.asked = event.first, 0
+        pending.cap = max(1, event.count // 2)
+        pending.due = now + min(DEFER_MAX, DEFER_FIRST * DEFER_GROWTH ** pending.refusals)
+        pending.refusals += 1
 
     def _submit_when_due(self, batch: Batch, now: float) -> None:
-        assert batch.deferred is not None
-        if not batch.open_calls or batch.unclaimed == set():  # cancelled, or others took it
-            batch.deferred = None
-        elif now >= batch.retry_at:  # throttled only if scale-out has not lifted it since
-            first, count, throttled = batch.deferred
-            asked = min(count, batch.defer_cap or count)
-            batch.deferred, batch.resubmitting = None, True
-            batch.rest = (first + asked, count - asked, throttled) if asked < count else None
-            self._out.append(ev.SubmitTasks(batch.number, first, asked,
-                                            throttled and batch.throttled))
-
-    def _submitted_part(self, batch: Batch, now: float) -> None:
-        """Part of a deferred batch's tasks went out: the rest is asked for at once."""
-        if batch.rest is not None and not batch.resubmitting:  # and parts grow again
-            batch.deferred, batch.rest, batch.retry_at = batch.rest, None, now
-            batch.defer_cap *= 2
+        """The pending tasks go out when due, unless nothing is left for them to do."""
+        pending = batch.pending
+        assert pending is not None
+        if not batch.open_calls or not batch.unclaimed:  # cancelled, or others took it
+            batch.pending = None
+        elif pending.warm:
+            self._warm_or_submit(batch, now)
+        elif not pending.asked and now >= pending.due:
+            self._ask(batch)
 
     def _warm_or_submit(self, batch: Batch, now: float) -> None:
         """A batch left to warm tasks: its array is asked for when no warm task joined in
         time, or when the work measured on those that joined needs more tasks (the
         scale-out rule: one task per `horizon` s of work left)."""
+        assert batch.pending is not None
         joined = self._live(batch)
         if not joined:
-            if now >= batch.warm_until:
-                self._ask_tasks(batch)
+            if now >= batch.pending.due:
+                self._ask(batch)
             return
         if batch.first_start is None or now - batch.first_start < self.config.probe:
             return
         per_call = (now - batch.first_start) * len(joined) / max(batch.done, 1)
         if len(batch.open_calls) * per_call > self.config.horizon * len(joined):
-            self._ask_tasks(batch)
+            self._ask(batch)
 
     def _scale_out(self, batch: Batch, now: float) -> None:
         """Let more of the batch's tasks run when the work measured so far says so: one

@@ -24,7 +24,7 @@ from collections.abc import Iterable, Mapping
 from slurmexecutor.core import events as ev
 from slurmexecutor.core.events import Action, Event, Failure
 from slurmexecutor.core.joins import WarmJoins
-from slurmexecutor.core.ledger import REQUEUEABLE, Batch, Config, Task
+from slurmexecutor.core.ledger import REQUEUEABLE, Batch, Config, Submission, Task
 from slurmexecutor.core.policies import CancelPolicy, FailurePolicy, WidthPolicy
 from slurmexecutor.errors import CallLostError, IntegrityError
 from slurmexecutor.schedulers import TaskKey, TaskState, state_of
@@ -83,7 +83,8 @@ class Core(CancelPolicy, WidthPolicy, FailurePolicy, WarmJoins):
         watched = {**self.tasks, **self.lingering, **self.following}
         ended = tuple(k for k, t in watched.items() if t.final is not None and not t.ended)
         # batches a warm task may join, also while their own tasks are deferred
-        folders = tuple(n for n, b in self.batches.items() if not b.submit_asked or (
+        folders = tuple(n for n, b in self.batches.items() if (
+            b.pending is not None and b.pending.warm) or (
             self.config.keep_alive > 0 and b.steal and b.unclaimed))
         return ev.ReadStreams(frozenset(watched), ended, folders)
 
@@ -99,7 +100,7 @@ class Core(CancelPolicy, WidthPolicy, FailurePolicy, WarmJoins):
             batch = self.batches.get(event.batch)
             if batch is not None:
                 self._add_tasks(batch, event.job_id, event.offset, event.size, now)
-                self._submitted_part(batch, now)
+                self._tasks_submitted(batch, event.offset, event.size, now)
         elif isinstance(event, ev.SubmitFailed):
             self._submit_failed(event)
         elif isinstance(event, ev.SubmitDeferred):
@@ -146,18 +147,20 @@ class Core(CancelPolicy, WidthPolicy, FailurePolicy, WarmJoins):
         self.batches[batch.number] = batch
         for job_id, offset, size in event.arrays:
             self._add_tasks(batch, job_id, offset, size, now)
+            batch.submitted = max(batch.submitted, offset + size)
         if not batch.open_calls:
             return
-        batch.submit_asked = bool(event.arrays)
         batch.resources = event.resources
-        if event.arrays and batch.submitted < batch.planned:  # attach: the client died
-            batch.deferred = (batch.submitted, batch.planned - batch.submitted,  # before
-                              batch.throttled)  # the rest went out: it goes out now
+        if batch.submitted >= batch.planned:
+            return
+        # attach: the client died before the rest went out; it goes out now
+        batch.pending = Submission(batch.submitted, batch.planned, now)
         if not event.arrays and event.steal and any(until > now and self.warm_for.get(
                 key) == event.resources for key, until in self.warm.items()):
-            batch.warm_until = now + self.config.warm_wait  # a warm task may take it
+            batch.pending.warm = True  # a warm task may take it: wait warm_wait for one
+            batch.pending.due = now + self.config.warm_wait
         elif not event.arrays:
-            self._ask_tasks(batch)
+            self._ask(batch)
 
     def _add_tasks(self, batch: Batch, job_id: str, offset: int, size: int,
                    now: float) -> None:
@@ -165,8 +168,6 @@ class Core(CancelPolicy, WidthPolicy, FailurePolicy, WarmJoins):
             task = Task(batch, index, job_id, index - offset, now)
             self.tasks[task.key] = task
             batch.tasks.append(task)
-        batch.submitted = max(batch.submitted, offset + size)
-        batch.resubmitting = False
 
     def _on_record(self, task: Task, record: ev.Record, now: float) -> None:
         batch, kind = task.batch, record.kind
@@ -352,14 +353,12 @@ class Core(CancelPolicy, WidthPolicy, FailurePolicy, WarmJoins):
                 batch.done and batch.first_start is not None) else None
             self._out.append(ev.BatchDone(batch.number, per_call))
             return
-        if not batch.submit_asked and batch.unclaimed:
-            self._warm_or_submit(batch, now)
-        if batch.deferred is not None:
+        if batch.pending is not None:
             self._submit_when_due(batch, now)
-        if batch.deferred is not None or batch.resubmitting:  # its tasks are still to come
+            if batch.pending is not None:  # its tasks are still to come
+                return
+        if not batch.unclaimed:
             return
-        if not batch.unclaimed or (batch.submitted == 0 and batch.submit_error is None):
-            return  # (nothing asked yet; a refused batch goes on: its joiners may go)
         if batch.throttled and batch.first_start is not None and now >= batch.next_scale:
             self._scale_out(batch, now)
         if not self._live(batch):  # nobody is left to claim them
