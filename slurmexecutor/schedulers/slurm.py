@@ -134,6 +134,9 @@ class SlurmBackend(Backend):
     def submit_array(self, script: Path, size: int, log_dir: Path,
                      throttle: int | None = None) -> str:
         """Raise SubmissionDeferred when a limit refuses it for now (see sbatch.py)."""
+        if "\\" in str(log_dir):  # sbatch then drops every backslash and %A/%a of --output
+            raise SubmissionError(f"Slurm cannot write logs under {log_dir}: a backslash "
+                                  "in the folder's path; choose a folder without one")
         try:
             job_id = sbatch.submit(["sbatch", "--parsable", str(script)], COMMAND_TIMEOUT)
         except SubmissionDeferred as error:
