@@ -45,11 +45,25 @@ import cloudpickle
 
 from . import spool
 from ._log import log
+from .errors import IntegrityError
 from .fingerprint import UncacheableError, function_fingerprint
 
-__all__ = ["DEFAULT_DIR", "HITS_FILE", "CacheCounts", "CallKeys", "ResultCache",
-           "UncacheableError", "arguments_bytes", "call_key", "clear_cache", "default_cache_dir",
-           "function_fingerprint", "read_hits", "record_hits"]
+__all__ = [
+    "DEFAULT_DIR",
+    "HITS_FILE",
+    "CacheCounts",
+    "CallKeys",
+    "ResultCache",
+    "UncacheableError",
+    "arguments_bytes",
+    "call_key",
+    "clear_cache",
+    "default_cache_dir",
+    "function_fingerprint",
+    "is_cache",
+    "read_hits",
+    "record_hits",
+]
 
 DEFAULT_DIR = "cache"  # under the executor's folder
 ENTRIES = "v1"  # the entries' folder: its name is the entry format's version
@@ -256,6 +270,20 @@ class ResultCache:
 
 
 _ABSENT = object()
+
+
+def is_cache(path: Path) -> bool:
+    """`path` is a result cache: its own key file, or `<folder>/cache` of a folder with
+    one (whose key signs it); either key must be a valid one of ours."""
+    path = Path(path).expanduser()
+    for holder in (path, path.parent if path.name == DEFAULT_DIR else None):
+        if holder is not None and (holder / spool.KEY_FILE).is_file():
+            try:
+                spool.load_key(holder)
+                return True
+            except (OSError, IntegrityError):
+                return False
+    return False
 
 
 def clear_cache(path: Path) -> int:

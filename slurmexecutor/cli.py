@@ -23,8 +23,9 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from . import cache, runs, spool
+from .clijobs import count_reads_command, demo_command, resources_from
 from .errors import SlurmExecutorError
-from .executor import SlurmExecutor, call_log, default_folder
+from .executor import call_log, default_folder
 from .schedulers.script import SBATCH_OPTIONS, ScriptSpec, render_script, validate_resources
 
 
@@ -43,11 +44,6 @@ def add_resource_options(parser: argparse.ArgumentParser) -> None:
                        help="shell line run before the worker (repeatable)")
     group.add_argument("--sbatch-extra", action="append", default=[], metavar="OPTION",
                        help="raw sbatch option, e.g. --sbatch-extra=--export=ALL")
-
-
-def resources_from(args: argparse.Namespace) -> dict:
-    return {name: getattr(args, name) for name in SBATCH_OPTIONS
-            if getattr(args, name, None) is not None}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -105,66 +101,6 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
-# -- the main job ----------------------------------------------------------------------
-
-
-def count_reads_command(args: argparse.Namespace) -> int:
-    from .countreads import read_bed, write_counts_tsv
-
-    regions = read_bed(args.regions)
-    with _executor(args) as executor:
-        counts = count_reads(args, executor, args.bam, regions)
-    if args.output:
-        write_counts_tsv(counts, regions, args.output)
-        print(f"{len(regions)} regions, {sum(counts.values())} reads -> {args.output}",
-              file=sys.stderr)
-    else:
-        write_counts_tsv(counts, regions, sys.stdout)
-    return 0
-
-
-def _executor(args: argparse.Namespace) -> SlurmExecutor:
-    return SlurmExecutor(args.folder, backend=args.backend, setup=args.setup,
-                         sbatch_extra=args.sbatch_extra, **resources_from(args))
-
-
-def count_reads(args: argparse.Namespace, executor: SlurmExecutor, bam: Path,
-                regions: list):
-    """Count reads per region through map_reduce, one array task per fraction."""
-    from .countreads import check_bam, count_region_reads
-    from .mapreduce import map_reduce
-
-    bam = bam.resolve()
-    check_bam(bam)
-    print(f"counting reads in {len(regions)} regions of {bam.name} in "
-          f"{min(args.fractions, len(regions))} fractions on the {executor.backend.name} "
-          f"backend (run {executor.run_id})", file=sys.stderr)
-    return map_reduce(count_region_reads, regions, args.fractions, sum, str(bam),
-                      executor=executor, progress=args.progress)
-
-
-def demo_command(args: argparse.Namespace) -> int:
-    from .countreads import count_reads_serial, make_demo_data, read_bed, write_counts_tsv
-
-    started = time.monotonic()
-    data = make_demo_data(args.dir)
-    print(f"demo data in {args.dir}/: {data.bam.name}, {data.promoters_bed.name}, "
-          f"{data.genes_bed.name}", file=sys.stderr)
-    with _executor(args) as executor:
-        for bed in (data.promoters_bed, data.genes_bed):
-            regions = read_bed(bed)
-            counts = count_reads(args, executor, data.bam, regions)
-            output = args.dir / f"{bed.stem}.counts.tsv"
-            write_counts_tsv(counts, regions, output)
-            same = counts == count_reads_serial(data.bam, regions)
-            print(f"{bed.stem}: {len(regions)} regions, {sum(counts.values())} reads -> "
-                  f"{output} (equals a single-process pysam count: {'yes' if same else 'NO'})")
-            if not same:
-                return 1
-    print(f"done in {time.monotonic() - started:.1f} s", file=sys.stderr)
-    return 0
-
-
 # -- inspecting runs -------------------------------------------------------------------
 
 SHOWN = 20  # runs in the status table, and tasks and failed calls of one run
@@ -178,12 +114,14 @@ def _read(folder: Path, run_dirs: list[Path]) -> Iterator[runs.RunInfo]:
     """Read and classify runs one at a time (one in memory), having asked Slurm about
     all their jobs in ONE query (again only for jobs submitted since)."""
     key = spool.load_key(folder)
-    slurm_runs = {run_dir for run_dir in run_dirs
-                  if spool.read_json(run_dir / "run.json")["backend"] == "slurm"}
+    slurm_runs = {run_dir for run_dir in run_dirs if runs.backend_of(run_dir) == "slurm"}
     asked = {job for run_dir in slurm_runs for job in runs.journal_job_ids(run_dir)}
     states = _slurm_states(asked) if asked else {}
     for run_dir in run_dirs:
         info = runs.read_run(run_dir, key)
+        if info.unreadable:
+            yield info
+            continue
         if info.meta["backend"] == "allocation":  # its steps, by name (squeue -s)
             steps = _slurm_states(set(info.job_ids), info)
             yield runs.classify(info, steps) if steps is not None else info
@@ -247,6 +185,8 @@ def status_command(args: argparse.Namespace) -> int:
         folder, target)
     [info] = _read(run_dir.parent, [run_dir])
     print(_runs_table([info]))
+    if info.unreadable:
+        return 1
     print()
     if info.lease_text:
         print(f"  {info.lease_text}")
@@ -296,6 +236,10 @@ def _runs_table(infos: Iterable[runs.RunInfo]) -> str:
               "PENDING", "CACHED", "LEASE", "JOBS")
     rows = [header]
     for info in infos:  # a row each: the runs are not all held at once
+        if info.unreadable:
+            rows.append((info.run_id, "-", "-", f"unreadable: {info.unreadable}"[:60],
+                         "-", "-", "-", "-", "-", "-", info.lease_state, "-"))
+            continue
         functions = ",".join(name.rsplit(".", 1)[-1] for name in info.functions) or "-"
         failed = info.count("failed", "lost")
         rows.append((
@@ -361,10 +305,17 @@ def clean_command(args: argparse.Namespace) -> int:
         if not path.is_dir():
             print(f"no result cache in {path}")
             return 0
+        if not cache.is_cache(path):
+            print(f"{path} is not a result cache (no key file); nothing removed",
+                  file=sys.stderr)
+            return 1
         print(f"emptied the result cache {path}: {cache.clear_cache(path)} result(s) removed")
         return 0
     for info in _read(folder, runs.list_runs(folder)):
-        if info.client_alive:
+        if info.unreadable:
+            print(f"kept {info.run_id}: unreadable ({info.unreadable}); look at it, and "
+                  "remove it by hand if it is not needed")
+        elif info.client_alive:
             print(f"kept {info.run_id}: still live ({info.lease_text or 'its client runs'})")
         elif info.live:
             print(f"kept {info.run_id}: still live (calls running, pending, or of unknown "

@@ -158,9 +158,9 @@ class SlurmExecutor(CallMaker, Executor):
         self.run_id = _run or time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
         self.run_dir = spool.ensure_private_dir(self.folder / self.run_id)
         spool.ensure_private_dir(self.run_dir / "logs")
+        link_package(self.run_dir)
         lease = Lease(self.run_dir)
         lease.acquire(take_over=_take_over)
-        link_package(self.run_dir)
         if _run is None:
             spool.write_json(self.run_dir / "run.json", {
                 "created": time.time(), "host": socket.gethostname(), "pid": os.getpid(),
@@ -196,7 +196,11 @@ class SlurmExecutor(CallMaker, Executor):
         if _run is not None:
             from .reattach import reattach
 
-            self.futures = reattach(self._engine, self.resources.get("time"))
+            try:
+                self.futures = reattach(self._engine, self.resources.get("time"))
+            except BaseException:  # a failed attach leaves the run as it found it
+                lease.release()
+                raise
             self._next_call = max(self.futures, default=-1) + 1
         _live_engines.add(self._engine)
         self._engine.start()

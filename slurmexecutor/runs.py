@@ -25,7 +25,7 @@ from . import lease as leases
 from . import spool
 from .cache import CacheCounts, read_hits
 from .calltable import CODE, FAILED, STATUSES, UNKNOWN, Calls, CallStatus, ChunkInfo
-from .errors import RunInUseError, RunNotFoundError
+from .errors import IntegrityError, RunInUseError, RunNotFoundError
 from .schedulers import Backend, TaskKey, TaskState, state_of
 from .warm import JOIN_BASE
 
@@ -65,6 +65,7 @@ class RunInfo:
     cancelled: bool = False
     lease: dict | None = None  # its lease file; None for runs from before leases
     cache: CacheCounts | None = None  # result cache hits and misses; None: no cache
+    unreadable: str | None = None  # why its run.json or a journal could not be read
     _by_key: dict[tuple[int, int], TaskInfo] = field(default_factory=dict, init=False,
                                                      repr=False)
 
@@ -74,6 +75,8 @@ class RunInfo:
         file, its process on this host."""
         if self.lease is not None:
             return leases.is_live(self.lease)
+        if "host" not in self.meta:  # unreadable: nothing says it ended
+            return True
         return spool.process_alive(self.meta["host"], self.meta["pid"])
 
     @property
@@ -125,14 +128,45 @@ def find_run(folder: Path, run: str) -> Path:
 
 def journal_job_ids(run_dir: Path) -> set[str]:
     """The array jobs a run's journals name (what one scheduler query must cover)."""
-    return {array["job_id"] for journal in spool.read_journals(run_dir)
-            for array in journal["arrays"] if array["job_id"]}
+    try:
+        return {array["job_id"] for journal in spool.read_journals(run_dir)
+                for array in journal["arrays"] if array["job_id"]}
+    except UNREADABLE:  # read_run says why
+        return set()
+
+
+#: what a damaged or forged run's files raise when read
+UNREADABLE = (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError,
+              IntegrityError)
+
+
+def backend_of(run_dir: Path) -> str | None:
+    """A run's backend, or None when its run.json cannot be read."""
+    try:
+        return str(spool.read_json(run_dir / "run.json")["backend"])
+    except UNREADABLE:
+        return None
 
 
 def read_run(run_dir: Path, key: bytes) -> RunInfo:
     """Everything the folder says about a run. Calls without a result stay "unknown"
-    until `classify` weighs the scheduler's word (or, for local runs, the processes)."""
-    info = RunInfo(run_dir.name, run_dir, spool.read_json(run_dir / "run.json"))
+    until `classify` weighs the scheduler's word (or, for local runs, the processes).
+    A run whose files cannot be read comes back with `unreadable` saying why."""
+    try:
+        return _read_run(run_dir, key)
+    except UNREADABLE as error:
+        info = RunInfo(run_dir.name, run_dir, {}, unreadable=f"{type(error).__name__}: "
+                       f"{error}".splitlines()[0])
+        with contextlib.suppress(*UNREADABLE):
+            info.lease = leases.read_lease(run_dir)
+        return info
+
+
+def _read_run(run_dir: Path, key: bytes) -> RunInfo:
+    meta = spool.read_json(run_dir / "run.json")
+    if not isinstance(meta, dict) or not {"created", "host", "pid", "backend"} <= set(meta):
+        raise ValueError("run.json lacks created, host, pid or backend")
+    info = RunInfo(run_dir.name, run_dir, meta)
     info.cancelled = (run_dir / "cancelled").exists()
     info.lease = leases.read_lease(run_dir)
     info.cache = read_hits(run_dir)
@@ -214,6 +248,8 @@ def classify(info: RunInfo, states: dict[TaskKey, TaskState] | None) -> RunInfo:
     """Decide pending/running/lost for calls without a result. `states` is the
     scheduler's answer for Slurm runs; None for local runs (judged by their processes).
     Each task, chunk and batch is judged once, whatever its number of calls."""
+    if info.unreadable:
+        return info
     if states is not None:
         for task in info.tasks:
             task.state = state_of(states, task.job_id, task.array_index)
