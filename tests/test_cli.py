@@ -153,8 +153,8 @@ def test_render_shows_the_exact_script(tmp_path):
                  folder=tmp_path).stdout
     lines = script.splitlines()
     assert lines[0] == "#!/bin/bash"
-    for expected in ("#SBATCH --partition=short", "#SBATCH --time=1:00:00",
-                     "#SBATCH --mem=4G", "#SBATCH --array=0-15%5",
+    for expected in ('#SBATCH --partition="short"', '#SBATCH --time="1:00:00"',
+                     '#SBATCH --mem="4G"', "#SBATCH --array=0-15%5",
                      "#SBATCH --signal=B:USR1@60", "module load python"):
         assert expected in lines
     assert lines[-1].startswith("exec ") and "from slurmexecutor.worker import main" in lines[-1]
@@ -277,7 +277,7 @@ def test_a_failed_attach_gives_its_lease_back(tmp_path):
     journal = spool.journal_path(ex.run_dir, 0)
     whole = journal.read_bytes()
     journal.write_bytes(whole[:20])
-    with pytest.raises(Exception):  # noqa: B017, PT011  (whatever a damaged journal raises)
+    with pytest.raises(Exception):  # noqa: B017  (whatever a damaged journal raises)
         SlurmExecutor.attach(ex.run_id, folder, backend="local")
     assert not leases.is_live(leases.read_lease(ex.run_dir))
     journal.write_bytes(whole)
