@@ -114,7 +114,7 @@ def _read(folder: Path, run_dirs: list[Path]) -> Iterator[runs.RunInfo]:
     """Read and classify runs one at a time (one in memory), having asked Slurm about
     all their jobs in ONE query (again only for jobs submitted since)."""
     key = spool.load_key(folder)
-    slurm_runs = {run_dir for run_dir in run_dirs if runs.backend_of(run_dir) == "slurm"}
+    slurm_runs = {run_dir for run_dir in run_dirs if runs.backend_of(run_dir, key) == "slurm"}
     asked = {job for run_dir in slurm_runs for job in runs.journal_job_ids(run_dir)}
     states = _slurm_states(asked) if asked else {}
     for run_dir in run_dirs:

@@ -162,7 +162,7 @@ class SlurmExecutor(CallMaker, Executor):
         lease = Lease(self.run_dir)
         lease.acquire(take_over=_take_over)
         if _run is None:
-            spool.write_json(self.run_dir / "run.json", {
+            spool.write_signed_json(self.run_dir / "run.json", self.key, {
                 "created": time.time(), "host": socket.gethostname(), "pid": os.getpid(),
                 "backend": self.backend.name, "resources": self.resources,
                 "cwd": os.getcwd(), "setup": setup, "sbatch_extra": sbatch_extra,
@@ -220,7 +220,7 @@ class SlurmExecutor(CallMaker, Executor):
         meta_path = root / run / "run.json"
         if not meta_path.exists():
             raise RunNotFoundError(f"no run {run!r} in {root}")
-        meta = spool.read_json(meta_path)
+        meta = spool.read_signed_json(meta_path, spool.load_key(root))
         options.setdefault("backend", meta["backend"])
         for name in ("setup", "sbatch_extra"):
             options.setdefault(name, meta.get(name, ()))

@@ -140,10 +140,10 @@ UNREADABLE = (OSError, ValueError, KeyError, TypeError, IndexError, AttributeErr
               IntegrityError)
 
 
-def backend_of(run_dir: Path) -> str | None:
+def backend_of(run_dir: Path, key: bytes) -> str | None:
     """A run's backend, or None when its run.json cannot be read."""
     try:
-        return str(spool.read_json(run_dir / "run.json")["backend"])
+        return str(spool.read_signed_json(run_dir / "run.json", key)["backend"])
     except UNREADABLE:
         return None
 
@@ -163,7 +163,7 @@ def read_run(run_dir: Path, key: bytes) -> RunInfo:
 
 
 def _read_run(run_dir: Path, key: bytes) -> RunInfo:
-    meta = spool.read_json(run_dir / "run.json")
+    meta = spool.read_signed_json(run_dir / "run.json", key)
     if not isinstance(meta, dict) or not {"created", "host", "pid", "backend"} <= set(meta):
         raise ValueError("run.json lacks created, host, pid or backend")
     info = RunInfo(run_dir.name, run_dir, meta)
@@ -171,7 +171,7 @@ def _read_run(run_dir: Path, key: bytes) -> RunInfo:
     info.lease = leases.read_lease(run_dir)
     info.cache = read_hits(run_dir)
     functions: dict[str, None] = {}
-    for journal in spool.read_journals(run_dir):
+    for journal in spool.read_journals(run_dir, key):
         batch = journal["batch"]
         info.journals[batch] = journal
         functions.update(dict.fromkeys(journal["functions"]))

@@ -322,10 +322,65 @@ def read_json(path: Path) -> Any:
     return json.loads(path.read_text())
 
 
-def read_journals(run_dir: Path) -> list[dict]:
-    """A run's batch journals, in batch order (by number: b10000 comes after b9999)."""
-    journals = [read_json(path) for path in run_dir.glob("b*.json")]
+SIGNATURE = "hmac"  # the field of a signed JSON file (run.json, journals)
+
+
+def _json_digest(key: bytes, path: Path, obj: dict) -> str:
+    """HMAC of a JSON object's canonical text, bound to `run/file` (not to the folder's
+    name: a folder may be moved)."""
+    text = json.dumps(obj, sort_keys=True).encode()
+    return _digest(key, Path(*path.parts[-2:]), text).hex()
+
+
+def write_signed_json(path: Path, key: bytes, obj: dict) -> None:
+    """`obj` as JSON (readable as before), with its signature as field `hmac`."""
+    plain = json.loads(json.dumps(obj))  # tuples -> lists: what a reader will see
+    plain.pop(SIGNATURE, None)
+    write_json(path, {**plain, SIGNATURE: _json_digest(key, path, plain)})
+
+
+def read_signed_json(path: Path, key: bytes) -> dict:
+    """A file of `write_signed_json`; IntegrityError unless its signature checks."""
+    obj = read_json(path)
+    digest = obj.pop(SIGNATURE, None) if isinstance(obj, dict) else None
+    if not isinstance(digest, str):
+        raise IntegrityError(f"{path} is not signed (damaged, written by someone else, or "
+                             "by a slurmexecutor before signatures)")
+    if not hmac.compare_digest(digest, _json_digest(key, path, obj)):
+        raise IntegrityError(f"{path} failed authentication (changed, moved, or not ours)")
+    return obj
+
+
+def read_journals(run_dir: Path, key: bytes | None = None) -> list[dict]:
+    """A run's batch journals, in batch order (by number: b10000 comes after b9999),
+    each checked against the folder's key."""
+    key = key if key is not None else load_key(run_dir.parent)
+    journals = [read_signed_json(path, key) for path in run_dir.glob("b*.json")]
     return sorted(journals, key=lambda journal: journal["batch"])
+
+
+def write_journal(run_dir: Path, journal: dict, key: bytes | None = None) -> None:
+    key = key if key is not None else load_key(run_dir.parent)
+    write_signed_json(journal_path(run_dir, journal["batch"]), key, journal)
+
+
+SCRIPT_SIGNATURE = "# slurmexecutor-hmac: "  # the last line of a signed batch script
+
+
+def sign_script(path: Path, key: bytes, text: str) -> str:
+    """`text` with a last line that signs it (a comment for bash and sbatch)."""
+    return f"{text}{SCRIPT_SIGNATURE}{_digest(key, path, text.encode()).hex()}\n"
+
+
+def verified_script(path: Path, key: bytes) -> str:
+    """The text of a script `sign_script` wrote (its signature line removed), or
+    IntegrityError: the local backend runs nothing else."""
+    text = path.read_text()
+    body, found, digest = text.rstrip("\n").rpartition("\n" + SCRIPT_SIGNATURE)
+    body += "\n"
+    if not found or not hmac.compare_digest(digest, _digest(key, path, body.encode()).hex()):
+        raise IntegrityError(f"{path} is not a batch script signed with this folder's key")
+    return body
 
 
 def compress_ids(ids: Iterable[int]) -> list[list[int]]:
