@@ -168,6 +168,7 @@ class ResultCache:
         self.hits = 0  # keys found by get_many, since the cache was opened
         self.misses = 0  # keys not found (or unusable)
         self._recorded = (0, 0)  # hits and misses already written by record_hits
+        self.last_error: OSError | None = None  # of the last write that failed
 
     def entry_path(self, key: str) -> Path:
         """The file of one key's entry: `<path>/v1/ab/cdef...`."""
@@ -241,14 +242,15 @@ class ResultCache:
     def put_pickled(self, key: str, body: bytes) -> bool:
         """Store a call's result already pickled: the body of the worker's "ok" record
         (`("ok", call_id, body)`, as outcomes.decode reads it), stored as is. A write
-        that fails (disk full, a concurrent clear) is logged and returns False: the
-        call's result stands, it is only not cached."""
+        that fails (disk full, read-only, a concurrent clear) returns False, its error in
+        `last_error`: the call's result stands, it is only not cached."""
         path = self.entry_path(key)
         try:
             path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             spool.write_blob(path, self._key, (ENTRY_KIND, bytes(body)))
         except OSError as error:
-            log.warning("a result could not be cached in %s: %s", path, error)
+            log.info("a result could not be cached in %s: %s", path, error)
+            self.last_error = error
             return False
         return True
 

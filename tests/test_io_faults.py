@@ -5,7 +5,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import subprocess
 import time
 from pathlib import Path
 
@@ -75,19 +74,6 @@ def test_a_transient_read_error_is_retried(make_executor, monkeypatch, caplog):
 
 
 # -- a full disk or quota ----------------------------------------------------------------
-
-
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 2 MiB tmpfs (root only), private like a folder of ours."""
-    if os.getuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    where = tmp_path / "small"
-    where.mkdir(mode=0o700)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m,mode=0700", "tmpfs", str(where)],
-                   check=True)
-    yield where
-    subprocess.run(["umount", "-l", str(where)], check=False)
 
 
 def fill(path: Path) -> None:
