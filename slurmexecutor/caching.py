@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from ._log import log
-from .folders import UnsafeFolderError
 from .batches import Settings
 from .cache import CallKeys, ResultCache, UncacheableError, default_cache_dir
+from .folders import UnsafeFolderError
 
 
 def open_cache(option: bool | str | os.PathLike | None, folder: Path,
