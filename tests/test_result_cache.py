@@ -213,20 +213,20 @@ def half_megabyte(x):
 
 
 def test_a_read_only_cache_turns_itself_off_with_one_warning(read_only_disk, tmp_path, caplog):
-    with caplog.at_level(logging.WARNING, logger="slurmexecutor"):
-        with SlurmExecutor(tmp_path / "spool", backend="local", keep_alive=0,
-                           cache=read_only_disk / "cache") as ex:
-            assert list(ex.map(square, range(3))) == [0, 1, 4]
+    with caplog.at_level(logging.WARNING, logger="slurmexecutor"), SlurmExecutor(
+            tmp_path / "spool", backend="local", keep_alive=0,
+            cache=read_only_disk / "cache") as ex:
+        assert list(ex.map(square, range(3))) == [0, 1, 4]
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(warnings) == 1 and "cannot be used" in warnings[0], warnings
     assert "Read-only file system" in warnings[0]
 
 
 def test_a_full_cache_stops_storing_with_one_warning(small_disk, tmp_path, caplog):
-    with caplog.at_level(logging.WARNING, logger="slurmexecutor"):
-        with SlurmExecutor(tmp_path / "spool", backend="local", keep_alive=0,
-                           cache=small_disk / "cache") as ex:
-            values = list(ex.map(half_megabyte, range(8), chunksize=1))
+    with caplog.at_level(logging.WARNING, logger="slurmexecutor"), SlurmExecutor(
+            tmp_path / "spool", backend="local", keep_alive=0,
+            cache=small_disk / "cache") as ex:
+        values = list(ex.map(half_megabyte, range(8), chunksize=1))
     assert [value[:1] for value in values] == [bytes([x]) for x in range(8)]
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(warnings) == 1 and "cannot store results" in warnings[0], warnings
