@@ -22,7 +22,7 @@ from typing import Any
 
 from . import claims as claiming
 from . import lease as leases
-from . import spool
+from . import procs, spool
 from .cache import CacheCounts, read_hits
 from .calltable import CODE, FAILED, STATUSES, UNKNOWN, Calls, CallStatus, ChunkInfo
 from .errors import IntegrityError, RunInUseError, RunNotFoundError
@@ -44,6 +44,7 @@ class TaskInfo:
     started: bool = False
     ended: bool = False  # the worker wrote its end record
     worker: tuple[str, int] | None = None  # (host, pid) of its worker
+    worker_started: int | None = None  # when that pid started (procs.process_start)
     state: TaskState | None = None
     idle: bool = False  # warm: it ran what it could and waits for the next batch
     joined: int | None = None  # warm: it left for this batch
@@ -208,6 +209,7 @@ def _read_streams(run_dir: Path, key: bytes, info: RunInfo) -> None:
                     info.add_task(task)
                 if task:
                     task.started, task.worker = True, (body["host"], body["pid"])
+                    task.worker_started = body.get("started")
             elif kind == "idle":
                 if task:
                     task.idle = not (body or {}).get("leaving")
@@ -309,7 +311,8 @@ def _task_status(task: TaskInfo, asked_scheduler: bool, client_alive: bool) -> s
         return "lost"
     if not asked_scheduler:  # a local run: its processes tell (its client starts tasks)
         if task.worker:
-            return "running" if spool.process_alive(*task.worker) else "lost"
+            alive = procs.process_alive(*task.worker, task.worker_started)
+            return "running" if alive else "lost"
         return "pending" if client_alive else "lost"
     if task.state is not None and not task.state.final:
         return "running" if task.state.running or task.started else "pending"
@@ -336,7 +339,8 @@ def cancel_run(info: RunInfo, backend: Backend | None) -> int:
         backend.cancel(info.job_ids)
     else:
         for task in info.tasks:
-            if task.worker and not task.ended and spool.process_alive(*task.worker):
+            if task.worker and not task.ended and procs.process_alive(
+                    *task.worker, task.worker_started):
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(task.worker[1], signal.SIGTERM)
     return unfinished

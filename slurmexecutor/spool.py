@@ -39,12 +39,12 @@ import hmac
 import json
 import os
 import pickle
-import socket
 import struct
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from . import procs
 from .diskio import append_whole, write_atomic
 from .errors import IntegrityError
 from .folders import ensure_private_dir
@@ -179,17 +179,7 @@ def read_records(cursor: StreamCursor, key: bytes) -> list[tuple]:
     return records
 
 
-def process_alive(host: str, pid: int) -> bool:
-    """True when `pid` runs on this host (False for another host: we cannot tell)."""
-    if host != socket.gethostname():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+process_alive = procs.process_alive  # moved to procs.py
 
 
 # -- names ---------------------------------------------------------------------------

@@ -56,6 +56,7 @@ from .child import (
     _ChildStop,
 )
 from .diskio import EXIT_FULL, EXIT_NO_FOLDER, FULL, named
+from .procs import process_start
 
 
 def main(argv: list[str]) -> int:
@@ -104,6 +105,7 @@ def _where_am_i(attempt: int) -> dict:
         "time": time.time(),
         "host": socket.gethostname(),
         "pid": os.getpid(),
+        "started": process_start(os.getpid()),  # the pid may be reused once it exits
         # the local and allocation backends' own ids first: their tasks may run inside a
         # Slurm job (salloc, sbatch) whose SLURM_* ids are not theirs
         "job_id": environ.get("SLURMEXECUTOR_JOB") or environ.get("SLURM_ARRAY_JOB_ID") or (
