@@ -61,7 +61,7 @@ from .errors import RunNotFoundError
 from .futures import FutureSink, SlurmFuture, call_log
 from .handoff import CancelCalls, Launch, Shutdown
 from .lease import Lease
-from .schedulers import make_backend
+from .schedulers import make_backend, warn_if_node_local
 from .schedulers.script import link_package, validate_extra, validate_resources
 from .state import Config, Core
 
@@ -153,6 +153,7 @@ class SlurmExecutor(CallMaker, Executor):
         self.key = spool.load_key(self.folder, create=True)
         store = open_cache(cache, self.folder, self.key)
         self.backend = make_backend(backend, self.resources)
+        warn_if_node_local(self.folder, self.backend)
         self.chunksize = chunksize
         local = self.backend.same_host
         self.run_id = _run or time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)

@@ -166,3 +166,35 @@ def test_a_worker_that_cannot_write_says_so():
         failure = task_failure(task, False, 60.0)
         assert words in failure.message
         assert ("raise result_grace" in failure.message) == (code == 1)
+
+
+# -- a folder the compute nodes cannot see ------------------------------------------------
+
+
+def test_node_local_filesystems_are_recognised(small_disk, tmp_path):
+    from slurmexecutor.folders import node_local_fs
+
+    assert node_local_fs(small_disk / "runs") == "tmpfs"
+    mounts = tmp_path / "mounts"
+    mounts.write_text("/dev/vda / ext4 rw 0 0\n/dev/vdb /home nfs4 rw 0 0\n")
+    assert node_local_fs(Path("/tmp/runs"), str(mounts)) == "ext4"
+    assert node_local_fs(Path("/home/me/runs"), str(mounts)) is None
+    assert node_local_fs(Path("/srv/runs"), str(mounts)) is None  # a local disk elsewhere
+
+
+def test_a_node_local_folder_on_a_multi_host_cluster_is_warned_of(small_disk, caplog):
+    from slurmexecutor.schedulers import warn_if_node_local
+
+    class Cluster:
+        name = "slurm"
+
+        def __init__(self, hosts):
+            self.node_hosts = lambda: hosts
+
+    with caplog.at_level(logging.WARNING, logger="slurmexecutor"):
+        warn_if_node_local(small_disk, Cluster({"n1"}))  # one host: it sees the folder
+        assert not caplog.records
+        warn_if_node_local(small_disk, Cluster({"n1", "n2"}))
+    [record] = caplog.records
+    assert "node-local filesystem (tmpfs)" in record.getMessage()
+    assert str(small_disk) in record.getMessage()

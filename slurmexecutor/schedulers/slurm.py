@@ -207,6 +207,11 @@ class SlurmBackend(Backend):
         """The controller's MaxJobCount: jobs it holds at most, each array task one."""
         return parse_max_job_count(self._scontrol_config())
 
+    def node_hosts(self) -> set[str]:
+        """The hosts of the cluster's nodes (NodeHostname), as sinfo lists them."""
+        done = run_command(["sinfo", "-h", "-N", "-o", "%n"], check=False)
+        return set(done.stdout.split()) if done.returncode == 0 else set()
+
     def slots(self) -> int:
         if self._slots is None:
             self._slots = self.slots_for(self.resources)
