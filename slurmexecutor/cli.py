@@ -305,7 +305,7 @@ def clean_command(args: argparse.Namespace) -> int:
         if not path.is_dir():
             print(f"no result cache in {path}")
             return 0
-        if not cache.is_cache(path):
+        if args.cache_dir and not cache.is_cache(path):
             print(f"{path} is not a result cache (no key file); nothing removed",
                   file=sys.stderr)
             return 1
