@@ -189,17 +189,15 @@ def _read_run(run_dir: Path, key: bytes) -> RunInfo:
 
 def _read_streams(run_dir: Path, key: bytes, info: RunInfo) -> None:
     """From every result stream: which task claimed which chunk, each call's outcome.
-    Records are dropped one by one as they are read (an "ok" one keeps nothing)."""
+    Records are read one at a time and dropped (an "ok" one keeps nothing), so a run
+    with large results is read in little memory."""
     calls, done = info.calls, CODE["done"]
     messages: dict[str, str] = {}  # one copy of each error message
     for batch, index, path in spool.iter_streams(run_dir):
         task = info.task(batch, index)
         cursor = spool.StreamCursor(path)
-        records = spool.read_records(cursor, key)
-        records.reverse()
         claimed: list[int] = []
-        while records:
-            kind, call_id, body = records.pop()
+        for kind, call_id, body in spool.iter_records(cursor, key):  # one at a time
             if kind == "ok":
                 calls.resolve(call_id, done)
             elif kind == "start":

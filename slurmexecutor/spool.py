@@ -26,7 +26,8 @@ Signed blobs and records carry an HMAC-SHA256 of their payload AND of the file's
 name (`run/batch/file`); nothing is unpickled before its signature checks, so a truncated,
 corrupted, forged, or swapped file (one moved to another name or run) is rejected. The
 key and the folders must belong to the user and be private, or they are refused.
-A result stream is a sequence of records, each `length | hmac | payload`, appended by
+A result stream is a sequence of records, each `length | hmac | payload` (framing.py:
+lengths of 4 GiB or more take 8 more bytes), appended by
 one process per attempt: a task that dies half-way keeps every record it completed.
 
 This module must stay light: the worker imports it, and a task's start-up time matters.
@@ -36,10 +37,10 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import io
 import json
 import os
 import pickle
-import struct
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -48,10 +49,10 @@ from . import procs
 from .diskio import append_whole, write_atomic
 from .errors import IntegrityError
 from .folders import ensure_private_dir
+from .framing import pack_header, read_header
 
 KEY_FILE = "key"
 BLOB_MAGIC = b"SLXB1"
-HEADER = struct.Struct(">I32s")  # payload length, HMAC-SHA256 digest
 
 
 def load_key(folder: Path, *, create: bool = False) -> bytes:
@@ -80,7 +81,7 @@ def load_key(folder: Path, *, create: bool = False) -> bytes:
     return key
 
 
-def _digest(key: bytes, path: Path, payload: bytes) -> bytes:
+def _digest(key: bytes, path: Path, payload: bytes | memoryview) -> bytes:
     """HMAC of the payload bound to its place: `run/batch/file`, so a file moved or
     copied to another name (or batch, or run) does not authenticate there."""
     place = "/".join(path.parts[-3:])
@@ -93,17 +94,17 @@ def write_blob(path: Path, key: bytes, obj: Any) -> None:
     """Pickle `obj` (plain pickle: callers cloudpickle user objects first) and sign it."""
     payload = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
     digest = _digest(key, path, payload)
-    write_atomic(path, BLOB_MAGIC + HEADER.pack(len(payload), digest) + payload)
+    write_atomic(path, BLOB_MAGIC + pack_header(len(payload), digest) + payload)
 
 
 def read_blob(path: Path, key: bytes) -> Any:
     """Read a blob written by `write_blob`, refusing it unless its signature checks."""
     data = path.read_bytes()
-    start = len(BLOB_MAGIC) + HEADER.size
-    if not data.startswith(BLOB_MAGIC) or len(data) < start:
+    header = read_header(io.BytesIO(data[len(BLOB_MAGIC):]), len(data) - len(BLOB_MAGIC))
+    if not data.startswith(BLOB_MAGIC) or header is None:
         raise IntegrityError(f"{path} is not a slurmexecutor file or is truncated")
-    length, digest = HEADER.unpack_from(data, len(BLOB_MAGIC))
-    payload = data[start:]
+    length, digest, size = header
+    payload = memoryview(data)[len(BLOB_MAGIC) + size:]
     if len(payload) != length:
         raise IntegrityError(f"{path} is truncated ({len(payload)} of {length} bytes)")
     if not hmac.compare_digest(digest, _digest(key, path, payload)):
@@ -114,7 +115,7 @@ def read_blob(path: Path, key: bytes) -> Any:
 def encode_record(key: bytes, path: Path, record: tuple) -> bytes:
     """One signed record as it is appended to the stream at `path`."""
     payload = pickle.dumps(record, protocol=pickle.HIGHEST_PROTOCOL)
-    return HEADER.pack(len(payload), _digest(key, path, payload)) + payload
+    return pack_header(len(payload), _digest(key, path, payload)) + payload
 
 
 class RecordWriter:
@@ -145,38 +146,42 @@ class StreamCursor:
 
 
 def read_records(cursor: StreamCursor, key: bytes) -> list[tuple]:
-    """Return the complete records appended to a stream since the cursor, advancing it.
+    """Return the complete records appended to a stream since the cursor, advancing it
+    (`iter_records`, all at once)."""
+    return list(iter_records(cursor, key))
+
+
+def iter_records(cursor: StreamCursor, key: bytes) -> Iterator[tuple]:
+    """The complete records appended to a stream since the cursor, one at a time (one
+    payload in memory), advancing the cursor past each.
 
     An incomplete record at the end is left for the next read (its writer may still be
-    writing it). A record whose signature fails stops the stream: `cursor.error` says
-    where, and nothing after it is trusted.
+    writing it); only its header is read until it is complete. A record whose signature
+    fails stops the stream: `cursor.error` says where, and nothing after it is trusted.
     """
     if cursor.error:
-        return []
+        return
     try:
-        with open(cursor.path, "rb") as handle:
-            handle.seek(cursor.offset)
-            data = handle.read()
+        handle = open(cursor.path, "rb")  # noqa: SIM115  (closed below; a generator)
     except FileNotFoundError:
-        return []
-    records, position = [], 0
-    while len(data) - position >= HEADER.size:
-        length, digest = HEADER.unpack_from(data, position)
-        end = position + HEADER.size + length
-        if end > len(data):
-            break
-        payload = data[position + HEADER.size : end]
-        if not hmac.compare_digest(digest, _digest(key, cursor.path, payload)):
-            cursor.error = (
-                f"{cursor.path}: record at byte {cursor.offset + position} failed "
-                "authentication (the file was corrupted or written by someone else)"
-            )
-            break
-        records.append(pickle.loads(payload))
-        position = end
-    cursor.offset += position
-    cursor.pending_bytes = len(data) - position
-    return records
+        return
+    with handle:
+        size = os.fstat(handle.fileno()).st_size
+        handle.seek(cursor.offset)
+        while (header := read_header(handle, size - cursor.offset)) is not None:
+            length, digest, header_size = header
+            end = cursor.offset + header_size + length
+            if end > size:
+                break
+            payload = handle.read(length)
+            if not hmac.compare_digest(digest, _digest(key, cursor.path, payload)):
+                cursor.error = (
+                    f"{cursor.path}: record at byte {cursor.offset} failed "
+                    "authentication (the file was corrupted or written by someone else)")
+                break
+            cursor.offset = end
+            yield pickle.loads(payload)
+        cursor.pending_bytes = size - cursor.offset
 
 
 process_alive = procs.process_alive  # moved to procs.py
