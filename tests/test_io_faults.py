@@ -5,13 +5,16 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
+from conftest import wait_until
 
 from slurmexecutor import IntegrityError, SlurmExecutor, SubmissionError, diskio, spool, streams
-from tests.conftest import wait_until
+from slurmexecutor.schedulers.script import WORKER_ENTRY
 
 
 def double(x: int) -> int:
@@ -198,3 +201,23 @@ def test_a_node_local_folder_on_a_multi_host_cluster_is_warned_of(small_disk, ca
     [record] = caplog.records
     assert "node-local filesystem (tmpfs)" in record.getMessage()
     assert str(small_disk) in record.getMessage()
+
+
+def run_worker(run_dir: Path, batch: int = 0, task: int = 0) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", WORKER_ENTRY, str(run_dir), str(batch),
+                           str(task)], capture_output=True, text=True, timeout=120,
+                          check=False)
+
+
+def test_a_worker_on_a_full_disk_or_without_the_folder_says_so(small_disk):
+    """What the worker does when it cannot write its start record, or does not see the
+    run folder: its exit code (which the client turns into advice) and a line in its log."""
+    with SlurmExecutor(small_disk, backend="local", poll_interval=0.05, keep_alive=0) as ex:
+        assert ex.submit(double, 1).result(timeout=120) == 2
+    fill(small_disk / "filler")
+    done = run_worker(ex.run_dir, task=1)
+    assert done.returncode == diskio.EXIT_FULL, done.stderr
+    assert "ENOSPC" in done.stderr and str(ex.run_dir) in done.stderr
+    done = run_worker(small_disk / "not-here")
+    assert done.returncode == diskio.EXIT_NO_FOLDER, done.stderr
+    assert "filesystem the compute nodes share" in done.stderr
