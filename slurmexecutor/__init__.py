@@ -42,6 +42,7 @@ _EXPORTS = {
     "JobCancelledError": "errors",
     "WorkerCrashedError": "errors",
     "CallLostError": "errors",
+    "UnsafeFolderError": "folders",
 }
 __all__ = list(_EXPORTS)
 importlib.import_module(".apps.joblib_backend", __name__).register_on_import()  # joblib: see there

@@ -64,7 +64,7 @@ from slurmexecutor.owner.caching import CallCache, open_cache
 from slurmexecutor.owner.engine import Engine
 from slurmexecutor.owner.futures import FutureSink, SlurmFuture, call_log
 from slurmexecutor.owner.handoff import CancelCalls, Launch, Shutdown
-from slurmexecutor.schedulers import make_backend
+from slurmexecutor.schedulers import make_backend, warn_if_node_local
 from slurmexecutor.schedulers.script import link_package, validate_extra, validate_resources
 
 DEFAULT_RETRY_ON = ("NODE_FAIL", "PREEMPTED")
@@ -145,16 +145,17 @@ class SlurmExecutor(CallMaker, Executor):
         self.key = spool.load_key(self.folder, create=True)
         store = open_cache(cache, self.folder, self.key)
         self.backend = make_backend(backend, self.resources)
+        warn_if_node_local(self.folder, self.backend)
         self.chunksize = chunksize
         local = self.backend.same_host
         self.run_id = _run or time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
         self.run_dir = spool.ensure_private_dir(self.folder / self.run_id)
         spool.ensure_private_dir(self.run_dir / "logs")
+        link_package(self.run_dir)
         lease = Lease(self.run_dir)
         lease.acquire(take_over=_take_over)
-        link_package(self.run_dir)
         if _run is None:
-            spool.write_json(self.run_dir / "run.json", {
+            spool.write_signed_json(self.run_dir / "run.json", self.key, {
                 "created": time.time(), "host": socket.gethostname(), "pid": os.getpid(),
                 "backend": self.backend.name, "resources": self.resources,
                 "cwd": os.getcwd(), "setup": setup, "sbatch_extra": sbatch_extra,
@@ -186,7 +187,11 @@ class SlurmExecutor(CallMaker, Executor):
         if _run is not None:
             from slurmexecutor.owner.reattach import reattach
 
-            self.futures = reattach(self._engine, self.resources.get("time"))
+            try:
+                self.futures = reattach(self._engine, self.resources.get("time"))
+            except BaseException:  # a failed attach leaves the run as it found it
+                lease.release()
+                raise
             self._next_call = max(self.futures, default=-1) + 1
         _live_engines.add(self._engine)
         self._engine.start()
@@ -206,7 +211,7 @@ class SlurmExecutor(CallMaker, Executor):
         meta_path = root / run / "run.json"
         if not meta_path.exists():
             raise RunNotFoundError(f"no run {run!r} in {root}")
-        meta = spool.read_json(meta_path)
+        meta = spool.read_signed_json(meta_path, spool.load_key(root))
         options.setdefault("backend", meta["backend"])
         for name in ("setup", "sbatch_extra"):
             options.setdefault(name, meta.get(name, ()))

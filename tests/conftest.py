@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -90,3 +91,27 @@ def make_executor(backend, tmp_path):
                     for array in journal["arrays"]}
             if jobs:
                 subprocess.run(["scancel", *sorted(jobs)], capture_output=True, check=False)
+
+
+def mount_tmpfs(where: Path, options: str) -> Iterator[Path]:
+    """A tmpfs at `where` (root only) for as long as the generator runs."""
+    if os.getuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    where.mkdir(mode=0o700, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], check=True)
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+@pytest.fixture
+def small_disk(tmp_path) -> Iterator[Path]:
+    """A 2 MiB tmpfs, private like a folder of ours."""
+    yield from mount_tmpfs(tmp_path / "small", "size=2m,mode=0700")
+
+
+@pytest.fixture
+def read_only_disk(tmp_path) -> Iterator[Path]:
+    """A read-only tmpfs."""
+    yield from mount_tmpfs(tmp_path / "read-only", "ro,size=1m,mode=0700")

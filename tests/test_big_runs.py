@@ -60,12 +60,12 @@ def build_run(folder: Path, calls: int, *, chunk: int = 100, per_task: int = 1,
     ended; the others started and wrote nothing more. Its client is on another host."""
     key = spool.load_key(folder, create=True)
     run_dir = spool.ensure_private_dir(folder / name)
-    spool.write_json(run_dir / "run.json", {
+    spool.write_signed_json(run_dir / "run.json", key, {
         "created": time.time(), "host": "elsewhere", "pid": 1, "backend": backend,
         "resources": {}, "cwd": "/", "setup": [], "sbatch_extra": []})
     chunks = [range(start, min(start + chunk, calls)) for start in range(0, calls, chunk)]
     tasks = -(-len(chunks) // per_task)
-    spool.write_json(spool.journal_path(run_dir, 0), {
+    spool.write_journal(run_dir, {
         "batch": 0, "kind": "map", "created": time.time(), "functions": ["big.work"],
         "functions_file": "b0000/fn", "attempt": 1, "planned": tasks, "steal": True,
         "throttled": False, "chunks": [spool.compress_ids(list(ids)) for ids in chunks],

@@ -154,8 +154,8 @@ def test_render_shows_the_exact_script(tmp_path):
                  folder=tmp_path).stdout
     lines = script.splitlines()
     assert lines[0] == "#!/bin/bash"
-    for expected in ("#SBATCH --partition=short", "#SBATCH --time=1:00:00",
-                     "#SBATCH --mem=4G", "#SBATCH --array=0-15%5",
+    for expected in ('#SBATCH --partition="short"', '#SBATCH --time="1:00:00"',
+                     '#SBATCH --mem="4G"', "#SBATCH --array=0-15%5",
                      "#SBATCH --signal=B:USR1@60", "module load python"):
         assert expected in lines
     assert lines[-1].startswith("exec ") and "from slurmexecutor.worker.supervisor import main" in lines[-1]
@@ -233,3 +233,54 @@ def test_status_cancel_and_clean_when_slurm_cannot_be_reached(slurm_cluster, tmp
         assert isinstance(stuck.exception(timeout=120), JobCancelledError)
         ex._engine.join(60)
         assert not ex._engine.alive
+
+
+@pytest.mark.parametrize("damage", ["empty run.json", "truncated journal"])
+def test_a_damaged_run_is_shown_unreadable_and_the_others_go_on(tmp_path, damage):
+    folder = tmp_path / "spool"
+    runs_made = []
+    for _ in range(3):
+        with SlurmExecutor(folder, backend="local", keep_alive=0) as ex:
+            assert ex.submit(abs, -1).result(timeout=60) == 1
+        runs_made.append(ex.run_dir)
+    bad = runs_made[1]
+    if damage == "empty run.json":
+        (bad / "run.json").write_text("{}")
+    else:
+        journal = spool.journal_path(bad, 0)
+        journal.write_bytes(journal.read_bytes()[:20])
+    shown = cli("status", folder=folder).stdout
+    assert bad.name in shown and "unreadable" in shown, shown
+    assert all(run.name in shown for run in runs_made)
+    single = cli("status", bad.name, folder=folder, check=False)
+    assert single.returncode == 1 and "unreadable" in single.stdout
+    assert "Traceback" not in single.stderr
+    cleaned = cli("clean", folder=folder).stdout
+    assert f"kept {bad.name}: unreadable" in cleaned, cleaned
+    assert bad.exists() and not runs_made[0].exists() and not runs_made[2].exists()
+
+
+def test_clean_cache_dir_refuses_a_folder_that_is_not_a_cache(tmp_path):
+    other = tmp_path / "not-a-cache"
+    (other / "v1").mkdir(parents=True)
+    (other / "v1" / "precious").write_text("data")
+    done = cli("clean", "--cache-dir", str(other), folder=tmp_path / "spool", check=False)
+    assert done.returncode == 1 and "not a result cache" in done.stderr
+    assert (other / "v1" / "precious").read_text() == "data"
+
+
+def test_a_failed_attach_gives_its_lease_back(tmp_path):
+    from slurmexecutor.folder import lease as leases
+
+    folder = tmp_path / "spool"
+    with SlurmExecutor(folder, backend="local", keep_alive=0) as ex:
+        assert ex.submit(abs, -1).result(timeout=60) == 1
+    journal = spool.journal_path(ex.run_dir, 0)
+    whole = journal.read_bytes()
+    journal.write_bytes(whole[:20])
+    with pytest.raises(Exception):  # noqa: B017  (whatever a damaged journal raises)
+        SlurmExecutor.attach(ex.run_id, folder, backend="local")
+    assert not leases.is_live(leases.read_lease(ex.run_dir))
+    journal.write_bytes(whole)
+    with SlurmExecutor.attach(ex.run_id, folder, backend="local") as again:
+        assert again.futures[0].result(timeout=60) == 1

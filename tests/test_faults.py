@@ -29,6 +29,7 @@ from slurmexecutor import (
     WorkerCrashedError,
 )
 from slurmexecutor.folder import spool
+from slurmexecutor.folder.framing import HEADER
 
 
 def sleep_then(seconds, value=None):
@@ -246,9 +247,9 @@ def last_result_span(data: bytes) -> tuple[int, int]:
     """(start, end) byte offsets of the last result record of a result stream."""
     spans, position = [], 0
     while position < len(data):
-        length, _ = spool.HEADER.unpack_from(data, position)
-        end = position + spool.HEADER.size + length
-        kind = pickle.loads(data[position + spool.HEADER.size : end])[0]
+        length, _ = HEADER.unpack_from(data, position)
+        end = position + HEADER.size + length
+        kind = pickle.loads(data[position + HEADER.size : end])[0]
         spans.append((kind, position, end))
         position = end
     return [(start, end) for kind, start, end in spans if kind == "ok"][-1]

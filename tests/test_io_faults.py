@@ -6,15 +6,17 @@ import errno
 import logging
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
+from conftest import wait_until
 
 from slurmexecutor import IntegrityError, SlurmExecutor, SubmissionError
 from slurmexecutor.folder import diskio, spool
 from slurmexecutor.owner import streams
-from tests.conftest import wait_until
+from slurmexecutor.schedulers.script import WORKER_ENTRY
 
 
 def double(x: int) -> int:
@@ -77,19 +79,6 @@ def test_a_transient_read_error_is_retried(make_executor, monkeypatch, caplog):
 
 
 # -- a full disk or quota ----------------------------------------------------------------
-
-
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 2 MiB tmpfs (root only), private like a folder of ours."""
-    if os.getuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    where = tmp_path / "small"
-    where.mkdir(mode=0o700)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m,mode=0700", "tmpfs", str(where)],
-                   check=True)
-    yield where
-    subprocess.run(["umount", "-l", str(where)], check=False)
 
 
 def fill(path: Path) -> None:
@@ -182,3 +171,55 @@ def test_a_worker_that_cannot_write_says_so():
         failure = task_failure(task, False, 60.0)
         assert words in failure.message
         assert ("raise result_grace" in failure.message) == (code == 1)
+
+
+# -- a folder the compute nodes cannot see ------------------------------------------------
+
+
+def test_node_local_filesystems_are_recognised(small_disk, tmp_path):
+    from slurmexecutor.folder.folders import node_local_fs
+
+    assert node_local_fs(small_disk / "runs") == "tmpfs"
+    mounts = tmp_path / "mounts"
+    mounts.write_text("/dev/vda / ext4 rw 0 0\n/dev/vdb /home nfs4 rw 0 0\n")
+    assert node_local_fs(Path("/tmp/runs"), str(mounts)) == "ext4"
+    assert node_local_fs(Path("/home/me/runs"), str(mounts)) is None
+    assert node_local_fs(Path("/srv/runs"), str(mounts)) is None  # a local disk elsewhere
+
+
+def test_a_node_local_folder_on_a_multi_host_cluster_is_warned_of(small_disk, caplog):
+    from slurmexecutor.schedulers import warn_if_node_local
+
+    class Cluster:
+        name = "slurm"
+
+        def __init__(self, hosts):
+            self.node_hosts = lambda: hosts
+
+    with caplog.at_level(logging.WARNING, logger="slurmexecutor"):
+        warn_if_node_local(small_disk, Cluster({"n1"}))  # one host: it sees the folder
+        assert not caplog.records
+        warn_if_node_local(small_disk, Cluster({"n1", "n2"}))
+    [record] = caplog.records
+    assert "node-local filesystem (tmpfs)" in record.getMessage()
+    assert str(small_disk) in record.getMessage()
+
+
+def run_worker(run_dir: Path, batch: int = 0, task: int = 0) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", WORKER_ENTRY, str(run_dir), str(batch),
+                           str(task)], capture_output=True, text=True, timeout=120,
+                          check=False)
+
+
+def test_a_worker_on_a_full_disk_or_without_the_folder_says_so(small_disk):
+    """What the worker does when it cannot write its start record, or does not see the
+    run folder: its exit code (which the client turns into advice) and a line in its log."""
+    with SlurmExecutor(small_disk, backend="local", poll_interval=0.05, keep_alive=0) as ex:
+        assert ex.submit(double, 1).result(timeout=120) == 2
+    fill(small_disk / "filler")
+    done = run_worker(ex.run_dir, task=1)
+    assert done.returncode == diskio.EXIT_FULL, done.stderr
+    assert "ENOSPC" in done.stderr and str(ex.run_dir) in done.stderr
+    done = run_worker(small_disk / "not-here")
+    assert done.returncode == diskio.EXIT_NO_FOLDER, done.stderr
+    assert "filesystem the compute nodes share" in done.stderr

@@ -19,10 +19,11 @@ from slurmexecutor.reports import runs
 @pytest.fixture
 def run_dir(tmp_path: Path) -> Path:
     folder = tmp_path / "runs"
-    spool.load_key(folder, create=True)
+    key = spool.load_key(folder, create=True)
     path = spool.ensure_private_dir(folder / "run")
-    spool.write_json(path / "run.json", {"created": time.time(), "host": "elsewhere",
-                                         "pid": 1, "backend": "local"})
+    spool.write_signed_json(path / "run.json", key, {"created": time.time(),
+                                                     "host": "elsewhere", "pid": 1,
+                                                     "backend": "local"})
     return path
 
 
@@ -117,14 +118,15 @@ def test_an_unreadable_lease_file_is_no_lease(run_dir):
 
 
 def test_runs_without_a_lease_file_fall_back_to_the_pid(run_dir):
+    key = spool.load_key(run_dir.parent)
     meta = spool.read_json(run_dir / "run.json")
-    spool.write_json(run_dir / "run.json", {**meta, "host": socket.gethostname(),
-                                            "pid": os.getpid()})
+    spool.write_signed_json(run_dir / "run.json", key, {**meta, "host": socket.gethostname(),
+                                                        "pid": os.getpid()})
     assert lease.lease_live(run_dir)
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True)
-    spool.write_json(run_dir / "run.json", {**meta, "host": socket.gethostname(),
-                                            "pid": int(gone.stdout)})
+    spool.write_signed_json(run_dir / "run.json", key, {**meta, "host": socket.gethostname(),
+                                                        "pid": int(gone.stdout)})
     assert not lease.lease_live(run_dir)
 
 

@@ -207,3 +207,28 @@ def test_calls_cancelled_before_their_batch_is_written_leave_no_key_behind(tmp_p
         assert cancelled == [True] * 4
         assert [f.result(timeout=60) for f in futures[4:]] == [16, 25]
         assert engine._cache_keys == {}
+
+
+def half_megabyte(x):
+    return bytes([x]) * (512 << 10)
+
+
+def test_a_read_only_cache_turns_itself_off_with_one_warning(read_only_disk, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="slurmexecutor"), SlurmExecutor(
+            tmp_path / "spool", backend="local", keep_alive=0,
+            cache=read_only_disk / "cache") as ex:
+        assert list(ex.map(square, range(3))) == [0, 1, 4]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "cannot be used" in warnings[0], warnings
+    assert "Read-only file system" in warnings[0]
+
+
+def test_a_full_cache_stops_storing_with_one_warning(small_disk, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="slurmexecutor"), SlurmExecutor(
+            tmp_path / "spool", backend="local", keep_alive=0,
+            cache=small_disk / "cache") as ex:
+        values = list(ex.map(half_megabyte, range(8), chunksize=1))
+    assert [value[:1] for value in values] == [bytes([x]) for x in range(8)]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "cannot store results" in warnings[0], warnings
+    assert "ENOSPC" in warnings[0]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import grp
 import hashlib
+import json
 import os
 import pwd
 import shutil
@@ -18,6 +19,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from conftest import cluster
 
 import slurmexecutor
 
@@ -76,6 +78,8 @@ def users():
 def run_as(users: dict, name: str, *args: str, code: str = CLIENT) -> str:
     env = {"PATH": os.environ["PATH"], "HOME": str(users["base"]),
            "PYTHONPATH": f"{REPO}:{users['site']}", "PWNED_AT": str(users["base"] / "pwned")}
+    if "SLURM_CONF" in users:
+        env["SLURM_CONF"] = users["SLURM_CONF"]
     done = subprocess.run(
         ["setpriv", f"--reuid={USERS[name]}", f"--regid={users['gid']}", "--init-groups",
          SYSTEM_PYTHON, "-c", code, *args], env=env, capture_output=True, text=True,
@@ -91,11 +95,22 @@ def as_user(path: Path, name: str, mode: int) -> Path:
     return path
 
 
-def test_a_planted_package_link_never_runs(users):
+@pytest.fixture(scope="module")
+def their_cluster(users):
+    """A Slurm cluster of its own whose configuration and munge socket the two users can
+    reach (the session cluster's folder is root's only)."""
+    directory = users["base"] / "cluster"
+    cluster("up", directory)
+    yield directory / "slurm.conf"
+    cluster("down", directory)
+
+
+@pytest.mark.parametrize("backend", ["local", pytest.param("slurm", marks=pytest.mark.slurm)])
+def test_a_planted_package_link_never_runs(users, backend, request):
     """Alice's folder was group-writable (umask 002); Mallory planted the package link of
-    an old layout. Refused until Alice fixes the mode; then her calls run her package.
-    (Local backend: the test cluster's munge socket and slurm.conf are root's only.)"""
-    backend = "local"
+    an old layout. Refused until Alice fixes the mode; then her calls run her package."""
+    if backend == "slurm":
+        users = {**users, "SLURM_CONF": str(request.getfixturevalue("their_cluster"))}
     base = users["base"]
     folder = as_user(Path(tempfile.mkdtemp(dir=base, prefix="alice-")), "sxalice", 0o2770)
     os.chown(folder, USERS["sxalice"], users["gid"])
@@ -118,6 +133,8 @@ def test_a_planted_package_link_never_runs(users):
     folder.chmod(0o2750)  # the fix the error names
     out = run_as(users, "sxalice", str(folder), backend)
     assert out.strip() == "RESULT 3", out
+    [meta] = [json.loads(p.read_text()) for p in folder.glob("*/run.json")]
+    assert meta["backend"] == backend
     assert not list((base / "pwned").iterdir())  # Mallory's package never ran
 
 

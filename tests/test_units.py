@@ -157,11 +157,12 @@ def test_directives_use_long_option_names(tmp_path):
         "array_parallelism": 8, "job_name": "mine", "requeue": False, "exclusive": True})
     spec = ScriptSpec(run_dir=tmp_path, batch=3, size=20, sbatch_extra=["--export=ALL"])
     options = sbatch_directives(resources, spec)
-    for expected in ("--job-name=mine", "--array=0-19%8", "--partition=short",
-                     "--time=00:30:00", "--mem=4G", "--cpus-per-task=2", "--gres=gpu:1",
-                     "--account=lab", "--qos=low", "--constraint=avx2", "--no-requeue",
-                     "--exclusive", "--signal=B:USR1@60", "--export=ALL",
-                     f"--output={tmp_path}/logs/%A_%a.log"):
+    for expected in ('--job-name="mine"', "--array=0-19%8", '--partition="short"',
+                     '--time="00:30:00"', '--mem="4G"', '--cpus-per-task="2"',
+                     '--gres="gpu:1"', '--account="lab"', '--qos="low"',
+                     '--constraint="avx2"', "--no-requeue", "--exclusive",
+                     "--signal=B:USR1@60", "--export=ALL",
+                     f'--output="{tmp_path}/logs/%A_%a.log"'):
         assert expected in options
 
 

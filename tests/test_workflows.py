@@ -57,10 +57,10 @@ def test_options_run_with_their_resources_in_arrays_of_their_own(make_executor, 
     batches = scripts(ex.run_dir)
     assert len(batches) == 2, batches.keys()
     texts = ["".join(texts) for texts in batches.values()]
-    plain = [t for t in texts if "--cpus-per-task=2" not in t]
-    wide = [t for t in texts if "--cpus-per-task=2" in t]
+    plain = [t for t in texts if '--cpus-per-task="2"' not in t]
+    wide = [t for t in texts if '--cpus-per-task="2"' in t]
     assert len(plain) == len(wide) == 1
-    assert "--time=00:10:00" in plain[0] and "--time=00:20:00" in wide[0]
+    assert '--time="00:10:00"' in plain[0] and '--time="00:20:00"' in wide[0]
     assert big.resources == {"time": "00:20:00", "cpus_per_task": 2}
     assert ex.resources == {"time": "00:10:00"}  # the executor's own are unchanged
     if backend == "slurm":  # Slurm itself gave the view's calls 2 CPUs
@@ -82,7 +82,7 @@ def test_map_reduce_and_submit_many_through_a_view(make_executor):
     view = ex.options(time="00:07:00")
     assert map_reduce(inc, range(10), 3, reducer=sum, executor=view) == 55
     assert [f.result(timeout=120) for f in view.submit_many(add, [(1, 2), (3, 4)])] == [3, 7]
-    assert all("--time=00:07:00" in "".join(t) for t in scripts(ex.run_dir).values())
+    assert all('--time="00:07:00"' in "".join(t) for t in scripts(ex.run_dir).values())
 
 
 def test_a_view_shares_its_executors_shutdown(make_executor):

@@ -24,8 +24,8 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from slurmexecutor.apps.cli_watch import add_watch_parsers, logs_command, report_command
+from slurmexecutor.apps.clijobs import count_reads_command, demo_command, resources_from
 from slurmexecutor.errors import SlurmExecutorError
-from slurmexecutor.executor import SlurmExecutor
 from slurmexecutor.folder import cache
 from slurmexecutor.folder.folders import default_folder
 from slurmexecutor.reports import runs
@@ -59,11 +59,6 @@ def add_resource_options(parser: argparse.ArgumentParser) -> None:
                        help="shell line run before the worker (repeatable)")
     group.add_argument("--sbatch-extra", action="append", default=[], metavar="OPTION",
                        help="raw sbatch option, e.g. --sbatch-extra=--export=ALL")
-
-
-def resources_from(args: argparse.Namespace) -> dict:
-    return {name: getattr(args, name) for name in SBATCH_OPTIONS
-            if getattr(args, name, None) is not None}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -119,71 +114,6 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
-# -- the main job ----------------------------------------------------------------------
-
-
-def count_reads_command(args: argparse.Namespace) -> int:
-    from slurmexecutor.apps.countreads import read_bed, write_counts_tsv
-
-    regions = read_bed(args.regions)
-    with _executor(args) as executor:
-        counts = count_reads(args, executor, args.bam, regions)
-    if args.output:
-        write_counts_tsv(counts, regions, args.output)
-        print(f"{len(regions)} regions, {sum(counts.values())} reads -> {args.output}",
-              file=sys.stderr)
-    else:
-        write_counts_tsv(counts, regions, sys.stdout)
-    return 0
-
-
-def _executor(args: argparse.Namespace) -> SlurmExecutor:
-    return SlurmExecutor(args.folder, backend=args.backend, setup=args.setup,
-                         sbatch_extra=args.sbatch_extra, **resources_from(args))
-
-
-def count_reads(args: argparse.Namespace, executor: SlurmExecutor, bam: Path,
-                regions: list):
-    """Count reads per region through map_reduce, one array task per fraction."""
-    from slurmexecutor.apps.countreads import check_bam, count_region_reads
-    from slurmexecutor.mapreduce import map_reduce
-
-    bam = bam.resolve()
-    check_bam(bam)
-    print(f"counting reads in {len(regions)} regions of {bam.name} in "
-          f"{min(args.fractions, len(regions))} fractions on the {executor.backend.name} "
-          f"backend (run {executor.run_id})", file=sys.stderr)
-    return map_reduce(count_region_reads, regions, args.fractions, sum, str(bam),
-                      executor=executor, progress=args.progress)
-
-
-def demo_command(args: argparse.Namespace) -> int:
-    from slurmexecutor.apps.countreads import (
-        count_reads_serial,
-        make_demo_data,
-        read_bed,
-        write_counts_tsv,
-    )
-
-    started = time.monotonic()
-    data = make_demo_data(args.dir)
-    print(f"demo data in {args.dir}/: {data.bam.name}, {data.promoters_bed.name}, "
-          f"{data.genes_bed.name}", file=sys.stderr)
-    with _executor(args) as executor:
-        for bed in (data.promoters_bed, data.genes_bed):
-            regions = read_bed(bed)
-            counts = count_reads(args, executor, data.bam, regions)
-            output = args.dir / f"{bed.stem}.counts.tsv"
-            write_counts_tsv(counts, regions, output)
-            same = counts == count_reads_serial(data.bam, regions)
-            print(f"{bed.stem}: {len(regions)} regions, {sum(counts.values())} reads -> "
-                  f"{output} (equals a single-process pysam count: {'yes' if same else 'NO'})")
-            if not same:
-                return 1
-    print(f"done in {time.monotonic() - started:.1f} s", file=sys.stderr)
-    return 0
-
-
 # -- inspecting runs -------------------------------------------------------------------
 
 SHOWN = 20  # runs in the status table, and tasks and failed calls of one run
@@ -204,6 +134,8 @@ def status_command(args: argparse.Namespace) -> int:
         folder, target)
     [info] = read_runs(run_dir.parent, [run_dir])
     print(_runs_table([info]))
+    if info.unreadable:
+        return 1
     print()
     if info.lease_text:
         print(f"  {info.lease_text}")
@@ -253,6 +185,10 @@ def _runs_table(infos: Iterable[runs.RunInfo]) -> str:
               "PENDING", "CACHED", "LEASE", "JOBS")
     rows = [header]
     for info in infos:  # a row each: the runs are not all held at once
+        if info.unreadable:
+            rows.append((info.run_id, "-", "-", f"unreadable: {info.unreadable}"[:60],
+                         "-", "-", "-", "-", "-", "-", info.lease_state, "-"))
+            continue
         functions = ",".join(name.rsplit(".", 1)[-1] for name in info.functions) or "-"
         failed = info.count("failed", "lost")
         rows.append((
@@ -294,10 +230,17 @@ def clean_command(args: argparse.Namespace) -> int:
         if not path.is_dir():
             print(f"no result cache in {path}")
             return 0
+        if args.cache_dir and not cache.is_cache(path):
+            print(f"{path} is not a result cache (no key file); nothing removed",
+                  file=sys.stderr)
+            return 1
         print(f"emptied the result cache {path}: {cache.clear_cache(path)} result(s) removed")
         return 0
     for info in read_runs(folder, runs.list_runs(folder)):
-        if info.client_alive:
+        if info.unreadable:
+            print(f"kept {info.run_id}: unreadable ({info.unreadable}); look at it, and "
+                  "remove it by hand if it is not needed")
+        elif info.client_alive:
             print(f"kept {info.run_id}: still live ({info.lease_text or 'its client runs'})")
         elif info.live:
             print(f"kept {info.run_id}: still live (calls running, pending, or of unknown "

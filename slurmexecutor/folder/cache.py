@@ -44,12 +44,26 @@ from typing import Any
 import cloudpickle
 
 from slurmexecutor._log import log
+from slurmexecutor.errors import IntegrityError
 from slurmexecutor.folder import spool
 from slurmexecutor.folder.fingerprint import UncacheableError, function_fingerprint
 
-__all__ = ["DEFAULT_DIR", "HITS_FILE", "CacheCounts", "CallKeys", "ResultCache",
-           "UncacheableError", "arguments_bytes", "call_key", "clear_cache", "default_cache_dir",
-           "function_fingerprint", "read_hits", "record_hits"]
+__all__ = [
+    "DEFAULT_DIR",
+    "HITS_FILE",
+    "CacheCounts",
+    "CallKeys",
+    "ResultCache",
+    "UncacheableError",
+    "arguments_bytes",
+    "call_key",
+    "clear_cache",
+    "default_cache_dir",
+    "function_fingerprint",
+    "is_cache",
+    "read_hits",
+    "record_hits",
+]
 
 DEFAULT_DIR = "cache"  # under the executor's folder
 ENTRIES = "v1"  # the entries' folder: its name is the entry format's version
@@ -154,6 +168,7 @@ class ResultCache:
         self.hits = 0  # keys found by get_many, since the cache was opened
         self.misses = 0  # keys not found (or unusable)
         self._recorded = (0, 0)  # hits and misses already written by record_hits
+        self.last_error: OSError | None = None  # of the last write that failed
 
     def entry_path(self, key: str) -> Path:
         """The file of one key's entry: `<path>/v1/ab/cdef...`."""
@@ -227,14 +242,15 @@ class ResultCache:
     def put_pickled(self, key: str, body: bytes) -> bool:
         """Store a call's result already pickled: the body of the worker's "ok" record
         (`("ok", call_id, body)`, as outcomes.decode reads it), stored as is. A write
-        that fails (disk full, a concurrent clear) is logged and returns False: the
-        call's result stands, it is only not cached."""
+        that fails (disk full, read-only, a concurrent clear) returns False, its error in
+        `last_error`: the call's result stands, it is only not cached."""
         path = self.entry_path(key)
         try:
             path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             spool.write_blob(path, self._key, (ENTRY_KIND, bytes(body)))
         except OSError as error:
-            log.warning("a result could not be cached in %s: %s", path, error)
+            log.info("a result could not be cached in %s: %s", path, error)
+            self.last_error = error
             return False
         return True
 
@@ -256,6 +272,20 @@ class ResultCache:
 
 
 _ABSENT = object()
+
+
+def is_cache(path: Path) -> bool:
+    """`path` is a result cache: its own key file, or `<folder>/cache` of a folder with
+    one (whose key signs it); either key must be a valid one of ours."""
+    path = Path(path).expanduser()
+    for holder in (path, path.parent if path.name == DEFAULT_DIR else None):
+        if holder is not None and (holder / spool.KEY_FILE).is_file():
+            try:
+                spool.load_key(holder)
+                return True
+            except (OSError, IntegrityError):
+                return False
+    return False
 
 
 def clear_cache(path: Path) -> int:

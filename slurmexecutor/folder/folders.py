@@ -133,6 +133,36 @@ def writable_by_others(path: str) -> str | None:
     return None
 
 
+#: filesystems that live on one node: a folder there is not seen by the others
+NODE_LOCAL_TYPES = {"tmpfs", "ramfs", "devtmpfs"}
+LOCAL_DISK_TYPES = {"ext2", "ext3", "ext4", "xfs", "btrfs", "overlay"}
+SCRATCH = ("/tmp", "/var/tmp", "/dev/shm")
+
+
+def node_local_fs(path: Path, mounts: str = "/proc/self/mounts") -> str | None:
+    """The filesystem type of `path` when it is likely node-local (tmpfs anywhere, a
+    local disk under /tmp), else None (also where /proc cannot tell)."""
+    real = os.path.realpath(path)
+    try:
+        with open(mounts) as handle:
+            lines = handle.read().splitlines()
+    except OSError:
+        return None
+    best, kind = "", ""
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = fields[1].replace("\\040", " ")
+        if (real == point or real.startswith(point.rstrip("/") + "/")) and len(point) >= len(
+                best):
+            best, kind = point, fields[2]
+    under_scratch = any(real == top or real.startswith(top + "/") for top in SCRATCH)
+    if kind in NODE_LOCAL_TYPES or (kind in LOCAL_DISK_TYPES and under_scratch):
+        return kind
+    return None
+
+
 def default_folder() -> Path:
     """$SLURMEXECUTOR_FOLDER, else ~/.slurmexecutor (home is shared on most clusters)."""
     return Path(os.environ.get("SLURMEXECUTOR_FOLDER") or "~/.slurmexecutor").expanduser()

@@ -26,7 +26,8 @@ Signed blobs and records carry an HMAC-SHA256 of their payload AND of the file's
 name (`run/batch/file`); nothing is unpickled before its signature checks, so a truncated,
 corrupted, forged, or swapped file (one moved to another name or run) is rejected. The
 key and the folders must belong to the user and be private, or they are refused.
-A result stream is a sequence of records, each `length | hmac | payload`, appended by
+A result stream is a sequence of records, each `length | hmac | payload` (framing.py:
+lengths of 4 GiB or more take 8 more bytes), appended by
 one process per attempt: a task that dies half-way keeps every record it completed.
 
 This module must stay light: the worker imports it, and a task's start-up time matters.
@@ -36,22 +37,22 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import io
 import json
 import os
 import pickle
-import socket
-import struct
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from slurmexecutor.errors import IntegrityError
+from slurmexecutor.folder import procs
 from slurmexecutor.folder.diskio import append_whole, write_atomic
 from slurmexecutor.folder.folders import ensure_private_dir
+from slurmexecutor.folder.framing import pack_header, read_header
 
 KEY_FILE = "key"
 BLOB_MAGIC = b"SLXB1"
-HEADER = struct.Struct(">I32s")  # payload length, HMAC-SHA256 digest
 
 
 def load_key(folder: Path, *, create: bool = False) -> bytes:
@@ -80,7 +81,7 @@ def load_key(folder: Path, *, create: bool = False) -> bytes:
     return key
 
 
-def _digest(key: bytes, path: Path, payload: bytes) -> bytes:
+def _digest(key: bytes, path: Path, payload: bytes | memoryview) -> bytes:
     """HMAC of the payload bound to its place: `run/batch/file`, so a file moved or
     copied to another name (or batch, or run) does not authenticate there."""
     place = "/".join(path.parts[-3:])
@@ -93,17 +94,17 @@ def write_blob(path: Path, key: bytes, obj: Any) -> None:
     """Pickle `obj` (plain pickle: callers cloudpickle user objects first) and sign it."""
     payload = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
     digest = _digest(key, path, payload)
-    write_atomic(path, BLOB_MAGIC + HEADER.pack(len(payload), digest) + payload)
+    write_atomic(path, BLOB_MAGIC + pack_header(len(payload), digest) + payload)
 
 
 def read_blob(path: Path, key: bytes) -> Any:
     """Read a blob written by `write_blob`, refusing it unless its signature checks."""
     data = path.read_bytes()
-    start = len(BLOB_MAGIC) + HEADER.size
-    if not data.startswith(BLOB_MAGIC) or len(data) < start:
+    header = read_header(io.BytesIO(data[len(BLOB_MAGIC):]), len(data) - len(BLOB_MAGIC))
+    if not data.startswith(BLOB_MAGIC) or header is None:
         raise IntegrityError(f"{path} is not a slurmexecutor file or is truncated")
-    length, digest = HEADER.unpack_from(data, len(BLOB_MAGIC))
-    payload = data[start:]
+    length, digest, size = header
+    payload = memoryview(data)[len(BLOB_MAGIC) + size:]
     if len(payload) != length:
         raise IntegrityError(f"{path} is truncated ({len(payload)} of {length} bytes)")
     if not hmac.compare_digest(digest, _digest(key, path, payload)):
@@ -114,7 +115,7 @@ def read_blob(path: Path, key: bytes) -> Any:
 def encode_record(key: bytes, path: Path, record: tuple) -> bytes:
     """One signed record as it is appended to the stream at `path`."""
     payload = pickle.dumps(record, protocol=pickle.HIGHEST_PROTOCOL)
-    return HEADER.pack(len(payload), _digest(key, path, payload)) + payload
+    return pack_header(len(payload), _digest(key, path, payload)) + payload
 
 
 class RecordWriter:
@@ -145,51 +146,45 @@ class StreamCursor:
 
 
 def read_records(cursor: StreamCursor, key: bytes) -> list[tuple]:
-    """Return the complete records appended to a stream since the cursor, advancing it.
+    """Return the complete records appended to a stream since the cursor, advancing it
+    (`iter_records`, all at once)."""
+    return list(iter_records(cursor, key))
+
+
+def iter_records(cursor: StreamCursor, key: bytes) -> Iterator[tuple]:
+    """The complete records appended to a stream since the cursor, one at a time (one
+    payload in memory), advancing the cursor past each.
 
     An incomplete record at the end is left for the next read (its writer may still be
-    writing it). A record whose signature fails stops the stream: `cursor.error` says
-    where, and nothing after it is trusted.
+    writing it); only its header is read until it is complete. A record whose signature
+    fails stops the stream: `cursor.error` says where, and nothing after it is trusted.
     """
     if cursor.error:
-        return []
+        return
     try:
-        with open(cursor.path, "rb") as handle:
-            handle.seek(cursor.offset)
-            data = handle.read()
+        handle = open(cursor.path, "rb")  # noqa: SIM115  (closed below; a generator)
     except FileNotFoundError:
-        return []
-    records, position = [], 0
-    while len(data) - position >= HEADER.size:
-        length, digest = HEADER.unpack_from(data, position)
-        end = position + HEADER.size + length
-        if end > len(data):
-            break
-        payload = data[position + HEADER.size : end]
-        if not hmac.compare_digest(digest, _digest(key, cursor.path, payload)):
-            cursor.error = (
-                f"{cursor.path}: record at byte {cursor.offset + position} failed "
-                "authentication (the file was corrupted or written by someone else)"
-            )
-            break
-        records.append(pickle.loads(payload))
-        position = end
-    cursor.offset += position
-    cursor.pending_bytes = len(data) - position
-    return records
+        return
+    with handle:
+        size = os.fstat(handle.fileno()).st_size
+        handle.seek(cursor.offset)
+        while (header := read_header(handle, size - cursor.offset)) is not None:
+            length, digest, header_size = header
+            end = cursor.offset + header_size + length
+            if end > size:
+                break
+            payload = handle.read(length)
+            if not hmac.compare_digest(digest, _digest(key, cursor.path, payload)):
+                cursor.error = (
+                    f"{cursor.path}: record at byte {cursor.offset} failed "
+                    "authentication (the file was corrupted or written by someone else)")
+                break
+            cursor.offset = end
+            yield pickle.loads(payload)
+        cursor.pending_bytes = size - cursor.offset
 
 
-def process_alive(host: str, pid: int) -> bool:
-    """True when `pid` runs on this host (False for another host: we cannot tell)."""
-    if host != socket.gethostname():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+process_alive = procs.process_alive  # moved to procs.py
 
 
 # -- names ---------------------------------------------------------------------------
@@ -328,10 +323,65 @@ def read_json(path: Path) -> Any:
     return json.loads(path.read_text())
 
 
-def read_journals(run_dir: Path) -> list[dict]:
-    """A run's batch journals, in batch order (by number: b10000 comes after b9999)."""
-    journals = [read_json(path) for path in run_dir.glob("b*.json")]
+SIGNATURE = "hmac"  # the field of a signed JSON file (run.json, journals)
+
+
+def _json_digest(key: bytes, path: Path, obj: dict) -> str:
+    """HMAC of a JSON object's canonical text, bound to `run/file` (not to the folder's
+    name: a folder may be moved)."""
+    text = json.dumps(obj, sort_keys=True).encode()
+    return _digest(key, Path(*path.parts[-2:]), text).hex()
+
+
+def write_signed_json(path: Path, key: bytes, obj: dict) -> None:
+    """`obj` as JSON (readable as before), with its signature as field `hmac`."""
+    plain = json.loads(json.dumps(obj))  # tuples -> lists: what a reader will see
+    plain.pop(SIGNATURE, None)
+    write_json(path, {**plain, SIGNATURE: _json_digest(key, path, plain)})
+
+
+def read_signed_json(path: Path, key: bytes) -> dict:
+    """A file of `write_signed_json`; IntegrityError unless its signature checks."""
+    obj = read_json(path)
+    digest = obj.pop(SIGNATURE, None) if isinstance(obj, dict) else None
+    if not isinstance(digest, str):
+        raise IntegrityError(f"{path} is not signed (damaged, written by someone else, or "
+                             "by a slurmexecutor before signatures)")
+    if not hmac.compare_digest(digest, _json_digest(key, path, obj)):
+        raise IntegrityError(f"{path} failed authentication (changed, moved, or not ours)")
+    return obj
+
+
+def read_journals(run_dir: Path, key: bytes | None = None) -> list[dict]:
+    """A run's batch journals, in batch order (by number: b10000 comes after b9999),
+    each checked against the folder's key."""
+    key = key if key is not None else load_key(run_dir.parent)
+    journals = [read_signed_json(path, key) for path in run_dir.glob("b*.json")]
     return sorted(journals, key=lambda journal: journal["batch"])
+
+
+def write_journal(run_dir: Path, journal: dict, key: bytes | None = None) -> None:
+    key = key if key is not None else load_key(run_dir.parent)
+    write_signed_json(journal_path(run_dir, journal["batch"]), key, journal)
+
+
+SCRIPT_SIGNATURE = "# slurmexecutor-hmac: "  # the last line of a signed batch script
+
+
+def sign_script(path: Path, key: bytes, text: str) -> str:
+    """`text` with a last line that signs it (a comment for bash and sbatch)."""
+    return f"{text}{SCRIPT_SIGNATURE}{_digest(key, path, text.encode()).hex()}\n"
+
+
+def verified_script(path: Path, key: bytes) -> str:
+    """The text of a script `sign_script` wrote (its signature line removed), or
+    IntegrityError: the local backend runs nothing else."""
+    text = path.read_text()
+    body, found, digest = text.rstrip("\n").rpartition("\n" + SCRIPT_SIGNATURE)
+    body += "\n"
+    if not found or not hmac.compare_digest(digest, _digest(key, path, body.encode()).hex()):
+        raise IntegrityError(f"{path} is not a batch script signed with this folder's key")
+    return body
 
 
 def compress_ids(ids: Iterable[int]) -> list[list[int]]:

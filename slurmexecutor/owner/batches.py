@@ -178,7 +178,7 @@ def _write_batch(run_dir: Path, key: bytes, number: int, spec: BatchSpec,
         "chunks": [spool.compress_ids(chunk.call_ids) for chunk in spec.chunks],
         "arrays": [],
     }
-    spool.write_json(spool.journal_path(run_dir, number), journal)
+    spool.write_journal(run_dir, journal, key)
     return journal
 
 
@@ -187,6 +187,7 @@ def submit_arrays(backend: Backend, settings: Settings, run_dir: Path, journal: 
     """Submit tasks first..first+count-1 as arrays cut at MaxArraySize, each recorded in
     the journal as it goes out; yield (job id, offset, size). Raises SubmissionError."""
     number, offset, end = journal["batch"], first, first + count
+    key = spool.load_key(run_dir.parent)  # scripts and journals are signed
     throttle = 1 if throttled else settings.resources.get("array_parallelism")
     while offset < end:
         try:
@@ -196,7 +197,8 @@ def submit_arrays(backend: Backend, settings: Settings, run_dir: Path, journal: 
                               throttle=throttle, setup=settings.setup,
                               sbatch_extra=settings.sbatch_extra)
             script = spool.script_path(run_dir, number, offset)
-            spool.write_atomic(script, render_script(settings.resources, spec).encode())
+            text = render_script(settings.resources, spec)
+            spool.write_atomic(script, spool.sign_script(script, key, text).encode())
             job_id = backend.submit_array(script, size, run_dir / "logs", throttle)
         except SubmissionError:
             raise
@@ -205,7 +207,7 @@ def submit_arrays(backend: Backend, settings: Settings, run_dir: Path, journal: 
         journal["arrays"].append({"job_id": job_id, "offset": offset, "size": size,
                                   "time": time.time()})  # queue wait from here
         try:
-            spool.write_json(spool.journal_path(run_dir, number), journal)
+            spool.write_journal(run_dir, journal, key)
         except OSError as error:  # the job runs; only reattaching would miss it
             log.warning("batch %d: could not update its journal: %s", number, error)
         yield job_id, offset, size
@@ -216,7 +218,7 @@ def lift_throttle(backend: Backend, settings: Settings, run_dir: Path, journal: 
                   to: int) -> None:
     """Let `to` tasks of the batch run at once (0: all it planned, or array_parallelism)."""
     journal["throttled"] = to > 0
-    spool.write_json(spool.journal_path(run_dir, journal["batch"]), journal)
+    spool.write_journal(run_dir, journal)
     limit = settings.resources.get("array_parallelism") or 0
     share = -(-to // max(1, len(journal["arrays"])))  # split over arrays cut at MaxArraySize
     throttle = min(share, limit) if to and limit else (share if to else limit)

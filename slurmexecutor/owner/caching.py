@@ -28,6 +28,7 @@ from typing import Any
 
 from slurmexecutor._log import log
 from slurmexecutor.folder.cache import CallKeys, ResultCache, UncacheableError, default_cache_dir
+from slurmexecutor.folder.folders import UnsafeFolderError
 from slurmexecutor.owner.batches import Settings
 
 
@@ -37,11 +38,17 @@ def open_cache(option: bool | str | os.PathLike | None, folder: Path,
     with the folder's key), a path for a cache of its own (with its own key file)."""
     if option is None or option is False:
         return None
-    if option is True:
-        return ResultCache(default_cache_dir(folder), key)
-    if isinstance(option, (str, os.PathLike)):
-        return ResultCache(Path(option).expanduser())
-    raise TypeError(f"cache must be True, False or a path, not {option!r}")
+    if not (option is True or isinstance(option, (str, os.PathLike))):
+        raise TypeError(f"cache must be True, False or a path, not {option!r}")
+    path = default_cache_dir(folder) if option is True else Path(option).expanduser()
+    try:
+        return ResultCache(path, key if option is True else None)
+    except UnsafeFolderError:
+        raise
+    except OSError as error:  # read-only, full, not ours to create: run uncached
+        log.warning("the result cache in %s cannot be used (%s): calls run uncached in "
+                    "this session", path, error)
+        return None
 
 
 class WorkerKeys(CallKeys):
@@ -71,6 +78,7 @@ class CallCache:
         self._pending: queue.Queue[tuple[str, bytes] | None] = queue.Queue()
         self._writer: threading.Thread | None = None
         self._unwritten: dict[str, bytes] = {}  # queued results: lookups see them too
+        self.writes_off = False  # a write failed: results are no longer stored
 
     def keys_for(self, fn: Callable, settings: Settings) -> CallKeys | None:
         """Key maker for calls of `fn` submitted now with these settings (its fingerprint
@@ -119,6 +127,8 @@ class CallCache:
     def store_result(self, key: str, body: bytes) -> None:
         """Store a successful call's result, pickled as the worker sent it (in the
         background: `flush` waits for it)."""
+        if self.writes_off:
+            return
         if self._writer is None:
             self._writer = threading.Thread(target=self._write, daemon=True,
                                             name="slurmexecutor-cache-writer")
@@ -133,7 +143,11 @@ class CallCache:
             try:
                 if item is None:
                     return
-                self.store.put_pickled(*item)  # logs and returns False on a failed write
+                if not self.writes_off and not self.store.put_pickled(*item):
+                    self.writes_off = True  # one warning, not one per result
+                    log.warning("the result cache in %s cannot store results (%s): no more "
+                                "are stored in this session", self.store.path,
+                                self.store.last_error)
                 with self._lock:
                     self._unwritten.pop(item[0], None)
             finally:

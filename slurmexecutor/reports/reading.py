@@ -27,12 +27,14 @@ def read_runs(folder: Path, run_dirs: list[Path],
     all their jobs in ONE query (again only for jobs submitted since). `observe`: see
     `runs.read_run`."""
     key = spool.load_key(folder)
-    slurm_runs = {run_dir for run_dir in run_dirs
-                  if spool.read_json(run_dir / "run.json")["backend"] == "slurm"}
+    slurm_runs = {run_dir for run_dir in run_dirs if runs.backend_of(run_dir, key) == "slurm"}
     asked = {job for run_dir in slurm_runs for job in runs.journal_job_ids(run_dir)}
     states = slurm_states(asked) if asked else {}
     for run_dir in run_dirs:
         info = runs.read_run(run_dir, key, observe)
+        if info.unreadable:
+            yield info
+            continue
         if info.meta["backend"] == "allocation":  # its steps, by name (squeue -s)
             steps = slurm_states(set(info.job_ids), info)
             yield runs.classify(info, steps) if steps is not None else info

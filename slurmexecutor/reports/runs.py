@@ -16,7 +16,7 @@ import os
 import shutil
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,8 @@ from slurmexecutor.schedulers import Backend, TaskKey, TaskState, state_of
 
 #: sees the records of one stream: (batch, task index, records)
 Observer = Callable[[int, int, list], None]
+from slurmexecutor.errors import IntegrityError
+from slurmexecutor.folder import procs
 
 __all__ = ["CODE", "FAILED", "STATUSES", "UNKNOWN", "CallStatus", "Calls", "ChunkInfo",
            "RunInfo", "TaskInfo", "cancel_run", "classify", "find_run", "list_runs",
@@ -56,6 +58,7 @@ class TaskInfo:
     started: bool = False
     ended: bool = False  # the worker wrote its end record
     worker: tuple[str, int] | None = None  # (host, pid) of its worker
+    worker_started: int | None = None  # when that pid started (procs.process_start)
     state: TaskState | None = None
     idle: bool = False  # warm: it ran what it could and waits for the next batch
     joined: int | None = None  # warm: it left for this batch
@@ -77,6 +80,7 @@ class RunInfo:
     cancelled: bool = False
     lease: dict | None = None  # its lease file; None for runs from before leases
     cache: CacheCounts | None = None  # result cache hits and misses; None: no cache
+    unreadable: str | None = None  # why its run.json or a journal could not be read
     _by_key: dict[tuple[int, int], TaskInfo] = field(default_factory=dict, init=False,
                                                      repr=False)
 
@@ -86,6 +90,8 @@ class RunInfo:
         file, its process on this host."""
         if self.lease is not None:
             return leases.is_live(self.lease)
+        if "host" not in self.meta:  # unreadable: nothing says it ended
+            return True
         return spool.process_alive(self.meta["host"], self.meta["pid"])
 
     @property
@@ -137,20 +143,51 @@ def find_run(folder: Path, run: str) -> Path:
 
 def journal_job_ids(run_dir: Path) -> set[str]:
     """The array jobs a run's journals name (what one scheduler query must cover)."""
-    return {array["job_id"] for journal in spool.read_journals(run_dir)
-            for array in journal["arrays"] if array["job_id"]}
+    try:
+        return {array["job_id"] for journal in spool.read_journals(run_dir)
+                for array in journal["arrays"] if array["job_id"]}
+    except UNREADABLE:  # read_run says why
+        return set()
+
+
+#: what a damaged or forged run's files raise when read
+UNREADABLE = (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError,
+              IntegrityError)
+
+
+def backend_of(run_dir: Path, key: bytes) -> str | None:
+    """A run's backend, or None when its run.json cannot be read."""
+    try:
+        return str(spool.read_signed_json(run_dir / "run.json", key)["backend"])
+    except UNREADABLE:
+        return None
 
 
 def read_run(run_dir: Path, key: bytes, observe: Observer | None = None) -> RunInfo:
     """Everything the folder says about a run. Calls without a result stay "unknown"
     until `classify` weighs the scheduler's word (or, for local runs, the processes).
-    `observe(batch, task, records)` sees each stream's records first (report.py)."""
-    info = RunInfo(run_dir.name, run_dir, spool.read_json(run_dir / "run.json"))
+    `observe(batch, task, records)` sees each stream's records first (report.py). A run
+    whose files cannot be read comes back with `unreadable` saying why."""
+    try:
+        return _read_run(run_dir, key, observe)
+    except UNREADABLE as error:
+        info = RunInfo(run_dir.name, run_dir, {}, unreadable=f"{type(error).__name__}: "
+                       f"{error}".splitlines()[0])
+        with contextlib.suppress(*UNREADABLE):
+            info.lease = leases.read_lease(run_dir)
+        return info
+
+
+def _read_run(run_dir: Path, key: bytes, observe: Observer | None) -> RunInfo:
+    meta = spool.read_signed_json(run_dir / "run.json", key)
+    if not isinstance(meta, dict) or not {"created", "host", "pid", "backend"} <= set(meta):
+        raise ValueError("run.json lacks created, host, pid or backend")
+    info = RunInfo(run_dir.name, run_dir, meta)
     info.cancelled = (run_dir / "cancelled").exists()
     info.lease = leases.read_lease(run_dir)
     info.cache = read_hits(run_dir)
     functions: dict[str, None] = {}
-    for journal in spool.read_journals(run_dir):
+    for journal in spool.read_journals(run_dir, key):
         batch = journal["batch"]
         info.journals[batch] = journal
         functions.update(dict.fromkeys(journal["functions"]))
@@ -167,19 +204,19 @@ def read_run(run_dir: Path, key: bytes, observe: Observer | None = None) -> RunI
 
 def _read_streams(run_dir: Path, key: bytes, info: RunInfo, observe: Observer | None) -> None:
     """From every result stream: which task claimed which chunk, each call's outcome.
-    Records are dropped one by one as they are read (an "ok" one keeps nothing)."""
+    Records are read one at a time and dropped (an "ok" one keeps nothing), so a run
+    with large results is read in little memory."""
     calls, done = info.calls, CODE["done"]
     messages: dict[str, str] = {}  # one copy of each error message
     for batch, index, path in spool.iter_streams(run_dir):
         task = info.task(batch, index)
         cursor = spool.StreamCursor(path)
-        records = spool.read_records(cursor, key)
-        if observe is not None:
+        records: Iterable[tuple] = spool.iter_records(cursor, key)  # one at a time
+        if observe is not None:  # the report sees them all (it reads them anyway)
+            records = list(records)
             observe(batch, index, records)
-        records.reverse()
         claimed: list[int] = []
-        while records:
-            kind, call_id, body = records.pop()
+        for kind, call_id, body in records:
             if kind == "ok":
                 calls.resolve(call_id, done)
             elif kind == "start":
@@ -189,6 +226,7 @@ def _read_streams(run_dir: Path, key: bytes, info: RunInfo, observe: Observer | 
                     info.add_task(task)
                 if task:
                     task.started, task.worker = True, (body["host"], body["pid"])
+                    task.worker_started = body.get("started")
             elif kind == "idle":
                 if task:
                     task.idle = not (body or {}).get("leaving")
@@ -229,6 +267,8 @@ def classify(info: RunInfo, states: dict[TaskKey, TaskState] | None) -> RunInfo:
     """Decide pending/running/lost for calls without a result. `states` is the
     scheduler's answer for Slurm runs; None for local runs (judged by their processes).
     Each task, chunk and batch is judged once, whatever its number of calls."""
+    if info.unreadable:
+        return info
     if states is not None:
         for task in info.tasks:
             task.state = state_of(states, task.job_id, task.array_index)
@@ -288,7 +328,8 @@ def _task_status(task: TaskInfo, asked_scheduler: bool, client_alive: bool) -> s
         return "lost"
     if not asked_scheduler:  # a local run: its processes tell (its client starts tasks)
         if task.worker:
-            return "running" if spool.process_alive(*task.worker) else "lost"
+            alive = procs.process_alive(*task.worker, task.worker_started)
+            return "running" if alive else "lost"
         return "pending" if client_alive else "lost"
     if task.state is not None and not task.state.final:
         return "running" if task.state.running or task.started else "pending"
@@ -315,7 +356,8 @@ def cancel_run(info: RunInfo, backend: Backend | None) -> int:
         backend.cancel(info.job_ids)
     else:
         for task in info.tasks:
-            if task.worker and not task.ended and spool.process_alive(*task.worker):
+            if task.worker and not task.ended and procs.process_alive(
+                    *task.worker, task.worker_started):
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(task.worker[1], signal.SIGTERM)
     return unfinished

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from pathlib import Path
 
 from slurmexecutor._log import log
 from slurmexecutor.schedulers.base import (  # noqa: F401  (the package's names)
@@ -61,3 +62,17 @@ def make_backend(name: str, resources: dict) -> Backend:
 
         return LocalBackend(resources)
     raise ValueError(f"backend must be 'slurm', 'local', 'allocation' or 'auto', not {name!r}")
+
+
+def warn_if_node_local(folder: Path, backend: Backend) -> None:
+    """Warn at start when a Slurm run's folder is on a node-local filesystem (tmpfs, a
+    local disk under /tmp) and the cluster's nodes are on more than one host."""
+    from slurmexecutor.folder.folders import node_local_fs
+
+    hosts = getattr(backend, "node_hosts", None)
+    if backend.name != "slurm" or hosts is None or (kind := node_local_fs(folder)) is None:
+        return
+    if len(hosts()) > 1:
+        log.warning("the folder %s is on a node-local filesystem (%s): the compute nodes "
+                    "will not see it and every call would fail; choose a folder on a "
+                    "shared filesystem", folder, kind)

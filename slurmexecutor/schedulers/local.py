@@ -1,6 +1,7 @@
 """The local backend: array tasks as local subprocesses, at most one per CPU by default.
 
-It runs the very batch script Slurm would (with bash; `#SBATCH` lines are comments) and
+It runs the very batch script Slurm would (with bash; `#SBATCH` lines are comments), once
+its signature checks with the folder's key (spool.sign_script), and
 mimics Slurm's states, including the time limit: SIGUSR1 shortly before it, then
 SIGTERM, then SIGKILL, and the TIMEOUT state.
 """
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from slurmexecutor._log import log
+from slurmexecutor.folder import spool
 from slurmexecutor.schedulers.base import Backend, TaskKey, TaskState
 from slurmexecutor.schedulers.script import parse_directives, time_limit_seconds, warning_seconds
 
@@ -38,6 +40,7 @@ class _Task:
     limit: int | None = None  # its time limit (s): its script's `--time`
     kill_at: float = 0.0
     kills: int = 0  # how many times the kill deadline passed
+    text: str = ""  # the script as verified at submission: what bash runs
 
 
 class LocalBackend(Backend):
@@ -67,14 +70,15 @@ class LocalBackend(Backend):
     def submit_array(self, script: Path, size: int, log_dir: Path,
                      throttle: int | None = None) -> str:
         job_id = self._new_job_id()
-        limit = parse_directives(script.read_text()).get("time")  # a view's own, too
+        text = spool.verified_script(script, spool.load_key(script.parent.parent.parent))
+        limit = parse_directives(text).get("time")  # a view's own, too
         seconds = time_limit_seconds(limit) if limit else self._limit
         with self._lock:
             self._throttles[job_id] = throttle or 0
             for index in range(size):
                 key = (job_id, index)
                 self._queue.append(_Task(key, script, log_dir / f"{job_id}_{index}.log",
-                                         limit=seconds))
+                                         limit=seconds, text=text))
                 self._states[key] = TaskState("PENDING")
             self._lock.notify()
         log.info("%s array job %s: %d tasks", self.name, job_id, size)
@@ -124,8 +128,9 @@ class LocalBackend(Backend):
         return f"{os.getpid()}{next(_job_numbers):04d}"
 
     def _command(self, task: _Task) -> tuple[list[str], dict[str, str]]:
-        """The command and environment that run the task's batch script."""
-        return ["bash", str(task.script)], dict(
+        """The command and environment that run the task's batch script (the text
+        verified at submission, not the file as it may be now)."""
+        return ["bash", "-c", task.text, str(task.script)], dict(
             os.environ, SLURMEXECUTOR_TASK=str(task.key[1]), SLURMEXECUTOR_JOB=str(task.key[0]))
 
     def _final(self, task: _Task, code: int) -> TaskState:

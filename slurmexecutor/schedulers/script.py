@@ -74,8 +74,6 @@ def validate_resources(resources: dict) -> dict:
         text = str(value)
         if "\n" in text or "\r" in text or not text.strip():
             raise ValueError(f"resource {name}={value!r} must be a non-empty single line")
-        if '"' in text:
-            raise ValueError(f"resource {name}={value!r} must not contain a double quote")
     return checked
 
 
@@ -90,12 +88,18 @@ def validate_extra(options: list[str]) -> list[str]:
 
 
 def directive(flag: str, value: object) -> str:
-    """`--flag=value`, the value double-quoted when it has blanks, so that sbatch keeps
-    it one option (`#SBATCH` lines are split at blanks)."""
+    """`--flag="value"`, always double-quoted with `\\` and `"` escaped: sbatch reads
+    `#SBATCH` lines with its own quoting (`'` opens a quote, `#` starts a comment, `\\`
+    escapes), and a double-quoted value keeps every character but those two."""
     text = str(value)
-    if '"' in text or "\n" in text:
-        raise ValueError(f"{flag}={text!r}: a double quote or newline cannot be passed")
-    return f'{flag}="{text}"' if any(c.isspace() for c in text) else f"{flag}={text}"
+    if "\n" in text or "\r" in text:
+        raise ValueError(f"{flag}={text!r}: a newline cannot be passed")
+    return f'{flag}="{quote(text)}"'
+
+
+def quote(text: str) -> str:
+    """`text` for inside a double-quoted `#SBATCH` value."""
+    return text.replace("\\", "\\\\").replace('"', '\\"')
 
 
 def python_path_dir(run_dir: Path) -> Path:
@@ -134,13 +138,15 @@ def link_package(run_dir: Path) -> Path:
 _TIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
 
 
-_DIRECTIVE = re.compile(r'^#SBATCH --([\w-]+)(?:=(?:"([^"]*)"|(\S+)))?\s*$', re.MULTILINE)
+_DIRECTIVE = re.compile(r'^#SBATCH --([\w-]+)(?:=(?:"((?:[^"\\]|\\.)*)"|(\S+)))?\s*$',
+                        re.MULTILINE)
 
 
 def parse_directives(script: str) -> dict[str, str]:
     """A batch script's `#SBATCH --option[=value]` lines -> {option: value or ""}."""
-    return {match.group(1): match.group(2) if match.group(2) is not None else (
-        match.group(3) or "") for match in _DIRECTIVE.finditer(script)}
+    return {match.group(1): re.sub(r"\\(.)", r"\1", match.group(2)) if (
+        match.group(2) is not None) else (match.group(3) or "")
+        for match in _DIRECTIVE.finditer(script)}
 
 
 def time_limit_seconds(limit: str | int) -> int:

@@ -135,6 +135,9 @@ class SlurmBackend(Backend):
     def submit_array(self, script: Path, size: int, log_dir: Path,
                      throttle: int | None = None) -> str:
         """Raise SubmissionDeferred when a limit refuses it for now (see sbatch.py)."""
+        if "\\" in str(log_dir):  # sbatch then drops every backslash and %A/%a of --output
+            raise SubmissionError(f"Slurm cannot write logs under {log_dir}: a backslash "
+                                  "in the folder's path; choose a folder without one")
         try:
             job_id = sbatch.submit(["sbatch", "--parsable", str(script)], COMMAND_TIMEOUT)
         except SubmissionDeferred as error:
@@ -205,6 +208,11 @@ class SlurmBackend(Backend):
     def max_job_count(self) -> int:
         """The controller's MaxJobCount: jobs it holds at most, each array task one."""
         return parse_max_job_count(self._scontrol_config())
+
+    def node_hosts(self) -> set[str]:
+        """The hosts of the cluster's nodes (NodeHostname), as sinfo lists them."""
+        done = run_command(["sinfo", "-h", "-N", "-o", "%n"], check=False)
+        return set(done.stdout.split()) if done.returncode == 0 else set()
 
     def slots(self) -> int:
         if self._slots is None:

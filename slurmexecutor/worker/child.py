@@ -234,8 +234,9 @@ class ChildRunner:
             return _raised_record(call_id, exc)
         try:
             return ("ok", call_id, cloudpickle.dumps(value))
-        except BaseException as exc:  # noqa: BLE001  (SystemExit from __reduce__ too)
-            message = f"the result ({type(value).__name__}) cannot be pickled: {exc!r}"
+        except BaseException as exc:  # noqa: BLE001  (a __reduce__ may raise SystemExit)
+            message = (f"the result ({type(value).__name__}) cannot be pickled: "
+                       f"{type(exc).__name__}: {_text(exc)}")
             return ("unpicklable", call_id, {"message": message,
                                              "error": _raised_record(call_id, exc)[2]})
 
@@ -266,14 +267,26 @@ def _loads(blob: bytes):
 def _raised_record(call_id: int, exc: BaseException) -> tuple:
     import cloudpickle
 
-    text = "".join(traceback.format_exception(exc))
+    try:
+        text = "".join(traceback.format_exception(exc))
+    except BaseException:  # noqa: BLE001
+        text = f"{type(exc).__name__} (its traceback could not be formatted)\n"
     try:
         blob = cloudpickle.dumps(exc)
         _loads(blob)  # an exception that pickles but cannot be rebuilt is no use
-    except Exception:  # noqa: BLE001
+    except BaseException:  # noqa: BLE001  (its __reduce__ may raise anything, SystemExit too)
         blob = None
     kind = f"{type(exc).__module__}.{type(exc).__qualname__}"
-    return ("raised", call_id, {"blob": blob, "type": kind, "message": str(exc), "tb": text})
+    return ("raised", call_id, {"blob": blob, "type": kind, "message": _text(exc),
+                                "tb": text})
+
+
+def _text(exc: BaseException) -> str:
+    """str(exc), or what its failing __str__ raised: never an error of its own."""
+    try:
+        return str(exc)
+    except BaseException as error:  # noqa: BLE001
+        return f"<str() of {type(exc).__name__} raised {type(error).__name__}>"
 
 
 def environment_mismatch(client: dict | None) -> str | None:

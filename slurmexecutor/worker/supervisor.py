@@ -48,6 +48,8 @@ import traceback
 from pathlib import Path
 
 from slurmexecutor.folder import spool
+from slurmexecutor.folder.diskio import EXIT_FULL, EXIT_NO_FOLDER, FULL, named
+from slurmexecutor.folder.procs import process_start
 from slurmexecutor.worker.child import (
     CLAIMED,
     DONE,
@@ -63,7 +65,6 @@ from slurmexecutor.worker.child import (
 
 #: seconds between looks at the running call's chunk's stop file (cooperative cancel)
 STOP_POLL = 0.5
-from slurmexecutor.folder.diskio import EXIT_FULL, EXIT_NO_FOLDER, FULL, named
 
 
 def main(argv: list[str]) -> int:
@@ -112,6 +113,7 @@ def _where_am_i(attempt: int) -> dict:
         "time": time.time(),
         "host": socket.gethostname(),
         "pid": os.getpid(),
+        "started": process_start(os.getpid()),  # the pid may be reused once it exits
         # the local and allocation backends' own ids first: their tasks may run inside a
         # Slurm job (salloc, sbatch) whose SLURM_* ids are not theirs
         "job_id": environ.get("SLURMEXECUTOR_JOB") or environ.get("SLURM_ARRAY_JOB_ID") or (
