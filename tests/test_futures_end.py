@@ -19,7 +19,8 @@ from concurrent.futures import FIRST_COMPLETED, wait
 
 import pytest
 
-from slurmexecutor import JobCancelledError, SerializationError
+from slurmexecutor import JobCancelledError, SerializationError, SlurmExecutor
+from slurmexecutor.folder import spool
 
 
 def touch_and_return(folder: str, value: int) -> int:
@@ -186,3 +187,26 @@ def test_cancel_stops_a_running_call_and_its_task_carries_on(make_executor):
     assert isinstance(first.exception(timeout=60), JobCancelledError)
     assert "while it ran" in str(first.exception())
     assert second.result(timeout=60) == 0  # the same task went on with its chunk
+
+
+@pytest.mark.parametrize("backend", ["local"], indirect=True)
+@pytest.mark.parametrize("keep_alive", [0, 30])
+def test_shutdown_wait_returns_once_every_task_process_is_reaped(backend, tmp_path,
+                                                                 keep_alive):
+    """'Resources freed' means reaped: no worker process of the run exists any more when
+    shutdown(wait=True) returns (warm tasks too)."""
+    ex = SlurmExecutor(tmp_path / "spool", backend="local", keep_alive=keep_alive)
+    assert list(ex.map(identity, range(20), chunksize=1)) == list(range(20))
+    ex.shutdown(wait=True)
+    pids = {body["pid"] for _, _, path in spool.iter_streams(ex.run_dir)
+            for kind, _, body in spool.read_records(spool.StreamCursor(path), ex.key)
+            if kind == "start"}
+    assert pids
+    alive = []
+    for pid in pids:
+        try:
+            os.kill(pid, 0)  # a zombie (ended, not reaped) still answers
+            alive.append(pid)
+        except ProcessLookupError:
+            pass
+    assert alive == []

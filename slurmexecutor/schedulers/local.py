@@ -25,6 +25,9 @@ from slurmexecutor.schedulers.base import Backend, TaskKey, TaskState
 from slurmexecutor.schedulers.script import parse_directives, time_limit_seconds, warning_seconds
 
 KILL_WAIT = 2.0  # seconds between SIGTERM and SIGKILL, like Slurm's KillWait
+#: seconds `close` waits for running tasks to end by themselves (after the executor's
+#: last result they only write their end record, or leave warm) before ending them
+CLOSE_WAIT = 10.0
 _job_numbers = itertools.count(1)
 
 
@@ -114,9 +117,19 @@ class LocalBackend(Backend):
         return self._slots
 
     def close(self) -> None:
+        """Start nothing more, and return once every task process has ended and been
+        reaped: those still running after CLOSE_WAIT s are terminated (then killed)."""
         with self._lock:
             self._closed = True
             self._lock.notify()
+        self._thread.join(CLOSE_WAIT)
+        if self._thread.is_alive():
+            with self._lock:
+                for task in self._running.values():
+                    if not task.ending:
+                        self._terminate(task, "CANCELLED")
+                self._lock.notify()
+            self._thread.join(2 * KILL_WAIT + 1)
 
     # -- what subclasses change ---------------------------------------------------------
 
