@@ -1,12 +1,14 @@
 """A model-based test of the core: `Core` driven with the real `StreamReader` over a real
 run folder, where scripted array tasks claim chunks (the real O_EXCL claims), honour
-cancel files, write records with the real `RecordWriter`, die, are scancelled, or are
-refused by sbatch. After every step: no cancelled call ran, and no call was failed while
+cancel files, write records with the real `RecordWriter`, go warm and join other batches
+(as the worker does: `end {"joined": B, "as": I}`, then a stream of their own in B), die,
+are scancelled, or are refused by sbatch. After every step: no cancelled call ran, and no call was failed while
 a task still runs it; at the end every call has exactly one verdict (every future ends).
 Seeds are fixed, so a failure replays."""
 
 from __future__ import annotations
 
+import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +18,7 @@ import pytest
 from slurmexecutor.core import events as ev
 from slurmexecutor.core.state import Config, Core
 from slurmexecutor.errors import SubmissionError
-from slurmexecutor.folder import claims, spool
+from slurmexecutor.folder import claims, spool, warm
 from slurmexecutor.owner.streams import StreamReader
 from slurmexecutor.schedulers import TaskState
 
@@ -28,7 +30,9 @@ class ScriptedTask:
     batch: int
     index: int
     job: str
+    array_index: int
     writer: spool.RecordWriter | None = None
+    moved: bool = False  # it joined another batch: its process lives on there
     alive: bool = True  # the process runs (Slurm says RUNNING)
     finished: bool = False  # wrote its end record
     chunk: list[int] = field(default_factory=list)  # calls of its claimed chunk to run
@@ -38,7 +42,9 @@ class Model:
     def __init__(self, run_dir: Path, rng: random.Random) -> None:
         self.run_dir, self.rng = run_dir, rng
         self.key = spool.load_key(run_dir.parent, create=True)
-        self.core = Core(Config(poll_interval=1.0, result_grace=0.0, vanish_grace=0.0))
+        self.warm = rng.random() < 0.5
+        self.core = Core(Config(poll_interval=1.0, result_grace=0.0, vanish_grace=0.0,
+                                keep_alive=30.0 if self.warm else 0.0))
         self.reader = StreamReader(run_dir, self.key)
         self.tasks: list[ScriptedTask] = []
         self.chunks: dict[int, list[list[int]]] = {}
@@ -73,11 +79,12 @@ class Model:
             job = str(self.next_job)
             self.next_job += 1
             for index in range(action.first, action.first + action.count):
-                self.tasks.append(ScriptedTask(action.batch, index, job))
+                self.tasks.append(ScriptedTask(action.batch, index, job,
+                                               index - action.first))
             return [ev.TasksSubmitted(action.batch, job, action.first, action.count)]
         if isinstance(action, ev.QueryScheduler):
-            states = {(t.job, t.index): TaskState("RUNNING" if t.alive else "CANCELLED")
-                      for t in self.tasks}
+            states = {(t.job, t.array_index): TaskState("RUNNING" if t.alive else "CANCELLED")
+                      for t in self.tasks if not t.moved}
             return [ev.SchedulerAnswer(states)]
         if isinstance(action, ev.QueryFinal):
             return [ev.FinalAnswer(action.tasks, {}, frozenset())]
@@ -89,8 +96,8 @@ class Model:
             spool.append_cancelled(spool.cancel_path(self.run_dir, action.batch, action.chunk),
                                    list(action.call_ids))
         elif isinstance(action, ev.CancelTasks):
-            for task in self.tasks:
-                if f"{task.job}_{task.index}" in action.refs:
+            for task in self.tasks:  # pending only: a started task is never ended
+                if f"{task.job}_{task.array_index}" in action.refs and task.writer is None:
                     task.alive = False
         elif isinstance(action, ev.Deliver):
             self.verdicts.setdefault(action.call_id, []).append(action.kind)
@@ -113,7 +120,8 @@ class Model:
         if task.writer is None:
             task.writer = spool.RecordWriter(
                 spool.stream_path(self.run_dir, task.batch, task.index, 0), self.key)
-            task.writer.write(("start", None, {"host": "h", "pid": 1}))
+            task.writer.write(("start", None, {"host": "h", "pid": 1, "job_id": task.job,
+                                               "array_index": task.array_index}))
             return
         if task.chunk:
             call_id = task.chunk.pop(0)
@@ -131,8 +139,31 @@ class Model:
                 task.writer.write(("claim", index, None))
                 task.chunk = list(chunk)
                 return
+        if self.warm and self.join(task):
+            return
         task.writer.write(("end", None, {}))
         task.finished = task.alive = False
+
+    def join(self, task: ScriptedTask) -> bool:
+        """Warm: join a later batch with an unclaimed chunk, as the worker does."""
+        for number in sorted(self.chunks):
+            folder = spool.claims_dir(self.run_dir, number)
+            taken = {int(n) for n in os.listdir(folder) if n.isdigit()}
+            if number <= task.batch or len(taken) >= len(self.chunks[number]):
+                continue
+            assert task.writer is not None
+            task.writer.write(("idle", None, {"keep_alive": 30.0}))
+            start = ("start", None, {"host": "h", "pid": 1, "job_id": task.job,
+                                     "array_index": task.array_index, "warm": True})
+            index = warm.join_stream(self.run_dir, self.key, number, start)
+            task.writer.write(("end", None, {"joined": number, "as": index}))
+            task.moved, task.alive = True, False
+            joiner = ScriptedTask(number, index, task.job, task.array_index)
+            joiner.writer = spool.RecordWriter(
+                spool.stream_path(self.run_dir, number, index, 0), self.key)
+            self.tasks.append(joiner)
+            return True
+        return False
 
     # -- invariants -----------------------------------------------------------------------
 
@@ -147,7 +178,7 @@ class Model:
         return set()  # (every call here is handed over: cancels are skips or kills)
 
 
-@pytest.mark.parametrize("seed", range(12))
+@pytest.mark.parametrize("seed", range(60))
 def test_every_future_ends_under_random_task_behaviour(tmp_path, seed):
     rng = random.Random(seed)
     run_dir = tmp_path / "spool" / "run"

@@ -236,6 +236,8 @@ def test_a_submission_error_fails_the_calls_when_no_task_is_left():
     machine.step([BatchAdded(0, [[0, 1]], 1)], 0)
     error = SubmissionError("sbatch: error: invalid partition")
     out = machine.step([SubmitFailed(0, error)], 0.1)
+    assert of(out, ClaimChunks) == [ClaimChunks(0, (0,))] and not of(out, Fail)
+    out = machine.step([ClaimsWon(0, (0,), (0,))], 0.2)  # (a warm task cannot join now)
     [fail] = of(out, Fail)
     assert fail.call_ids == (0, 1) and fail.failure.error is error
 

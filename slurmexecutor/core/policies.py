@@ -43,6 +43,9 @@ class _CoreState:
         def _fail_unfinished(self, task: Task, call_ids: list[int],
                              started: bool = True) -> None: ...
 
+        def _claim_then_fail(self, batch: Batch, chunks: tuple[int, ...],
+                             why: Task | Failure) -> None: ...
+
 
 class CancelPolicy(_CoreState):
     """`ex.cancel`: skip, stop (by the worker), withdraw unclaimed chunks; and the second
@@ -150,9 +153,9 @@ class WidthPolicy(_CoreState):
         batch.planned = batch.submitted  # no more attempts at scaling out
         batch.pending = None
         batch.submit_error = event.error
-        if not self._live(batch):
-            self._fail(batch, sorted(batch.open_calls),
-                       Failure(type(event.error), str(event.error), error=event.error))
+        if not self._live(batch) and batch.unclaimed:  # its chunks are the client's first:
+            self._claim_then_fail(batch, tuple(sorted(batch.unclaimed)), Failure(  # a warm
+                type(event.error), str(event.error), error=event.error))  # task may join
 
     def _submit_deferred(self, event: ev.SubmitDeferred, now: float) -> None:
         """A submission limit refused the tasks for now: ask again later, at most half as
