@@ -2,7 +2,8 @@
 run folder, where scripted array tasks claim chunks (the real O_EXCL claims), honour
 cancel files, write records with the real `RecordWriter`, go warm and join other batches
 (as the worker does: `end {"joined": B, "as": I}`, then a stream of their own in B), die,
-are scancelled, or are refused by sbatch. After every step: no cancelled call ran, and no call was failed while
+are requeued (a new attempt runs again what the earlier ones claimed), are scancelled,
+or are refused by sbatch. After every step: no cancelled call ran, and no call was failed while
 a task still runs it; at the end every call has exactly one verdict (every future ends).
 Seeds are fixed, so a failure replays."""
 
@@ -33,6 +34,8 @@ class ScriptedTask:
     array_index: int
     writer: spool.RecordWriter | None = None
     moved: bool = False  # it joined another batch: its process lives on there
+    attempt: int = 0  # Slurm requeued it this many times
+    claimed: list[int] = field(default_factory=list)  # chunks it claimed (all attempts)
     alive: bool = True  # the process runs (Slurm says RUNNING)
     finished: bool = False  # wrote its end record
     chunk: list[int] = field(default_factory=list)  # calls of its claimed chunk to run
@@ -119,9 +122,13 @@ class Model:
         """One move of a live task: start, run a call, claim a chunk, or end."""
         if task.writer is None:
             task.writer = spool.RecordWriter(
-                spool.stream_path(self.run_dir, task.batch, task.index, 0), self.key)
+                spool.stream_path(self.run_dir, task.batch, task.index, task.attempt), self.key)
             task.writer.write(("start", None, {"host": "h", "pid": 1, "job_id": task.job,
-                                               "array_index": task.array_index}))
+                                               "array_index": task.array_index,
+                                               "attempt": task.attempt}))
+            for chunk in task.claimed:  # requeued: first what earlier attempts claimed
+                task.writer.write(("claim", chunk, None))
+                task.chunk += self.chunks[task.batch][chunk]
             return
         if task.chunk:
             call_id = task.chunk.pop(0)
@@ -138,6 +145,7 @@ class Model:
             if claims.try_claim(folder / str(index), str(task.index)):
                 task.writer.write(("claim", index, None))
                 task.chunk = list(chunk)
+                task.claimed.append(index)
                 return
         if self.warm and self.join(task):
             return
@@ -196,7 +204,12 @@ def test_every_future_ends_under_random_task_behaviour(tmp_path, seed):
         if live and roll < 0.75:
             model.act(rng.choice(live))
         elif live and roll < 0.82:  # scancel or a crash: no end record
-            rng.choice(live).alive = False
+            victim = rng.choice(live)
+            if victim.writer is not None and not victim.moved and rng.random() < 0.3:
+                victim.writer, victim.chunk = None, []  # requeued by Slurm: it runs again
+                victim.attempt += 1  # as a new attempt (SLURM_RESTART_COUNT)
+            else:
+                victim.alive = False
         elif roll < 0.9:  # the user cancels a call
             call = rng.randrange(calls)
             model.cancelled.add(call)
