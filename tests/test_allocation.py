@@ -136,7 +136,8 @@ def test_auto_says_allocation_is_available_but_keeps_submitting(monkeypatch, cap
 
 CLIENT = '''
 import json, os, signal, subprocess, sys, time
-from slurmexecutor import SlurmExecutor, spool
+from slurmexecutor import SlurmExecutor
+from slurmexecutor.folder import spool
 
 OUT = sys.argv[2]
 MARK = os.path.join(os.path.dirname(OUT), "attempted")

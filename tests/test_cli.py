@@ -36,7 +36,8 @@ def run_client(tmp_path: Path, body: str) -> str:
     script = tmp_path / "client.py"
     script.write_text(textwrap.dedent(f"""
         import os, sys, time
-        from slurmexecutor import JobCancelledError, SlurmExecutor, spool
+        from slurmexecutor import JobCancelledError, SlurmExecutor
+        from slurmexecutor.folder import spool
 
         def wait_submitted(ex):
             # until the owner thread has submitted the batch (sbatch answered)

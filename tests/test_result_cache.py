@@ -87,7 +87,8 @@ def test_a_corrupt_entry_is_a_miss_with_a_warning(cached, caplog):
 
 CLIENT = textwrap.dedent("""
     import sys
-    from slurmexecutor import SlurmExecutor, spool
+    from slurmexecutor import SlurmExecutor
+    from slurmexecutor.folder import spool
 
     def step(x):
         return x + {increment}
