@@ -17,6 +17,11 @@ mounts the view of REAL at MNT in the foreground until SIGTERM, Ctrl-C or
 * A change made through MNT (by the client itself) is written through to REAL at once and
   shows through MNT at once, together with the current state of the paths it touched (the
   post-operation attributes an NFS server returns).
+* Close-to-open, as NFS keeps it (the default; ``--strict`` turns it off): opening a file
+  that its writer has closed since (its last change at REAL was a close after writing,
+  seen by inotify) shows its data and attributes as of that close at once, as an NFS
+  client's open revalidates them with the server. Listings, lookups of new names and
+  the files still open for writing keep lagging.
 * Everything else passes through: modes, owners, inode numbers, O_EXCL (decided at REAL,
   so a create fails with EEXIST when another writer made the name even if MNT does not
   show it yet), O_APPEND (appends at REAL's end), rename/replace, link, unlink, mkdir,
@@ -121,9 +126,12 @@ class View:
     Paths are the filesystem's own ("/" is REAL). Every method is called with ``lock`` held.
     """
 
-    def __init__(self, real: str, lag: float) -> None:
+    def __init__(self, real: str, lag: float, close_to_open: bool = True) -> None:
         self.real = real
         self.lag = lag
+        self.close_to_open = close_to_open
+        #: files whose last change at REAL was a close after writing (close-to-open)
+        self.closed: set[str] = set()
         self.lock = threading.RLock()
         self.history: dict[str, list[Snapshot]] = {}
         self.children: dict[str, set[str]] = {}  # folder -> names with a history
@@ -302,6 +310,10 @@ class Watcher(threading.Thread):
         if folder is None:
             return
         path = join(folder, name) if name else folder
+        if mask & IN_CLOSE_WRITE:
+            view.closed.add(path)
+        elif mask & (IN_MODIFY | IN_CREATE | IN_MOVED_TO | IN_DELETE | IN_MOVED_FROM):
+            view.closed.discard(path)
         if mask & (IN_MOVED_FROM | IN_DELETE) and mask & IN_ISDIR:
             if mask & IN_MOVED_FROM:
                 self.drop_tree(path)
@@ -516,7 +528,10 @@ class LagFS(BaseOperations):
 
     def open(self, path: str, flags: int) -> int:
         with self.mutex:
-            self._shown(path)
+            self._shown(path)  # a name not shown yet is not found: lookups lag
+            with self.view.lock:
+                if self.view.close_to_open and path in self.view.closed:
+                    self.view.touch(path)  # its writer closed it: fresh on open
             fd = os.open(self._real(path), (flags & ~(os.O_CREAT | os.O_EXCL)) | os.O_CLOEXEC)
             self.paths[fd] = path
             if flags & os.O_TRUNC:
@@ -572,6 +587,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("mount", type=Path, metavar="MNT", help="where to mount the view")
     parser.add_argument("--lag", type=float, default=2.0,
                         help="seconds before others' changes show (default 2)")
+    parser.add_argument("--strict", action="store_true",
+                        help="no close-to-open: reads of a file lag too after its writer "
+                             "closed it (stricter than NFS)")
     parser.add_argument("--pid-file", type=Path, help="write this process's pid here")
     parser.add_argument("--debug", action="store_true", help="log every FUSE request")
     return parser.parse_args(argv)
@@ -599,7 +617,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     os.umask(0)  # the kernel has applied the caller's umask to the modes it sends
-    view = View(real, args.lag)
+    view = View(real, args.lag, close_to_open=not args.strict)
     watcher = Watcher(view)
     with view.lock:
         watcher.add_tree("/", NEVER, NEVER)

@@ -125,6 +125,7 @@ class SlurmExecutor(CallMaker, Executor):
         max_batch: int = 10_000,
         poll_interval: float | None = None,
         result_grace: float | None = None,
+        close_to_open: bool = True,
         backups: bool = False,
         keep_alive: float = DEFAULT_KEEP_ALIVE,
         cache: bool | str | os.PathLike = False,
@@ -168,7 +169,7 @@ class SlurmExecutor(CallMaker, Executor):
             result_grace=result_grace if result_grace is not None else (
                 0.0 if local else DEFAULT_RESULT_GRACE),
             retry_on=frozenset(retry_on), max_retries=max_retries,
-            keep_alive=float(keep_alive)))
+            keep_alive=float(keep_alive), close_to_open=close_to_open))
         self._executor = self
         self._settings = Settings(
             resources=self.resources, python=python or sys.executable, setup=setup,

@@ -67,13 +67,16 @@ class Record:
 
 @dataclass(frozen=True)
 class StreamState:
-    """What the engine saw of a task's stream: a failed signature, or bytes of an
-    incomplete record at its end."""
+    """What the engine saw of a task's stream: a failed signature, bytes of an incomplete
+    record at its end, and whether it could be opened."""
 
     batch: int
     task: int
     error: str | None = None
     truncated: str | None = None
+    #: the stream was opened (it exists): once the task has ended, a later open shows
+    #: all it holds (NFS close-to-open), so no result_grace is needed to judge it
+    seen: bool = False
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from slurmexecutor.errors import (
     TaskFailedError,
     WorkerCrashedError,
 )
-from slurmexecutor.folder.diskio import EXIT_FULL, EXIT_NO_FOLDER
+from slurmexecutor.folder.diskio import EXIT_FULL, EXIT_NO_FOLDER, EXIT_NO_PYTHON, EXIT_SETUP
 from slurmexecutor.schedulers import TaskState
 
 #: Final states after which Slurm may requeue the task: settle them only when a second
@@ -35,6 +35,9 @@ class Config:
     vanish_grace: float = 5.0  # a task missing from the queue this long has left it
     keep_alive: float = 0.0  # idle tasks wait this long for another batch (warm.py)
     warm_wait: float = 1.0  # a new batch waits this long for a warm task to join it
+    #: the folder's filesystem shows a closed file's data on open (NFS): a seen stream
+    #: of an ended task is judged without result_grace
+    close_to_open: bool = True
 
 
 @dataclass(eq=False)
@@ -118,6 +121,7 @@ class Task:
     final_polls: int = 0
     error: str | None = None
     truncated: str | None = None
+    seen: bool = False  # its stream was opened once (StreamState.seen)
     verdicts: set[int] = field(default_factory=set)  # calls failed without a result
     linger_until: float = 0.0
     _ref: TaskRef | None = None
@@ -166,13 +170,21 @@ def task_failure(task: Task, started: bool, result_grace: float) -> Failure:
         if state.exit_code == EXIT_FULL:
             message += ("; it could not write to the run folder: the disk or your quota "
                         "is full (ENOSPC or EDQUOT; see the log)")
+        elif state.exit_code == EXIT_NO_PYTHON and task.worker is None:
+            message += ("; the batch script could not run the worker's interpreter (not "
+                        "found or not executable on the node: see python= and the log)")
+        elif state.exit_code == EXIT_SETUP and task.worker is None:
+            message += "; a setup= line failed before the worker started (see the log)"
         elif state.exit_code == EXIT_NO_FOLDER:
             message += ("; the compute node does not see the run folder: it is likely not "
                         "on a filesystem the compute nodes share (see the log)")
-        elif task.worker is None and not task.ended:
+        elif task.worker is None and not task.ended and not task.seen:
             message += ("; nothing of it reached the run folder (is the folder on a "
                         "filesystem the compute nodes share, with space left?)")
-        if not task.ended and state.exit_code not in (EXIT_FULL, EXIT_NO_FOLDER):
+        elif task.worker is None and not task.ended:
+            message += "; its worker never started (see the log)"
+        if not task.ended and not task.seen and state.exit_code not in (
+                EXIT_FULL, EXIT_NO_FOLDER, EXIT_NO_PYTHON, EXIT_SETUP):
             message += (f"; no result was seen within result_grace="
                         f"{result_grace:g} s of the end (if a shared "
                         "filesystem shows results late, raise result_grace)")

@@ -118,6 +118,7 @@ class Core(CancelPolicy, WidthPolicy, FailurePolicy, WarmJoins):
             if task is not None:
                 task.error = task.error or event.error
                 task.truncated = event.truncated
+                task.seen = task.seen or event.seen
         elif isinstance(event, ev.StreamsRead):
             self.scanned = max(self.scanned, event.started)
         elif isinstance(event, ev.StreamFound):  # a joiner not announced (attach)
@@ -297,9 +298,11 @@ class Core(CancelPolicy, WidthPolicy, FailurePolicy, WarmJoins):
         """Retire a task that has ended; fail (or retry) the claimed calls it left.
 
         Its stream is complete once its `end` record is read. Without one (the worker was
-        killed outright, or a shared filesystem shows the client its writes late), the
-        scheduler's final state counts only after `result_grace` s, and only on a read of
-        the folder that began after the client learned that state: late is not lost."""
+        killed outright), the scheduler's final state counts on a read of the folder that
+        began after the client learned that state: at once when the client had opened the
+        task's stream before (NFS close-to-open: an open after the writer closed it shows
+        all it wrote; the client creates each array task's stream when it submits), and
+        after `result_grace` s otherwise (a stream it never saw may be late, not lost)."""
         batch = task.batch
         if batch.backup and (task.error or task.ended or task.final):
             self._release_copies(task)
@@ -312,7 +315,8 @@ class Core(CancelPolicy, WidthPolicy, FailurePolicy, WarmJoins):
             if task.unresolved:
                 self._fail_unfinished(task, sorted(task.unresolved))
         elif task.final and self.scanned > task.final_since and (
-                task.killed or now - task.final_since >= self.config.result_grace) and (
+                task.killed or (task.seen and self.config.close_to_open)
+                or now - task.final_since >= self.config.result_grace) and (
                 task.final.state not in REQUEUEABLE or task.final_polls >= 2):
             if task.unresolved or batch.unclaimed:
                 batch.last_failed = task

@@ -14,6 +14,8 @@ from pathlib import Path
 #: a worker's exit codes for what the client should name: a full disk or quota, and a
 #: run folder the node does not see (ledger.task_failure turns them into advice)
 EXIT_FULL, EXIT_NO_FOLDER = 75, 76
+#: the batch script's own: the interpreter cannot be run (as bash's), a setup line failed
+EXIT_NO_PYTHON, EXIT_SETUP = 127, 78
 
 FULL = {errno.ENOSPC: "no space left on the device (ENOSPC)"}
 if hasattr(errno, "EDQUOT"):

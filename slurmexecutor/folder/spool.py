@@ -136,13 +136,14 @@ class RecordWriter:
 class StreamCursor:
     """How far the client has read one result stream."""
 
-    __slots__ = ("error", "offset", "path", "pending_bytes")
+    __slots__ = ("error", "offset", "opened", "path", "pending_bytes")
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.offset = 0
         self.pending_bytes = 0  # bytes after the last complete record
         self.error: str | None = None  # set once a record failed authentication
+        self.opened = False  # the stream was opened once: it exists (empty, maybe)
 
 
 def read_records(cursor: StreamCursor, key: bytes) -> list[tuple]:
@@ -165,6 +166,7 @@ def iter_records(cursor: StreamCursor, key: bytes) -> Iterator[tuple]:
         handle = open(cursor.path, "rb")  # noqa: SIM115  (closed below; a generator)
     except FileNotFoundError:
         return
+    cursor.opened = True
     with handle:
         size = os.fstat(handle.fileno()).st_size
         handle.seek(cursor.offset)

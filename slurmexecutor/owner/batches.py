@@ -28,7 +28,7 @@ import cloudpickle
 from slurmexecutor._log import log
 from slurmexecutor.errors import SerializationError, SubmissionError
 from slurmexecutor.folder import spool, warm
-from slurmexecutor.folder.diskio import named
+from slurmexecutor.folder.diskio import create_exclusive, named
 from slurmexecutor.folder.folders import writable_by_others
 from slurmexecutor.folder.sharing import SharedArguments, SharedObjects
 from slurmexecutor.schedulers import Backend
@@ -196,7 +196,9 @@ def submit_arrays(backend: Backend, settings: Settings, run_dir: Path, journal: 
                               job_name=job_name(journal["functions"]), python=settings.python,
                               throttle=throttle, setup=settings.setup,
                               sbatch_extra=settings.sbatch_extra)
-            script = spool.script_path(run_dir, number, offset)
+            for index in range(offset, offset + size):  # streams the client has seen from
+                create_exclusive(spool.stream_path(run_dir, number, index, 0), b"")
+            script = spool.script_path(run_dir, number, offset)  # the start (fast verdicts)
             text = render_script(settings.resources, spec)
             spool.write_atomic(script, spool.sign_script(script, key, text).encode())
             job_id = backend.submit_array(script, size, run_dir / "logs", throttle)

@@ -88,7 +88,7 @@ class StreamReader:
                     unread = True  # not a read of the folder the core may judge by
                 continue
             self._failing.pop(name, None)
-            if name not in self._cursors and (cursor.offset or cursor.error):
+            if name not in self._cursors and (cursor.opened or cursor.error):
                 self._cursors[name] = cursor  # it exists: follow it from now on
                 self._names.setdefault((batch, task), []).append(name)
             events += [Record(batch, task, kind, call_id, body)
@@ -96,7 +96,7 @@ class StreamReader:
             truncated = (f"{cursor.path} is truncated ({cursor.pending_bytes} bytes of an "
                          f"incomplete record at byte {cursor.offset})"
                          ) if cursor.pending_bytes else None
-            events.append(StreamState(batch, task, cursor.error, truncated))
+            events.append(StreamState(batch, task, cursor.error, truncated, cursor.opened))
         if not unread:
             events.append(StreamsRead(started))
         return events

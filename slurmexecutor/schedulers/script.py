@@ -14,6 +14,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from slurmexecutor.folder.diskio import EXIT_NO_PYTHON, EXIT_SETUP
 from slurmexecutor.folder.folders import UnsafeFolderError, ensure_private_dir
 
 #: keyword -> what it takes. Booleans become flags; `array_parallelism` becomes `%N`.
@@ -228,7 +229,15 @@ def render_script(resources: dict, spec: ScriptSpec) -> str:
     """The batch script: directives, setup lines, then exec into the worker."""
     lines = ["#!/bin/bash"]
     lines += [f"#SBATCH {option}" for option in sbatch_directives(resources, spec)]
-    lines += list(spec.setup)
+    if spec.setup:  # a failing setup line ends the task at once, naming the line
+        lines.append("trap 'echo \"slurmexecutor: a setup line failed (exit $?): "
+                     f"$BASH_COMMAND\" >&2; exit {EXIT_SETUP}' ERR")
+        lines += list(spec.setup)
+        lines.append("trap - ERR")
+    python = shlex.quote(spec.python)
+    lines.append(f"command -v {python} >/dev/null 2>&1 || {{ echo slurmexecutor: cannot run the "
+                 f'interpreter {python} on "$(hostname)": not found or not executable >&2; '
+                 f"exit {EXIT_NO_PYTHON}; }}")
     lines.append(f"export PYTHONPATH={shlex.quote(str(python_path_dir(spec.run_dir)))}"
                  '${PYTHONPATH:+:$PYTHONPATH}')
     task = f'$(( {spec.offset} + ${{SLURMEXECUTOR_TASK:-$SLURM_ARRAY_TASK_ID}} ))'

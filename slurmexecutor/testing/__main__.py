@@ -66,6 +66,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     start.add_argument("--mount", type=Path, metavar="MNT", help="where jobs and caller see REAL")
     start.add_argument("--lag", type=float, metavar="L",
                        help="seconds before the caller sees what jobs write under MNT (default 2)")
+    start.add_argument("--strict", action="store_true",
+                       help="with --lag: no close-to-open (data lags too, stricter than NFS)")
 
     for name, text in (
         ("down", "stop the cluster in DIR (safe to repeat)"),
@@ -96,7 +98,8 @@ def shared_of(args: argparse.Namespace) -> Shared | None:
             raise ClusterError("--lag needs --shared and --mount")
         return None
     lag = 2.0 if args.lag is None else args.lag
-    return Shared(args.shared.expanduser().resolve(), args.mount.expanduser().resolve(), lag)
+    return Shared(args.shared.expanduser().resolve(), args.mount.expanduser().resolve(), lag,
+                  args.strict)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

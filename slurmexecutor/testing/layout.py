@@ -40,13 +40,15 @@ def tail(path: Path, lines: int = 20) -> str:
 class Shared:
     """A shared folder REAL: at MNT for the jobs, and late at MNT for the caller (lagfs)."""
 
-    def __init__(self, real: Path, mount: Path, lag: float) -> None:
+    def __init__(self, real: Path, mount: Path, lag: float, strict: bool = False) -> None:
         self.real = real
         self.mount = mount
         self.lag = lag
+        self.strict = strict  # no close-to-open: data lags too (stricter than NFS)
 
     def to_json(self) -> str:
-        return json.dumps({"real": str(self.real), "mount": str(self.mount), "lag": self.lag})
+        return json.dumps({"real": str(self.real), "mount": str(self.mount), "lag": self.lag,
+                           "strict": self.strict})
 
 
 class Layout:
@@ -89,7 +91,8 @@ class Layout:
             data = json.loads(self.shared_settings.read_text())
         except (OSError, ValueError):
             return None
-        return Shared(Path(data["real"]), Path(data["mount"]), float(data["lag"]))
+        return Shared(Path(data["real"]), Path(data["mount"]), float(data["lag"]),
+                      bool(data.get("strict")))
 
     def export_line(self) -> str:
         return f"export SLURM_CONF={shlex.quote(str(self.conf))}"

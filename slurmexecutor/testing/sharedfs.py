@@ -77,6 +77,7 @@ def start_lagfs(layout: Layout, shared: Shared, timeout: float = 15.0) -> None:
     argv = [
         sys.executable, str(LAGFS), str(shared.real), str(shared.mount),
         "--lag", str(shared.lag), "--pid-file", str(layout.lagfs_pid),
+        *(["--strict"] if shared.strict else []),
     ]
     with open(os.devnull, "rb") as devnull, open(layout.lagfs_log, "ab") as out:
         proc = subprocess.Popen(argv, stdin=devnull, stdout=out, stderr=out, env=env,
