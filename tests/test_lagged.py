@@ -2,9 +2,12 @@
 
 A second Slurm cluster whose nodes write the run folder directly while this process (the
 "login node") sees their writes LAG seconds late, as through NFS's attribute and listing
-caches. Nothing may be failed while its result may merely be late; the fault matrix still
-gives each call its own outcome. Marked `lagged` (part of the default run; `-m "not
-lagged"` leaves it out). A smoke test runs with a 30 s lag.
+caches; a file its writer closed shows whole when opened (NFS close-to-open). Nothing may
+be failed while its result may merely be late, with the default settings; the fault
+matrix still gives each call its own outcome, and a task killed outright is judged in
+seconds, not after result_grace. Marked `lagged` (part of the default run; `-m "not
+lagged"` leaves it out). A smoke test runs with a 30 s lag on a stricter view (data lags
+too, no close-to-open) with `close_to_open=False`: the old rule, waiting result_grace.
 """
 
 from __future__ import annotations
@@ -57,18 +60,18 @@ def segfault():
 
 
 class LaggedCluster:
-    def __init__(self, root: Path, lag: float) -> None:
+    def __init__(self, root: Path, lag: float, strict: bool = False) -> None:
         self.dir, self.shared, self.mount = root / "cluster", root / "shared", root / "mnt"
         for path in (self.dir, self.shared, self.mount):
             path.mkdir(parents=True, exist_ok=True)
         os.chmod(self.shared, 0o700)
         cluster("up", self.dir, "--nodes", "2", "--cpus", "4", "--shared", str(self.shared),
-                "--mount", str(self.mount), "--lag", str(lag))
+                "--mount", str(self.mount), "--lag", str(lag), *(["--strict"] if strict else []))
         self.conf = str(self.dir / "slurm.conf")
 
     def executor(self, **options) -> SlurmExecutor:
+        """The default result_grace (60 s) and close_to_open."""
         options.setdefault("poll_interval", 0.5)
-        options.setdefault("result_grace", LAG + GRACE)
         return SlurmExecutor(self.mount / "spool", backend="slurm", **options)
 
     def down(self) -> None:
@@ -127,6 +130,21 @@ def test_scancel_and_time_limit(lagged):
             assert isinstance(future.exception(timeout=180), JobTimeoutError)
 
 
+def kill_my_task():
+    os.killpg(os.getpgid(0), signal.SIGKILL)
+
+
+def test_a_task_killed_outright_is_judged_in_seconds(lagged):
+    """SIGKILL of the whole task (no end record): failed on the first read of its
+    stream after Slurm's word, which close-to-open shows whole, not after result_grace."""
+    with lagged.executor() as ex:
+        doomed, kept = ex.submit(kill_my_task), ex.submit(inc, 1)
+        started = time.monotonic()
+        assert isinstance(doomed.exception(timeout=120), WorkerCrashedError)
+        assert time.monotonic() - started < LAG + GRACE  # not the 60 s grace
+        assert kept.result(timeout=120) == 2
+
+
 def test_node_loss_is_retried(lagged):
     """The node is set DOWN (Slurm kills its jobs: NODE_FAIL). Killing the node's daemons
     as tests/test_faults.py does ends the job FAILED in this topology instead."""
@@ -163,7 +181,7 @@ def test_client_killed_then_reattached(lagged, tmp_path):
     client.send_signal(signal.SIGKILL)
     client.wait()
     ex = SlurmExecutor.attach(run_id, lagged.mount / "spool", take_over=True,
-                              poll_interval=0.5, result_grace=LAG + GRACE)
+                              poll_interval=0.5)
     assert {c: f.result(timeout=180) for c, f in ex.futures.items()} == {
         i: i for i in range(9)}
     ex.shutdown()
@@ -175,11 +193,14 @@ def test_a_10000_call_map(lagged):
 
 
 def test_smoke_with_a_30_second_lag(tmp_path_factory, lagged):
-    """A lag longer than NFS's acregmin, with the default result_grace."""
-    slow = LaggedCluster(tmp_path_factory.mktemp("lag30"), 30.0)
+    """A lag longer than NFS's acregmin on a stricter view than NFS (data lags too: no
+    close-to-open), with close_to_open=False: every verdict waits the default
+    result_grace, and nothing is failed early."""
+    slow = LaggedCluster(tmp_path_factory.mktemp("lag30"), 30.0, strict=True)
     os.environ["SLURM_CONF"] = slow.conf
     try:
-        with SlurmExecutor(slow.mount / "spool", backend="slurm", poll_interval=1.0) as ex:
+        with SlurmExecutor(slow.mount / "spool", backend="slurm", poll_interval=1.0,
+                           close_to_open=False) as ex:
             futures = [ex.submit(inc, i) for i in range(10)] + [ex.submit(bad, 1)]
             assert [f.result(timeout=240) for f in futures[:10]] == list(range(1, 11))
             assert isinstance(futures[10].exception(timeout=240), ValueError)

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
 import pytest
 
+from slurmexecutor import SlurmExecutor
 from slurmexecutor.errors import RunInUseError
 from slurmexecutor.folder import lease, spool
 from slurmexecutor.reports import runs
@@ -180,3 +183,46 @@ def test_a_corrupt_lease_file_does_not_block_attach(tmp_path):
     holder = lease.Lease(run_dir)
     holder.acquire()
     assert lease.read_lease(run_dir)["token"] == holder.token
+
+
+def _client(folder: Path) -> tuple[subprocess.Popen, str]:
+    """A client in another process that holds a run (local backend) until killed."""
+    code = textwrap.dedent(f"""
+        import time
+        from slurmexecutor import SlurmExecutor
+        ex = SlurmExecutor({str(folder)!r}, backend="local", keep_alive=0)
+        print(ex.run_id, flush=True)
+        time.sleep(600)
+    """)
+    client = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                              stdin=subprocess.DEVNULL)
+    assert client.stdout is not None
+    return client, client.stdout.readline().strip()
+
+
+def test_attach_takes_over_a_client_provably_dead_on_this_host(tmp_path):
+    folder = tmp_path / "spool"
+    client, run_id = _client(folder)
+    try:
+        with pytest.raises(RunInUseError):  # alive: refused
+            SlurmExecutor.attach(run_id, folder)
+    finally:
+        client.send_signal(signal.SIGKILL)
+        client.wait()
+    record = lease.read_lease(folder / run_id)
+    assert time.time() - record["renewed"] < record["ttl"]  # the heartbeat is fresh
+    ex = SlurmExecutor.attach(run_id, folder)  # its process is gone: no take_over needed
+    ex.shutdown()
+
+
+def test_a_fresh_lease_held_on_another_host_is_still_refused(tmp_path):
+    folder = tmp_path / "spool"
+    client, run_id = _client(folder)
+    client.send_signal(signal.SIGKILL)
+    client.wait()
+    run_dir = folder / run_id
+    path = lease.epoch_path(run_dir, lease.newest_epoch(run_dir))
+    record = spool.read_json(path)
+    spool.write_json(path, {**record, "host": "another-host", "renewed": time.time()})
+    with pytest.raises(RunInUseError):
+        SlurmExecutor.attach(run_id, folder)

@@ -14,6 +14,12 @@ over, and written afterwards only by it. The newest epoch is the lease. A holder
 its own epoch's file after checking that no next epoch exists, so a renewal racing a
 take-over cannot undo it: the old holder sees the new epoch at its next renewal.
 
+The lease also says where its holder runs: host, boot id, pid namespace, pid and the
+process's start time. A holder on this host, in this boot and pid namespace, whose
+process is gone (or is another process with the same pid) is provably dead: its lease is
+not live, however fresh its heartbeat, and `attach` takes the run over without being
+told to. A holder elsewhere is judged by its heartbeat alone.
+
 A run without a lease file (written before leases existed) is live while the process
 named in its `run.json` runs on this host.
 """
@@ -28,6 +34,7 @@ from typing import Any
 
 from slurmexecutor.errors import RunInUseError
 from slurmexecutor.folder import spool
+from slurmexecutor.folder.procs import process_start
 
 LEASE_FILE = "lease"
 DEFAULT_TTL = 60.0  # a lease not renewed for this long is dead
@@ -91,7 +98,7 @@ class Lease:
 
     def _record(self, released: bool = False) -> dict[str, Any]:
         return {"host": self.host, "pid": self.pid, "token": self.token, "ttl": self.ttl,
-                "renewed": time.time(), "released": released}
+                "renewed": time.time(), "released": released, **where_am_i()}
 
     def _write(self, released: bool = False) -> None:
         spool.write_json(self.path, self._record(released))
@@ -136,10 +143,39 @@ def read_lease(run_dir: Path) -> dict[str, Any] | None:
     return record
 
 
+def where_am_i() -> dict[str, Any]:
+    """This process's boot id, pid namespace and start time (None where unknown)."""
+    try:
+        boot_id: str | None = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        boot_id = None
+    try:
+        pid_ns: str | None = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        pid_ns = None
+    return {"boot_id": boot_id, "pid_ns": pid_ns, "started": process_start(os.getpid())}
+
+
+def provably_dead(record: dict[str, Any]) -> bool:
+    """The holder ran on this host, in this boot and pid namespace, and its process is
+    gone (or the pid is another process now)."""
+    here = where_am_i()
+    if record.get("host") != socket.gethostname() or not record.get("boot_id") or (
+            record.get("boot_id") != here["boot_id"]):
+        return False  # elsewhere (or before a reboot of a host we cannot tell apart)
+    if record.get("pid_ns") != here["pid_ns"] or not isinstance(record.get("pid"), int):
+        return False
+    started = process_start(record["pid"])
+    return started is None or (record.get("started") is not None
+                               and started != record["started"])
+
+
 def is_live(record: dict[str, Any], now: float | None = None) -> bool:
-    """A lease record is live: not released and renewed less than its ttl ago."""
+    """A lease record is live: not released, renewed less than its ttl ago, and its
+    holder not provably dead."""
     now = time.time() if now is None else now
-    return not record.get("released") and now - record["renewed"] < record["ttl"]
+    return not record.get("released") and now - record["renewed"] < record["ttl"] and (
+        not provably_dead(record))
 
 
 def lease_live(run_dir: Path, now: float | None = None) -> bool:
