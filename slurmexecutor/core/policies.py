@@ -217,6 +217,30 @@ class FailurePolicy(_CoreState):
     """What becomes of the calls a task left without results: a retry, or the error
     that fits how the task ended."""
 
+    def _hand_back(self, task: Task, call_ids: list[int]) -> None:
+        """Calls a task claimed but never started, handed back before its time limit:
+        they run again elsewhere (a batch of their own, as a retry's) without using up a
+        retry; cancelled ones are failed as such."""
+        batch = task.batch
+        cancelled = [c for c in call_ids if c in self.doomed]
+        if cancelled:
+            self._fail(batch, cancelled, Failure(
+                JobCancelledError, "the call was cancelled", task.ref, "CANCELLED"))
+        call_ids = [c for c in call_ids if c not in self.doomed and c in batch.open_calls]
+        if not call_ids:
+            return
+        if self.cancelling:  # shutdown(cancel_futures=True): nothing new goes out
+            self._fail(batch, call_ids, Failure(
+                JobCancelledError, "the call was cancelled before it started", task.ref,
+                "CANCELLED"))
+            return
+        calls: dict[int, list[int]] = {}
+        for call_id in call_ids:
+            calls.setdefault(batch.chunk_of(call_id), []).append(call_id)
+            self._close(batch, call_id)
+        self._out.append(ev.Retry(batch.number, batch.attempt,
+                                  {k: tuple(v) for k, v in calls.items()}, "a time limit"))
+
     def _fail_unfinished(self, task: Task, call_ids: list[int], started: bool = True) -> None:
         """Calls a task left without results: retry them, or fail them with the error
         that fits how the task ended."""

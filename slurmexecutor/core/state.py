@@ -206,6 +206,9 @@ class Core(CancelPolicy, WidthPolicy, FailurePolicy, WarmJoins):
                 self._out.append(ev.WriteCancel(batch.number, chunk, done))
         elif kind == "limit":
             task.limit_notice = True
+        elif kind == "handback":  # near its time limit: calls it claimed but never started
+            self._hand_back(task, [c for c in record.body["calls"]
+                                   if batch.owner.get(c) is task])
         elif kind == "end":  # the last record of an attempt: its stream is complete
             task.ended = True
             joined = (record.body or {}).get("joined")

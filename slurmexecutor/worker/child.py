@@ -181,7 +181,9 @@ class ChildRunner:
             error: Exception | None = None  # unpickling runs user code, which may crash
             for offset in range(count):
                 if position >= first:
-                    if _ChildStop.requested:
+                    if _ChildStop.requested:  # the time limit is near: the calls not
+                        sup.out.write(("handback", None,  # started go to other tasks
+                                       {"calls": list(call_ids[position:])}))
                         return False
                     call_id = call_ids[position]
                     began = time.time()

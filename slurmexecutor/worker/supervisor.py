@@ -136,6 +136,8 @@ class Supervisor:
         self.joining: int | None = None
         self.done = False  # the child said it finished (DONE): its end is no crash
         self.stopping = False
+        self.stop_seen = 0.0  # when the time limit's warning came
+        self.handed_back = False  # the calls after the running one went back (handback)
         #: (chunk, position, call id) of a call this supervisor ended (`ex.cancel`)
         self.stopped: tuple[int, int, int] | None = None
         self._chunk_calls: dict[int, list[int]] = {}  # of the current batch
@@ -146,6 +148,7 @@ class Supervisor:
     def on_stop_signal(self, signum: int, frame: object) -> None:
         if not self.stopping:
             self.stopping = True
+            self.stop_seen = time.monotonic()
             self.out.write(("limit", None, {"time": time.time()}))
         if self.child_pid:
             os.kill(self.child_pid, STOP_SIGNAL)
@@ -232,6 +235,14 @@ class Supervisor:
             done, raw = os.waitpid(pid, os.WNOHANG)
             if done:
                 status = raw
+            elif self.stopping and not self.handed_back and (
+                    time.monotonic() >= self.stop_seen + 0.2):  # the child knows by now
+                while select.select([read_end], [], [], 0)[0]:  # where it is now
+                    data = os.read(read_end, 4096)
+                    if not data:
+                        break
+                    buffer = self._take_positions(buffer + data)
+                self._hand_back_rest()
             elif self.stopped is None and time.monotonic() >= next_look:
                 next_look = time.monotonic() + STOP_POLL
                 while select.select([read_end], [], [], 0)[0]:  # where it is now
@@ -274,6 +285,24 @@ class Supervisor:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+    def _hand_back_rest(self) -> None:
+        """Warned of the time limit: the calls of the chunk after the one running will not
+        start here; say so at once (`handback`), so they run elsewhere while this call
+        may still finish."""
+        self.handed_back = True
+        if self.position is None:
+            return
+        chunk, position = self.position
+        try:
+            calls = self._chunk_calls.get(chunk) or spool.read_blob(
+                spool.chunk_path(self.run_dir, self.batch, chunk), self.key)["calls"]
+        except Exception as error:  # noqa: BLE001  (the child hands them back itself)
+            print(f"slurmexecutor worker: chunk {chunk}: {error}", file=sys.stderr)
+            return
+        rest = list(calls if position == CLAIMED else calls[position + 1:])
+        if rest:
+            self.out.write(("handback", None, {"calls": rest}))
 
     def _after_stop(self, position: tuple[int, int] | None) -> tuple[int, int] | None:
         """After ending the child for a cancel: the cancelled call's record, and where
