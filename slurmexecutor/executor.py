@@ -222,9 +222,10 @@ class SlurmExecutor(CallMaker, Executor):
     # -- the Executor interface (submit, map, submit_many, options: calls.py) ---------
 
     def cancel(self, futures: Iterable[Future]) -> None:
-        """Cancel calls still in the window; stop the handed-over ones best effort: the
-        workers skip those not started, and tasks holding nothing else are killed. Those
-        futures then fail with JobCancelledError (or keep a result that came first)."""
+        """Cancel calls still in the window; stop the handed-over ones: the workers skip
+        those not started and end those running (cooperatively, within ~0.5 s; the task
+        carries on). Those futures then fail with JobCancelledError (or keep a result that
+        came first)."""
         call_ids: list[int] = []
         for future in futures:
             if future.done() or future.cancel():
