@@ -126,8 +126,8 @@ class ShutdownRequested:
     cancel_futures: bool
 
 
-Event = (BatchAdded | TasksSubmitted | SubmitFailed | SubmitDeferred | Record | StreamState | StreamsRead
-         | StreamFound | SchedulerAnswer | FinalAnswer | CancelRequested | ClaimsWon
+Event = (BatchAdded | TasksSubmitted | SubmitFailed | SubmitDeferred | Record | StreamState
+         | StreamsRead | StreamFound | SchedulerAnswer | FinalAnswer | CancelRequested | ClaimsWon
          | ShutdownRequested)
 
 # -- actions -----------------------------------------------------------------------------

@@ -13,8 +13,8 @@
 of its own, so every policy (when a task is settled, when a call is lost, retries,
 scale-out, cancellation) is unit-tested with plain values (tests/test_state.py). The
 engine (engine.py) is the only caller: one owner thread per executor. Cancelling, a
-batch's width, and retrying or failing unfinished calls live in policies.py (mixins
-of Core).
+batch's width, and retrying or failing unfinished calls are functions of the core's
+state in policies.py, warm joins in joins.py: `Core` owns all the state.
 """
 
 from __future__ import annotations
@@ -22,15 +22,14 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 
 from slurmexecutor.core import events as ev
+from slurmexecutor.core import joins, policies
 from slurmexecutor.core.events import Action, Event, Failure
-from slurmexecutor.core.joins import WarmJoins
 from slurmexecutor.core.ledger import REQUEUEABLE, Batch, Config, Submission, Task
-from slurmexecutor.core.policies import CancelPolicy, FailurePolicy, WidthPolicy
 from slurmexecutor.errors import CallLostError, IntegrityError
 from slurmexecutor.schedulers import TaskKey, TaskState, state_of
 
 
-class Core(CancelPolicy, WidthPolicy, FailurePolicy, WarmJoins):
+class Core:
     """Batches, tasks and calls, and every decision about them."""
 
     def __init__(self, config: Config) -> None:
@@ -100,11 +99,11 @@ class Core(CancelPolicy, WidthPolicy, FailurePolicy, WarmJoins):
             batch = self.batches.get(event.batch)
             if batch is not None:
                 self._add_tasks(batch, event.job_id, event.offset, event.size, now)
-                self._tasks_submitted(batch, event.offset, event.size, now)
+                policies.tasks_submitted(self, batch, event.offset, event.size, now)
         elif isinstance(event, ev.SubmitFailed):
-            self._submit_failed(event)
+            policies.submit_failed(self, event)
         elif isinstance(event, ev.SubmitDeferred):
-            self._submit_deferred(event, now)
+            policies.submit_deferred(self, event, now)
         elif isinstance(event, ev.Record):
             task = self.tasks.get((event.batch, event.task))
             if task is not None:
@@ -112,7 +111,7 @@ class Core(CancelPolicy, WidthPolicy, FailurePolicy, WarmJoins):
             elif (event.batch, event.task) in self.lingering:
                 self._on_late_record(self.lingering[(event.batch, event.task)], event)
             elif (event.batch, event.task) in self.following:
-                self._on_warm_record(self.following[(event.batch, event.task)], event, now)
+                joins.on_warm_record(self, self.following[(event.batch, event.task)], event, now)
         elif isinstance(event, ev.StreamState):
             task = self.tasks.get((event.batch, event.task))
             if task is not None:
@@ -124,19 +123,19 @@ class Core(CancelPolicy, WidthPolicy, FailurePolicy, WarmJoins):
         elif isinstance(event, ev.StreamFound):  # a joiner not announced (attach)
             batch = self.batches.get(event.batch)
             if batch is not None:
-                self._add_joiner(batch, event.task, None, None, now)  # ids from its start
+                joins.add_joiner(self, batch, event.task, None, None, now)  # ids from its start
         elif isinstance(event, ev.SchedulerAnswer):
             self._on_states(event.states, now)
         elif isinstance(event, ev.FinalAnswer):
             self._on_finals(event, now)
         elif isinstance(event, ev.CancelRequested):
-            self._cancel(event)
+            policies.cancel(self, event)
         elif isinstance(event, ev.ClaimsWon):
-            self._claims_won(event)
+            policies.claims_won(self, event)
         elif isinstance(event, ev.ShutdownRequested) and event.cancel_futures:
             # everything handed over so far: skip what has not started, kill nothing
             self.cancelling = True
-            self._cancel(ev.CancelRequested(frozenset(self.open_calls()), kill=False))
+            policies.cancel(self, ev.CancelRequested(frozenset(self.open_calls()), kill=False))
 
     def _add_batch(self, event: ev.BatchAdded, now: float) -> None:
         calls = {c for chunk in event.chunks for c in chunk}
@@ -161,7 +160,7 @@ class Core(CancelPolicy, WidthPolicy, FailurePolicy, WarmJoins):
             batch.pending.warm = True  # a warm task may take it: wait warm_wait for one
             batch.pending.due = now + self.config.warm_wait
         elif not event.arrays:
-            self._ask(batch)
+            policies.ask(self, batch)
 
     def _add_tasks(self, batch: Batch, job_id: str, offset: int, size: int,
                    now: float) -> None:
@@ -207,7 +206,7 @@ class Core(CancelPolicy, WidthPolicy, FailurePolicy, WarmJoins):
         elif kind == "limit":
             task.limit_notice = True
         elif kind == "handback":  # near its time limit: calls it claimed but never started
-            self._hand_back(task, [c for c in record.body["calls"]
+            policies.hand_back(self, task, [c for c in record.body["calls"]
                                    if batch.owner.get(c) is task])
         elif kind == "end":  # the last record of an attempt: its stream is complete
             task.ended = True
@@ -215,7 +214,7 @@ class Core(CancelPolicy, WidthPolicy, FailurePolicy, WarmJoins):
             if joined is None:
                 self.warm.pop((task.job_id or "", task.array_index or 0), None)
             elif joined in self.batches and record.body.get("as") is not None:
-                self._add_joiner(self.batches[joined], int(record.body["as"]), task.job_id,
+                joins.add_joiner(self, self.batches[joined], int(record.body["as"]), task.job_id,
                                  task.array_index, now)  # announced where the client looks
             task.killed = bool(record.body and record.body.get("signal"))
         elif record.call_id in batch.open_calls:  # later duplicates (requeues) are ignored
@@ -225,8 +224,9 @@ class Core(CancelPolicy, WidthPolicy, FailurePolicy, WarmJoins):
             other = batch.owner.get(call_id) if other is task else other
             self._close(batch, call_id)
             if other is not None and other is not task:
-                self._stop_copy(batch, other, call_id)
-            self._out.append(ev.Deliver(call_id, kind, record.body, task.ref, call_id in self.doomed))
+                policies.stop_copy(self, batch, other, call_id)
+            self._out.append(ev.Deliver(call_id, kind, record.body, task.ref,
+                                        call_id in self.doomed))
 
     def _on_late_record(self, task: Task, record: ev.Record) -> None:
         call_id = record.call_id
@@ -308,7 +308,7 @@ class Core(CancelPolicy, WidthPolicy, FailurePolicy, WarmJoins):
         after `result_grace` s otherwise (a stream it never saw may be late, not lost)."""
         batch = task.batch
         if batch.backup and (task.error or task.ended or task.final):
-            self._release_copies(task)
+            policies.release_copies(self, task)
         if task.error:
             self._fail(batch, sorted(task.unresolved), Failure(IntegrityError, task.error,
                                                                 task.ref))
@@ -316,7 +316,7 @@ class Core(CancelPolicy, WidthPolicy, FailurePolicy, WarmJoins):
             if task.limit_notice:  # to ask the scheduler about; a joiner that never started)
                 batch.last_failed = task  # stopped claiming at the time limit
             if task.unresolved:
-                self._fail_unfinished(task, sorted(task.unresolved))
+                policies.fail_unfinished(self, task, sorted(task.unresolved))
         elif task.final and self.scanned > task.final_since and (
                 task.killed or (task.seen and self.config.close_to_open)
                 or now - task.final_since >= self.config.result_grace) and (
@@ -328,9 +328,9 @@ class Core(CancelPolicy, WidthPolicy, FailurePolicy, WarmJoins):
                 task.linger_until = now + self.config.result_grace
                 self.lingering[task.key] = task
             if task.unresolved:
-                self._fail_unfinished(task, sorted(task.unresolved))
+                policies.fail_unfinished(self, task, sorted(task.unresolved))
             if not batch.steal and task.index in batch.unclaimed:  # nobody else may take it
-                self._claim_then_fail(batch, (task.index,), task)
+                policies.claim_then_fail(self, batch, (task.index,), task)
         else:
             return
         self.tasks.pop(task.key, None)
@@ -338,9 +338,10 @@ class Core(CancelPolicy, WidthPolicy, FailurePolicy, WarmJoins):
     def _settle_batch(self, batch: Batch, now: float) -> None:
         live = self._live(batch)
         if not batch.unclaimed and batch.submitted:  # nothing left for tasks yet to start
-            self._cancel_pending([t for t in live if not t.started])
+            policies.cancel_pending(self, [t for t in live if not t.started])
         if not batch.open_calls:  # all done: tasks that did not start are not needed
-            self._cancel_pending([t for t in live if not t.started and t.key in self.tasks])
+            policies.cancel_pending(self, [t for t in live
+                                           if not t.started and t.key in self.tasks])
             for task in live:
                 self.tasks.pop(task.key, None)
                 if self.config.keep_alive > 0 and task.started and not task.ended and (
@@ -361,34 +362,24 @@ class Core(CancelPolicy, WidthPolicy, FailurePolicy, WarmJoins):
             self._out.append(ev.BatchDone(batch.number, per_call))
             return
         if batch.pending is not None:
-            self._submit_when_due(batch, now)
+            policies.submit_when_due(self, batch, now)
             if batch.pending is not None:  # its tasks are still to come
                 return
         if not batch.unclaimed:
             return
         if batch.throttled and batch.first_start is not None and now >= batch.next_scale:
-            self._scale_out(batch, now)
+            policies.scale_out(self, batch, now)
         if not self._live(batch):  # nobody is left to claim them
             failed = batch.last_failed
             error = batch.submit_error
             if failed is None or error is not None:
-                self._claim_then_fail(batch, tuple(sorted(batch.unclaimed)), Failure(
+                policies.claim_then_fail(self, batch, tuple(sorted(batch.unclaimed)), Failure(
                     type(error), str(error), error=error) if error is not None else Failure(
                     CallLostError, "no array task of its batch was left to run this call"))
             else:
-                self._claim_then_fail(batch, tuple(sorted(batch.unclaimed)), failed)
+                policies.claim_then_fail(self, batch, tuple(sorted(batch.unclaimed)), failed)
 
     # -- helpers -------------------------------------------------------------------------
-
-    def _claim_then_fail(self, batch: Batch, chunks: tuple[int, ...],
-                         why: Task | Failure) -> None:
-        """The client claims chunks nobody is left to run; their calls fail (or are
-        retried, after `why`, the task that left them) only for the claims it wins
-        (ClaimsWon): a task that won one runs its calls, and they are not failed."""
-        batch.unclaimed.difference_update(chunks)
-        for chunk in chunks:
-            self.claim_then[(batch.number, chunk)] = why
-        self._out.append(ev.ClaimChunks(batch.number, chunks))
 
     def _watched(self) -> list[Task]:
         return [t for t in self.tasks.values()
