@@ -84,8 +84,6 @@ EXCLUDED: dict[str, str] = {
     "test_gh105829_should_not_deadlock_if_wakeup_pipe_full": "ProcessPoolExecutor's "
                                                              "wakeup pipe",
     "test_pending_calls_race": "ThreadPool only",
-    "test_free_reference": "the executor holds a weakref to test objects across "
-                           "processes; see tests/test_futures_end.py",
 }
 
 
