@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from concurrent.futures import Future
 
 import pytest
 
@@ -69,3 +70,28 @@ def test_without_close_to_open_the_grace_is_waited(make_executor, backend):
     started = time.monotonic()
     assert isinstance(doomed.exception(timeout=120), WorkerCrashedError)
     assert time.monotonic() - started >= 8.0
+
+
+def test_an_out_of_memory_verdict_names_the_memory_asked_for(tmp_path):
+    """Slurm's OUT_OF_MEMORY (the memory cgroup is not enforced on these test machines,
+    so the verdict is fed to the owner as the core would give it)."""
+    from slurmexecutor.core.events import Fail, Failure, TaskRef
+    from slurmexecutor.errors import OutOfMemoryError
+    from slurmexecutor.owner.engine import Engine
+    from slurmexecutor.owner.futures import FutureSink, SinkTable
+
+    engine = Engine.__new__(Engine)
+    engine.run_dir, engine.sinks, engine._cache_keys, engine._late_sinks = (
+        tmp_path, SinkTable(), {}, {})
+    engine.settings = type("S", (), {"resources": {"mem": "4G"}})()
+    engine._settings_of = {0: engine.settings}
+    future = Future()
+    future.call_ids = [7]
+    engine.sinks.add(FutureSink(future))
+    future.set_running_or_notify_cancel()
+    task = TaskRef(0, 0, "123", 4, 1)
+    engine._fail(Fail((7,), Failure(OutOfMemoryError, "the task ended (OUT_OF_MEMORY) before "
+                                    "this call finished", task, "OUT_OF_MEMORY")))
+    error = future.exception(timeout=0)
+    assert isinstance(error, OutOfMemoryError)
+    assert "asked for mem=4G" in str(error) and "sacct -j 123_4" in str(error)

@@ -15,6 +15,7 @@ owner (compare CPython's concurrent/futures/process.py, `_ExecutorManagerThread`
 
 from __future__ import annotations
 
+import dataclasses
 import queue
 import threading
 import time
@@ -27,6 +28,7 @@ from slurmexecutor.core.events import Action, Event
 from slurmexecutor.core.state import Core
 from slurmexecutor.errors import (
     JobCancelledError,
+    OutOfMemoryError,
     SlurmExecutorError,
     SubmissionDeferred,
     SubmissionError,
@@ -289,6 +291,9 @@ class Engine(LeaseAndEnd, Intake):
 
     def _fail(self, action: ev.Fail) -> None:
         failure = action.failure
+        if failure.error_type is OutOfMemoryError and failure.task is not None:
+            failure = dataclasses.replace(failure, message=outcomes.out_of_memory(
+                failure.message, self._settings(failure.task.batch).resources, failure.task))
         if failure.task is not None and issubclass(failure.error_type, TaskFailedError) and (
                 failure.error_type is not JobCancelledError):
             log.warning("job %s_%s: %d call(s) failed: %s", failure.task.job_id,

@@ -65,6 +65,16 @@ def decode(run_dir: Path, kind: str, call_id: int, body: Any, task: TaskRef,
     return False, IntegrityError(f"unknown record kind {kind!r} for call {call_id}")
 
 
+def out_of_memory(message: str, resources: dict, task: TaskRef) -> str:
+    """An OUT_OF_MEMORY verdict's message with the memory the task asked for, and where
+    to read what it used (accounting, where the cluster has it)."""
+    asked = resources.get("mem") or (f"{resources['mem_per_cpu']} per CPU" if resources.get(
+        "mem_per_cpu") else "the partition's default")
+    return (f"{message}; it asked for mem={asked}: raise mem=, and see "
+            f"what it used with `sacct -j {task.job_id}_{task.array_index} "
+            "--format=JobID,ReqMem,MaxRSS` where accounting is on")
+
+
 def failure_error(run_dir: Path, failure: Failure, call_id: int) -> BaseException:
     """The exception a call gets for a `Failure` decided by the core."""
     if failure.error is not None:
