@@ -116,33 +116,37 @@ class Scenario:
         if not self.shutdown_called.is_set():
             self.violation(f"{what} raised {error!r} before shutdown was called")
 
+    def accepted(self, what: str, make):
+        """`make()` (a submit, a map...), checked against shutdown: refused only after
+        shutdown was called, never accepted after it returned. None when refused."""
+        after = self.shutdown_returned.is_set()
+        try:
+            made = make()
+        except RuntimeError as error:
+            self.refused(what, error)
+            return None
+        if after:
+            self.violation(f"{what} accepted after shutdown returned")
+        return made
+
     def submit(self, rng: random.Random) -> None:
         for _ in range(rng.randint(1, 3)):
             key, x = f"s{next(self.counter)}", rng.randrange(1, 1000)
-            after = self.shutdown_returned.is_set()
-            try:
-                future = self.ex.submit(mark, str(self.markers), key, x)
-            except RuntimeError as error:
-                self.refused("submit", error)
+            future = self.accepted(f"submit {key}", lambda: self.ex.submit(
+                mark, str(self.markers), key, x))  # noqa: B023  (called at once)
+            if future is None:
                 return
-            if after:
-                self.violation(f"submit accepted after shutdown returned ({key})")
             with self.lock:
                 self.calls.append(Call(future, key, x))
 
     def submit_many(self, rng: random.Random) -> None:
         keys = [f"b{next(self.counter)}" for _ in range(rng.randint(1, 5))]
         xs = [rng.randrange(1, 1000) for _ in keys]
-        after = self.shutdown_returned.is_set()
-        try:
-            futures = self.ex.submit_many(mark, [(str(self.markers), k, x)
-                                                 for k, x in zip(keys, xs)],
-                                          chunksize=rng.choice([None, 1, 2]))
-        except RuntimeError as error:
-            self.refused("submit_many", error)
+        futures = self.accepted(f"submit_many {keys}", lambda: self.ex.submit_many(
+            mark, [(str(self.markers), k, x) for k, x in zip(keys, xs)],
+            chunksize=rng.choice([None, 1, 2])))
+        if futures is None:
             return
-        if after:
-            self.violation(f"submit_many accepted after shutdown returned ({keys})")
         with self.lock:
             self.calls += [Call(f, k, x) for f, k, x in zip(futures, keys, xs)]
         if rng.random() < 0.5:  # at once: the owner may not have taken the batch yet
@@ -154,16 +158,11 @@ class Scenario:
     def submit_view(self, rng: random.Random) -> None:
         """Through an `ex.options` view (other settings: a window and arrays of its own)."""
         key, x = f"v{next(self.counter)}", rng.randrange(1, 1000)
-        after = self.shutdown_returned.is_set()
-        try:
-            future = self.ex.options(setup=["true"]).submit(mark, str(self.markers), key, x)
-        except RuntimeError as error:
-            self.refused("a view's submit", error)
-            return
-        if after:
-            self.violation(f"a view's submit accepted after shutdown returned ({key})")
-        with self.lock:
-            self.calls.append(Call(future, key, x))
+        future = self.accepted(f"a view's submit {key}", lambda: self.ex.options(
+            setup=["true"]).submit(mark, str(self.markers), key, x))
+        if future is not None:
+            with self.lock:
+                self.calls.append(Call(future, key, x))
 
     def submit_dependent(self, rng: random.Random) -> None:
         """A call with another call's future as an argument."""
@@ -171,30 +170,21 @@ class Scenario:
         if not inputs:
             return
         key, x = f"d{next(self.counter)}", rng.randrange(1, 1000)
-        after = self.shutdown_returned.is_set()
-        try:
-            future = self.ex.submit(mark_after, str(self.markers), key, x, inputs[0].future)
-        except RuntimeError as error:
-            self.refused("a dependent submit", error)
-            return
-        if after:
-            self.violation(f"a dependent submit accepted after shutdown returned ({key})")
-        with self.lock:
-            self.calls.append(Call(future, key, x, inputs[0].future))
+        future = self.accepted(f"a dependent submit {key}", lambda: self.ex.submit(
+            mark_after, str(self.markers), key, x, inputs[0].future))
+        if future is not None:
+            with self.lock:
+                self.calls.append(Call(future, key, x, inputs[0].future))
 
     def map(self, rng: random.Random) -> None:
         n = rng.randint(1, 4)
         call = MapCall([f"m{next(self.counter)}" for _ in range(n)],
                        [rng.randrange(1, 1000) for _ in range(n)])
-        after = self.shutdown_returned.is_set()
-        try:
-            results = self.ex.map(mark, [str(self.markers)] * n, call.keys, call.xs,
-                                  timeout=HANG, chunksize=rng.choice([None, 1, 2]))
-        except RuntimeError as error:
-            self.refused("map", error)
+        results = self.accepted(f"map {call.keys}", lambda: self.ex.map(
+            mark, [str(self.markers)] * n, call.keys, call.xs, timeout=HANG,
+            chunksize=rng.choice([None, 1, 2])))
+        if results is None:
             return
-        if after:
-            self.violation(f"map accepted after shutdown returned ({call.keys})")
         with self.lock:
             self.maps.append(call)
         try:
