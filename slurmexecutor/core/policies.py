@@ -29,6 +29,7 @@ class _CoreState:
     doomed: set[int]
     claim_then: dict[tuple[int, int], Task | Failure]
     warm: dict[tuple[str, int], float]
+    warm_for: dict[tuple[str, int], str]
     cancelling: bool
     now: float
     _out: list[Action]
@@ -119,6 +120,17 @@ class CancelPolicy(_CoreState):
 class WidthPolicy(_CoreState):
     """How many tasks a batch gets: its array when no warm task takes it, and one more
     task per `horizon` s of measured work left."""
+
+    def warm_free(self, resources: str, now: float) -> int:
+        """Idle warm tasks of `resources` that no batch waits for yet: a window of that
+        key may go out at once (one of them takes it), instead of packing more calls."""
+        idle = sum(1 for key, until in self.warm.items()
+                   if until > now and self.warm_for.get(key) == resources)
+        if not idle:
+            return 0
+        awaiting = sum(1 for b in self.batches.values() if b.resources == resources and (
+            b.pending is not None and b.pending.warm and not self._live(b)))
+        return idle - awaiting
 
     def _ask(self, batch: Batch) -> None:
         """Ask for the batch's pending tasks (at most `cap` of them) in one sbatch."""

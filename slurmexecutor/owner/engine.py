@@ -131,14 +131,14 @@ class Engine(LeaseAndEnd, Intake):
                 flush, self._flush = self._flush, False  # before draining: none is lost
                 busy = self._drain()
                 now = time.monotonic()
-                if self._windows and (flush or self._stopping or now >= self._window_due()):
-                    self._launch_windows()
+                if self._windows:
+                    self._launch_due(flush or self._stopping, now)
                 busy |= self._read_streams()
                 busy |= self._step()
-                if self._flush and self._windows:  # e.g. calls whose inputs just ended
-                    self._flush = False
-                    self._launch_windows()
-                    busy |= self._step()
+                if self._windows:  # calls whose inputs just ended; a warm task went idle
+                    flush, self._flush = self._flush, False
+                    if self._launch_due(flush, time.monotonic()):
+                        busy |= self._step()
                 self._renew_lease(now)
                 if self._stopping and self.core.idle and not self._windows and (
                         not self._dependents and self._requests.empty()):
@@ -155,6 +155,18 @@ class Engine(LeaseAndEnd, Intake):
             self._abandon(SlurmExecutorError(f"the executor's owner thread failed: {error!r}"))
         finally:
             self._close()
+
+    def _launch_due(self, flush: bool, now: float) -> bool:
+        """Send out the windows that are due, all of them on `flush`; a window that an
+        idle warm task can take at once goes out now (a lone call waits for no window;
+        a burst still packs once the idle tasks have batches)."""
+        if flush or now >= self._window_due():
+            self._launch_windows()
+            return True
+        eager = [key for key in self._windows if self.core.warm_free(key, now) > 0]
+        for key in eager:
+            self._launch_window(self._windows.pop(key))
+        return bool(eager)
 
     def _step(self) -> bool:
         """Feed the pending events to the core and carry out its actions, until quiet."""
