@@ -35,7 +35,7 @@ SIGNAL = "batches"
 CLOSED = "closed"
 #: task indices of tasks that joined a batch start here (array tasks are below)
 JOIN_BASE = 1_000_000
-FIRST_POLL, MAX_POLL = 0.002, 0.1
+FIRST_POLL, MAX_POLL = 0.0005, 0.1
 #: `_joinable`'s verdict on a batch of other resources with work left: this task leaves,
 #: so that its CPUs go to that batch's array (`SlurmExecutor.options`)
 STEP_ASIDE = "step aside"

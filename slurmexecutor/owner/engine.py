@@ -32,7 +32,7 @@ from slurmexecutor.errors import (
     SubmissionError,
     TaskFailedError,
 )
-from slurmexecutor.folder import claims, spool, warm
+from slurmexecutor.folder import claims, spool
 from slurmexecutor.folder.lease import Lease
 from slurmexecutor.owner import outcomes
 from slurmexecutor.owner.batches import (
@@ -75,6 +75,9 @@ class Engine(LeaseAndEnd, Intake):
         #: submission windows, one per resource set (`SlurmExecutor.options`)
         self._windows: dict[str, Window] = {}
         self._journals: dict[int, dict] = {}
+        #: functions files already written, by the windows' function digests: a window
+        #: of the same functions refers to it (one file less per batch)
+        self._function_files: dict[tuple, str] = {}
         self._settings_of: dict[int, Settings] = {}  # live batches' resources etc.
         #: calls waiting for their input futures (dependencies.py), by call id
         self._dependents: dict[int, Dependent] = {}
@@ -143,7 +146,7 @@ class Engine(LeaseAndEnd, Intake):
                 if self._stopping and self.core.idle and not self._windows and (
                         not self._dependents and self._requests.empty()):
                     return
-                wait = 0.005 if busy else min(wait * 1.5, 0.05 if not self.core.idle else 1.0)
+                wait = 0.001 if busy else min(wait * 1.5, 0.05 if not self.core.idle else 1.0)
                 if self._windows:
                     wait = max(0.0, min(wait, self._window_due() - time.monotonic()))
                 self._wake.wait(wait)
@@ -185,7 +188,7 @@ class Engine(LeaseAndEnd, Intake):
 
     # -- batches -------------------------------------------------------------------------
 
-    def _launch(self, spec: BatchSpec, sinks: list[FutureSink] | None) -> None:
+    def _launch(self, spec: BatchSpec, sinks: list[FutureSink] | None) -> dict | None:
         """Write a batch and hand it to the core, which asks for its tasks. The sinks'
         futures are already RUNNING (a map's) or made so here. A retry (`sinks` None)
         keeps the sinks its calls have."""
@@ -196,7 +199,7 @@ class Engine(LeaseAndEnd, Intake):
             if len(kept) < len(sinks):
                 spec = without_calls(spec, {c for s in kept for c in s.call_ids})
                 if not spec.chunks:
-                    return
+                    return None
             for sink in kept:
                 self.sinks.add(sink)
         number, self.next_batch = self.next_batch, self.next_batch + 1
@@ -204,13 +207,12 @@ class Engine(LeaseAndEnd, Intake):
         call_ids = [c for chunk in spec.chunks for c in chunk.call_ids]
         settings = spec.settings or self.settings
         try:
-            journal = write_batch(self.run_dir, self.key, number, spec, throttled, settings)
-            if self.settings.keep_alive > 0:
-                warm.announce(self.run_dir, number)
+            journal = write_batch(self.run_dir, self.key, number, spec, throttled, settings,
+                                  announce=self.settings.keep_alive > 0)
         except Exception as error:  # noqa: BLE001  (disk full, ...): fail, do not hang
             failure = SubmissionError(f"could not write the batch: {error!r}")
             self._fail_now(tuple(call_ids), failure)
-            return
+            return None
         self._journals[number] = journal
         self._settings_of[number] = settings
         for index, chunk in enumerate(spec.chunks):
@@ -226,6 +228,7 @@ class Engine(LeaseAndEnd, Intake):
             number, [chunk.call_ids for chunk in spec.chunks], spec.planned, spec.steal,
             spec.attempt, settings.time_limit, throttled,
             resources=settings.resources_key()))
+        return journal
 
     def queue_event(self, event: Event) -> None:
         """For attach, before the owner starts: an event for its first round."""
