@@ -132,13 +132,31 @@ class WidthPolicy(_CoreState):
             b.pending is not None and b.pending.warm and not self._live(b)))
         return idle - awaiting
 
+    def may_start_wide(self, calls: int, measured: float | None) -> bool:
+        """Whether free slots would widen a new batch of `calls` calls whose functions
+        took `measured` task-seconds per call (None: never measured): the owner asks
+        the scheduler only then. Work measured cheap stays on one task."""
+        return measured is None or calls * measured > self.config.horizon
+
+    def _start_width(self, event: ev.BatchAdded) -> int:
+        """Tasks a throttled batch starts with: up to the free slots when its work is
+        not known to be cheap (never measured: all it planned; measured: one per
+        `horizon` s of it), else one; scale-out widens it from there."""
+        calls = sum(len(chunk) for chunk in event.chunks)
+        if event.free <= 1 or not self.may_start_wide(calls, event.measured):
+            return 1
+        wanted = event.planned if event.measured is None else math.ceil(
+            calls * event.measured / self.config.horizon)
+        return max(1, min(event.planned, event.free, wanted))
+
     def _ask(self, batch: Batch) -> None:
         """Ask for the batch's pending tasks (at most `cap` of them) in one sbatch."""
         pending = batch.pending
         assert pending is not None
         count = min(pending.left, pending.cap or pending.left)
         pending.asked, pending.warm = count, False
-        self._out.append(ev.SubmitTasks(batch.number, pending.next, count, batch.throttled))
+        self._out.append(ev.SubmitTasks(batch.number, pending.next, count, batch.throttled,
+                                        batch.throttle))
 
     def _tasks_submitted(self, batch: Batch, offset: int, size: int, now: float) -> None:
         """An array (part) went out. All of a capped request went out and more is left:

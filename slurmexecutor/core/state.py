@@ -143,7 +143,7 @@ class Core(CancelPolicy, WidthPolicy, FailurePolicy, WarmJoins):
         batch = Batch(event.batch, event.chunks, event.planned, event.steal, event.attempt,
                       event.time_limit, set(open_calls),
                       unclaimed=set(range(len(event.chunks))))
-        batch.throttle = 1 if event.throttled else event.planned
+        batch.throttle = self._start_width(event) if event.throttled else event.planned
         self.batches[batch.number] = batch
         for job_id, offset, size in event.arrays:
             self._add_tasks(batch, job_id, offset, size, now)
@@ -205,6 +205,8 @@ class Core(CancelPolicy, WidthPolicy, FailurePolicy, WarmJoins):
                 self._out.append(ev.WriteCancel(batch.number, chunk, done))
         elif kind == "limit":
             task.limit_notice = True
+        elif kind == "times" and record.body:  # a chunk's work, without start-up
+            batch.busy += max(0.0, record.body["end"] - record.body["start"])
         elif kind == "end":  # the last record of an attempt: its stream is complete
             task.ended = True
             joined = (record.body or {}).get("joined")
@@ -351,6 +353,8 @@ class Core(CancelPolicy, WidthPolicy, FailurePolicy, WarmJoins):
             started = sum(1 for t in batch.tasks if t.started)
             per_call = (now - batch.first_start) * started / batch.done if (
                 batch.done and batch.first_start is not None) else None
+            if per_call is not None and batch.busy:  # the chunks' own time, if read
+                per_call = min(per_call, batch.busy / batch.done)
             self._out.append(ev.BatchDone(batch.number, per_call))
             return
         if batch.pending is not None:

@@ -53,6 +53,9 @@ from slurmexecutor.owner.streams import StreamReader
 from slurmexecutor.owner.teardown import SHUT_DOWN, LeaseAndEnd, TakenOver, refuse
 from slurmexecutor.schedulers import Backend
 
+#: seconds the scheduler's idle-slot figure is used before it is asked again
+FREE_TTL = 5.0
+
 
 class Engine(LeaseAndEnd, Intake):
     """The owner thread and everything only it may touch."""
@@ -78,6 +81,8 @@ class Engine(LeaseAndEnd, Intake):
         #: functions files already written, by the windows' function digests: a window
         #: of the same functions refers to it (one file less per batch)
         self._function_files: dict[tuple, str] = {}
+        #: idle slots the scheduler reported, by resources key: (when asked, how many)
+        self._free: dict[str, tuple[float, int]] = {}
         self._settings_of: dict[int, Settings] = {}  # live batches' resources etc.
         #: calls waiting for their input futures (dependencies.py), by call id
         self._dependents: dict[int, Dependent] = {}
@@ -224,11 +229,29 @@ class Engine(LeaseAndEnd, Intake):
                     future._attempt = spec.attempt
                     if len(held.call_ids) > 1:  # a map chunk: one future for all
                         break
+        measured = self.cost.get(tuple(spec.names))
+        free = self._free_slots(settings) if throttled and spec.attempt == 1 and (
+            self.core.may_start_wide(len(call_ids), measured)) else 0
         self._events.append(ev.BatchAdded(
             number, [chunk.call_ids for chunk in spec.chunks], spec.planned, spec.steal,
             spec.attempt, settings.time_limit, throttled,
-            resources=settings.resources_key()))
+            resources=settings.resources_key(), free=free, measured=measured))
         return journal
+
+    def _free_slots(self, settings: Settings) -> int:
+        """Idle slots for these resources: one scheduler query per FREE_TTL s, less
+        what batches started since then may take."""
+        key, now = settings.resources_key(), time.monotonic()
+        asked, free = self._free.get(key, (float("-inf"), 0))
+        if now - asked > FREE_TTL:
+            try:
+                free = self.backend.idle_slots(settings.resources) or 0
+            except Exception as error:  # noqa: BLE001  (then the work alone widens it)
+                log.info("slurmexecutor: asking for idle CPUs failed: %s", error)
+                free = 0
+            asked = now
+        self._free[key] = (asked, 0)  # a batch started now may take them all
+        return free
 
     def queue_event(self, event: Event) -> None:
         """For attach, before the owner starts: an event for its first round."""
@@ -320,7 +343,7 @@ class Engine(LeaseAndEnd, Intake):
     def _submit_tasks(self, action: ev.SubmitTasks) -> None:
         arrays = submit_arrays(self.backend, self._settings(action.batch), self.run_dir,
                                self._journals[action.batch], action.first, action.count,
-                               action.throttled)
+                               action.throttled, action.width)
         submitted = action.first
         try:
             for job_id, offset, size in arrays:
