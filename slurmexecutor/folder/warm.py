@@ -3,7 +3,7 @@
     client (engine.py)                       a warm array task (worker.py)
     ------------------                       -----------------------------
     writes batch N, then <run>/batches = N   idle: an `idle` record, then opens
-      (one small file per run)                 <run>/batches, every 2 ms backing off to
+      (one small file per run)                 <run>/batches, every 0.5 ms backing off to
                                                0.1 s, for up to keep_alive s
     waits `warm_wait` s for a warm task      sees N: same resources and interpreter
       to join before it submits an array       (manifest's `resources` key) and chunks

@@ -228,6 +228,7 @@ def render_script(resources: dict, spec: ScriptSpec) -> str:
     """The batch script: directives, setup lines, then exec into the worker."""
     lines = ["#!/bin/bash"]
     lines += [f"#SBATCH {option}" for option in sbatch_directives(resources, spec)]
+    lines.append('export SLURMEXECUTOR_LAUNCHED="$EPOCHREALTIME"')  # start-up, measured
     lines += list(spec.setup)
     lines.append(f"export PYTHONPATH={shlex.quote(str(python_path_dir(spec.run_dir)))}"
                  '${PYTHONPATH:+:$PYTHONPATH}')
