@@ -61,7 +61,7 @@ class Outcome:
 
 #: the breakdown's columns: seconds, means over the tasks where per task
 PARTS = ["to sbatch", "queue tick", "interpreter", "imports", "reads", "idle in task",
-         "fold"]
+         "uneven end", "fold"]
 
 
 def breakdown(ex: SlurmExecutor, began: float, ended: float) -> dict[str, float]:
@@ -70,11 +70,12 @@ def breakdown(ex: SlurmExecutor, began: float, ended: float) -> dict[str, float]
     to the worker's `start` record (interpreter, slurmexecutor); the first call's extra
     time over the task's median call (imports: pysam; opening the BAM); the calls'
     time (reads); a task's time between its start and last chunk in no call (claims,
-    waiting); the last chunk's end to map_reduce's return (results read, the fold)."""
+    waiting); the last task's last chunk after the tasks' mean (uneven shares); the
+    last chunk's end to map_reduce's return (results read, the fold)."""
     arrays = {a["job_id"]: a["time"] for j in spool.read_journals(ex.run_dir)
               for a in j["arrays"]}
     rows: list[dict[str, float]] = []
-    last = began
+    ends: list[float] = []
     for _, _, path in spool.iter_streams(ex.run_dir):
         records = spool.read_records(spool.StreamCursor(path), ex.key)
         start = next((body for kind, _, body in records if kind == "start"), None)
@@ -88,14 +89,15 @@ def breakdown(ex: SlurmExecutor, began: float, ended: float) -> dict[str, float]
         submitted = arrays.get(str(start.get("job_id")))
         launched = start.get("launched") or start["time"]
         end = max(c["end"] for c in chunks)
-        last = max(last, end)
+        ends.append(end)
         rows.append({"queue tick": launched - submitted if submitted else 0.0,
                      "interpreter": start["time"] - launched, "imports": extra,
                      "reads": sum(calls) - extra,
                      "idle in task": end - start["time"] - sum(calls)})
     parts = {name: statistics.mean(r[name] for r in rows) for name in rows[0]} if rows else {}
     parts["to sbatch"] = min(arrays.values(), default=began) - began
-    parts["fold"] = ended - last
+    parts["uneven end"] = max(ends) - statistics.mean(ends) if ends else 0.0
+    parts["fold"] = ended - max(ends, default=began)
     return parts
 
 
