@@ -17,6 +17,8 @@ promoters together (2 x --genes). In one run, side by side:
 
 (b) and (c) run from cold: a new executor each time, timed from the map_reduce call to
 its result. The three Counters must be equal. Each figure is the median of --repeat runs.
+Then where (b)'s and (c)'s time went (`breakdown`): to sbatch, the queue's tick, the
+interpreter's start, imports (the first call's extra), reads, idle time in tasks, fold.
 """
 
 from __future__ import annotations
@@ -28,9 +30,10 @@ import statistics
 import sys
 import tempfile
 import time
+from array import array
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from _cluster import cluster_cpus, slurm_cluster
@@ -54,6 +57,48 @@ class Outcome:
     counts: Counter[str]
     seconds: float  # the counting only: no executor start-up or shutdown
     tasks: int = 0  # array tasks started (0: not run as an array)
+    parts: dict[str, float] = field(default_factory=dict)  # where the time went
+
+#: the breakdown's columns: seconds, means over the tasks where per task
+PARTS = ["to sbatch", "queue tick", "interpreter", "imports", "reads", "idle in task",
+         "uneven end", "fold"]
+
+
+def breakdown(ex: SlurmExecutor, began: float, ended: float) -> dict[str, float]:
+    """Where a run's time went, from its journals and streams (wall-clock seconds):
+    client to sbatch; sbatch to the batch script's start (the queue's tick); the script
+    to the worker's `start` record (interpreter, slurmexecutor); the first call's extra
+    time over the task's median call (imports: pysam; opening the BAM); the calls'
+    time (reads); a task's time between its start and last chunk in no call (claims,
+    waiting); the last task's last chunk after the tasks' mean (uneven shares); the
+    last chunk's end to map_reduce's return (results read, the fold)."""
+    arrays = {a["job_id"]: a["time"] for j in spool.read_journals(ex.run_dir)
+              for a in j["arrays"]}
+    rows: list[dict[str, float]] = []
+    ends: list[float] = []
+    for _, _, path in spool.iter_streams(ex.run_dir):
+        records = spool.read_records(spool.StreamCursor(path), ex.key)
+        start = next((body for kind, _, body in records if kind == "start"), None)
+        took = [list(array("f", body["took"])) for kind, _, body in records
+                if kind == "times"]
+        chunks = [body for kind, _, body in records if kind == "times"]
+        if not start or not chunks:
+            continue
+        calls = [t for part in took for t in part]
+        extra = max(0.0, calls[0] - statistics.median(calls)) if len(calls) > 1 else 0.0
+        submitted = arrays.get(str(start.get("job_id")))
+        launched = start.get("launched") or start["time"]
+        end = max(c["end"] for c in chunks)
+        ends.append(end)
+        rows.append({"queue tick": launched - submitted if submitted else 0.0,
+                     "interpreter": start["time"] - launched, "imports": extra,
+                     "reads": sum(calls) - extra,
+                     "idle in task": end - start["time"] - sum(calls)})
+    parts = {name: statistics.mean(r[name] for r in rows) for name in rows[0]} if rows else {}
+    parts["to sbatch"] = min(arrays.values(), default=began) - began
+    parts["uneven end"] = max(ends) - statistics.mean(ends) if ends else 0.0
+    parts["fold"] = ended - max(ends, default=began)
+    return parts
 
 
 Runner = Callable[[str, list[Region], Path], Outcome]
@@ -71,13 +116,13 @@ def run_map_reduce(backend: str, fractions: int, poll_interval: float | None) ->
     def run(bam: str, regions: list[Region], folder: Path) -> Outcome:
         ex = SlurmExecutor(folder, backend=backend, poll_interval=poll_interval)
         try:
-            started = time.perf_counter()
+            started, began = time.perf_counter(), time.time()
             counts = map_reduce(count_region_reads, regions, fractions, sum, bam, executor=ex)
-            seconds = time.perf_counter() - started
+            seconds, ended = time.perf_counter() - started, time.time()
         finally:
             ex.shutdown()
         started_tasks = {(batch, task) for batch, task, _ in spool.iter_streams(ex.run_dir)}
-        return Outcome(counts, seconds, len(started_tasks))
+        return Outcome(counts, seconds, len(started_tasks), breakdown(ex, began, ended))
 
     return run
 
@@ -121,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
             run_map_reduce("slurm", args.fractions, args.poll_interval),
     }
     times: dict[str, list[float]] = {name: [] for name in methods}
+    parts: dict[str, list[dict[str, float]]] = {name: [] for name in methods}
     tasks: dict[str, int] = {}
     reference: Counter[str] | None = None
     folder = Path(tempfile.mkdtemp(prefix="slxbench-reads-"))
@@ -132,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
                 for name, method in methods.items():
                     outcome = method(bam, regions, folder)
                     times[name].append(outcome.seconds)
+                    parts[name].append(outcome.parts)
                     tasks[name] = outcome.tasks
                     print(f"  round {round_}/{args.repeat}: {name}: {outcome.seconds:.2f} s",
                           file=sys.stderr, flush=True)
@@ -163,6 +210,11 @@ def main(argv: list[str] | None = None) -> int:
     print(table(["method", "tasks", "median s", "best s", "speed-up",
                  f"vs ideal {ideal:.2f} s", "/ideal"], rows))
     print(f"  ideal = serial / {cores} cores; the three Counters are equal.")
+    print("\nWhere the time went (s; medians over runs; per-task parts are means over tasks)")
+    print(table(["method", *PARTS], [
+        [name, *(f"{statistics.median(p.get(part, 0.0) for p in runs):.2f}"
+                 for part in PARTS)]
+        for name, runs in parts.items() if runs and runs[0]]))
     print(load_line())
     return 0
 

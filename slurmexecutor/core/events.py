@@ -28,6 +28,10 @@ class BatchAdded:
     arrays: tuple[tuple[str, int, int], ...] = ()  # (job id, offset, size) already out
     open_calls: frozenset[int] | None = None  # None: all of its calls
     resources: str = ""  # its resources key: only warm tasks of the same may join it
+    #: idle slots the scheduler reported for its resources (a cached query; 0: not
+    #: asked), and the task-seconds per call measured for its functions (None: never)
+    free: int = 0
+    measured: float | None = None
 
 
 @dataclass(frozen=True)
@@ -150,6 +154,7 @@ class SubmitTasks:
     first: int
     count: int
     throttled: bool
+    width: int = 1  # tasks at once while throttled (more when it starts wide)
 
 
 @dataclass(frozen=True)
@@ -256,9 +261,10 @@ class Claimed:
 @dataclass(frozen=True)
 class BatchDone:
     batch: int
-    #: task-seconds per call the batch cost at most (from its first task's start to its
-    #: last result, times the tasks that started), None when unknown: the next batch of
-    #: the same functions is chunked by it
+    #: task-seconds per call the batch cost: the seconds its tasks spent in chunks, or
+    #: at most its first task's start to its last result times the tasks that started;
+    #: None when unknown: the next batch of the same functions is chunked and started
+    #: (WidthPolicy) by it
     seconds_per_call: float | None = None
 
 

@@ -79,6 +79,7 @@ class Batch:
     submit_error: BaseException | None = None
     throttle: int = 1  # tasks allowed to run at once while throttled
     done: int = 0  # results read so far (the measure of the work's cost)
+    busy: float = 0.0  # seconds its tasks spent in chunks (their `times` records)
     next_scale: float = 0.0
     resources: str = ""  # the resources key of its tasks (warm tasks join only equal)
     pending: Submission | None = None  # tasks still to go out; None: all out, or refused

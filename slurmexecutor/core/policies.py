@@ -45,6 +45,37 @@ def release_copies(core: Core, task: Task) -> None:
             batch.owner[call_id] = other
             batch.backup.pop(call_id, None)
 
+def warm_free(core: Core, resources: str, now: float) -> int:
+    """Idle warm tasks of `resources` that no batch waits for yet: a window of that key
+    may go out at once (one of them takes it), instead of packing more calls."""
+    idle = sum(1 for key, until in core.warm.items()
+               if until > now and core.warm_for.get(key) == resources)
+    if not idle:
+        return 0
+    awaiting = sum(1 for b in core.batches.values() if b.resources == resources and (
+        b.pending is not None and b.pending.warm and not core._live(b)))
+    return idle - awaiting
+
+
+def may_start_wide(core: Core, calls: int, measured: float | None) -> bool:
+    """Whether free slots would widen a new batch of `calls` calls whose functions took
+    `measured` task-seconds per call (None: never measured): the owner asks the
+    scheduler only then. Work measured cheap stays on one task."""
+    return measured is None or calls * measured > core.config.horizon
+
+
+def start_width(core: Core, event: ev.BatchAdded) -> int:
+    """Tasks a throttled batch starts with: up to the free slots when its work is not
+    known to be cheap (never measured: all it planned; measured: one per `horizon` s of
+    it), else one; scale-out widens it from there."""
+    calls = sum(len(chunk) for chunk in event.chunks)
+    if event.free <= 1 or not may_start_wide(core, calls, event.measured):
+        return 1
+    wanted = event.planned if event.measured is None else math.ceil(
+        calls * event.measured / core.config.horizon)
+    return max(1, min(event.planned, event.free, wanted))
+
+
 
 def cancel(core: Core, event: ev.CancelRequested) -> None:
     """Cancel handed-over calls: workers skip those not started and (with `kill`) stop
@@ -120,7 +151,8 @@ def ask(core: Core, batch: Batch) -> None:
     assert pending is not None
     count = min(pending.left, pending.cap or pending.left)
     pending.asked, pending.warm = count, False
-    core._out.append(ev.SubmitTasks(batch.number, pending.next, count, batch.throttled))
+    core._out.append(ev.SubmitTasks(batch.number, pending.next, count, batch.throttled,
+                                    batch.throttle))
 
 
 def tasks_submitted(core: Core, batch: Batch, offset: int, size: int, now: float) -> None:

@@ -19,14 +19,13 @@ state in policies.py, warm joins in joins.py: `Core` owns all the state.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 
+from slurmexecutor.core import answers, joins, policies
 from slurmexecutor.core import events as ev
-from slurmexecutor.core import joins, policies
 from slurmexecutor.core.events import Action, Event, Failure
 from slurmexecutor.core.ledger import REQUEUEABLE, Batch, Config, Submission, Task
 from slurmexecutor.errors import CallLostError, IntegrityError
-from slurmexecutor.schedulers import TaskKey, TaskState, state_of
 
 
 class Core:
@@ -73,6 +72,14 @@ class Core:
     @property
     def idle(self) -> bool:
         return not self.batches
+
+    def warm_free(self, resources: str, now: float) -> int:
+        """Idle warm tasks of `resources` no batch waits for (policies.warm_free)."""
+        return policies.warm_free(self, resources, now)
+
+    def may_start_wide(self, calls: int, measured: float | None) -> bool:
+        """Whether free slots could widen such a batch (policies.may_start_wide)."""
+        return policies.may_start_wide(self, calls, measured)
 
     def to_read(self) -> ev.ReadStreams | None:
         """What the owner reads this round: live tasks, settled ones still awaited
@@ -125,9 +132,9 @@ class Core:
             if batch is not None:
                 joins.add_joiner(self, batch, event.task, None, None, now)  # ids from its start
         elif isinstance(event, ev.SchedulerAnswer):
-            self._on_states(event.states, now)
+            answers.on_states(self, event.states, now)
         elif isinstance(event, ev.FinalAnswer):
-            self._on_finals(event, now)
+            answers.on_finals(self, event, now)
         elif isinstance(event, ev.CancelRequested):
             policies.cancel(self, event)
         elif isinstance(event, ev.ClaimsWon):
@@ -143,7 +150,8 @@ class Core:
         batch = Batch(event.batch, event.chunks, event.planned, event.steal, event.attempt,
                       event.time_limit, set(open_calls),
                       unclaimed=set(range(len(event.chunks))))
-        batch.throttle = 1 if event.throttled else event.planned
+        batch.throttle = policies.start_width(self, event) if event.throttled else (
+            event.planned)
         self.batches[batch.number] = batch
         for job_id, offset, size in event.arrays:
             self._add_tasks(batch, job_id, offset, size, now)
@@ -208,6 +216,8 @@ class Core:
         elif kind == "handback":  # near its time limit: calls it claimed but never started
             policies.hand_back(self, task, [c for c in record.body["calls"]
                                    if batch.owner.get(c) is task])
+        elif kind == "times" and record.body:  # a chunk's work, without start-up
+            batch.busy += max(0.0, record.body["end"] - record.body["start"])
         elif kind == "end":  # the last record of an attempt: its stream is complete
             task.ended = True
             joined = (record.body or {}).get("joined")
@@ -239,42 +249,6 @@ class Core:
                     self._close(batch, call_id)
             self._out.append(ev.Deliver(call_id, record.kind, record.body, task.ref,
                                      call_id in self.doomed, late=True))
-
-    def _on_states(self, states: Mapping[TaskKey, TaskState], now: float) -> None:
-        vanished: list[Task] = []
-        states = dict(states)  # once, not per task
-        for task in self._watched():
-            state = state_of(states, task.job_id, task.array_index)
-            if state is None:
-                if now - task.registered > 2 * self.config.poll_interval + (
-                        self.config.vanish_grace):
-                    vanished.append(task)
-            elif state.final:
-                if task.final is None:
-                    task.final, task.final_since = state, now
-                task.final_polls += 1
-            else:
-                if task.final is not None:  # requeued: pending or running again
-                    task.final, task.final_polls = None, 0
-                    if task.killed:  # the end record was its killed attempt's
-                        task.ended = task.killed = False
-                task.started = task.started or state.running
-        if vanished:
-            self._out.append(ev.QueryFinal(
-                tuple(t.key for t in vanished),
-                tuple((t.job_id or "", t.array_index or 0) for t in vanished),
-                {t.key: t.worker for t in vanished if t.worker is not None}))
-
-    def _on_finals(self, event: ev.FinalAnswer, now: float) -> None:
-        for key in event.tasks:
-            task = self.tasks.get(key)
-            if task is None or key in event.alive:
-                continue  # settled meanwhile, or its worker still runs (local)
-            if task.final is None:
-                job_key = (task.job_id or "", task.array_index or 0)
-                task.final = event.finals.get(job_key, TaskState("UNKNOWN"))
-                task.final_since = now
-            task.final_polls += 2  # gone from the queue: it will not come back
 
     # -- the clock -----------------------------------------------------------------------
 
@@ -359,6 +333,8 @@ class Core:
             started = sum(1 for t in batch.tasks if t.started)
             per_call = (now - batch.first_start) * started / batch.done if (
                 batch.done and batch.first_start is not None) else None
+            if per_call is not None and batch.busy:  # the chunks' own time, if read
+                per_call = min(per_call, batch.busy / batch.done)
             self._out.append(ev.BatchDone(batch.number, per_call))
             return
         if batch.pending is not None:

@@ -3,7 +3,7 @@
     client (engine.py)                       a warm array task (worker.py)
     ------------------                       -----------------------------
     writes batch N, then <run>/batches = N   idle: an `idle` record, then opens
-      (one small file per run)                 <run>/batches, every 2 ms backing off to
+      (one small file per run)                 <run>/batches, every 0.5 ms backing off to
                                                0.1 s, for up to keep_alive s
     waits `warm_wait` s for a warm task      sees N: same resources and interpreter
       to join before it submits an array       (manifest's `resources` key) and chunks
@@ -35,7 +35,7 @@ SIGNAL = "batches"
 CLOSED = "closed"
 #: task indices of tasks that joined a batch start here (array tasks are below)
 JOIN_BASE = 1_000_000
-FIRST_POLL, MAX_POLL = 0.002, 0.1
+FIRST_POLL, MAX_POLL = 0.0005, 0.1
 #: `_joinable`'s verdict on a batch of other resources with work left: this task leaves,
 #: so that its CPUs go to that batch's array (`SlurmExecutor.options`)
 STEP_ASIDE = "step aside"

@@ -132,12 +132,15 @@ def job_name(names: list[str]) -> str:
 
 
 def write_batch(run_dir: Path, key: bytes, number: int, spec: BatchSpec,
-                throttled: bool, settings: Settings | None = None) -> dict:
-    """Write functions, manifest, chunks and journal; return the journal. If a write
+                throttled: bool, settings: Settings | None = None,
+                announce: bool = False) -> dict:
+    """Write functions, manifest, chunks and journal; return the journal. With
+    `announce`, warm tasks are told of the batch before its journal is written (they
+    need only the rest: the journal is off their path). If a write
     fails (a full disk: the error names ENOSPC or EDQUOT), the batch's files are removed
     again, so a failed batch does not keep filling the disk."""
     try:
-        return _write_batch(run_dir, key, number, spec, throttled, settings)
+        return _write_batch(run_dir, key, number, spec, throttled, settings, announce)
     except BaseException as error:
         shutil.rmtree(spool.batch_dir(run_dir, number), ignore_errors=True)
         spool.journal_path(run_dir, number).unlink(missing_ok=True)
@@ -147,7 +150,7 @@ def write_batch(run_dir: Path, key: bytes, number: int, spec: BatchSpec,
 
 
 def _write_batch(run_dir: Path, key: bytes, number: int, spec: BatchSpec,
-                 throttled: bool, settings: Settings | None) -> dict:
+                 throttled: bool, settings: Settings | None, announce: bool) -> dict:
     spool.make_batch_dir(run_dir, number)
     if isinstance(spec.functions, str):
         functions_file = spec.functions
@@ -170,6 +173,8 @@ def _write_batch(run_dir: Path, key: bytes, number: int, spec: BatchSpec,
     for index, chunk in enumerate(spec.chunks):
         spool.write_blob(spool.chunk_path(run_dir, number, index), key, {
             "calls": chunk.call_ids, "parts": chunk.parts})
+    if announce:
+        warm.announce(run_dir, number)
     journal = {
         "batch": number, "kind": spec.kind, "created": time.time(), "functions": spec.names,
         "functions_file": functions_file, "shared_file": shared_file,
@@ -183,12 +188,13 @@ def _write_batch(run_dir: Path, key: bytes, number: int, spec: BatchSpec,
 
 
 def submit_arrays(backend: Backend, settings: Settings, run_dir: Path, journal: dict,
-                  first: int, count: int, throttled: bool) -> Iterator[tuple[str, int, int]]:
+                  first: int, count: int, throttled: bool,
+                  width: int = 1) -> Iterator[tuple[str, int, int]]:
     """Submit tasks first..first+count-1 as arrays cut at MaxArraySize, each recorded in
     the journal as it goes out; yield (job id, offset, size). Raises SubmissionError."""
     number, offset, end = journal["batch"], first, first + count
     key = spool.load_key(run_dir.parent)  # scripts and journals are signed
-    throttle = 1 if throttled else settings.resources.get("array_parallelism")
+    throttle = max(1, width) if throttled else settings.resources.get("array_parallelism")
     while offset < end:
         try:
             size = min(backend.max_array_size(), end - offset)

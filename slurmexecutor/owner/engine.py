@@ -34,7 +34,7 @@ from slurmexecutor.errors import (
     SubmissionError,
     TaskFailedError,
 )
-from slurmexecutor.folder import claims, spool, warm
+from slurmexecutor.folder import claims, spool
 from slurmexecutor.folder.lease import Lease
 from slurmexecutor.owner import outcomes
 from slurmexecutor.owner.batches import (
@@ -54,6 +54,9 @@ from slurmexecutor.owner.intake import Intake
 from slurmexecutor.owner.streams import StreamReader
 from slurmexecutor.owner.teardown import SHUT_DOWN, LeaseAndEnd, TakenOver, refuse
 from slurmexecutor.schedulers import Backend
+
+#: seconds the scheduler's idle-slot figure is used before it is asked again
+FREE_TTL = 5.0
 
 
 class Engine(LeaseAndEnd, Intake):
@@ -77,6 +80,11 @@ class Engine(LeaseAndEnd, Intake):
         #: submission windows, one per resource set (`SlurmExecutor.options`)
         self._windows: dict[str, Window] = {}
         self._journals: dict[int, dict] = {}
+        #: functions files already written, by the windows' function digests: a window
+        #: of the same functions refers to it (one file less per batch)
+        self._function_files: dict[tuple, str] = {}
+        #: idle slots the scheduler reported, by resources key: (when asked, how many)
+        self._free: dict[str, tuple[float, int]] = {}
         self._settings_of: dict[int, Settings] = {}  # live batches' resources etc.
         #: calls waiting for their input futures (dependencies.py), by call id
         self._dependents: dict[int, Dependent] = {}
@@ -133,19 +141,19 @@ class Engine(LeaseAndEnd, Intake):
                 flush, self._flush = self._flush, False  # before draining: none is lost
                 busy = self._drain()
                 now = time.monotonic()
-                if self._windows and (flush or self._stopping or now >= self._window_due()):
-                    self._launch_windows()
+                if self._windows:
+                    self._launch_due(flush or self._stopping, now)
                 busy |= self._read_streams()
                 busy |= self._step()
-                if self._flush and self._windows:  # e.g. calls whose inputs just ended
-                    self._flush = False
-                    self._launch_windows()
-                    busy |= self._step()
+                if self._windows:  # calls whose inputs just ended; a warm task went idle
+                    flush, self._flush = self._flush, False
+                    if self._launch_due(flush, time.monotonic()):
+                        busy |= self._step()
                 self._renew_lease(now)
                 if self._stopping and self.core.idle and not self._windows and (
                         not self._dependents and self._requests.empty()):
                     return
-                wait = 0.005 if busy else min(wait * 1.5, 0.05 if not self.core.idle else 1.0)
+                wait = 0.001 if busy else min(wait * 1.5, 0.05 if not self.core.idle else 1.0)
                 if self._windows:
                     wait = max(0.0, min(wait, self._window_due() - time.monotonic()))
                 self._wake.wait(wait)
@@ -157,6 +165,18 @@ class Engine(LeaseAndEnd, Intake):
             self._abandon(SlurmExecutorError(f"the executor's owner thread failed: {error!r}"))
         finally:
             self._close()
+
+    def _launch_due(self, flush: bool, now: float) -> bool:
+        """Send out the windows that are due, all of them on `flush`; a window that an
+        idle warm task can take at once goes out now (a lone call waits for no window;
+        a burst still packs once the idle tasks have batches)."""
+        if flush or now >= self._window_due():
+            self._launch_windows()
+            return True
+        eager = [key for key in self._windows if self.core.warm_free(key, now) > 0]
+        for key in eager:
+            self._launch_window(self._windows.pop(key))
+        return bool(eager)
 
     def _step(self) -> bool:
         """Feed the pending events to the core and carry out its actions, until quiet."""
@@ -175,7 +195,7 @@ class Engine(LeaseAndEnd, Intake):
 
     # -- batches -------------------------------------------------------------------------
 
-    def _launch(self, spec: BatchSpec, sinks: list[FutureSink] | None) -> None:
+    def _launch(self, spec: BatchSpec, sinks: list[FutureSink] | None) -> dict | None:
         """Write a batch and hand it to the core, which asks for its tasks. The sinks'
         futures are already RUNNING (a map's) or made so here. A retry (`sinks` None)
         keeps the sinks its calls have."""
@@ -186,7 +206,7 @@ class Engine(LeaseAndEnd, Intake):
             if len(kept) < len(sinks):
                 spec = without_calls(spec, {c for s in kept for c in s.call_ids})
                 if not spec.chunks:
-                    return
+                    return None
             for sink in kept:
                 self.sinks.add(sink)
         number, self.next_batch = self.next_batch, self.next_batch + 1
@@ -194,13 +214,12 @@ class Engine(LeaseAndEnd, Intake):
         call_ids = [c for chunk in spec.chunks for c in chunk.call_ids]
         settings = spec.settings or self.settings
         try:
-            journal = write_batch(self.run_dir, self.key, number, spec, throttled, settings)
-            if self.settings.keep_alive > 0:
-                warm.announce(self.run_dir, number)
+            journal = write_batch(self.run_dir, self.key, number, spec, throttled, settings,
+                                  announce=self.settings.keep_alive > 0)
         except Exception as error:  # noqa: BLE001  (disk full, ...): fail, do not hang
             failure = SubmissionError(f"could not write the batch: {error!r}")
             self._fail_now(tuple(call_ids), failure)
-            return
+            return None
         self._journals[number] = journal
         self._settings_of[number] = settings
         for index, chunk in enumerate(spec.chunks):
@@ -212,10 +231,29 @@ class Engine(LeaseAndEnd, Intake):
                     future._attempt = spec.attempt
                     if len(held.call_ids) > 1:  # a map chunk: one future for all
                         break
+        measured = self.cost.get(tuple(spec.names))
+        free = self._free_slots(settings) if throttled and spec.attempt == 1 and (
+            self.core.may_start_wide(len(call_ids), measured)) else 0
         self._events.append(ev.BatchAdded(
             number, [chunk.call_ids for chunk in spec.chunks], spec.planned, spec.steal,
             spec.attempt, settings.time_limit, throttled,
-            resources=settings.resources_key()))
+            resources=settings.resources_key(), free=free, measured=measured))
+        return journal
+
+    def _free_slots(self, settings: Settings) -> int:
+        """Idle slots for these resources: one scheduler query per FREE_TTL s, less
+        what batches started since then may take."""
+        key, now = settings.resources_key(), time.monotonic()
+        asked, free = self._free.get(key, (float("-inf"), 0))
+        if now - asked > FREE_TTL:
+            try:
+                free = self.backend.idle_slots(settings.resources) or 0
+            except Exception as error:  # noqa: BLE001  (then the work alone widens it)
+                log.info("slurmexecutor: asking for idle CPUs failed: %s", error)
+                free = 0
+            asked = now
+        self._free[key] = (asked, 0)  # a batch started now may take them all
+        return free
 
     def queue_event(self, event: Event) -> None:
         """For attach, before the owner starts: an event for its first round."""
@@ -310,7 +348,7 @@ class Engine(LeaseAndEnd, Intake):
     def _submit_tasks(self, action: ev.SubmitTasks) -> None:
         arrays = submit_arrays(self.backend, self._settings(action.batch), self.run_dir,
                                self._journals[action.batch], action.first, action.count,
-                               action.throttled)
+                               action.throttled, action.width)
         submitted = action.first
         try:
             for job_id, offset, size in arrays:

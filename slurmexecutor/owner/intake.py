@@ -44,6 +44,7 @@ class Intake:
     cache: CallCache | None
     _cache_keys: dict[int, str]  # calls whose results are to be cached
     _events: list[ev.Event]
+    _function_files: dict[tuple, str]
     _stopping: bool
     _flush: bool
 
@@ -53,7 +54,7 @@ class Intake:
     def is_owner_thread(self) -> bool:
         raise NotImplementedError
 
-    def _launch(self, spec: BatchSpec, sinks: list[FutureSink] | None) -> None:
+    def _launch(self, spec: BatchSpec, sinks: list[FutureSink] | None) -> dict | None:
         raise NotImplementedError
 
     def _window_due(self) -> float:
@@ -200,6 +201,12 @@ class Intake:
             group = calls[start:start + size]
             chunks.append(Chunk([r.future.call_id for r in group],
                                 [(window.index[r.fn_key], r.arguments, 1) for r in group]))
-        spec = BatchSpec("submit", window.functions, window.names, chunks,
-                         min(settings.slots, len(chunks)), settings=settings)
-        self._launch(spec, [FutureSink(r.future) for r in calls])
+        digests = tuple(window.index)
+        spec = BatchSpec("submit", self._function_files.get(digests, window.functions),
+                         window.names, chunks, min(settings.slots, len(chunks)),
+                         settings=settings)
+        journal = self._launch(spec, [FutureSink(r.future) for r in calls])
+        if journal is not None and digests not in self._function_files:
+            if len(self._function_files) >= 256:
+                self._function_files.clear()
+            self._function_files[digests] = journal["functions_file"]

@@ -90,6 +90,10 @@ class Backend(abc.ABC):
     def slots(self) -> int:
         """How many tasks can run at once (used to size chunks)."""
 
+    def idle_slots(self, resources: dict) -> int | None:
+        """Tasks with these resources that could start now (None: not known)."""
+        return None
+
     def slots_for(self, resources: dict) -> int:
         """How many tasks with these resources (`SlurmExecutor.options`) can run at once."""
         return self.slots()

@@ -113,6 +113,10 @@ class LocalBackend(Backend):
     def max_array_size(self) -> int:
         return 1_000_000
 
+    def idle_slots(self, resources: dict) -> int | None:
+        with self._lock:
+            return max(0, self._slots - len(self._running) - len(self._queue))
+
     def slots(self) -> int:
         return self._slots
 

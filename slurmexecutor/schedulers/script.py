@@ -229,6 +229,7 @@ def render_script(resources: dict, spec: ScriptSpec) -> str:
     """The batch script: directives, setup lines, then exec into the worker."""
     lines = ["#!/bin/bash"]
     lines += [f"#SBATCH {option}" for option in sbatch_directives(resources, spec)]
+    lines.append('export SLURMEXECUTOR_LAUNCHED="$EPOCHREALTIME"')  # start-up, measured
     if spec.setup:  # a failing setup line ends the task at once, naming the line
         lines.append("trap 'echo \"slurmexecutor: a setup line failed (exit $?): "
                      f"$BASH_COMMAND\" >&2; exit {EXIT_SETUP}' ERR")

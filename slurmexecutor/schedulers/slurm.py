@@ -112,6 +112,18 @@ def parse_node_cpus(sinfo: str) -> int:
     return sum(cpus.values())
 
 
+def parse_idle_slots(sinfo: str, cpus_per_task: int) -> int:
+    """Tasks of `cpus_per_task` CPUs that fit the idle CPUs of `sinfo -h -N -o %N|%C`
+    lines ("allocated/idle/other/total"), each node once."""
+    idle: dict[str, int] = {}
+    for line in sinfo.splitlines():
+        node, _, counts = line.strip().partition("|")
+        parts = counts.strip().split("/")
+        if node and len(parts) == 4 and parts[1].isdigit():
+            idle[node] = int(parts[1])
+    return sum(cpus // max(1, cpus_per_task) for cpus in idle.values())
+
+
 def parse_total_cpus(sinfo: str) -> int:
     """Sum the T of `sinfo -h -o %C` lines ("allocated/idle/other/total")."""
     total = 0
@@ -218,6 +230,17 @@ class SlurmBackend(Backend):
         if self._slots is None:
             self._slots = self.slots_for(self.resources)
         return self._slots
+
+    def idle_slots(self, resources: dict) -> int | None:
+        """Tasks of these resources that fit the idle CPUs now (one sinfo)."""
+        args = ["sinfo", "-h", "-N", "-o", "%N|%C"]
+        if resources.get("partition"):
+            args += ["-p", str(resources["partition"])]
+        done = run_command(args, check=False)
+        if done.returncode != 0:
+            return None
+        slots = parse_idle_slots(done.stdout, int(resources.get("cpus_per_task") or 1))
+        return min(slots, self.slots_for(resources))
 
     def slots_for(self, resources: dict) -> int:
         key = (resources.get("partition"), resources.get("cpus_per_task"),

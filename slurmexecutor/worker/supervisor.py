@@ -120,7 +120,16 @@ def _where_am_i(attempt: int) -> dict:
             environ.get("SLURM_JOB_ID")),
         "array_index": environ.get("SLURMEXECUTOR_TASK") or environ.get("SLURM_ARRAY_TASK_ID"),
         "attempt": attempt,
+        # when the batch script began (bash 5's $EPOCHREALTIME): the interpreter's start
+        "launched": _launched(environ.get("SLURMEXECUTOR_LAUNCHED", "")),
     }
+
+
+def _launched(text: str) -> float | None:
+    try:
+        return float(text.replace(",", "."))  # the locale's decimal point
+    except ValueError:
+        return None
 
 
 class Supervisor:

@@ -1,0 +1,54 @@
+"""The scheduler's answers, as functions of the core's state (state.py): which tasks run
+again (requeued), which ended and how, and which vanished from the queue unseen (one
+accounting query for them). Pure: no I/O.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+from slurmexecutor.core import events as ev
+from slurmexecutor.core.ledger import Task
+from slurmexecutor.schedulers import TaskKey, TaskState, state_of
+
+if TYPE_CHECKING:
+    from slurmexecutor.core.state import Core
+
+
+def on_states(core: Core, states: Mapping[TaskKey, TaskState], now: float) -> None:
+    vanished: list[Task] = []
+    states = dict(states)  # once, not per task
+    for task in core._watched():
+        state = state_of(states, task.job_id, task.array_index)
+        if state is None:
+            if now - task.registered > 2 * core.config.poll_interval + (
+                    core.config.vanish_grace):
+                vanished.append(task)
+        elif state.final:
+            if task.final is None:
+                task.final, task.final_since = state, now
+            task.final_polls += 1
+        else:
+            if task.final is not None:  # requeued: pending or running again
+                task.final, task.final_polls = None, 0
+                if task.killed:  # the end record was its killed attempt's
+                    task.ended = task.killed = False
+            task.started = task.started or state.running
+    if vanished:
+        core._out.append(ev.QueryFinal(
+            tuple(t.key for t in vanished),
+            tuple((t.job_id or "", t.array_index or 0) for t in vanished),
+            {t.key: t.worker for t in vanished if t.worker is not None}))
+
+
+def on_finals(core: Core, event: ev.FinalAnswer, now: float) -> None:
+    for key in event.tasks:
+        task = core.tasks.get(key)
+        if task is None or key in event.alive:
+            continue  # settled meanwhile, or its worker still runs (local)
+        if task.final is None:
+            job_key = (task.job_id or "", task.array_index or 0)
+            task.final = event.finals.get(job_key, TaskState("UNKNOWN"))
+            task.final_since = now
+        task.final_polls += 2  # gone from the queue: it will not come back

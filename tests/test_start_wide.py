@@ -1,0 +1,112 @@
+"""Starting wide when slots are free, and warm tasks taking a lone call at once.
+
+Core rules with plain values (WidthPolicy: `_start_width`, `warm_free`), the Slurm
+idle-CPU parsing, and one executor test on both backends (the first array's throttle)."""
+
+from __future__ import annotations
+
+import re
+
+from slurmexecutor import SlurmExecutor
+from slurmexecutor.core.events import BatchAdded, Record, SubmitTasks, TasksSubmitted
+from slurmexecutor.core.state import Config, Core
+from slurmexecutor.folder import spool
+from slurmexecutor.schedulers.slurm import parse_idle_slots
+
+
+def core(**options) -> Core:
+    return Core(Config(**{"poll_interval": 1.0, "result_grace": 0.0, **options}))
+
+
+def first_submit(event: BatchAdded) -> SubmitTasks:
+    [submit] = [a for a in core().step([event], 0.0) if isinstance(a, SubmitTasks)]
+    return submit
+
+
+def chunks(count: int) -> list[list[int]]:
+    return [[c] for c in range(count)]
+
+
+def test_unmeasured_work_starts_up_to_the_free_slots():
+    submit = first_submit(BatchAdded(0, chunks(40), 16, throttled=True, free=6))
+    assert (submit.count, submit.throttled, submit.width) == (16, True, 6)
+
+
+def test_unmeasured_work_with_room_for_all_is_not_throttled():
+    submit = first_submit(BatchAdded(0, chunks(40), 16, throttled=True, free=30))
+    assert submit.throttled is False
+
+
+def test_no_free_slots_keeps_one_task():
+    for free in (0, 1):
+        submit = first_submit(BatchAdded(0, chunks(40), 16, throttled=True, free=free))
+        assert (submit.throttled, submit.width) == (True, 1)
+
+
+def test_measured_cheap_work_stays_on_one_task_whatever_is_free():
+    # 1,000 calls of 1 ms: 1 s of work, under one horizon (3 s)
+    event = BatchAdded(0, [list(range(c, c + 10)) for c in range(0, 1000, 10)], 16,
+                       throttled=True, free=10_000, measured=0.001)
+    assert not core().may_start_wide(1000, 0.001)
+    assert (first_submit(event).throttled, first_submit(event).width) == (True, 1)
+
+
+def test_measured_work_starts_one_task_per_horizon_of_it():
+    # 20 calls x 0.5 s = 10 s of work: 4 tasks of a 3 s horizon, fewer than free
+    event = BatchAdded(0, chunks(20), 16, throttled=True, free=12, measured=0.5)
+    assert core().may_start_wide(20, 0.5)
+    assert first_submit(event).width == 4
+
+
+def idle_warm_task(machine: Core, resources: str = "r") -> None:
+    """Batch 0 ran on job 7 task 0, which now waits warm (keep_alive 30 s)."""
+    machine.step([BatchAdded(0, [[0]], 1, resources=resources)], 0.0)
+    machine.step([TasksSubmitted(0, "7", 0, 1),
+                  Record(0, 0, "start", None, {"host": "h", "pid": 1, "job_id": "7"}),
+                  Record(0, 0, "claim", 0, None), Record(0, 0, "ok", 0, b"x"),
+                  Record(0, 0, "idle", None, {"keep_alive": 30})], 0.1)
+
+
+def test_an_idle_warm_task_takes_one_window_at_once():
+    machine = core(keep_alive=30)
+    assert machine.warm_free("r", 0.0) == 0
+    idle_warm_task(machine)
+    assert machine.warm_free("r", 0.2) == 1
+    assert machine.warm_free("other", 0.2) == 0  # other resources: not for it
+    machine.step([BatchAdded(1, [[1]], 1, resources="r")], 0.2)  # waits for a joiner
+    assert machine.warm_free("r", 0.3) == 0  # the next window packs again
+    assert machine.warm_free("r", 40.0) == 0  # past its keep_alive
+
+
+def test_idle_slots_from_sinfo_count_each_node_once():
+    sinfo = "n1|2/14/0/16\nn1|2/14/0/16\nn2|16/0/0/16\nn3|1/7/0/8\nbad line\n"
+    assert parse_idle_slots(sinfo, 1) == 21
+    assert parse_idle_slots(sinfo, 4) == 3 + 1
+
+
+def nap(x: int) -> int:
+    import time
+
+    time.sleep(0.2)
+    return x
+
+
+def inc(x: int) -> int:
+    return x + 1
+
+
+def first_array_line(ex: SlurmExecutor, batch: int) -> str:
+    text = spool.script_path(ex.run_dir, batch, 0).read_text()
+    return re.search(r"--array=\S+", text).group(0)
+
+
+def test_a_first_map_starts_wide_and_a_measured_cheap_one_on_one_task(make_executor):
+    ex = make_executor()
+    slots = ex.backend.slots()
+    assert slots > 1  # the test needs room for two tasks
+    assert list(ex.map(nap, range(4 * slots), chunksize=1)) == list(range(4 * slots))
+    assert not first_array_line(ex, 0).endswith("%1")  # free slots: more than one at once
+    assert list(ex.map(inc, range(300))) == list(range(1, 301))  # measured cheap next
+    assert sum(ex.map(inc, range(300))) == sum(range(1, 301))
+    line = first_array_line(ex, 2)  # one task at once (or one chunk: its cost is known)
+    assert line.endswith("%1") or line == "--array=0-0"
