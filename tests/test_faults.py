@@ -32,6 +32,14 @@ from slurmexecutor.folder import spool
 from slurmexecutor.folder.framing import HEADER
 
 
+def wait_for_gate(gate: str, value):
+    """Run until the test opens the gate (a file): a blocker that ends when told."""
+    deadline = time.monotonic() + 120
+    while not os.path.exists(gate) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return value
+
+
 def sleep_then(seconds, value=None):
     time.sleep(seconds)
     return value
@@ -346,14 +354,16 @@ def test_calls_cancelled_from_outside_fail_instead_of_hanging(make_executor, bac
     from slurmexecutor.reports import runs
 
     ex = make_executor(array_parallelism=1, chunksize=1)
-    blocker = ex.submit(sleep_then, 3, "done")
+    gate = ex.run_dir.parent / "gate"
+    blocker = ex.submit(wait_for_gate, str(gate), "done")
     victims = [ex.submit(sleep_then, 0, i) for i in range(3)]
-    assert wait_until(blocker.running)
+    assert wait_until(lambda: blocker.log_path is not None)  # it runs: the rest waits
     info = runs.classify(runs.read_run(ex.run_dir, ex.key), None)
     for call in info.calls.values():  # what `slurmexecutor cancel RUN` writes, minus
         if call.status in ("running", "pending") and call.call_id != blocker.call_id:
             spool.append_cancelled(spool.cancel_path(ex.run_dir, call.batch, call.chunk),
                                    [call.call_id])  # the kill: the blocker finishes
+    gate.touch()
     assert blocker.result(timeout=60) == "done"
     for victim in victims:
         error = victim.exception(timeout=60)

@@ -36,7 +36,7 @@ def raise_exit_on_pickle():
 
 @pytest.mark.parametrize("fn, expected", [
     (raise_bad_str, "BadStr"),
-    (return_exit_on_pickle, "cannot be pickled: SystemExit"),
+    (return_exit_on_pickle, "SystemExit"),  # the stdlib pools give it as itself
     (raise_exit_on_pickle, "the real error"),
 ])
 def test_the_real_error_is_reported(make_executor, fn, expected):

@@ -21,8 +21,9 @@ How joblib's protocol maps onto the executor:
   dispatch-to-result (which here includes the queue and polling, and would pin batches
   at one call): batches grow until one runs ~0.2 s, joblib's target.
 - errors: a task's exception comes back as its own type (remote traceback as `__cause__`);
-  joblib then aborts and `abort_everything` cancels the outstanding batches
-  (`executor.cancel`: calls not started are skipped, tasks holding only those are killed).
+  joblib then aborts and `abort_everything` cancels the outstanding batches and waits
+  (up to ABORT_WAIT s) until they ended (`executor.cancel`: calls not started are
+  skipped, running ones are stopped by their workers within ~0.5 s).
   The same on Ctrl-C, a Parallel `timeout`, or a `return_as="generator"` dropped early.
 - effective_n_jobs: a positive n_jobs as given; negative ones (and None: -1) count back
   from the executor's slots (CPUs per `sinfo`, or this machine's for the local backend,
@@ -32,11 +33,15 @@ How joblib's protocol maps onto the executor:
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import sys
 from typing import Any
 
 NAME = "slurmexecutor"
+#: seconds an abort waits for the cancelled calls to end (running ones are stopped by
+#: their workers, which look every 0.5 s)
+ABORT_WAIT = 10.0
 
 
 def register() -> None:
@@ -200,6 +205,7 @@ def backend_class() -> type:
                 futures = list(self._futures)  # they leave the set as they settle
             if self.executor is not None:
                 self.executor.cancel(futures)
+                concurrent.futures.wait(futures, timeout=ABORT_WAIT)  # stopped, not running
             if not ensure_ready:  # no more calls will come: shut down without waiting
                 self.terminate()
 
