@@ -1,6 +1,6 @@
 """Starting wide when slots are free, and warm tasks taking a lone call at once.
 
-Core rules with plain values (WidthPolicy: `_start_width`, `warm_free`), the Slurm
+Core rules with plain values (policies.start_width, warm_free), the Slurm
 idle-CPU parsing, and one executor test on both backends (the first array's throttle)."""
 
 from __future__ import annotations

@@ -43,7 +43,7 @@ class Config:
 @dataclass(eq=False)
 class Submission:
     """A batch's tasks still to go out (tasks `next` .. `end` - 1): its one pending
-    submission record (policies.WidthPolicy)."""
+    submission record (policies.py: ask, submit_deferred, submit_when_due)."""
 
     next: int
     end: int
