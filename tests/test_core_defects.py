@@ -157,3 +157,26 @@ def test_delivered_results_are_not_failed_again():
                         StreamsRead(1)], 2)
     assert not failed_calls(out) and not of(out, Deliver)
     assert CallLostError  # (imported for the reader: what an unrun call would get)
+
+
+def test_preempted_calls_run_again_without_using_up_a_retry():
+    """PREEMPTED is not the calls' fault: they run again (the same attempt) even with
+    max_retries=0, up to MAX_PREEMPTIONS times; other states still need a retry."""
+    from slurmexecutor.core.policies import MAX_PREEMPTIONS
+
+    def preempted_once(preemptions: int, state: str = "PREEMPTED"):
+        machine = core(retry_on=frozenset({"PREEMPTED", "NODE_FAIL"}), max_retries=0)
+        machine.step([BatchAdded(0, [[0, 1]], 1, preemptions=preemptions)], 0)
+        machine.step([TasksSubmitted(0, "7", 0, 1), Record(0, 0, "start", None,
+                                                            {"host": "h", "pid": 1}),
+                      Record(0, 0, "claim", 0, None)], 0)
+        machine.step([SchedulerAnswer({("7", 0): TaskState(state)})], 1)
+        return machine.step([SchedulerAnswer({("7", 0): TaskState(state)}),
+                             StreamsRead(2)], 3)
+
+    [retry] = of(preempted_once(0), Retry)
+    assert retry.attempt == 1 and retry.preemptions == 1 and dict(retry.calls) == {0: (0, 1)}
+    out = preempted_once(MAX_PREEMPTIONS)  # preempted too often: failed as such
+    assert not of(out, Retry) and failed_calls(out) == {0, 1}
+    out = preempted_once(0, "NODE_FAIL")  # a node failure uses up a retry: none left
+    assert not of(out, Retry) and failed_calls(out) == {0, 1}

@@ -22,6 +22,8 @@ if TYPE_CHECKING:
 #: seconds before asking again after a submission limit refused a batch's tasks, growing
 #: by DEFER_GROWTH per refusal in a row up to DEFER_MAX (the queue shrinks as jobs end)
 DEFER_FIRST, DEFER_GROWTH, DEFER_MAX = 2.0, 1.5, 30.0
+#: preempted calls run again without using up max_retries, this many times at most
+MAX_PREEMPTIONS = 10
 
 
 # -- `ex.cancel`: skip, stop (by the worker), withdraw unclaimed chunks; and the seco
@@ -282,14 +284,19 @@ def fail_unfinished(core: Core, task: Task, call_ids: list[int], started: bool =
     if not call_ids:
         return
     live_end = not task.ended or task.killed  # Slurm ended it, not the worker itself
+    preempted = state is not None and state.state == "PREEMPTED" and (
+        batch.preemptions < MAX_PREEMPTIONS)  # not the calls' fault: no retry used up
     if (state is not None and live_end and state.state in core.config.retry_on
-            and batch.attempt <= core.config.max_retries and not core.cancelling):
+            and (preempted or batch.attempt <= core.config.max_retries)
+            and not core.cancelling):
         calls: dict[int, list[int]] = {}
         for call_id in call_ids:
             calls.setdefault(batch.chunk_of(call_id), []).append(call_id)
             core._close(batch, call_id)
-        core._out.append(ev.Retry(batch.number, batch.attempt + 1,
-                               {k: tuple(v) for k, v in calls.items()}, state.state))
+        core._out.append(ev.Retry(
+            batch.number, batch.attempt + (not preempted),
+            {k: tuple(v) for k, v in calls.items()}, state.state,
+            batch.preemptions + preempted))
         return
     if task.truncated and live_end and started:
         core._fail(batch, call_ids, Failure(IntegrityError, (
