@@ -250,7 +250,7 @@ def test_a_vanished_task_is_asked_about_once_then_lost():
     assert not of(out, QueryFinal)  # too early: it may just not be listed yet
     out = machine.step([SchedulerAnswer({})], 8.0)
     [query] = of(out, QueryFinal)
-    assert query.workers == {(0, 0): ("h", 1)}
+    assert query.workers == {(0, 0): ("h", 1, None)}  # (no start time in this record)
     assert not failed(machine.step([FinalAnswer(query.tasks, {}, frozenset({(0, 0)}))], 8.1))
     assert not failed(machine.step([FinalAnswer(query.tasks, {}, frozenset())], 9.0))
     out = machine.step([StreamsRead(9.05)], 9.1)

@@ -39,7 +39,7 @@ def on_states(core: Core, states: Mapping[TaskKey, TaskState], now: float) -> No
         core._out.append(ev.QueryFinal(
             tuple(t.key for t in vanished),
             tuple((t.job_id or "", t.array_index or 0) for t in vanished),
-            {t.key: t.worker for t in vanished if t.worker is not None}))
+            {t.key: (*t.worker, t.worker_started) for t in vanished if t.worker is not None}))
 
 
 def on_finals(core: Core, event: ev.FinalAnswer, now: float) -> None:

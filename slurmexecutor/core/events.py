@@ -181,7 +181,8 @@ class QueryScheduler:
 class QueryFinal:
     tasks: tuple[tuple[int, int], ...]  # (batch, task)
     keys: tuple[TaskKey, ...]  # their (job id, array index)
-    workers: Mapping[tuple[int, int], tuple[str, int]]  # (batch, task) -> (host, pid)
+    #: (batch, task) -> (host, pid, its process's start time or None)
+    workers: Mapping[tuple[int, int], tuple[str, int, int | None]]
 
 
 @dataclass(frozen=True)

@@ -115,6 +115,7 @@ class Task:
     unresolved: set[int] = field(default_factory=set)
     started: bool = False
     worker: tuple[str, int] | None = None
+    worker_started: int | None = None  # its process's start time (a reused pid is not it)
     limit_notice: bool = False
     ended: bool = False
     killed: bool = False  # its worker was ended by a signal (scancel, time limit)

@@ -183,6 +183,7 @@ class Core:
         if kind == "start":
             task.started = True
             task.worker = (record.body["host"], record.body["pid"])
+            task.worker_started = record.body.get("started")
             batch.first_start = batch.first_start or now
             if task.job_id is None and record.body.get("job_id"):  # a warm task joined
                 task.job_id = str(record.body["job_id"])

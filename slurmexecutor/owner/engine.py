@@ -289,8 +289,8 @@ class Engine(LeaseAndEnd, Intake):
             except Exception as error:  # noqa: BLE001  (results still come in)
                 log.warning("slurmexecutor: asking the scheduler failed: %s", error)
         elif isinstance(action, ev.QueryFinal):
-            alive = frozenset(key for key, (host, pid) in action.workers.items()
-                              if spool.process_alive(host, pid))
+            alive = frozenset(key for key, (host, pid, started) in action.workers.items()
+                              if spool.process_alive(host, pid, started))
             self._events.append(ev.FinalAnswer(action.tasks, self.backend.final_states(
                 action.keys), alive))
         elif isinstance(action, ev.Claimed):
