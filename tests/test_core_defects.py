@@ -161,12 +161,12 @@ def test_delivered_results_are_not_failed_again():
 
 def test_preempted_calls_run_again_without_using_up_a_retry():
     """PREEMPTED is not the calls' fault: they run again (the same attempt) even with
-    max_retries=0, up to MAX_PREEMPTIONS times; other states still need a retry."""
-    from slurmexecutor.core.policies import MAX_PREEMPTIONS
+    max_retries=0, up to MAX_FREE_RERUNS times; other states still need a retry."""
+    from slurmexecutor.core.policies import MAX_FREE_RERUNS
 
-    def preempted_once(preemptions: int, state: str = "PREEMPTED"):
+    def preempted_once(reruns: int, state: str = "PREEMPTED"):
         machine = core(retry_on=frozenset({"PREEMPTED", "NODE_FAIL"}), max_retries=0)
-        machine.step([BatchAdded(0, [[0, 1]], 1, preemptions=preemptions)], 0)
+        machine.step([BatchAdded(0, [[0, 1]], 1, reruns=reruns)], 0)
         machine.step([TasksSubmitted(0, "7", 0, 1), Record(0, 0, "start", None,
                                                             {"host": "h", "pid": 1}),
                       Record(0, 0, "claim", 0, None)], 0)
@@ -175,8 +175,36 @@ def test_preempted_calls_run_again_without_using_up_a_retry():
                              StreamsRead(2)], 3)
 
     [retry] = of(preempted_once(0), Retry)
-    assert retry.attempt == 1 and retry.preemptions == 1 and dict(retry.calls) == {0: (0, 1)}
-    out = preempted_once(MAX_PREEMPTIONS)  # preempted too often: failed as such
+    assert retry.attempt == 1 and retry.reruns == 1 and dict(retry.calls) == {0: (0, 1)}
+    out = preempted_once(MAX_FREE_RERUNS)  # preempted too often: failed as such
     assert not of(out, Retry) and failed_calls(out) == {0, 1}
     out = preempted_once(0, "NODE_FAIL")  # a node failure uses up a retry: none left
     assert not of(out, Retry) and failed_calls(out) == {0, 1}
+
+
+def test_calls_never_started_are_handed_back_not_failed():
+    """A task that ran (and died) leaves chunks nobody started: they run again in a batch
+    of their own without using up a retry; only what it held fails."""
+    machine = core()  # no retries at all
+    machine.step([BatchAdded(0, [[0], [1, 2]], 1)], 0)
+    machine.step([TasksSubmitted(0, "7", 0, 1), Record(0, 0, "start", None,
+                                                        {"host": "h", "pid": 1}),
+                  Record(0, 0, "claim", 0, None)], 0)
+    machine.step([SchedulerAnswer({("7", 0): TaskState("FAILED", 1)})], 1)
+    out = machine.step([StreamsRead(1.5)], 2)
+    assert failed_calls(out) == {0}  # the call it held
+    out = machine.step([ClaimsWon(0, (1,), asked=(1,))], 2.1)
+    [retry] = of(out, Retry)
+    assert dict(retry.calls) == {1: (1, 2)} and retry.attempt == 1 and retry.reruns == 1
+    assert not failed_calls(out)
+
+
+def test_a_task_that_never_started_uses_up_retries_as_before():
+    """A missing interpreter (the task never ran): no free re-runs, no endless loop."""
+    machine = core()
+    machine.step([BatchAdded(0, [[0]], 1)], 0)
+    machine.step([TasksSubmitted(0, "7", 0, 1)], 0)
+    machine.step([SchedulerAnswer({("7", 0): TaskState("FAILED", 127)})], 1)
+    machine.step([StreamsRead(1.5)], 2)
+    out = machine.step([ClaimsWon(0, (0,), asked=(0,))], 2.1)
+    assert not of(out, Retry) and failed_calls(out) == {0}

@@ -107,6 +107,13 @@ class Model:
         elif isinstance(action, ev.Fail):
             for call_id in action.call_ids:
                 self.verdicts.setdefault(call_id, []).append("fail")
+        elif isinstance(action, ev.Retry):  # as the owner does: a batch of their own
+            number = max(self.chunks) + 1
+            chunks = [list(calls) for calls in action.calls.values()]
+            self.chunks[number] = chunks
+            spool.claims_dir(self.run_dir, number).mkdir(parents=True)
+            return [ev.BatchAdded(number, chunks, min(2, len(chunks)), attempt=action.attempt,
+                                  reruns=action.reruns)]
         return []
 
     # -- the tasks' part ------------------------------------------------------------------

@@ -28,7 +28,7 @@ class BatchAdded:
     arrays: tuple[tuple[str, int, int], ...] = ()  # (job id, offset, size) already out
     open_calls: frozenset[int] | None = None  # None: all of its calls
     resources: str = ""  # its resources key: only warm tasks of the same may join it
-    preemptions: int = 0  # its calls were preempted this many times (a retry's)
+    reruns: int = 0  # its calls ran again this often without using up a retry
     #: idle slots the scheduler reported for its resources (a cached query; 0: not
     #: asked), and the task-seconds per call measured for its functions (None: never)
     free: int = 0
@@ -250,7 +250,7 @@ class Retry:
     attempt: int  # of the new batch
     calls: Mapping[int, tuple[int, ...]]  # chunk -> its calls to run again
     state: str
-    preemptions: int = 0  # of the new batch's calls so far (they use up no retry)
+    reruns: int = 0  # of the new batch's calls so far (they use up no retry)
 
 
 @dataclass(frozen=True)

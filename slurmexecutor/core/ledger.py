@@ -84,7 +84,7 @@ class Batch:
     resources: str = ""  # the resources key of its tasks (warm tasks join only equal)
     pending: Submission | None = None  # tasks still to go out; None: all out, or refused
     submitted: int = 0  # array tasks that went out (indices 0 .. submitted - 1)
-    preemptions: int = 0  # its calls were preempted this many times before (no retry)
+    reruns: int = 0  # its calls ran again this often without using up a retry
     joiners: set[int] = field(default_factory=set)  # indices of warm tasks ever seen join
     owner: dict[int, Task] = field(default_factory=dict)  # call -> the task that claimed it
     backup: dict[int, Task] = field(default_factory=dict)  # call -> its backup's task

@@ -22,8 +22,9 @@ if TYPE_CHECKING:
 #: seconds before asking again after a submission limit refused a batch's tasks, growing
 #: by DEFER_GROWTH per refusal in a row up to DEFER_MAX (the queue shrinks as jobs end)
 DEFER_FIRST, DEFER_GROWTH, DEFER_MAX = 2.0, 1.5, 30.0
-#: preempted calls run again without using up max_retries, this many times at most
-MAX_PREEMPTIONS = 10
+#: calls run again without using up max_retries (preempted, or never started by a task
+#: that ended) this many times at most
+MAX_FREE_RERUNS = 10
 
 
 # -- `ex.cancel`: skip, stop (by the worker), withdraw unclaimed chunks; and the seco
@@ -284,19 +285,21 @@ def fail_unfinished(core: Core, task: Task, call_ids: list[int], started: bool =
     if not call_ids:
         return
     live_end = not task.ended or task.killed  # Slurm ended it, not the worker itself
-    preempted = state is not None and state.state == "PREEMPTED" and (
-        batch.preemptions < MAX_PREEMPTIONS)  # not the calls' fault: no retry used up
-    if (state is not None and live_end and state.state in core.config.retry_on
-            and (preempted or batch.attempt <= core.config.max_retries)
-            and not core.cancelling):
+    # not the calls' fault, so they run again without using up a retry: a preemption
+    # (where retry_on has it), and calls that never started, left by a task that did
+    free = batch.reruns < MAX_FREE_RERUNS and state is not None and live_end and (
+        (state.state == "PREEMPTED" and "PREEMPTED" in core.config.retry_on)
+        or (not started and task.worker is not None))
+    retried = free or (state is not None and live_end and state.state in core.config.retry_on
+                       and batch.attempt <= core.config.max_retries)
+    if retried and state is not None and not core.cancelling:
         calls: dict[int, list[int]] = {}
         for call_id in call_ids:
             calls.setdefault(batch.chunk_of(call_id), []).append(call_id)
             core._close(batch, call_id)
         core._out.append(ev.Retry(
-            batch.number, batch.attempt + (not preempted),
-            {k: tuple(v) for k, v in calls.items()}, state.state,
-            batch.preemptions + preempted))
+            batch.number, batch.attempt + (not free),
+            {k: tuple(v) for k, v in calls.items()}, state.state, batch.reruns + free))
         return
     if task.truncated and live_end and started:
         core._fail(batch, call_ids, Failure(IntegrityError, (

@@ -159,7 +159,7 @@ class Core:
         if not batch.open_calls:
             return
         batch.resources = event.resources
-        batch.preemptions = event.preemptions
+        batch.reruns = event.reruns
         if batch.submitted >= batch.planned:
             return
         # attach: the client died before the rest went out; it goes out now

@@ -83,7 +83,7 @@ class BatchSpec:
     shared: list[bytes] | str | None = None
     #: the batch's resources etc. when not the executor's (`SlurmExecutor.options`)
     settings: Settings | None = None
-    preemptions: int = 0  # a retry after preemptions: how many (they use up no retry)
+    reruns: int = 0  # a retry's calls ran again this often without using up a retry
 
 
 def dumps(obj: Any, what: str, shared: SharedArguments | None = None) -> bytes:

@@ -238,7 +238,7 @@ class Engine(LeaseAndEnd, Intake):
             number, [chunk.call_ids for chunk in spec.chunks], spec.planned, spec.steal,
             spec.attempt, settings.time_limit, throttled,
             resources=settings.resources_key(), free=free, measured=measured,
-            preemptions=spec.preemptions))
+            reruns=spec.reruns))
         return journal
 
     def _free_slots(self, settings: Settings) -> int:
@@ -381,7 +381,7 @@ class Engine(LeaseAndEnd, Intake):
         settings = self._settings(action.batch)
         spec = BatchSpec("retry", journal["functions_file"], journal["functions"], chunks,
                          min(settings.slots, len(chunks)), attempt=action.attempt,
-                         preemptions=action.preemptions,
+                         reruns=action.reruns,
                          shared=journal.get("shared_file"), settings=settings)
         self._launch(spec, None)
 
