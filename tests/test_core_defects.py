@@ -6,6 +6,7 @@ call gets exactly one verdict, at the right time."""
 from __future__ import annotations
 
 from slurmexecutor.core.events import (
+    AnnounceBatch,
     BatchAdded,
     CancelRequested,
     ClaimChunks,
@@ -208,3 +209,21 @@ def test_a_task_that_never_started_uses_up_retries_as_before():
     machine.step([StreamsRead(1.5)], 2)
     out = machine.step([ClaimsWon(0, (0,), asked=(0,))], 2.1)
     assert not of(out, Retry) and failed_calls(out) == {0}
+
+
+def test_idle_warm_tasks_are_asked_for_an_earlier_batch_whose_tasks_wait():
+    machine = core(keep_alive=30.0)
+    _warm_task_joins(machine)  # job 7 task 0 went warm and joined batch 1
+    machine.step([Record(1, 1_000_000, "start", None, {"host": "h", "pid": 1,
+                                                        "job_id": "7", "array_index": 0}),
+                  Record(1, 1_000_000, "claim", 0, None), Record(1, 1_000_000, "ok", 1, b""),
+                  Record(1, 1_000_000, "end", None, {}),
+                  Record(1, 1_000_000, "idle", None, {"keep_alive": 30.0})], 0.4)
+    # batch 2 (same resources) gets its array; its task waits for a CPU, unstarted
+    machine.step([BatchAdded(2, [[3]], 1, resources="A")], 0.5)
+    machine.step([TasksSubmitted(2, "9", 0, 1)], 0.6)
+    machine.warm[("8", 0)] = 100.0  # another warm task, idle, of the same resources
+    machine.warm_for[("8", 0)] = "A"
+    out = machine.step([], 2.0)
+    assert of(out, AnnounceBatch) == [AnnounceBatch(2)]
+    assert not of(machine.step([], 3.0), AnnounceBatch)  # once

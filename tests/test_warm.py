@@ -209,3 +209,25 @@ def test_a_warm_task_steps_aside_for_a_batch_of_other_resources(make_executor):
     assert wait_until(lambda: task_done(ex, first["job_id"], 0), timeout=30)
     assert len(arrays(ex)) == 2
     assert ex.submit(inc, 3).result(timeout=120) == 4  # the new task is of other resources
+
+
+def test_an_idle_task_looks_again_at_an_earlier_batch_it_is_asked_for(tmp_path):
+    """A batch older than the one a warm task last served may still have chunks nobody
+    runs (its own tasks wait for CPUs the idle warm tasks hold): the client names it in
+    the signal file, and an idle task joins it."""
+    from slurmexecutor.folder import warm
+    from slurmexecutor.owner.batches import BatchSpec, Chunk, write_batch
+
+    key = spool.load_key(tmp_path, create=True)
+    run_dir = spool.ensure_private_dir(tmp_path / "run")
+    for number in range(1, 4):
+        spec = BatchSpec("submit", [b"fn"], ["f"], [Chunk([number], [(0, b"", 1)])], 1)
+        write_batch(run_dir, key, number, spec, throttled=False)
+    manifest = spool.read_blob(spool.manifest_path(run_dir, 1), key)
+    warm.announce(run_dir, 3)
+    watcher = Watcher(run_dir, key, 3, manifest["resources"], lambda: False)
+    assert watcher.wait(0.3) is None  # it served batch 3: nothing newer
+    warm.announce(run_dir, 3, wanted=2)
+    found = watcher.wait(0.3)
+    assert found is not None and found[0] == 2
+    assert watcher.wait(0.3) is None  # looked at once, not again and again

@@ -150,6 +150,14 @@ class TaskRef:
 
 
 @dataclass(frozen=True)
+class AnnounceBatch:
+    """Ask idle warm tasks to look at this earlier batch again: chunks of it wait while
+    its own tasks have not started (warm tasks may hold the CPUs they wait for)."""
+
+    batch: int
+
+
+@dataclass(frozen=True)
 class SubmitTasks:
     batch: int
     first: int
@@ -271,5 +279,5 @@ class BatchDone:
     seconds_per_call: float | None = None
 
 
-Action = (SubmitTasks | LiftThrottle | CancelTasks | QueryScheduler | QueryFinal | Deliver
-          | Fail | WriteCancel | ClaimChunks | Retry | Claimed | BatchDone)
+Action = (AnnounceBatch | SubmitTasks | LiftThrottle | CancelTasks | QueryScheduler
+          | QueryFinal | Deliver | Fail | WriteCancel | ClaimChunks | Retry | Claimed | BatchDone)

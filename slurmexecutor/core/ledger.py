@@ -85,6 +85,8 @@ class Batch:
     pending: Submission | None = None  # tasks still to go out; None: all out, or refused
     submitted: int = 0  # array tasks that went out (indices 0 .. submitted - 1)
     reruns: int = 0  # its calls ran again this often without using up a retry
+    created: float = 0.0  # when the core learned of it
+    wanted_sent: bool = False  # idle warm tasks were asked to look at it again
     joiners: set[int] = field(default_factory=set)  # indices of warm tasks ever seen join
     owner: dict[int, Task] = field(default_factory=dict)  # call -> the task that claimed it
     backup: dict[int, Task] = field(default_factory=dict)  # call -> its backup's task

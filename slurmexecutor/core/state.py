@@ -160,6 +160,7 @@ class Core:
             return
         batch.resources = event.resources
         batch.reruns = event.reruns
+        batch.created = now
         if batch.submitted >= batch.planned:
             return
         # attach: the client died before the rest went out; it goes out now
@@ -345,6 +346,13 @@ class Core:
                 return
         if not batch.unclaimed:
             return
+        if self.config.keep_alive > 0 and not batch.wanted_sent and (
+                now - batch.created >= self.config.warm_wait) and not any(
+                t.started for t in live) and any(
+                until > now and self.warm_for.get(key) == batch.resources
+                for key, until in self.warm.items()):  # idle warm tasks may hold its CPUs
+            batch.wanted_sent = True
+            self._out.append(ev.AnnounceBatch(batch.number))
         if batch.throttled and batch.first_start is not None and now >= batch.next_scale:
             policies.scale_out(self, batch, now)
         if not self._live(batch):  # nobody is left to claim them

@@ -51,9 +51,12 @@ def resources_key(resources: dict, python: str, setup: list[str], extra: list[st
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def announce(run_dir: Path, batch: int) -> None:
-    """Tell warm tasks batch `batch` is written (after all its files)."""
-    spool.write_atomic(run_dir / SIGNAL, str(batch).encode())
+def announce(run_dir: Path, batch: int, wanted: int | None = None) -> None:
+    """Tell warm tasks batch `batch` is written (after all its files); `wanted`: an
+    earlier batch that still has chunks nobody runs (its own tasks wait for CPUs idle
+    warm tasks may hold): idle tasks look at it again."""
+    text = str(batch) if wanted is None else f"{batch} {wanted}"
+    spool.write_atomic(run_dir / SIGNAL, text.encode())
 
 
 def close(run_dir: Path) -> None:
@@ -71,6 +74,7 @@ class Watcher:
         self.polls = 0  # metadata operations on the signal file
         self.stepped_aside: int | None = None  # the batch this task left its CPUs to
         self._unreadable: tuple[int, float] | None = None  # (batch, since when)
+        self._wanted_seen: set[int] = set()  # earlier batches asked for, looked at
 
     def wait(self, seconds: float) -> tuple[int, dict] | None:
         """The next batch to join and its manifest, or None after `seconds` idle, at
@@ -88,7 +92,16 @@ class Watcher:
                 text = ""
             if text == CLOSED:
                 return None
-            latest = int(text) if text.isdigit() else self.after
+            words = text.split()
+            latest = int(words[0]) if words and words[0].isdigit() else self.after
+            wanted = int(words[1]) if len(words) > 1 and words[1].isdigit() else None
+            if wanted is not None and wanted <= self.after and (
+                    wanted not in self._wanted_seen):  # an earlier batch needs a task
+                verdict = self._joinable(wanted)
+                if verdict is not None:
+                    self._wanted_seen.add(wanted)
+                if isinstance(verdict, dict):
+                    return wanted, verdict
             if latest > self.after:
                 interval = FIRST_POLL
             while self.after < latest:

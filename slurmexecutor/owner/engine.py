@@ -34,7 +34,7 @@ from slurmexecutor.errors import (
     SubmissionError,
     TaskFailedError,
 )
-from slurmexecutor.folder import claims, spool
+from slurmexecutor.folder import claims, spool, warm
 from slurmexecutor.folder.lease import Lease
 from slurmexecutor.owner import outcomes
 from slurmexecutor.owner.batches import (
@@ -281,6 +281,8 @@ class Engine(LeaseAndEnd, Intake):
                     self.cache.store_result(key, action.body)
         elif isinstance(action, ev.Fail):
             self._fail(action)
+        elif isinstance(action, ev.AnnounceBatch):
+            warm.announce(self.run_dir, self.next_batch - 1, wanted=action.batch)
         elif isinstance(action, ev.SubmitTasks):
             self._submit_tasks(action)
         elif isinstance(action, ev.QueryScheduler):
