@@ -231,3 +231,23 @@ def test_an_idle_task_looks_again_at_an_earlier_batch_it_is_asked_for(tmp_path):
     found = watcher.wait(0.3)
     assert found is not None and found[0] == 2
     assert watcher.wait(0.3) is None  # looked at once, not again and again
+
+
+def test_a_batch_whose_manifest_was_never_written_does_not_stop_the_watch(tmp_path,
+                                                                          monkeypatch):
+    """Its number was taken, then writing it failed: a warm task looks past it once a
+    later batch is announced (after UNREADABLE_SKIP s), instead of waiting on it for the
+    rest of the session."""
+    from slurmexecutor.folder import warm
+    from slurmexecutor.owner.batches import BatchSpec, Chunk, write_batch
+
+    monkeypatch.setattr(warm, "UNREADABLE_SKIP", 0.3)
+    key = spool.load_key(tmp_path, create=True)
+    run_dir = spool.ensure_private_dir(tmp_path / "run")
+    spec = BatchSpec("submit", [b"fn"], ["f"], [Chunk([2], [(0, b"", 1)])], 1)
+    write_batch(run_dir, key, 2, spec, throttled=False)  # batch 1 never written
+    warm.announce(run_dir, 2)
+    manifest = spool.read_blob(spool.manifest_path(run_dir, 2), key)
+    watcher = Watcher(run_dir, key, 0, manifest["resources"], lambda: False)
+    found = watcher.wait(5.0)
+    assert found is not None and found[0] == 2
