@@ -127,13 +127,23 @@ def test_bytes_that_others_append_show_only_after_the_lag(view):
         assert reader.read() == b"one\n"
         before, after = write_as_other(real / "stream", "two\n", "a")
         assert (real / "stream").read_text() == "one\ntwo\n"
-        assert os.stat(mnt / "stream").st_size == 4
-        assert (mnt / "stream").read_text() == "one\n"
-        assert reader.read() == b""
+        assert os.stat(mnt / "stream").st_size == 4  # attributes lag
+        assert reader.read() == b""  # a file open since before is not revalidated
         shown = wait_for(lambda: os.stat(mnt / "stream").st_size == 8, LAG + SLACK + 2)
         check_lag(shown, before, after)
         assert reader.read() == b"two\n"
     assert (mnt / "stream").read_text() == "one\ntwo\n"
+
+
+def test_a_file_its_writer_closed_shows_whole_when_opened(view):
+    """NFS's close-to-open consistency: attributes and listings lag, but an open after
+    the writer closed the file shows all it wrote (`--strict` turns this off)."""
+    real, mnt = view
+    (real / "closed").write_text("one\n")
+    assert wait_for(lambda: (mnt / "closed").exists(), LAG + SLACK + 2) is not None
+    write_as_other(real / "closed", "two\n", "a")  # appended, then closed
+    assert os.stat(mnt / "closed").st_size == 4  # a stat does not revalidate
+    assert (mnt / "closed").read_text() == "one\ntwo\n"  # an open does
 
 
 def test_what_the_client_writes_through_the_view_shows_at_once(view):

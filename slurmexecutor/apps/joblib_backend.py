@@ -33,7 +33,6 @@ How joblib's protocol maps onto the executor:
 
 from __future__ import annotations
 
-import concurrent.futures
 import functools
 import sys
 from typing import Any
@@ -204,8 +203,10 @@ def backend_class() -> type:
             with self._lock:
                 futures = list(self._futures)  # they leave the set as they settle
             if self.executor is not None:
+                from concurrent.futures import wait  # (not at import: workers import this)
+
                 self.executor.cancel(futures)
-                concurrent.futures.wait(futures, timeout=ABORT_WAIT)  # stopped, not running
+                wait(futures, timeout=ABORT_WAIT)  # stopped, not running
             if not ensure_ready:  # no more calls will come: shut down without waiting
                 self.terminate()
 

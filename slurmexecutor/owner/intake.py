@@ -17,7 +17,13 @@ from typing import Any
 from slurmexecutor.core import events as ev
 from slurmexecutor.core.state import window_due
 from slurmexecutor.errors import DependencyError, SlurmExecutorError
-from slurmexecutor.owner.batches import BatchSpec, Chunk, Settings, auto_chunksize
+from slurmexecutor.owner.batches import (
+    BatchSpec,
+    Chunk,
+    Settings,
+    auto_chunksize,
+    shipped_sys_path,
+)
 from slurmexecutor.owner.caching import CallCache
 from slurmexecutor.owner.dependencies import Dependent, InputDone
 from slurmexecutor.owner.futures import FutureSink, SlurmFuture
@@ -201,7 +207,8 @@ class Intake:
             group = calls[start:start + size]
             chunks.append(Chunk([r.future.call_id for r in group],
                                 [(window.index[r.fn_key], r.arguments, 1) for r in group]))
-        digests = tuple(window.index)
+        # the same functions, shipped with the same sys.path: their file is reused
+        digests = (tuple(window.index), tuple(shipped_sys_path()))
         spec = BatchSpec("submit", self._function_files.get(digests, window.functions),
                          window.names, chunks, min(settings.slots, len(chunks)),
                          settings=settings)
