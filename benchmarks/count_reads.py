@@ -72,13 +72,14 @@ def breakdown(ex: SlurmExecutor, began: float, ended: float) -> dict[str, float]
     to the worker's `start` record (interpreter, slurmexecutor); the first call's extra
     time over the task's median call (imports: pysam; opening the BAM); the calls'
     time (reads); a task's time between its start and last chunk in no call (claims,
-    waiting); the last task's last chunk after the tasks' mean (uneven shares); the
+    waiting); the last task's last chunk after the tasks' mean (uneven shares, summed
+    over batches); a task that joined a batch (warm) counts no queue or start-up; the
     last chunk's end to map_reduce's return (results read, the fold)."""
     arrays = {a["job_id"]: a["time"] for j in spool.read_journals(ex.run_dir)
               for a in j["arrays"]}
     rows: list[dict[str, float]] = []
-    ends: list[float] = []
-    for _, _, path in spool.iter_streams(ex.run_dir):
+    ends: dict[int, list[float]] = {}  # per batch
+    for batch, _, path in spool.iter_streams(ex.run_dir):
         records = spool.read_records(spool.StreamCursor(path), ex.key)
         start = next((body for kind, _, body in records if kind == "start"), None)
         took = [list(array("f", body["took"])) for kind, _, body in records
@@ -90,16 +91,18 @@ def breakdown(ex: SlurmExecutor, began: float, ended: float) -> dict[str, float]
         extra = max(0.0, calls[0] - statistics.median(calls)) if len(calls) > 1 else 0.0
         submitted = arrays.get(str(start.get("job_id")))
         launched = start.get("launched") or start["time"]
+        if start.get("warm"):  # joined: no queue, no start-up
+            submitted = launched = start["time"]
         end = max(c["end"] for c in chunks)
-        ends.append(end)
+        ends.setdefault(batch, []).append(end)
         rows.append({"queue tick": launched - submitted if submitted else 0.0,
                      "interpreter": start["time"] - launched, "imports": extra,
                      "reads": sum(calls) - extra,
                      "idle in task": end - start["time"] - sum(calls)})
     parts = {name: statistics.mean(r[name] for r in rows) for name in rows[0]} if rows else {}
     parts["to sbatch"] = min(arrays.values(), default=began) - began
-    parts["uneven end"] = max(ends) - statistics.mean(ends) if ends else 0.0
-    parts["fold"] = ended - max(ends, default=began)
+    parts["uneven end"] = sum(max(e) - statistics.mean(e) for e in ends.values())
+    parts["fold"] = ended - max((max(e) for e in ends.values()), default=began)
     return parts
 
 
