@@ -48,7 +48,8 @@ class Model:
         self.warm = rng.random() < 0.5
         self.core = Core(Config(poll_interval=1.0, result_grace=0.0, vanish_grace=0.0,
                                 keep_alive=30.0 if self.warm else 0.0))
-        self.reader = StreamReader(run_dir, self.key)
+        self.reader = StreamReader(run_dir, self.key, listing=0.0)  # the model's clock
+        # is its steps, not seconds: folders are listed at each
         self.tasks: list[ScriptedTask] = []
         self.chunks: dict[int, list[list[int]]] = {}
         self.verdicts: dict[int, list[str]] = {}

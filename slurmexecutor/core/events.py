@@ -275,7 +275,7 @@ class BatchDone:
     #: task-seconds per call the batch cost: the seconds its tasks spent in chunks, or
     #: at most its first task's start to its last result times the tasks that started;
     #: None when unknown: the next batch of the same functions is chunked and started
-    #: (WidthPolicy) by it
+    #: (policies.start_width) by it
     seconds_per_call: float | None = None
 
 

@@ -13,6 +13,8 @@
     shutdown: <run>/batches = "closed", and  exits at its next poll (or at once: the
       scancel of the warm tasks it knows       scancel), or after keep_alive idle s
 
+A task joins only with one of the batch's join tickets (one per chunk, `claims/join.K`).
+
 The watch costs one open (an NFS GETATTR: an open revalidates cached attributes, where
 a stat may be answered from a cache for seconds) per poll of one file per run: at most
 600 metadata operations per idle minute per warm task at the 0.1 s cap, none on the run
@@ -29,7 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from slurmexecutor.folder import spool
-from slurmexecutor.folder.diskio import create_holding
+from slurmexecutor.folder.diskio import create_exclusive, create_holding
 
 SIGNAL = "batches"
 CLOSED = "closed"
@@ -80,7 +82,9 @@ class Watcher:
         """The next batch to join and its manifest, or None after `seconds` idle, at
         close, when the task is told to stop, or when a batch of other resources waits
         for CPUs (STEP_ASIDE). Every batch after the last one looked at is looked at, in
-        order: none is missed when several come at once."""
+        order: none is missed when several come at once. Polls start fast after the
+        task's own work and back off, also while batches it cannot join go by (idle
+        tasks do not all spin at each new batch)."""
         deadline = time.monotonic() + seconds
         interval = FIRST_POLL
         while time.monotonic() < deadline and not self.stopping():
@@ -102,8 +106,6 @@ class Watcher:
                     self._wanted_seen.add(wanted)
                 if isinstance(verdict, dict):
                     return wanted, verdict
-            if latest > self.after:
-                interval = FIRST_POLL
             while self.after < latest:
                 verdict = self._joinable(self.after + 1)
                 if verdict is None and not self._give_up_on(self.after + 1, latest):
@@ -139,7 +141,19 @@ class Watcher:
             return None
         if not manifest["steal"] or claimed >= manifest["chunks"]:
             return False
-        return manifest if manifest.get("resources") == self.wanted_key else STEP_ASIDE
+        if manifest.get("resources") != self.wanted_key:
+            return STEP_ASIDE
+        return manifest if self._ticket(batch, manifest["chunks"]) else False
+
+    def _ticket(self, batch: int, chunks: int) -> bool:
+        """One of the batch's `chunks` join tickets (`claims/join.K`, O_EXCL): at most
+        as many warm tasks join as it has chunks, not every idle one (a lone call would
+        otherwise have all of them join, and all but one find nothing)."""
+        folder = spool.claims_dir(self.run_dir, batch)
+        try:
+            return any(create_exclusive(folder / f"join.{k}", b"") for k in range(chunks))
+        except OSError:
+            return False
 
 
 def join_stream(run_dir: Path, key: bytes, batch: int, start: tuple) -> int:

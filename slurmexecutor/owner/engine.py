@@ -51,6 +51,7 @@ from slurmexecutor.owner.dependencies import Dependent
 from slurmexecutor.owner.futures import FutureSink, SinkTable, SlurmFuture
 from slurmexecutor.owner.handoff import NotifyCancelled, Window
 from slurmexecutor.owner.intake import Intake
+from slurmexecutor.owner.queries import SchedulerQueries
 from slurmexecutor.owner.streams import StreamReader
 from slurmexecutor.owner.teardown import SHUT_DOWN, LeaseAndEnd, TakenOver, refuse
 from slurmexecutor.schedulers import Backend
@@ -99,6 +100,7 @@ class Engine(LeaseAndEnd, Intake):
         self.error: BaseException | None = None  # why the owner stopped early
         self._thread = threading.Thread(target=self._run, name="slurmexecutor-owner",
                                         daemon=True)
+        self._queries = SchedulerQueries(backend, self._wake.set)
 
     # -- caller side (any thread) ------------------------------------------------------------
 
@@ -144,6 +146,7 @@ class Engine(LeaseAndEnd, Intake):
                 if self._windows:
                     self._launch_due(flush or self._stopping, now)
                 busy |= self._read_streams()
+                self._events += self._queries.take()
                 busy |= self._step()
                 if self._windows:  # calls whose inputs just ended; a warm task went idle
                     flush, self._flush = self._flush, False
@@ -286,10 +289,8 @@ class Engine(LeaseAndEnd, Intake):
         elif isinstance(action, ev.SubmitTasks):
             self._submit_tasks(action)
         elif isinstance(action, ev.QueryScheduler):
-            try:
-                self._events.append(ev.SchedulerAnswer(self.backend.states(action.job_ids)))
-            except Exception as error:  # noqa: BLE001  (results still come in)
-                log.warning("slurmexecutor: asking the scheduler failed: %s", error)
+            self._queries.ask(action.job_ids)  # squeue off this thread (queries.py)
+            self._events += self._queries.take()
         elif isinstance(action, ev.QueryFinal):
             alive = frozenset(key for key, (host, pid, started) in action.workers.items()
                               if spool.process_alive(host, pid, started))

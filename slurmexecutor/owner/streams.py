@@ -1,7 +1,10 @@
 """Reading the result streams of live tasks for the owner thread (engine.py).
 
-One scandir per live batch's folder per round finds the streams that grew: finished
-batches are never listed again, so a round costs what is live, not the run's history. Streams of tasks the scheduler says
+One scandir per live batch's folder finds the streams that grew: finished batches are
+never listed again, so a round costs what is live, not the run's history. A task whose
+stream is known is looked at by name (one stat) between listings of its folder, which
+come every `LISTING` s (a new attempt's stream shows up then): many warm tasks idle in
+as many finished batches' folders cost a stat each, not a listing each. Streams of tasks the scheduler says
 have ended are also opened by name and read to their end: an open revalidates NFS's
 cached attributes (close-to-open consistency), while a cached listing or size may hide
 what a compute node wrote last.
@@ -26,6 +29,8 @@ from slurmexecutor.folder import spool
 from slurmexecutor.folder.warm import JOIN_BASE
 
 TaskKey = tuple[int, int]  # (batch, task)
+#: seconds between listings of the folders of tasks whose streams are known
+LISTING = 0.5
 
 
 class StreamReader:
@@ -33,12 +38,13 @@ class StreamReader:
 
     give_up_after, give_up_errors = 30.0, 5  # then the stream's task fails
 
-    def __init__(self, run_dir: Path, key: bytes) -> None:
-        self.run_dir, self.key = run_dir, key
+    def __init__(self, run_dir: Path, key: bytes, listing: float = LISTING) -> None:
+        self.run_dir, self.key, self.listing = run_dir, key, listing
         self._cursors: dict[str, spool.StreamCursor] = {}
         self._names: dict[TaskKey, list[str]] = {}  # a task's streams (one per attempt)
         self._failing: dict[str, tuple[float, int]] = {}  # path -> first error, errors
         self._found: set[TaskKey] = set()  # joined streams reported (StreamFound: once)
+        self._next_listing = 0.0  # when known tasks' folders are listed again
 
     def _failed(self, name: str, error: OSError) -> str | None:
         """Note a failed read of `name` (a stream or a folder): warn once, and return
@@ -63,7 +69,15 @@ class StreamReader:
         fresh: dict[str, TaskKey] = {}  # stream path -> its task, to read now
         events: list[Event] = []
         unread = False
-        for batch in sorted({batch for batch, _ in live} | set(batches)):
+        listing = started >= self._next_listing
+        if listing:
+            self._next_listing = started + self.listing
+        folders = {b for b, t in live if listing or (b, t) not in self._names} | set(batches)
+        for key in live:  # the others: by name
+            if key[0] not in folders:
+                for name in self._names[key]:
+                    self._grown(name, key, fresh)
+        for batch in sorted(folders):
             folder = str(spool.batch_dir(self.run_dir, batch))
             try:
                 self._list(batch, live, fresh, events)
@@ -115,6 +129,16 @@ class StreamReader:
             cursor = self._cursors.get(entry.path)
             if cursor is None or entry.stat().st_size > cursor.offset:
                 fresh[entry.path] = (batch, parsed[0])
+
+    def _grown(self, name: str, key: TaskKey, fresh: dict[str, TaskKey]) -> None:
+        """A known stream is read if it grew (or cannot be looked at: the read says why)."""
+        cursor = self._cursors.get(name)
+        try:
+            grown = cursor is None or os.stat(name).st_size > cursor.offset
+        except OSError:
+            grown = True
+        if grown:
+            fresh[name] = key
 
     def forget(self, batch: int, keep: Iterable[TaskKey] = ()) -> None:
         """A finished batch: drop its cursors (but those of its tasks in `keep`, warm
