@@ -19,14 +19,15 @@ Data flow (compare CPython's concurrent/futures/process.py):
    calls: once, sharing.py)   keep_alive: announce it ----------> batches (signal) --> warm tasks
    put Launch --------------> |                                     bNNNN.json         join it
  cancel / shutdown              v                                                    python -c ..
-   put CancelCalls/Shutdown  state.Core.step(events, now) -> actions                 worker (and
-   (never touch state,          SubmitTasks (unless a warm task joined): ONE sbatch  child.py):
-    never run a scheduler       --array=0-(K-1)%1 ---------------------------------> claims chunks
-    command or folder write)    (refused by a limit: asked again, backing off)       (claims/J,
-                                LiftThrottle (scontrol) from the measured work
-                                CancelTasks, WriteCancel, ClaimChunks, Retry         O_EXCL),
-                             each round: scandir of live batches' folders          appends
-                               + new records <--------------------------- bNNNN/tIIII.rA.out
+   put CancelCalls/Shutdown  core.state.Core.step(events, now) -> actions            worker
+   (never touch state,          SubmitTasks (unless a warm task joined): ONE sbatch  (supervisor,
+    never run a scheduler       --array=0-(K-1)%W (W: 1, or the idle slots) -------> child):
+    command or folder write)    (refused by a limit: asked again, backing off)       claims chunks
+                                LiftThrottle (scontrol) from the measured work       (claims/J,
+                                WriteCancel (stop: the worker ends a running call)   O_EXCL),
+                                CancelTasks (pending only), ClaimChunks, Retry       appends
+                             each round: the streams the core asks for <------- bNNNN/tIIII.rA.out
+                               (created empty at submit; a warm join: the old stream's end)
                              one squeue per poll_interval for all live arrays
                              Deliver/Fail -> set_result / set_exception (callbacks here)
                              renew the run's lease (heartbeat file)
@@ -34,7 +35,8 @@ Data flow (compare CPython's concurrent/futures/process.py):
 Each `submit` returns a `SlurmFuture` (a real `concurrent.futures.Future`); `map` packs
 calls into one batch with one internal future per chunk and yields in order. The
 decisions (settling tasks, scale-out, retries, cancellation) are the pure core in
-state.py; the owner in engine.py only carries them out.
+core/ (state.py, policies.py, joins.py, answers.py); the owner in owner/engine.py only
+carries them out.
 """
 
 from __future__ import annotations
