@@ -16,6 +16,7 @@ import threading
 import time
 import weakref
 from concurrent.futures import FIRST_COMPLETED, wait
+from concurrent.futures import TimeoutError as FuturesTimeout  # (not builtin's on 3.10)
 
 import pytest
 
@@ -97,7 +98,7 @@ def test_an_abandoned_map_runs_no_chunk_it_had_not_handed_over(make_executor, tm
     release = hold_owner(ex)
     results = ex.map(touch_and_return, [str(marks)] * 8, range(8), chunksize=1,
                      timeout=0.2)
-    with pytest.raises(TimeoutError):  # abandoned (by its timeout) before the owner
+    with pytest.raises(FuturesTimeout):  # abandoned (by its timeout) before the owner
         next(results)  # took its launch: its chunks are cancelled
     release.set()
     ex.shutdown(wait=True)
