@@ -11,21 +11,41 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from slurmexecutor.folder.sharing import SharedArguments
 from slurmexecutor.owner.bars import CallProgress
 from slurmexecutor.owner.batches import BatchSpec, Chunk, Settings, auto_chunksize, dumps
+from slurmexecutor.owner.caching import CallCache
 from slurmexecutor.owner.dependencies import Dependent, find_futures, snapshot
+from slurmexecutor.owner.engine import Engine
 from slurmexecutor.owner.futures import ChunkSink, FutureSink, SlurmFuture
 from slurmexecutor.owner.handoff import CachedResult, Submit
 from slurmexecutor.schedulers.script import validate_extra, validate_resources
 
-if TYPE_CHECKING:
-    from slurmexecutor.executor import SlurmExecutor
+
+class Executing(Protocol):
+    """What making calls needs of the executor (executor.py): its owner thread's engine,
+    call ids under its lock, its cache, its cancel and shutdown."""
+
+    run_id: str
+    _engine: Engine
+    _lock: threading.Lock
+    _next_call: int
+    _cache: CallCache | None
+
+    def _check_open(self) -> None: ...
+    def _reserve(self, count: int) -> int: ...
+    def _put_launch(self, spec: BatchSpec, sinks: list[FutureSink],
+                    cache_keys: dict[int, str] | None = None) -> None: ...
+    def _slots_for(self, settings: Settings) -> int: ...
+    def _pickled(self, fn: Callable, fingerprint: str | None = None) -> tuple[Any, bytes]: ...
+    def cancel(self, futures: Iterable[Future]) -> None: ...
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None: ...
 
 
 def callable_name(fn: Callable) -> str:
@@ -35,7 +55,7 @@ def callable_name(fn: Callable) -> str:
 class CallMaker:
     """`submit`, `map`, `submit_many` and `options` over an executor and its settings."""
 
-    _executor: SlurmExecutor
+    _executor: Executing
     _settings: Settings
 
     def options(self, *, python: str | None = None, setup: Iterable[str] | None = None,
@@ -228,7 +248,7 @@ class ExecutorView(CallMaker):
     """`SlurmExecutor.options(...)`: the executor's calls with other resources. It has no
     owner thread of its own: `cancel` and `shutdown` are the executor's."""
 
-    def __init__(self, executor: SlurmExecutor, settings: Settings) -> None:
+    def __init__(self, executor: Executing, settings: Settings) -> None:
         self._executor, self._settings = executor, settings
 
     @property
@@ -257,7 +277,7 @@ def _keyed(first: int, keys: list[str | None] | None) -> dict[int, str] | None:
 
 
 def _with_hits(results: Iterator, hits: dict[int, Any], total: int,
-               executor: SlurmExecutor, futures: list[SlurmFuture],
+               executor: Executing, futures: list[SlurmFuture],
                bar: CallProgress) -> Iterator:
     """A map's results in order: cached ones from `hits`, the others from `results`.
     Abandoned early (even before `results` started), it stops the calls not yet run."""
@@ -287,7 +307,7 @@ def _zipped(iterables: tuple[Iterable, ...]) -> tuple[int, Iterator[tuple]]:
     return len(items), iter(items)
 
 
-def _chained_results(executor: SlurmExecutor, futures: list[SlurmFuture],
+def _chained_results(executor: Executing, futures: list[SlurmFuture],
                      end_time: float | None, bar: CallProgress,
                      single: bool = False) -> Iterator:
     """Yield the calls' results in order; raise a call's exception at its position.

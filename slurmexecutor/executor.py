@@ -56,7 +56,8 @@ from typing import Any
 
 from slurmexecutor._log import log
 from slurmexecutor.calls import CallMaker, callable_name
-from slurmexecutor.core.state import Config, Core
+from slurmexecutor.core.ledger import Config
+from slurmexecutor.core.state import Core
 from slurmexecutor.errors import RunNotFoundError
 from slurmexecutor.folder import spool
 from slurmexecutor.folder.folders import default_folder

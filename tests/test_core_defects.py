@@ -22,7 +22,8 @@ from slurmexecutor.core.events import (
     SubmitTasks,
     TasksSubmitted,
 )
-from slurmexecutor.core.state import Config, Core
+from slurmexecutor.core.ledger import Config
+from slurmexecutor.core.state import Core
 from slurmexecutor.errors import CallLostError, JobCancelledError, SubmissionError
 from slurmexecutor.schedulers import TaskState
 

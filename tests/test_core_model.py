@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from slurmexecutor.core import events as ev
-from slurmexecutor.core.state import Config, Core
+from slurmexecutor.core.ledger import Config
+from slurmexecutor.core.state import Core
 from slurmexecutor.errors import SubmissionError
 from slurmexecutor.folder import claims, spool, warm
 from slurmexecutor.owner.streams import StreamReader

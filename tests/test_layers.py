@@ -1,6 +1,7 @@
 """The package's layout: layers that import only downwards, no import cycles, modules of a
-readable size. Imports only for the type checker (`if TYPE_CHECKING:`) do not count;
-imports inside functions do."""
+readable size. Every import counts: inside functions, and those only for the type checker
+(`if TYPE_CHECKING:`); a module that needs another's type without importing it names a
+`Protocol` of what it uses (futures.Owner, calls.Executing, child.Supervising)."""
 
 from __future__ import annotations
 
@@ -36,14 +37,9 @@ def imports(known: dict[str, Path]) -> dict[str, set[str]]:
     graph: dict[str, set[str]] = {}
     for module, path in known.items():
         tree = ast.parse(path.read_text())
-        typing_only = {id(node) for block in ast.walk(tree) if isinstance(block, ast.If)
-                       and "TYPE_CHECKING" in ast.unparse(block.test)
-                       for node in ast.walk(block)}
         package = module if path.name == "__init__.py" else module.rpartition(".")[0]
         edges = graph.setdefault(module, set())
         for node in ast.walk(tree):
-            if id(node) in typing_only:
-                continue
             if isinstance(node, ast.ImportFrom):
                 base = node.module or ""
                 if node.level:
@@ -119,3 +115,11 @@ def test_modules_stay_readable():
     long = {str(p.relative_to(PACKAGE)): n for p in PACKAGE.rglob("*.py")
             if (n := len(p.read_text().splitlines())) > MOST_LINES}
     assert long == {}
+
+
+def test_imports_for_the_type_checker_and_inside_functions_count(tmp_path):
+    (tmp_path / "a.py").write_text("from typing import TYPE_CHECKING\n"
+                                   "if TYPE_CHECKING:\n    from pkg.b import B\n")
+    (tmp_path / "b.py").write_text("def f():\n    from pkg import a\n")
+    graph = imports({"pkg.a": tmp_path / "a.py", "pkg.b": tmp_path / "b.py"})
+    assert cycles(graph) == [["pkg.a", "pkg.b"]]

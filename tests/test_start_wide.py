@@ -9,7 +9,8 @@ import re
 
 from slurmexecutor import SlurmExecutor
 from slurmexecutor.core.events import BatchAdded, Record, SubmitTasks, TasksSubmitted
-from slurmexecutor.core.state import Config, Core
+from slurmexecutor.core.ledger import Config
+from slurmexecutor.core.state import Core
 from slurmexecutor.folder import spool
 from slurmexecutor.schedulers.slurm import parse_idle_slots
 

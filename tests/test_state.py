@@ -28,7 +28,8 @@ from slurmexecutor.core.events import (
     TasksSubmitted,
     WriteCancel,
 )
-from slurmexecutor.core.state import Config, Core, window_due
+from slurmexecutor.core.ledger import Config
+from slurmexecutor.core.state import Core, window_due
 from slurmexecutor.errors import (
     CallLostError,
     IntegrityError,

@@ -6,20 +6,17 @@ accounting query for them). Pure: no I/O.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
 
 from slurmexecutor.core import events as ev
 from slurmexecutor.core.ledger import Task
+from slurmexecutor.core.store import CoreState
 from slurmexecutor.schedulers import TaskKey, TaskState, state_of
 
-if TYPE_CHECKING:
-    from slurmexecutor.core.state import Core
 
-
-def on_states(core: Core, states: Mapping[TaskKey, TaskState], now: float) -> None:
+def on_states(core: CoreState, states: Mapping[TaskKey, TaskState], now: float) -> None:
     vanished: list[Task] = []
     states = dict(states)  # once, not per task
-    for task in core._watched():
+    for task in core.watched_tasks():
         state = state_of(states, task.job_id, task.array_index)
         if state is None:
             if now - task.registered > 2 * core.config.poll_interval + (
@@ -36,13 +33,13 @@ def on_states(core: Core, states: Mapping[TaskKey, TaskState], now: float) -> No
                     task.ended = task.killed = False
             task.started = task.started or state.running
     if vanished:
-        core._out.append(ev.QueryFinal(
+        core.out.append(ev.QueryFinal(
             tuple(t.key for t in vanished),
             tuple((t.job_id or "", t.array_index or 0) for t in vanished),
             {t.key: (*t.worker, t.worker_started) for t in vanished if t.worker is not None}))
 
 
-def on_finals(core: Core, event: ev.FinalAnswer, now: float) -> None:
+def on_finals(core: CoreState, event: ev.FinalAnswer, now: float) -> None:
     for key in event.tasks:
         task = core.tasks.get(key)
         if task is None or key in event.alive:

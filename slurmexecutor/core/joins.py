@@ -6,16 +6,12 @@ followed in B by its Slurm id, once: a settled joiner never comes back. Pure: no
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from slurmexecutor.core import events as ev
 from slurmexecutor.core.ledger import Batch, Task
-
-if TYPE_CHECKING:
-    from slurmexecutor.core.state import Core
+from slurmexecutor.core.store import CoreState
 
 
-def add_joiner(core: Core, batch: Batch, index: int, job_id: str | None,
+def add_joiner(core: CoreState, batch: Batch, index: int, job_id: str | None,
                array_index: int | None, now: float) -> None:
     """A warm task joined `batch` as task `index`: followed like its own, once (a
     settled joiner never comes back)."""
@@ -27,7 +23,7 @@ def add_joiner(core: Core, batch: Batch, index: int, job_id: str | None,
     batch.tasks.append(task)
 
 
-def on_warm_record(core: Core, task: Task, record: ev.Record, now: float) -> None:
+def on_warm_record(core: CoreState, task: Task, record: ev.Record, now: float) -> None:
     """A record of a warm task whose batch finished: idle, or its end (joined)."""
     key = task.slurm_key
     body = record.body or {}

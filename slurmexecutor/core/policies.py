@@ -9,15 +9,12 @@ append actions; `Core` owns the state.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 from slurmexecutor.core import events as ev
 from slurmexecutor.core.events import Failure
 from slurmexecutor.core.ledger import Batch, Task, task_failure
+from slurmexecutor.core.store import CoreState
 from slurmexecutor.errors import IntegrityError, JobCancelledError
-
-if TYPE_CHECKING:
-    from slurmexecutor.core.state import Core
 
 #: seconds before asking again after a submission limit refused a batch's tasks, growing
 #: by DEFER_GROWTH per refusal in a row up to DEFER_MAX (the queue shrinks as jobs end)
@@ -30,14 +27,14 @@ MAX_FREE_RERUNS = 10
 # -- `ex.cancel`: skip, stop (by the worker), withdraw unclaimed chunks; and the seco
 
 
-def stop_copy(core: Core, batch: Batch, other: Task, call_id: int) -> None:
+def stop_copy(core: CoreState, batch: Batch, other: Task, call_id: int) -> None:
     """A call of a backed-up chunk has its result: the other copy skips it, or stops
     it if it runs it (its worker ends that call and carries on)."""
-    core._out.append(ev.WriteCancel(batch.number, batch.chunk_of(call_id), (call_id,),
+    core.out.append(ev.WriteCancel(batch.number, batch.chunk_of(call_id), (call_id,),
                                     stop=True))
 
 
-def release_copies(core: Core, task: Task) -> None:
+def release_copies(core: CoreState, task: Task) -> None:
     """A task ended: the calls another live task also runs (backups) are left to it."""
     batch = task.batch
     for call_id in list(task.unresolved):
@@ -48,7 +45,7 @@ def release_copies(core: Core, task: Task) -> None:
             batch.owner[call_id] = other
             batch.backup.pop(call_id, None)
 
-def warm_free(core: Core, resources: str, now: float) -> int:
+def warm_free(core: CoreState, resources: str, now: float) -> int:
     """Idle warm tasks of `resources` that no batch waits for yet: a window of that key
     may go out at once (one of them takes it), instead of packing more calls."""
     idle = sum(1 for key, until in core.warm.items()
@@ -56,18 +53,18 @@ def warm_free(core: Core, resources: str, now: float) -> int:
     if not idle:
         return 0
     awaiting = sum(1 for b in core.batches.values() if b.resources == resources and (
-        b.pending is not None and b.pending.warm and not core._live(b)))
+        b.pending is not None and b.pending.warm and not core.live_tasks(b)))
     return idle - awaiting
 
 
-def may_start_wide(core: Core, calls: int, measured: float | None) -> bool:
+def may_start_wide(core: CoreState, calls: int, measured: float | None) -> bool:
     """Whether free slots would widen a new batch of `calls` calls whose functions took
     `measured` task-seconds per call (None: never measured): the owner asks the
     scheduler only then. Work measured cheap stays on one task."""
     return measured is None or calls * measured > core.config.horizon
 
 
-def start_width(core: Core, event: ev.BatchAdded) -> int:
+def start_width(core: CoreState, event: ev.BatchAdded) -> int:
     """Tasks a throttled batch starts with: up to the free slots when its work is not
     known to be cheap (never measured: all it planned; measured: one per `horizon` s of
     it), else one; scale-out widens it from there."""
@@ -80,7 +77,7 @@ def start_width(core: Core, event: ev.BatchAdded) -> int:
 
 
 
-def cancel(core: Core, event: ev.CancelRequested) -> None:
+def cancel(core: CoreState, event: ev.CancelRequested) -> None:
     """Cancel handed-over calls: workers skip those not started and (with `kill`) stop
     those running, from the chunk's cancel files; whole unclaimed chunks are claimed
     by the client. No task is ever ended for it: a task may hold other calls, or have
@@ -91,15 +88,15 @@ def cancel(core: Core, event: ev.CancelRequested) -> None:
             core.doomed.add(call_id)
             by_chunk.setdefault((batch.number, batch.chunk_of(call_id)), []).append(call_id)
     for (number, chunk), call_ids in sorted(by_chunk.items()):
-        core._out.append(ev.WriteCancel(number, chunk, tuple(call_ids), stop=event.kill))
+        core.out.append(ev.WriteCancel(number, chunk, tuple(call_ids), stop=event.kill))
     for number in sorted({number for number, _ in by_chunk}):
         batch = core.batches[number]
         whole = tuple(sorted(c for c in batch.unclaimed if all_doomed(core, batch, c)))
         if whole:
-            core._out.append(ev.ClaimChunks(number, whole))
+            core.out.append(ev.ClaimChunks(number, whole))
 
 
-def cancel_pending(core: Core, tasks: list[Task]) -> None:
+def cancel_pending(core: CoreState, tasks: list[Task]) -> None:
     """Tasks no longer needed (not seen started) are no longer followed, and
     cancelled if they still have not started (a started one finds nothing to claim
     and ends, or waits warm)."""
@@ -107,14 +104,14 @@ def cancel_pending(core: Core, tasks: list[Task]) -> None:
     for task in pending:
         core.tasks.pop(task.key, None)
     if pending:
-        core._out.append(ev.CancelTasks(tuple(t.slurm_id for t in pending)))
+        core.out.append(ev.CancelTasks(tuple(t.slurm_id for t in pending)))
 
 
-def all_doomed(core: Core, batch: Batch, chunk: int) -> bool:
+def all_doomed(core: CoreState, batch: Batch, chunk: int) -> bool:
     return all(c in core.doomed for c in batch.chunks[chunk] if c in batch.open_calls)
 
 
-def claim_then_fail(core: Core, batch: Batch, chunks: tuple[int, ...],
+def claim_then_fail(core: CoreState, batch: Batch, chunks: tuple[int, ...],
                     why: Task | Failure) -> None:
     """The client claims chunks nobody is left to run; their calls fail (or are retried,
     after `why`, the task that left them) only for the claims it wins (ClaimsWon): a
@@ -122,10 +119,10 @@ def claim_then_fail(core: Core, batch: Batch, chunks: tuple[int, ...],
     batch.unclaimed.difference_update(chunks)
     for chunk in chunks:
         core.claim_then[(batch.number, chunk)] = why
-    core._out.append(ev.ClaimChunks(batch.number, chunks))
+    core.out.append(ev.ClaimChunks(batch.number, chunks))
 
 
-def claims_won(core: Core, event: ev.ClaimsWon) -> None:
+def claims_won(core: CoreState, event: ev.ClaimsWon) -> None:
     """The client won these claims: their calls never run. Lost ones are a task's,
     whose claim record tells the core about it."""
     batch = core.batches.get(event.batch)
@@ -136,11 +133,11 @@ def claims_won(core: Core, event: ev.ClaimsWon) -> None:
         batch.unclaimed.discard(chunk)
         calls = [c for c in batch.chunks[chunk] if c in batch.open_calls]
         if isinstance(why, Failure):
-            core._fail(batch, calls, why)
+            core.fail_calls(batch, calls, why)
         elif why is not None:  # the task that left them: retried, or failed as fits
             fail_unfinished(core, why, calls, started=False)
         else:
-            core._fail(batch, calls, Failure(
+            core.fail_calls(batch, calls, Failure(
                 JobCancelledError, "the call was cancelled before it started",
                 state="CANCELLED"))
 
@@ -148,17 +145,17 @@ def claims_won(core: Core, event: ev.ClaimsWon) -> None:
 # -- How many tasks a batch gets: its array when no warm task takes it, and one more
 
 
-def ask(core: Core, batch: Batch) -> None:
+def ask(core: CoreState, batch: Batch) -> None:
     """Ask for the batch's pending tasks (at most `cap` of them) in one sbatch."""
     pending = batch.pending
     assert pending is not None
     count = min(pending.left, pending.cap or pending.left)
     pending.asked, pending.warm = count, False
-    core._out.append(ev.SubmitTasks(batch.number, pending.next, count, batch.throttled,
+    core.out.append(ev.SubmitTasks(batch.number, pending.next, count, batch.throttled,
                                     batch.throttle))
 
 
-def tasks_submitted(core: Core, batch: Batch, offset: int, size: int, now: float) -> None:
+def tasks_submitted(core: CoreState, batch: Batch, offset: int, size: int, now: float) -> None:
     """An array (part) went out. All of a capped request went out and more is left:
     the rest is asked for at once, in parts twice as large."""
     pending = batch.pending
@@ -173,7 +170,7 @@ def tasks_submitted(core: Core, batch: Batch, offset: int, size: int, now: float
         pending.cap, pending.due = pending.cap * 2, now
 
 
-def submit_failed(core: Core, event: ev.SubmitFailed) -> None:
+def submit_failed(core: CoreState, event: ev.SubmitFailed) -> None:
     """sbatch refused the batch for good: no more tasks; nobody left runs its calls."""
     batch = core.batches.get(event.batch)
     if batch is None:
@@ -181,12 +178,12 @@ def submit_failed(core: Core, event: ev.SubmitFailed) -> None:
     batch.planned = batch.submitted  # no more attempts at scaling out
     batch.pending = None
     batch.submit_error = event.error
-    if not core._live(batch) and batch.unclaimed:  # its chunks are the client's first:
+    if not core.live_tasks(batch) and batch.unclaimed:  # its chunks are the client's first:
         claim_then_fail(core, batch, tuple(sorted(batch.unclaimed)), Failure(  # a warm
             type(event.error), str(event.error), error=event.error))  # task may join
 
 
-def submit_deferred(core: Core, event: ev.SubmitDeferred, now: float) -> None:
+def submit_deferred(core: CoreState, event: ev.SubmitDeferred, now: float) -> None:
     """A submission limit refused the tasks for now: ask again later, at most half as
     many at once, backing off from DEFER_FIRST to DEFER_MAX s while refusals go on."""
     batch = core.batches.get(event.batch)
@@ -199,7 +196,7 @@ def submit_deferred(core: Core, event: ev.SubmitDeferred, now: float) -> None:
     pending.refusals += 1
 
 
-def submit_when_due(core: Core, batch: Batch, now: float) -> None:
+def submit_when_due(core: CoreState, batch: Batch, now: float) -> None:
     """The pending tasks go out when due, unless nothing is left for them to do."""
     pending = batch.pending
     assert pending is not None
@@ -211,12 +208,12 @@ def submit_when_due(core: Core, batch: Batch, now: float) -> None:
         ask(core, batch)
 
 
-def warm_or_submit(core: Core, batch: Batch, now: float) -> None:
+def warm_or_submit(core: CoreState, batch: Batch, now: float) -> None:
     """A batch left to warm tasks: its array is asked for when no warm task joined in
     time, or when the work measured on those that joined needs more tasks (the
     scale-out rule: one task per `horizon` s of work left)."""
     assert batch.pending is not None
-    joined = core._live(batch)
+    joined = core.live_tasks(batch)
     if not joined:
         if now >= batch.pending.due:
             ask(core, batch)
@@ -228,7 +225,7 @@ def warm_or_submit(core: Core, batch: Batch, now: float) -> None:
         ask(core, batch)
 
 
-def scale_out(core: Core, batch: Batch, now: float) -> None:
+def scale_out(core: CoreState, batch: Batch, now: float) -> None:
     """Let more of the batch's tasks run when the work measured so far says so: one
     task per `horizon` s of estimated remaining work, never fewer than now. Waiting in
     the queue says nothing about the work, so it never scales a batch out."""
@@ -242,44 +239,44 @@ def scale_out(core: Core, batch: Batch, now: float) -> None:
     wanted = min(batch.planned, max(1, math.ceil(work / core.config.horizon)))
     if wanted > batch.throttle:
         batch.throttle = wanted
-        core._out.append(ev.LiftThrottle(batch.number, wanted if batch.throttled else 0))
+        core.out.append(ev.LiftThrottle(batch.number, wanted if batch.throttled else 0))
 
 
 # -- What becomes of the calls a task left without results: a retry, or the error tha
 
 
-def hand_back(core: Core, task: Task, call_ids: list[int]) -> None:
+def hand_back(core: CoreState, task: Task, call_ids: list[int]) -> None:
     """Calls a task claimed but never started, handed back before its time limit:
     they run again elsewhere (a batch of their own, as a retry's) without using up a
     retry; cancelled ones are failed as such."""
     batch = task.batch
     cancelled = [c for c in call_ids if c in core.doomed]
     if cancelled:
-        core._fail(batch, cancelled, Failure(
+        core.fail_calls(batch, cancelled, Failure(
             JobCancelledError, "the call was cancelled", task.ref, "CANCELLED"))
     call_ids = [c for c in call_ids if c not in core.doomed and c in batch.open_calls]
     if not call_ids:
         return
     if core.cancelling:  # shutdown(cancel_futures=True): nothing new goes out
-        core._fail(batch, call_ids, Failure(
+        core.fail_calls(batch, call_ids, Failure(
             JobCancelledError, "the call was cancelled before it started", task.ref,
             "CANCELLED"))
         return
     calls: dict[int, list[int]] = {}
     for call_id in call_ids:
         calls.setdefault(batch.chunk_of(call_id), []).append(call_id)
-        core._close(batch, call_id)
-    core._out.append(ev.Retry(batch.number, batch.attempt,
+        core.close_call(batch, call_id)
+    core.out.append(ev.Retry(batch.number, batch.attempt,
                               {k: tuple(v) for k, v in calls.items()}, "a time limit"))
 
 
-def fail_unfinished(core: Core, task: Task, call_ids: list[int], started: bool = True) -> None:
+def fail_unfinished(core: CoreState, task: Task, call_ids: list[int], started: bool = True) -> None:
     """Calls a task left without results: retry them, or fail them with the error
     that fits how the task ended."""
     batch, state = task.batch, task.final
     cancelled = [c for c in call_ids if c in core.doomed]
     if cancelled:  # the user's word wins: never retried, never blamed on the task
-        core._fail(batch, cancelled, Failure(
+        core.fail_calls(batch, cancelled, Failure(
             JobCancelledError, "the call was cancelled", task.ref, "CANCELLED"))
         call_ids = [c for c in call_ids if c not in core.doomed]
     if not call_ids:
@@ -296,15 +293,15 @@ def fail_unfinished(core: Core, task: Task, call_ids: list[int], started: bool =
         calls: dict[int, list[int]] = {}
         for call_id in call_ids:
             calls.setdefault(batch.chunk_of(call_id), []).append(call_id)
-            core._close(batch, call_id)
-        core._out.append(ev.Retry(
+            core.close_call(batch, call_id)
+        core.out.append(ev.Retry(
             batch.number, batch.attempt + (not free),
             {k: tuple(v) for k, v in calls.items()}, state.state, batch.reruns + free))
         return
     if task.truncated and live_end and started:
-        core._fail(batch, call_ids, Failure(IntegrityError, (
+        core.fail_calls(batch, call_ids, Failure(IntegrityError, (
             f"{task.truncated}: its task ended "
             f"({state.state if state else 'state unknown'}) while writing it"),
             task.ref))
         return
-    core._fail(batch, call_ids, task_failure(task, started, core.config.result_grace))
+    core.fail_calls(batch, call_ids, task_failure(task, started, core.config.result_grace))

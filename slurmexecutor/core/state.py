@@ -24,49 +24,25 @@ from collections.abc import Iterable
 from slurmexecutor.core import answers, joins, policies
 from slurmexecutor.core import events as ev
 from slurmexecutor.core.events import Action, Event, Failure
-from slurmexecutor.core.ledger import REQUEUEABLE, Batch, Config, Submission, Task
+from slurmexecutor.core.ledger import REQUEUEABLE, Batch, Submission, Task
+from slurmexecutor.core.store import CoreState
 from slurmexecutor.errors import CallLostError, IntegrityError
 
 
-class Core:
-    """Batches, tasks and calls, and every decision about them."""
-
-    def __init__(self, config: Config) -> None:
-        self.config = config
-        self.batches: dict[int, Batch] = {}
-        self.tasks: dict[tuple[int, int], Task] = {}  # live tasks only
-        self.doomed: set[int] = set()  # calls the user cancelled after launch
-        self.now = 0.0  # the current step's time
-        self.cancelling = False  # shutdown(cancel_futures=True): no more retries
-        self.next_poll = 0.0
-        #: settled tasks that had no end record: read on for another result_grace, so a
-        #: result that comes after all still wins where its future is unresolved
-        self.lingering: dict[tuple[int, int], Task] = {}
-        #: when the latest complete read of the streams began: a task the scheduler
-        #: calls ended is judged only on a read that began after we learned it
-        self.scanned = float("-inf")
-        #: warm tasks seen idle: (job id, array index) -> until when they wait, and the
-        #: resources key of the batches they may join
-        self.warm: dict[tuple[str, int], float] = {}
-        self.warm_for: dict[tuple[str, int], str] = {}
-        #: warm tasks whose batch finished: their streams are read on until their `end`
-        #: record, which names the batch (and index) they joined, if any
-        self.following: dict[tuple[int, int], Task] = {}
-        #: chunks the client claims for want of tasks: what their calls get if it wins
-        self.claim_then: dict[tuple[int, int], Task | Failure] = {}
-        self._out: list[Action] = []
+class Core(CoreState):
+    """Every decision about the batches, tasks and calls of `CoreState`."""
 
     # -- the one entry point -------------------------------------------------------------
 
     def step(self, events: Iterable[Event], now: float) -> list[Action]:
         """Apply `events`, then the clock's decisions; return what to do."""
-        self._out, self.now = [], now
+        self.out, self.now = [], now
         for key in [k for k, t in self.lingering.items() if now > t.linger_until]:
             del self.lingering[key]
         for event in events:
             self._apply(event, now)
         self._tick(now)
-        out, self._out = self._out, []
+        out, self.out = self.out, []
         return out
 
     @property
@@ -204,7 +180,7 @@ class Core:
             calls = tuple(c for c in batch.chunks[chunk] if c in batch.open_calls)
             task.unresolved.update(calls)
             batch.owner.update(dict.fromkeys(calls, task))
-            self._out.append(ev.Claimed(batch.number, chunk, task.ref, calls))
+            self.out.append(ev.Claimed(batch.number, chunk, task.ref, calls))
         elif kind == "backup":  # a second copy of a straggling chunk: first result wins
             assert record.call_id is not None
             chunk = record.call_id
@@ -213,7 +189,7 @@ class Core:
             batch.backup.update(dict.fromkeys(calls, task))
             done = tuple(c for c in batch.chunks[chunk] if c not in batch.open_calls)
             if done:  # what the first copy finished: the backup skips it
-                self._out.append(ev.WriteCancel(batch.number, chunk, done))
+                self.out.append(ev.WriteCancel(batch.number, chunk, done))
         elif kind == "limit":
             task.limit_notice = True
         elif kind == "handback":  # near its time limit: calls it claimed but never started
@@ -235,10 +211,10 @@ class Core:
             batch.done += 1
             other = batch.backup.get(call_id)
             other = batch.owner.get(call_id) if other is task else other
-            self._close(batch, call_id)
+            self.close_call(batch, call_id)
             if other is not None and other is not task:
                 policies.stop_copy(self, batch, other, call_id)
-            self._out.append(ev.Deliver(call_id, kind, record.body, task.ref,
+            self.out.append(ev.Deliver(call_id, kind, record.body, task.ref,
                                         call_id in self.doomed))
 
     def _on_late_record(self, task: Task, record: ev.Record) -> None:
@@ -249,8 +225,8 @@ class Core:
             task.verdicts.discard(call_id)
             for batch in self.batches.values():  # a retry may carry it: it is done now
                 if call_id in batch.open_calls:
-                    self._close(batch, call_id)
-            self._out.append(ev.Deliver(call_id, record.kind, record.body, task.ref,
+                    self.close_call(batch, call_id)
+            self.out.append(ev.Deliver(call_id, record.kind, record.body, task.ref,
                                      call_id in self.doomed, late=True))
 
     # -- the clock -----------------------------------------------------------------------
@@ -265,10 +241,10 @@ class Core:
         if not self.batches:
             return
         if now >= self.next_poll:
-            job_ids = frozenset(t.job_id for t in self._watched() if t.job_id is not None)
+            job_ids = frozenset(t.job_id for t in self.watched_tasks() if t.job_id is not None)
             if job_ids:
                 self.next_poll = now + self.config.poll_interval
-                self._out.append(ev.QueryScheduler(job_ids))
+                self.out.append(ev.QueryScheduler(job_ids))
         for task in list(self.tasks.values()):
             self._settle_task(task, now)
         for batch in list(self.batches.values()):
@@ -287,7 +263,7 @@ class Core:
         if batch.backup and (task.error or task.ended or task.final):
             policies.release_copies(self, task)
         if task.error:
-            self._fail(batch, sorted(task.unresolved), Failure(IntegrityError, task.error,
+            self.fail_calls(batch, sorted(task.unresolved), Failure(IntegrityError, task.error,
                                                                 task.ref))
         elif task.ended and (not task.killed or task.job_id is None):  # (no id: nothing
             if task.limit_notice:  # to ask the scheduler about; a joiner that never started)
@@ -313,7 +289,7 @@ class Core:
         self.tasks.pop(task.key, None)
 
     def _settle_batch(self, batch: Batch, now: float) -> None:
-        live = self._live(batch)
+        live = self.live_tasks(batch)
         if not batch.unclaimed and batch.submitted:  # nothing left for tasks yet to start
             policies.cancel_pending(self, [t for t in live if not t.started])
         if not batch.open_calls:  # all done: tasks that did not start are not needed
@@ -338,7 +314,7 @@ class Core:
                 batch.done and batch.first_start is not None) else None
             if per_call is not None and batch.busy:  # the chunks' own time, if read
                 per_call = min(per_call, batch.busy / batch.done)
-            self._out.append(ev.BatchDone(batch.number, per_call))
+            self.out.append(ev.BatchDone(batch.number, per_call))
             return
         if batch.pending is not None:
             policies.submit_when_due(self, batch, now)
@@ -352,10 +328,10 @@ class Core:
                 until > now and self.warm_for.get(key) == batch.resources
                 for key, until in self.warm.items()):  # idle warm tasks may hold its CPUs
             batch.wanted_sent = True
-            self._out.append(ev.AnnounceBatch(batch.number))
+            self.out.append(ev.AnnounceBatch(batch.number))
         if batch.throttled and batch.first_start is not None and now >= batch.next_scale:
             policies.scale_out(self, batch, now)
-        if not self._live(batch):  # nobody is left to claim them
+        if not self.live_tasks(batch):  # nobody is left to claim them
             failed = batch.last_failed
             error = batch.submit_error
             if failed is None or error is not None:
@@ -364,32 +340,6 @@ class Core:
                     CallLostError, "no array task of its batch was left to run this call"))
             else:
                 policies.claim_then_fail(self, batch, tuple(sorted(batch.unclaimed)), failed)
-
-    # -- helpers -------------------------------------------------------------------------
-
-    def _watched(self) -> list[Task]:
-        return [t for t in self.tasks.values()
-                if t.job_id is not None and (not t.ended or t.killed)]
-
-    def _live(self, batch: Batch) -> list[Task]:
-        return [t for t in batch.tasks if t.key in self.tasks]
-
-    def _close(self, batch: Batch, call_id: int) -> None:
-        batch.open_calls.discard(call_id)
-        task = batch.owner.pop(call_id, None)
-        if task is not None:
-            task.unresolved.discard(call_id)
-        if batch.backup:
-            copy = batch.backup.pop(call_id, None)
-            if copy is not None:
-                copy.unresolved.discard(call_id)
-
-    def _fail(self, batch: Batch, call_ids: list[int], failure: Failure) -> None:
-        call_ids = [c for c in call_ids if c in batch.open_calls]
-        for call_id in call_ids:
-            self._close(batch, call_id)
-        if call_ids:
-            self._out.append(ev.Fail(tuple(call_ids), failure))
 
 
 def window_due(opened: float, touched: float, quiet: float, longest: float) -> float:

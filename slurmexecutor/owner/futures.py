@@ -16,15 +16,22 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, InvalidStateError
 from concurrent.futures._base import CANCELLED, PENDING
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, overload
+from typing import Any, Literal, Protocol, overload
 
 from slurmexecutor.folder import spool
 from slurmexecutor.owner.bars import CallProgress
 
-if TYPE_CHECKING:
-    from slurmexecutor.owner.engine import Engine
-
 LOG_TAIL_LINES = 20
+
+
+class Owner(Protocol):
+    """What a future asks of the owner thread's engine (engine.py)."""
+
+    run_dir: Path
+
+    def flush(self) -> None: ...
+    def notify_cancelled(self, future: SlurmFuture) -> None: ...
+    def is_owner_thread(self) -> bool: ...
 
 
 class SlurmFuture(Future):
@@ -34,7 +41,7 @@ class SlurmFuture(Future):
     lone call is not held back for company.
     """
 
-    def __init__(self, engine: Engine, call_ids: Sequence[int]) -> None:
+    def __init__(self, engine: Owner, call_ids: Sequence[int]) -> None:
         super().__init__()
         self._engine = engine
         self.call_ids = call_ids

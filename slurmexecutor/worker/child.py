@@ -16,7 +16,7 @@ import time
 import traceback
 from array import array
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from slurmexecutor.folder import claims, spool
 from slurmexecutor.folder.diskio import FULL
@@ -24,7 +24,6 @@ from slurmexecutor.folder.folders import writable_by_others
 
 if TYPE_CHECKING:
     from slurmexecutor.folder.sharing import SharedObjects
-    from slurmexecutor.worker.supervisor import Supervisor
 
 POSITION = struct.Struct(">II")  # chunk index, call position within the chunk
 CLAIMED = 0xFFFFFFFF  # the position sent when a chunk is claimed, before its first call
@@ -33,6 +32,21 @@ IDLE = 0xFFFFFFFE  # (IDLE, 0): it ran everything it claimed and waits for a bat
 JOIN = 0xFFFFFFFD  # (JOIN, batch), then (JOIN_TASK, index): it joined another batch
 JOIN_TASK = 0xFFFFFFFC
 STOP_SIGNAL = signal.SIGUSR1
+
+
+class Supervising(Protocol):
+    """What the child uses of the supervisor that forked it (supervisor.py): where it
+    works (run folder, batch, task index, manifest), its stream, key and host facts, and
+    the chunks a requeued attempt runs again first."""
+
+    run_dir: Path
+    batch: int
+    task: int
+    manifest: dict
+    out: spool.RecordWriter
+    key: bytes
+    where: dict
+    reruns: list[int]
 
 
 class _ChildStop:
@@ -46,7 +60,7 @@ class _ChildStop:
 class ChildRunner:
     """Inside the forked child: claims chunks and runs their calls in order."""
 
-    def __init__(self, supervisor: Supervisor, pipe: int) -> None:
+    def __init__(self, supervisor: Supervising, pipe: int) -> None:
         self.sup = supervisor
         self.pipe = pipe
         self.functions: dict[int, object] = {}
