@@ -10,13 +10,14 @@ as for the reference figures) and stops it on exit.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -116,3 +117,39 @@ def lagged_cluster(lag: float, nodes: int = 1, cpus: int = 16) -> Iterator[Path]
     finally:
         _stop(folder / "cluster")
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def compare_trees(backends: list[str], baseline: str, skip_baseline: bool,
+                  measure: Callable[[Path, str], dict | None]) -> dict[str, dict[str, dict]]:
+    """`measure(tree, backend)` for this checkout and, unless skipped, `baseline` (a git
+    revision, exported to a temporary folder), side by side in one run; Slurm backends
+    inside one throwaway cluster. Returns {backend: {"baseline"|"current": result}}."""
+    base = Path(tempfile.mkdtemp(prefix="slxbench-base-"))
+    trees = {"current": REPO}
+    if not skip_baseline:
+        subprocess.run(f"git -C {REPO} archive {baseline} slurmexecutor | tar -x -C {base}",
+                       shell=True, check=True)
+        trees = {"baseline": base, "current": REPO}
+    found: dict[str, dict[str, dict]] = {}
+    try:
+        for backend in backends:
+            with slurm_cluster() if backend == "slurm" else nullcontext():
+                results = {code: measure(tree, backend) for code, tree in trees.items()}
+            found[backend] = {code: r for code, r in results.items() if r}
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    return found
+
+
+def run_in_tree(script: str, tree: Path, *argv: str) -> dict:
+    """`python SCRIPT --one ARGV...` with `tree`'s slurmexecutor first on the path; the
+    JSON its last line prints, or {} (after showing its stderr) when it failed."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(tree), str(REPO / "benchmarks"), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, str(Path(script).resolve()), "--one", *argv],
+                         env=env, cwd=tree, capture_output=True, text=True, timeout=900,
+                         check=False, stdin=subprocess.DEVNULL)
+    if out.returncode != 0:
+        print(out.stderr[-3000:], file=sys.stderr)
+        return {}
+    return json.loads(out.stdout.strip().splitlines()[-1])

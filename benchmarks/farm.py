@@ -20,9 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -78,16 +76,9 @@ def run_one(backend: str, calls: int, inflight: int, trips: int) -> dict:
 
 
 def measure(tree: Path, backend: str, args: argparse.Namespace) -> dict:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [str(tree), str(REPO / "benchmarks"), os.environ.get("PYTHONPATH", "")])}
-    argv = [sys.executable, str(Path(__file__).resolve()), "--one", backend,
-            str(args.calls), str(args.inflight), str(args.trips)]
-    out = subprocess.run(argv, env=env, cwd=tree, capture_output=True, text=True,
-                         timeout=900, check=False, stdin=subprocess.DEVNULL)
-    if out.returncode != 0:
-        print(out.stderr[-3000:], file=sys.stderr)
-        return {}
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    from _cluster import run_in_tree
+
+    return run_in_tree(__file__, tree, backend, str(args.calls), str(args.inflight), str(args.trips))
 
 
 def main() -> None:
@@ -96,7 +87,7 @@ def main() -> None:
         print(json.dumps(run_one(backend, int(calls), int(inflight), int(trips))))
         return
     sys.path.insert(0, str(REPO / "benchmarks"))
-    from _cluster import slurm_cluster
+    from _cluster import compare_trees
     from _report import load_line, table
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -107,29 +98,13 @@ def main() -> None:
     parser.add_argument("--baseline", default="main", help="git revision to compare with")
     parser.add_argument("--skip-baseline", action="store_true")
     args = parser.parse_args()
-    base = Path(tempfile.mkdtemp(prefix="slxfarm-base-"))
-    trees = {"current": REPO}
-    if not args.skip_baseline:
-        subprocess.run(f"git -C {REPO} archive {args.baseline} slurmexecutor | tar -x -C {base}",
-                       shell=True, check=True)
-        trees = {"baseline": base, "current": REPO}
     rows: list[list[str]] = []
-    try:
-        for backend in args.backends:
-            results = {}
-            if backend == "slurm":
-                with slurm_cluster():
-                    for code, tree in trees.items():
-                        results[code] = measure(tree, backend, args)
-            else:
-                for code, tree in trees.items():
-                    results[code] = measure(tree, backend, args)
-            for code, r in results.items():
-                if r:
-                    rows.append([backend, code, f"{r['rate']:,.0f}", f"{r['median_ms']:.1f}",
-                                 f"{r['p95_ms']:.1f}", f"{r['burst']:,.0f}"])
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
+    found = compare_trees(args.backends, args.baseline, args.skip_baseline,
+                          lambda tree, backend: measure(tree, backend, args))
+    for backend, results in found.items():
+        for code, r in results.items():
+            rows.append([backend, code, f"{r['rate']:,.0f}", f"{r['median_ms']:.1f}",
+                         f"{r['p95_ms']:.1f}", f"{r['burst']:,.0f}"])
     print(f"\nwarm task farm: {args.calls:,} calls, {args.inflight} in flight; "
           f"{args.trips} sequential round trips (baseline {args.baseline})\n")
     print(table(["backend", "code", "farm calls/s", "round trip median ms", "p95 ms",

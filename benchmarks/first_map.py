@@ -17,8 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -55,16 +53,9 @@ def run_one(backend: str, calls: int, seconds: float) -> dict:
 
 
 def measure(tree: Path, backend: str, args: argparse.Namespace) -> dict:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [str(tree), os.environ.get("PYTHONPATH", "")])}
-    argv = [sys.executable, str(Path(__file__).resolve()), "--one", backend,
-            str(args.calls), str(args.seconds)]
-    out = subprocess.run(argv, env=env, cwd=tree, capture_output=True, text=True,
-                         timeout=900, check=False, stdin=subprocess.DEVNULL)
-    if out.returncode != 0:
-        print(out.stderr[-3000:], file=sys.stderr)
-        return {}
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    from _cluster import run_in_tree
+
+    return run_in_tree(__file__, tree, backend, str(args.calls), str(args.seconds))
 
 
 def main() -> None:
@@ -73,7 +64,7 @@ def main() -> None:
         print(json.dumps(run_one(backend, int(calls), float(seconds))))
         return
     sys.path.insert(0, str(REPO / "benchmarks"))
-    from _cluster import slurm_cluster
+    from _cluster import compare_trees
     from _report import load_line, table
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -83,34 +74,18 @@ def main() -> None:
     parser.add_argument("--baseline", default="main", help="git revision to compare with")
     parser.add_argument("--skip-baseline", action="store_true")
     args = parser.parse_args()
-    base = Path(tempfile.mkdtemp(prefix="slxfirst-base-"))
-    trees = {"current": REPO}
-    if not args.skip_baseline:
-        subprocess.run(f"git -C {REPO} archive {args.baseline} slurmexecutor | tar -x -C {base}",
-                       shell=True, check=True)
-        trees = {"baseline": base, "current": REPO}
     cores = os.cpu_count() or 1
     started = time.perf_counter()
     with ProcessPoolExecutor(cores) as pool:
         assert sum(pool.map(burn, [args.seconds] * args.calls)) > 0
     pool_wall = time.perf_counter() - started
     rows = [["-", f"ProcessPool({cores})", f"{pool_wall:.2f}", "-", "1.00x"]]
-    try:
-        for backend in args.backends:
-            results = {}
-            if backend == "slurm":
-                with slurm_cluster():
-                    for code, tree in trees.items():
-                        results[code] = measure(tree, backend, args)
-            else:
-                for code, tree in trees.items():
-                    results[code] = measure(tree, backend, args)
-            for code, r in results.items():
-                if r:
-                    rows.append([backend, code, f"{r['wall']:.2f}", str(r["tasks"]),
-                                 f"{r['wall'] / pool_wall:.2f}x"])
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
+    found = compare_trees(args.backends, args.baseline, args.skip_baseline,
+                          lambda tree, backend: measure(tree, backend, args))
+    for backend, results in found.items():
+        for code, r in results.items():
+            rows.append([backend, code, f"{r['wall']:.2f}", str(r["tasks"]),
+                         f"{r['wall'] / pool_wall:.2f}x"])
     print(f"\nfirst map of {args.calls} calls x {args.seconds:g} s CPU "
           f"(baseline {args.baseline})\n")
     print(table(["backend", "code", "wall s", "tasks", "/ pool"], rows))

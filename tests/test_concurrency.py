@@ -1,8 +1,9 @@
 """A randomized concurrency test of the executor core (local backend only).
 
 Each seed builds one executor and lets 2-4 threads submit (also through an
-`ex.options` view, with futures as arguments, and as `submit_many` batches whose
-futures are cancelled at once), map, cancel (Future.cancel and ex.cancel), wait and fetch
+`ex.options` view, with futures as arguments, as `submit_many` batches whose futures
+are cancelled at once, and calls whose first attempt kills their task, so they are
+retried and may be cancelled after that), map, cancel (Future.cancel and ex.cancel), wait and fetch
 results at random, while one of them shuts the executor
 down (wait True/False, cancel_futures True/False) at a random point. Then it checks:
 
@@ -24,7 +25,9 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import itertools
+import os
 import random
+import signal
 import threading
 import time
 from dataclasses import dataclass, field
@@ -33,7 +36,7 @@ from pathlib import Path
 import pytest
 from conftest import wait_until
 
-from slurmexecutor import DependencyError, JobCancelledError, SlurmExecutor
+from slurmexecutor import DependencyError, JobCancelledError, SlurmExecutor, WorkerCrashedError
 
 SEEDS = 200
 #: a result() / map that takes this long on trivial calls is a hang
@@ -46,6 +49,16 @@ def mark(directory, key, x):
     if x % 7 == 0:
         raise ValueError(f"bad {x}")
     return 3 * x + 1
+
+
+def die_once(directory, key, x):
+    """The first attempt kills its whole task (no end record: the call is retried, as
+    the executor has max_retries=1 for FAILED tasks); the retry runs `mark`."""
+    died = Path(directory, key + ".died")
+    if not died.exists():
+        died.write_text("")
+        os.killpg(os.getpgid(0), signal.SIGKILL)
+    return mark(directory, key, x)
 
 
 def mark_after(directory, key, x, _input):
@@ -84,7 +97,8 @@ class Scenario:
         self.window, self.chunksize = rng.choice([0.0, 0.02, 0.1, 0.3]), rng.choice(
             [None, 1, 2, 4])
         self.ex = SlurmExecutor(tmp_path / "spool", backend="local", poll_interval=0.05,
-                                submit_window=self.window, chunksize=self.chunksize)
+                                submit_window=self.window, chunksize=self.chunksize,
+                                max_retries=1, retry_on=("FAILED",))
         self.threads = rng.randint(2, 4)
         self.shutter = rng.randrange(self.threads)
         self.shutdown_wait = rng.random() < 0.5
@@ -154,6 +168,17 @@ class Scenario:
             if victim.cancel():
                 with self.lock:
                     self.cancel_true.add(id(victim))
+
+    def submit_retried(self, rng: random.Random) -> None:
+        """Calls whose first attempt kills their task: they are retried (and may be
+        cancelled before or after); a chunk each, so only they go down with it."""
+        keys = [f"r{next(self.counter)}" for _ in range(rng.randint(1, 3))]
+        xs = [rng.randrange(1, 1000) for _ in keys]
+        futures = self.accepted(f"retried {keys}", lambda: self.ex.submit_many(
+            die_once, [(str(self.markers), k, x) for k, x in zip(keys, xs)], chunksize=1))
+        if futures is not None:
+            with self.lock:
+                self.calls += [Call(f, k, x) for f, k, x in zip(futures, keys, xs)]
 
     def submit_view(self, rng: random.Random) -> None:
         """Through an `ex.options` view (other settings: a window and arrays of its own)."""
@@ -251,6 +276,7 @@ class Scenario:
     def run_thread(self, index: int) -> None:
         rng = random.Random(f"{self.seed}-{index}")
         operations = [self.submit] * 5 + [self.submit_many] * 2 + [self.submit_view] + [
+            self.submit_retried] + [
             self.submit_dependent] + [self.map] * 2 + [self.cancel_future] * 3 + [
             self.cancel_many] * 2 + [self.wait_some] * 2 + [self.result] * 2 + [
             lambda rng: time.sleep(rng.uniform(0, 0.05))] * 2
@@ -292,6 +318,9 @@ class Scenario:
                     self.violation(f"{call.key}: {error!r} but its input succeeded")
                 if ran:
                     self.violation(f"{call.key} ran although its input failed")
+                continue
+            if call.key.startswith("r") and isinstance(error, WorkerCrashedError) and (
+                    self.cancel_futures):  # its retry was refused by the shutdown's cancel
                 continue
             if isinstance(error, JobCancelledError):
                 if id(future) not in self.ex_cancelled and not self.cancel_futures:

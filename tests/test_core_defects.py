@@ -102,6 +102,16 @@ def _warm_task_joins(machine: Core) -> None:
     machine.step([Record(0, 0, "end", None, {"joined": 1, "as": 1_000_000})], 0.3)
 
 
+def _joiner_started_on_chunk_0():
+    """A warm task (Slurm 7_0) joined batch 1 as index 1,000,000, started, claimed chunk 0."""
+    machine = core(keep_alive=30.0)
+    _warm_task_joins(machine)
+    machine.step([Record(1, 1_000_000, "start", None, {"host": "h", "pid": 1,
+                                                        "job_id": "7", "array_index": 0}),
+                  Record(1, 1_000_000, "claim", 0, None)], 0.4)
+    return machine
+
+
 def test_a_join_is_announced_in_the_old_stream_and_followed_by_its_slurm_id():
     machine = core(keep_alive=30.0)
     _warm_task_joins(machine)
@@ -110,11 +120,7 @@ def test_a_join_is_announced_in_the_old_stream_and_followed_by_its_slurm_id():
 
 
 def test_a_settled_joiner_never_comes_back_and_its_batch_does_not_wait_forever():
-    machine = core(keep_alive=30.0)
-    _warm_task_joins(machine)
-    machine.step([Record(1, 1_000_000, "start", None, {"host": "h", "pid": 1,
-                                                        "job_id": "7", "array_index": 0}),
-                  Record(1, 1_000_000, "claim", 0, None)], 0.4)
+    machine = _joiner_started_on_chunk_0()
     # the Slurm task is scancelled: the joiner settles, its call fails
     out = machine.step([SchedulerAnswer({("7", 0): TaskState("CANCELLED")})], 2)
     out += machine.step([StreamsRead(2.5)], 3)
@@ -128,11 +134,7 @@ def test_a_settled_joiner_never_comes_back_and_its_batch_does_not_wait_forever()
 
 
 def test_a_refused_batch_whose_joiner_left_fails_its_unclaimed_calls():
-    machine = core(keep_alive=30.0)
-    _warm_task_joins(machine)
-    machine.step([Record(1, 1_000_000, "start", None, {"host": "h", "pid": 1,
-                                                        "job_id": "7", "array_index": 0}),
-                  Record(1, 1_000_000, "claim", 0, None)], 0.4)
+    machine = _joiner_started_on_chunk_0()
     error = SubmissionError("sbatch: error: QOSMaxSubmitJobPerUserLimit")
     out = machine.step([Record(1, 1_000_000, "ok", 1, b"")], 2)
     out += machine.step([SubmitTasks(1, 0, 2, False) and SubmitFailed(1, error)], 2.1)

@@ -227,10 +227,36 @@ def test_an_idle_task_looks_again_at_an_earlier_batch_it_is_asked_for(tmp_path):
     warm.announce(run_dir, 3)
     watcher = Watcher(run_dir, key, 3, manifest["resources"], lambda: False)
     assert watcher.wait(0.3) is None  # it served batch 3: nothing newer
-    warm.announce(run_dir, 3, wanted=2)
+    warm.announce(run_dir, 3, wanted=[2])
     found = watcher.wait(0.3)
     assert found is not None and found[0] == 2
     assert watcher.wait(0.3) is None  # looked at once, not again and again
+
+
+def test_a_new_batch_announced_keeps_every_earlier_batch_still_wanted(tmp_path):
+    """Two batches wait for CPUs that idle warm tasks hold, and more batches are written
+    meanwhile: each write of the signal file still names both (the concurrency test's
+    seed 97 stalled for keep_alive when a later announcement hid a wanted batch)."""
+    from slurmexecutor.folder import warm
+    from slurmexecutor.owner.batches import BatchSpec, Chunk, write_batch
+
+    key = spool.load_key(tmp_path, create=True)
+    run_dir = spool.ensure_private_dir(tmp_path / "run")
+    signal = warm.Signal(run_dir)
+    for number in range(1, 6):
+        spec = BatchSpec("submit", [b"fn"], ["f"], [Chunk([number], [(0, b"", 1)])], 1)
+        write_batch(run_dir, key, number, spec, False, None, signal.written)
+        if number in (1, 2):
+            signal.want(number)
+    manifest = spool.read_blob(spool.manifest_path(run_dir, 1), key)
+    assert (run_dir / warm.SIGNAL).read_text() == "5 1 2"
+    first = Watcher(run_dir, key, 5, manifest["resources"], lambda: False).wait(0.3)
+    second = Watcher(run_dir, key, 5, manifest["resources"], lambda: False).wait(0.3)
+    assert first is not None and second is not None
+    assert {first[0], second[0]} == {1, 2}  # one ticket each: one joiner per chunk
+    signal.done(1)
+    signal.written(6)
+    assert (run_dir / warm.SIGNAL).read_text() == "6 2"
 
 
 def test_a_batch_whose_manifest_was_never_written_does_not_stop_the_watch(tmp_path,

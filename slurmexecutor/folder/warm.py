@@ -14,6 +14,10 @@
       scancel of the warm tasks it knows       scancel), or after keep_alive idle s
 
 A task joins only with one of the batch's join tickets (one per chunk, `claims/join.K`).
+The signal file is "N W1 W2 ...": after the latest batch N, the earlier batches W whose
+chunks wait while their own tasks have not started (idle warm tasks may hold the CPUs);
+every write names all of them (`Signal`), so a new batch never hides a wanted one, and
+an idle task looks at each once.
 
 The watch costs one open (an NFS GETATTR: an open revalidates cached attributes, where
 a stat may be answered from a cache for seconds) per poll of one file per run: at most
@@ -27,7 +31,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from slurmexecutor.folder import spool
@@ -53,12 +57,32 @@ def resources_key(resources: dict, python: str, setup: list[str], extra: list[st
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def announce(run_dir: Path, batch: int, wanted: int | None = None) -> None:
-    """Tell warm tasks batch `batch` is written (after all its files); `wanted`: an
-    earlier batch that still has chunks nobody runs (its own tasks wait for CPUs idle
-    warm tasks may hold): idle tasks look at it again."""
-    text = str(batch) if wanted is None else f"{batch} {wanted}"
+def announce(run_dir: Path, batch: int, wanted: Iterable[int] = ()) -> None:
+    """Tell warm tasks batch `batch` is written (after all its files); `wanted`: earlier
+    batches that still have chunks nobody runs (their own tasks wait for CPUs idle warm
+    tasks may hold): idle tasks look at each of them again."""
+    text = " ".join(str(b) for b in [batch, *sorted(wanted)])
     spool.write_atomic(run_dir / SIGNAL, text.encode())
+
+
+class Signal:
+    """The client's side of the signal file: the latest batch written and every earlier
+    one still wanted, in each write (a new batch's announcement never hides a wanted one)."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir, self.latest, self.wanted = run_dir, -1, set[int]()
+
+    def written(self, batch: int) -> None:
+        self.latest = max(self.latest, batch)
+        announce(self.run_dir, self.latest, self.wanted)
+
+    def want(self, batch: int) -> None:
+        self.wanted.add(batch)
+        announce(self.run_dir, max(self.latest, batch), self.wanted)
+
+    def done(self, batch: int) -> None:
+        """The batch needs no joiner any more (named again at the next write, not now)."""
+        self.wanted.discard(batch)
 
 
 def close(run_dir: Path) -> None:
@@ -98,14 +122,13 @@ class Watcher:
                 return None
             words = text.split()
             latest = int(words[0]) if words and words[0].isdigit() else self.after
-            wanted = int(words[1]) if len(words) > 1 and words[1].isdigit() else None
-            if wanted is not None and wanted <= self.after and (
-                    wanted not in self._wanted_seen):  # an earlier batch needs a task
-                verdict = self._joinable(wanted)
-                if verdict is not None:
-                    self._wanted_seen.add(wanted)
-                if isinstance(verdict, dict):
-                    return wanted, verdict
+            for wanted in [int(w) for w in words[1:] if w.isdigit()]:
+                if wanted <= self.after and wanted not in self._wanted_seen:
+                    verdict = self._joinable(wanted)  # an earlier batch needs a task
+                    if verdict is not None:
+                        self._wanted_seen.add(wanted)
+                    if isinstance(verdict, dict):
+                        return wanted, verdict
             while self.after < latest:
                 verdict = self._joinable(self.after + 1)
                 if verdict is None and not self._give_up_on(self.after + 1, latest):

@@ -18,7 +18,7 @@ import re
 import shutil
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -134,10 +134,10 @@ def job_name(names: list[str]) -> str:
 
 def write_batch(run_dir: Path, key: bytes, number: int, spec: BatchSpec,
                 throttled: bool, settings: Settings | None = None,
-                announce: bool = False) -> dict:
-    """Write functions, manifest, chunks and journal; return the journal. With
-    `announce`, warm tasks are told of the batch before its journal is written (they
-    need only the rest: the journal is off their path). If a write
+                announce: Callable[[int], None] | None = None) -> dict:
+    """Write functions, manifest, chunks and journal; return the journal. `announce`
+    (warm.Signal.written) tells warm tasks of the batch before its journal is written
+    (they need only the rest: the journal is off their path). If a write
     fails (a full disk: the error names ENOSPC or EDQUOT), the batch's files are removed
     again, so a failed batch does not keep filling the disk."""
     try:
@@ -151,7 +151,8 @@ def write_batch(run_dir: Path, key: bytes, number: int, spec: BatchSpec,
 
 
 def _write_batch(run_dir: Path, key: bytes, number: int, spec: BatchSpec,
-                 throttled: bool, settings: Settings | None, announce: bool) -> dict:
+                 throttled: bool, settings: Settings | None,
+                 announce: Callable[[int], None] | None) -> dict:
     spool.make_batch_dir(run_dir, number)
     if isinstance(spec.functions, str):
         functions_file = spec.functions
@@ -174,8 +175,8 @@ def _write_batch(run_dir: Path, key: bytes, number: int, spec: BatchSpec,
     for index, chunk in enumerate(spec.chunks):
         spool.write_blob(spool.chunk_path(run_dir, number, index), key, {
             "calls": chunk.call_ids, "parts": chunk.parts})
-    if announce:
-        warm.announce(run_dir, number)
+    if announce is not None:
+        announce(number)
     journal = {
         "batch": number, "kind": spec.kind, "created": time.time(), "functions": spec.names,
         "functions_file": functions_file, "shared_file": shared_file,

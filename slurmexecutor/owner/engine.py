@@ -72,6 +72,7 @@ class Engine(LeaseAndEnd, Intake):
         #: by callers to chunk a map: plain dict reads)
         self.cost: dict[tuple[str, ...], float] = {}
         self.next_batch = 0
+        self._signal = warm.Signal(run_dir)  # the warm tasks' signal file
         self._requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._put_lock = threading.Lock()
         self._closed = False  # the owner failed: requests are refused (teardown.py)
@@ -218,7 +219,7 @@ class Engine(LeaseAndEnd, Intake):
         settings = spec.settings or self.settings
         try:
             journal = write_batch(self.run_dir, self.key, number, spec, throttled, settings,
-                                  announce=self.settings.keep_alive > 0)
+                                  self._signal.written if self.settings.keep_alive > 0 else None)
         except Exception as error:  # noqa: BLE001  (disk full, ...): fail, do not hang
             failure = SubmissionError(f"could not write the batch: {error!r}")
             self._fail_now(tuple(call_ids), failure)
@@ -285,7 +286,7 @@ class Engine(LeaseAndEnd, Intake):
         elif isinstance(action, ev.Fail):
             self._fail(action)
         elif isinstance(action, ev.AnnounceBatch):
-            warm.announce(self.run_dir, self.next_batch - 1, wanted=action.batch)
+            self._signal.want(action.batch)
         elif isinstance(action, ev.SubmitTasks):
             self._submit_tasks(action)
         elif isinstance(action, ev.QueryScheduler):
@@ -325,6 +326,7 @@ class Engine(LeaseAndEnd, Intake):
         elif isinstance(action, ev.BatchDone):
             journal = self._journals.pop(action.batch, None)
             self._settings_of.pop(action.batch, None)
+            self._signal.done(action.batch)
             if journal is not None and action.seconds_per_call is not None:
                 self.cost[tuple(journal["functions"])] = action.seconds_per_call
             self._late_sinks = {c: s for c, s in self._late_sinks.items()
