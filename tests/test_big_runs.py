@@ -23,7 +23,7 @@ import pytest
 from tqdm import tqdm
 
 from slurmexecutor.apps import cli
-from slurmexecutor.folder import spool
+from slurmexecutor.folder import cancels, spool
 from slurmexecutor.owner.bars import progress
 from slurmexecutor.reports import runs
 from slurmexecutor.schedulers import REMAINDER, TaskState
@@ -256,7 +256,7 @@ def test_cancel_writes_each_unfinished_call_once(tmp_path):
         (JOB, REMAINDER): TaskState("PENDING")})
     assert runs.cancel_run(info, None) == 500
     cancelled = [call_id for chunk in range(50, 100)
-                 for call_id in spool.read_cancelled(spool.cancel_path(run_dir, 0, chunk))]
+                 for call_id in cancels.read_cancelled(cancels.cancel_path(run_dir, 0, chunk))]
     assert sorted(cancelled) == list(range(500, 1000))
     assert spool.claim_path(run_dir, 0, 99).exists()  # unclaimed: the client took it
     info = read_and_classify(run_dir)

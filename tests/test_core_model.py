@@ -20,7 +20,7 @@ from slurmexecutor.core import events as ev
 from slurmexecutor.core.ledger import Config
 from slurmexecutor.core.state import Core
 from slurmexecutor.errors import SubmissionError
-from slurmexecutor.folder import claims, spool, warm
+from slurmexecutor.folder import cancels, claims, spool, warm
 from slurmexecutor.owner.streams import StreamReader
 from slurmexecutor.schedulers import TaskState
 
@@ -98,7 +98,7 @@ class Model:
             won = tuple(c for c in action.chunks if claims.try_claim(folder / str(c), "client"))
             return [ev.ClaimsWon(action.batch, won, action.chunks)]
         if isinstance(action, ev.WriteCancel):
-            spool.append_cancelled(spool.cancel_path(self.run_dir, action.batch, action.chunk),
+            cancels.append_cancelled(cancels.cancel_path(self.run_dir, action.batch, action.chunk),
                                    list(action.call_ids))
         elif isinstance(action, ev.CancelTasks):
             for task in self.tasks:  # pending only: a started task is never ended
@@ -142,7 +142,7 @@ class Model:
         if task.chunk:
             call_id = task.chunk.pop(0)
             chunk = next(i for i, c in enumerate(self.chunks[task.batch]) if call_id in c)
-            cancelled = spool.read_cancelled(spool.cancel_path(self.run_dir, task.batch, chunk))
+            cancelled = cancels.read_cancelled(cancels.cancel_path(self.run_dir, task.batch, chunk))
             if call_id in cancelled:
                 task.writer.write(("skip", call_id, None))
             else:

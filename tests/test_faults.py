@@ -27,7 +27,7 @@ from slurmexecutor import (
     SlurmExecutor,
     WorkerCrashedError,
 )
-from slurmexecutor.folder import spool
+from slurmexecutor.folder import cancels, spool
 from slurmexecutor.folder.framing import HEADER
 
 
@@ -362,7 +362,7 @@ def test_calls_cancelled_from_outside_fail_instead_of_hanging(make_executor, bac
     info = runs.classify(runs.read_run(ex.run_dir, ex.key), None)
     for call in info.calls.values():  # what `slurmexecutor cancel RUN` writes, minus
         if call.status in ("running", "pending") and call.call_id != blocker.call_id:
-            spool.append_cancelled(spool.cancel_path(ex.run_dir, call.batch, call.chunk),
+            cancels.append_cancelled(cancels.cancel_path(ex.run_dir, call.batch, call.chunk),
                                    [call.call_id])  # the kill: the blocker finishes
     gate.touch()
     assert blocker.result(timeout=60) == "done"

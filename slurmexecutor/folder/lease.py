@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from slurmexecutor.errors import RunInUseError
-from slurmexecutor.folder import spool
+from slurmexecutor.folder import procs, spool
 from slurmexecutor.folder.procs import process_start
 
 LEASE_FILE = "lease"
@@ -191,7 +191,7 @@ def legacy_client_alive(run_dir: Path) -> bool:
     """The rule before leases: the pid in `run.json` runs on this host."""
     try:
         meta = spool.read_json(run_dir / "run.json")
-        return spool.process_alive(meta["host"], meta["pid"])
+        return procs.process_alive(meta["host"], meta["pid"])
     except (OSError, ValueError, KeyError, TypeError):
         return False
 

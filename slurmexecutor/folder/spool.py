@@ -46,7 +46,6 @@ from pathlib import Path
 from typing import Any
 
 from slurmexecutor.errors import IntegrityError
-from slurmexecutor.folder import procs
 from slurmexecutor.folder.diskio import append_whole, write_atomic
 from slurmexecutor.folder.folders import ensure_private_dir
 from slurmexecutor.folder.framing import pack_header, read_header
@@ -136,25 +135,28 @@ class RecordWriter:
 class StreamCursor:
     """How far the client has read one result stream."""
 
-    __slots__ = ("error", "offset", "opened", "path", "pending_bytes")
+    __slots__ = ("error", "more", "offset", "opened", "path", "pending_bytes")
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.offset = 0
         self.pending_bytes = 0  # bytes after the last complete record
+        self.more = False  # the last read stopped at its limit: whole records are left
         self.error: str | None = None  # set once a record failed authentication
         self.opened = False  # the stream was opened once: it exists (empty, maybe)
 
 
-def read_records(cursor: StreamCursor, key: bytes) -> list[tuple]:
+def read_records(cursor: StreamCursor, key: bytes, most: int | None = None) -> list[tuple]:
     """Return the complete records appended to a stream since the cursor, advancing it
     (`iter_records`, all at once)."""
-    return list(iter_records(cursor, key))
+    return list(iter_records(cursor, key, most))
 
 
-def iter_records(cursor: StreamCursor, key: bytes) -> Iterator[tuple]:
+def iter_records(cursor: StreamCursor, key: bytes, most: int | None = None
+                 ) -> Iterator[tuple]:
     """The complete records appended to a stream since the cursor, one at a time (one
-    payload in memory), advancing the cursor past each.
+    payload in memory), advancing the cursor past each; at most `most` of them
+    (`cursor.more` then says whole records are left for the next read).
 
     An incomplete record at the end is left for the next read (its writer may still be
     writing it); only its header is read until it is complete. A record whose signature
@@ -166,7 +168,7 @@ def iter_records(cursor: StreamCursor, key: bytes) -> Iterator[tuple]:
         handle = open(cursor.path, "rb")  # noqa: SIM115  (closed below; a generator)
     except FileNotFoundError:
         return
-    cursor.opened = True
+    cursor.opened, cursor.more, count = True, False, 0
     with handle:
         size = os.fstat(handle.fileno()).st_size
         handle.seek(cursor.offset)
@@ -183,10 +185,11 @@ def iter_records(cursor: StreamCursor, key: bytes) -> Iterator[tuple]:
                 break
             cursor.offset = end
             yield pickle.loads(payload)
-        cursor.pending_bytes = size - cursor.offset
-
-
-process_alive = procs.process_alive  # moved to procs.py
+            count += 1
+            if count == most and cursor.offset < size:
+                cursor.more = True
+                break
+        cursor.pending_bytes = 0 if cursor.more else size - cursor.offset
 
 
 # -- names ---------------------------------------------------------------------------
@@ -235,16 +238,6 @@ def claims_dir(run_dir: Path, batch: int) -> Path:
 
 def claim_path(run_dir: Path, batch: int, chunk: int) -> Path:
     return claims_dir(run_dir, batch) / str(chunk)
-
-
-def cancel_path(run_dir: Path, batch: int, chunk: int) -> Path:
-    """Calls of a chunk that workers skip (the client cancelled them)."""
-    return batch_dir(run_dir, batch) / f"c{chunk:04d}.cancel"
-
-
-def stop_path(run_dir: Path, batch: int, chunk: int) -> Path:
-    """Calls of a chunk that a worker running one ends (`ex.cancel`)."""
-    return batch_dir(run_dir, batch) / f"c{chunk:04d}.stop"
 
 
 def stream_path(run_dir: Path, batch: int, task: int, attempt: int) -> Path:
@@ -298,23 +291,6 @@ def iter_streams(run_dir: Path) -> Iterator[tuple[int, int, Path]]:
                 streams.append((parsed, Path(entry.path)))
         for (task, _attempt), stream in sorted(streams):
             yield number, task, stream
-
-
-def read_cancelled(path: Path) -> set[int]:
-    """Call ids listed in a task's cancel file (empty when there is none)."""
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        return set()
-    return {int(line) for line in text.split() if line.isdigit()}
-
-
-def append_cancelled(path: Path, call_ids: list[int]) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    try:
-        append_whole(fd, "".join(f"{call_id}\n" for call_id in call_ids).encode(), path)
-    finally:
-        os.close(fd)
 
 
 def write_json(path: Path, obj: Any) -> None:

@@ -34,7 +34,7 @@ from slurmexecutor.errors import (
     SubmissionError,
     TaskFailedError,
 )
-from slurmexecutor.folder import claims, spool, warm
+from slurmexecutor.folder import cancels, claims, procs, spool, warm
 from slurmexecutor.folder.lease import Lease
 from slurmexecutor.owner import outcomes
 from slurmexecutor.owner.batches import (
@@ -294,7 +294,7 @@ class Engine(LeaseAndEnd, Intake):
             self._events += self._queries.take()
         elif isinstance(action, ev.QueryFinal):
             alive = frozenset(key for key, (host, pid, started) in action.workers.items()
-                              if spool.process_alive(host, pid, started))
+                              if procs.process_alive(host, pid, started))
             self._events.append(ev.FinalAnswer(action.tasks, self.backend.final_states(
                 action.keys), alive))
         elif isinstance(action, ev.Claimed):
@@ -308,9 +308,9 @@ class Engine(LeaseAndEnd, Intake):
                     sink.future._log_path = path
         elif isinstance(action, ev.WriteCancel):  # stop first: a skip may end the chunk
             if action.stop:
-                spool.append_cancelled(spool.stop_path(self.run_dir, action.batch,
+                cancels.append_cancelled(cancels.stop_path(self.run_dir, action.batch,
                                                        action.chunk), list(action.call_ids))
-            spool.append_cancelled(spool.cancel_path(self.run_dir, action.batch, action.chunk),
+            cancels.append_cancelled(cancels.cancel_path(self.run_dir, action.batch, action.chunk),
                                    list(action.call_ids))
         elif isinstance(action, ev.ClaimChunks):
             won = tuple(chunk for chunk in action.chunks if claims.try_claim(

@@ -31,6 +31,10 @@ from slurmexecutor.folder.warm import JOIN_BASE
 TaskKey = tuple[int, int]  # (batch, task)
 #: seconds between listings of the folders of tasks whose streams are known
 LISTING = 0.5
+#: records taken from one stream per read: a task that wrote 100,000 results since the
+#: last read is taken in parts (the owner reads on at once), so the client never holds
+#: them all as events at the same time
+RECORDS_PER_READ = 20_000
 
 
 class StreamReader:
@@ -94,7 +98,7 @@ class StreamReader:
         for name, (batch, task) in fresh.items():
             cursor = self._cursors.get(name) or spool.StreamCursor(Path(name))
             try:
-                records = spool.read_records(cursor, self.key)
+                records = spool.read_records(cursor, self.key, RECORDS_PER_READ)
             except OSError as error:
                 if (given_up := self._failed(name, error)) is not None:
                     events.append(StreamState(batch, task, given_up, None))
@@ -107,6 +111,7 @@ class StreamReader:
                 self._names.setdefault((batch, task), []).append(name)
             events += [Record(batch, task, kind, call_id, body)
                        for kind, call_id, body in records]
+            unread |= cursor.more  # read on at once: not a complete read yet
             truncated = (f"{cursor.path} is truncated ({cursor.pending_bytes} bytes of an "
                          f"incomplete record at byte {cursor.offset})"
                          ) if cursor.pending_bytes else None

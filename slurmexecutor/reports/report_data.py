@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from slurmexecutor.folder import spool
+from slurmexecutor.folder import procs
 from slurmexecutor.folder.warm import JOIN_BASE
 from slurmexecutor.owner.futures import call_log, read_tail
 from slurmexecutor.reports.calltable import CODE
@@ -247,7 +247,7 @@ def _state(task: TaskInfo, live: bool) -> str:
         return f"left for batch {task.joined}"
     if task.ended or not task.started:
         return "ended" if task.ended else ""
-    if task.worker and spool.process_alive(*task.worker):
+    if task.worker and procs.process_alive(*task.worker):
         return "running"
     return "running" if live and task.worker is None else "lost"
 

@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from slurmexecutor.errors import RunInUseError, RunNotFoundError
+from slurmexecutor.folder import cancels, procs, spool
 from slurmexecutor.folder import claims as claiming
 from slurmexecutor.folder import lease as leases
-from slurmexecutor.folder import spool
 from slurmexecutor.folder.cache import CacheCounts, read_hits
 from slurmexecutor.folder.warm import JOIN_BASE
 from slurmexecutor.reports.calltable import (
@@ -41,7 +41,6 @@ from slurmexecutor.schedulers import Backend, TaskKey, TaskState, state_of
 #: sees the records of one stream: (batch, task index, records)
 Observer = Callable[[int, int, list], None]
 from slurmexecutor.errors import IntegrityError
-from slurmexecutor.folder import procs
 
 __all__ = ["CODE", "FAILED", "STATUSES", "UNKNOWN", "CallStatus", "Calls", "ChunkInfo",
            "RunInfo", "TaskInfo", "cancel_run", "classify", "find_run", "list_runs",
@@ -92,7 +91,7 @@ class RunInfo:
             return leases.is_live(self.lease)
         if "host" not in self.meta:  # unreadable: nothing says it ended
             return True
-        return spool.process_alive(self.meta["host"], self.meta["pid"])
+        return procs.process_alive(self.meta["host"], self.meta["pid"])
 
     @property
     def lease_state(self) -> str:
@@ -347,7 +346,7 @@ def cancel_run(info: RunInfo, backend: Backend | None) -> int:
         by_chunk.setdefault(calls.place[call_id], []).append(call_id)
     for number, call_ids in by_chunk.items():
         chunk = calls.chunks[number]
-        spool.append_cancelled(spool.cancel_path(info.path, chunk.batch, chunk.index),
+        cancels.append_cancelled(cancels.cancel_path(info.path, chunk.batch, chunk.index),
                                call_ids)
         claiming.try_claim(spool.claim_path(info.path, chunk.batch, chunk.index), "client")
     unfinished = sum(len(call_ids) for call_ids in by_chunk.values())

@@ -18,7 +18,7 @@ from array import array
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from slurmexecutor.folder import claims, spool
+from slurmexecutor.folder import cancels, claims, spool
 from slurmexecutor.folder.diskio import FULL
 from slurmexecutor.folder.folders import writable_by_others
 
@@ -188,7 +188,7 @@ class ChildRunner:
         sup = self.sup
         chunk = spool.read_blob(spool.chunk_path(sup.run_dir, sup.batch, index), sup.key)
         call_ids = chunk["calls"]
-        cancel = CancelList(spool.cancel_path(sup.run_dir, sup.batch, index))
+        cancel = CancelList(cancels.cancel_path(sup.run_dir, sup.batch, index))
         position = 0
         for fn_index, blob, count in chunk["parts"]:
             if position + count <= first:
@@ -273,7 +273,7 @@ class CancelList:
         except FileNotFoundError:
             return self.cancelled
         if size != self.size:
-            self.size, self.cancelled = size, spool.read_cancelled(self.path)
+            self.size, self.cancelled = size, cancels.read_cancelled(self.path)
         return self.cancelled
 
 

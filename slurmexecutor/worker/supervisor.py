@@ -47,7 +47,7 @@ import time
 import traceback
 from pathlib import Path
 
-from slurmexecutor.folder import spool
+from slurmexecutor.folder import cancels, spool
 from slurmexecutor.folder.diskio import EXIT_FULL, EXIT_NO_FOLDER, FULL, named
 from slurmexecutor.folder.procs import process_start
 from slurmexecutor.worker.child import (
@@ -283,7 +283,7 @@ class Supervisor:
             stop = self._stop_lists.get(chunk)
             if stop is None:
                 stop = self._stop_lists[chunk] = CancelList(
-                    spool.stop_path(self.run_dir, self.batch, chunk))
+                    cancels.stop_path(self.run_dir, self.batch, chunk))
             wanted_stop = calls[position] in stop.ids()
         except Exception as error:  # noqa: BLE001  (unreadable: the call runs on)
             print(f"slurmexecutor worker: chunk {chunk}: {error}", file=sys.stderr)
