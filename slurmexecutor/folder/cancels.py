@@ -41,3 +41,12 @@ def append_cancelled(path: Path, call_ids: list[int]) -> None:
         append_whole(fd, "".join(f"{call_id}\n" for call_id in call_ids).encode(), path)
     finally:
         os.close(fd)
+
+
+def cancel_calls(run_dir: Path, batch: int, chunk: int, call_ids: list[int],
+                 stop: bool = False) -> None:
+    """Workers skip these calls; with `stop`, end them where they run (the stop file is
+    written first: a skip may end the chunk before the stop is seen)."""
+    if stop:
+        append_cancelled(stop_path(run_dir, batch, chunk), call_ids)
+    append_cancelled(cancel_path(run_dir, batch, chunk), call_ids)

@@ -306,12 +306,9 @@ class Engine(LeaseAndEnd, Intake):
             for sink in held:
                 if isinstance(sink.future, SlurmFuture):
                     sink.future._log_path = path
-        elif isinstance(action, ev.WriteCancel):  # stop first: a skip may end the chunk
-            if action.stop:
-                cancels.append_cancelled(cancels.stop_path(self.run_dir, action.batch,
-                                                       action.chunk), list(action.call_ids))
-            cancels.append_cancelled(cancels.cancel_path(self.run_dir, action.batch, action.chunk),
-                                   list(action.call_ids))
+        elif isinstance(action, ev.WriteCancel):
+            cancels.cancel_calls(self.run_dir, action.batch, action.chunk,
+                                 list(action.call_ids), action.stop)
         elif isinstance(action, ev.ClaimChunks):
             won = tuple(chunk for chunk in action.chunks if claims.try_claim(
                 spool.claim_path(self.run_dir, action.batch, chunk), "client"))
