@@ -77,6 +77,29 @@ def browser(url: str, tmp_path: Path, name: str) -> tuple[str, str]:
     return runs[0].stdout, runs[0].stderr
 
 
+#: appended to a page by the tests only: per uPlot canvas, "chart-id:WxH:painted pixels"
+PROBE = """<script>(function(){var out=[];document.querySelectorAll('.chart canvas')
+.forEach(function(c){var d=c.getContext('2d').getImageData(0,0,c.width,c.height).data,n=0;
+for(var i=3;i<d.length;i+=4){if(d[i])n++;}out.push(c.closest('.chart').id+':'+c.width+'x'
++c.height+':'+n);});var p=document.createElement('pre');p.id='probe';
+p.textContent=out.join(' ');document.body.appendChild(p);})();</script>"""
+
+
+def drawn_charts(dom: str) -> dict[str, tuple[int, int, int]]:
+    """What PROBE found: chart id -> (canvas width, height, painted pixels)."""
+    found = re.search(r'<pre id="probe">([^<]*)</pre>', dom)
+    assert found, "the probe did not run"
+    return {name: (int(w), int(h), int(n)) for name, w, h, n in
+            re.findall(r"(\S+):(\d+)x(\d+):(\d+)", found.group(1))}
+
+
+def assert_self_contained(text: str) -> None:
+    """Nothing is fetched when the page is viewed: no external script, style or image."""
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", text)
+    assert not re.search(r"@import|url\(\s*['\"]?(https?:)?//|fetch\(['\"]http", text)
+    assert "<script src" not in text and "<link" not in text
+
+
 def console_errors(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines()
             if "Uncaught" in line or ("CONSOLE" in line and "ERROR" in line.upper()
@@ -117,8 +140,15 @@ def test_report_shows_a_failure_a_retried_task_and_warm_joins(make_executor, tmp
 
     page = tmp_path / "run.html"
     page.write_text(render(data))
-    assert "http" not in re.sub(r"xmlns='http://www.w3.org/2000/svg'", "", page.read_text())
-    dom, console = browser(page.as_uri(), tmp_path, "report")
+    assert_self_contained(page.read_text())
+    probed = tmp_path / "probed.html"
+    probed.write_text(page.read_text().replace("</body>", PROBE + "</body>"))
+    dom, console = browser(probed.as_uri(), tmp_path, "report")
+    charts = drawn_charts(dom)  # uPlot drew each chart: a sized canvas with pixels on it
+    assert set(charts) == {"chart-progress", "chart-histogram", "chart-batches"}, charts
+    assert all(w >= 300 and h >= 100 and painted > 1000
+               for w, h, painted in charts.values()), charts
+    assert dom.count('class="uplot') == 3
     timeline = dom[dom.index("id=\"timeline\""):dom.index("id=\"durations\"")]
     assert timeline.count("<rect") >= len(data.rows) + 3
     assert "waited" in timeline and "ended (" in timeline  # queue wait, the lost chunk
@@ -137,7 +167,8 @@ def test_report_command_writes_one_file(make_executor, tmp_path, capsys):
     assert main(["--folder", str(ex.folder), "report", ex.run_id[:12], "-o", str(out)]) == 0
     assert f"-> {out}" in capsys.readouterr().out
     text = out.read_text()
-    assert "<script" not in text and "id='timeline-svg'" in text
+    assert "id='timeline-svg'" in text and "class='chart'" in text
+    assert_self_contained(text)
     assert re.search(r"id='done'>20<", text)
 
 
@@ -165,6 +196,7 @@ def test_serve_answers_on_localhost_and_the_done_count_grows(make_executor, tmp_
         assert wait_until(lambda: read_done(url) > first, timeout=120, interval=0.5)
         dom, console = browser(url, tmp_path, "live")
         assert "id=\"timeline\"" in dom and not console_errors(console), console
+        assert dom.count('class="uplot') >= 2  # the progress and batches charts at least
         assert ex.report_url().startswith("http://127.0.0.1:")
         assert read_done(ex.report_url()) >= 0
     finally:
@@ -189,3 +221,31 @@ def test_a_calls_output_can_be_followed(make_executor, tmp_path, capsys):
     assert main(["--folder", str(ex.folder), "logs", ex.run_id, str(future.call_id),
                  "--follow"]) == 0
     assert capsys.readouterr().out == "".join(f"line {i}\n" for i in range(5))
+
+
+def test_uplot_is_vendored_pinned_and_shipped():
+    """The report's plotting library is the pinned uPlot release (scripts/vendor_uplot.py
+    checks the tarball's and each file's sha256), shipped as package data."""
+    import configparser
+    import hashlib
+    import importlib.util
+
+    from slurmexecutor.reports import report_charts
+
+    root = Path(__file__).resolve().parent.parent
+    spec = importlib.util.spec_from_file_location("vendor_uplot", root / "scripts" /
+                                                  "vendor_uplot.py")
+    assert spec and spec.loader
+    vendor = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(vendor)
+    for name, digest in vendor.FILE_SHA256.items():
+        assert hashlib.sha256((report_charts.VENDOR / name).read_bytes()).hexdigest() == digest
+    assert (report_charts.VENDOR / "VERSION").read_text().strip() == vendor.VERSION
+    assert "MIT" in (report_charts.VENDOR / "LICENSE").read_text()
+    setup = configparser.ConfigParser()
+    setup.read(root / "setup.cfg")
+    assert "reports/vendor/*" in setup["options.package_data"]["slurmexecutor"]
+    script, style = report_charts.assets()
+    assert f"(v{vendor.VERSION})" in script and ".uplot" in style
+    head = report_charts.head()
+    assert head.count("<script>") == 1 and "</script" not in script
