@@ -55,6 +55,13 @@ def chatty(go, lines):
     return lines
 
 
+def wait_for(go, value):
+    deadline = time.monotonic() + 120
+    while not Path(go).exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return value
+
+
 def slow(x, seconds):
     time.sleep(seconds)
     return x
@@ -249,3 +256,90 @@ def test_uplot_is_vendored_pinned_and_shipped():
     assert f"(v{vendor.VERSION})" in script and ".uplot" in style
     head = report_charts.head()
     assert head.count("<script>") == 1 and "</script" not in script
+
+
+def test_a_run_shows_a_summary_with_its_progress(make_executor, tmp_path):
+    from slurmexecutor.reports import runs
+
+    ex = make_executor()
+    assert [f.result(timeout=120) for f in [ex.submit(square, i) for i in range(3)]] == [
+        0, 1, 4]
+    assert isinstance(ex.submit(fail_loudly, "x").exception(timeout=120), ValueError)
+    go = tmp_path / "go"
+    blocked = ex.submit(wait_for, str(go), 5)
+    assert wait_until(blocked.running, timeout=120)
+    page = runs.read_run(ex.run_dir, ex.key)._repr_html_()
+    assert "3 done, 1 failed, 1 in flight of 5 calls (80% finished)" in page, page
+    assert "live" in page and "width:80.0%" in page and "#d62728" in page  # red: a failure
+    go.touch()
+    assert blocked.result(timeout=120) == 5
+    ex.shutdown()
+    page = runs.read_run(ex.run_dir, ex.key)._repr_html_()
+    assert "4 done, 1 failed of 5 calls (100% finished)" in page, page
+    assert "finished)" in page and "live" not in page and "width:100.0%" in page
+    assert "4 done, 1 failed of 5 calls" in ex._repr_html_()
+
+
+@pytest.mark.parametrize("backend", ["local"], indirect=True)
+def test_report_url_is_served_until_the_executor_shuts_down(make_executor):
+    ex = make_executor()
+    assert ex.submit(square, 2).result(timeout=60) == 4
+    url = ex.report_url()
+    assert ex.report_url() == url  # one server per executor, started by the first call
+    assert read_done(url) == 1
+    ex.shutdown()
+    with pytest.raises(OSError):  # URLError: nothing listens on its port any more
+        urllib.request.urlopen(url, timeout=10)
+    with pytest.raises(RuntimeError, match="shut down"):
+        ex.report_url()
+
+
+@pytest.mark.parametrize("backend", ["local"], indirect=True)
+def test_following_a_call_reads_the_run_incrementally(make_executor, tmp_path, monkeypatch):
+    """`logs RUN CALL --follow` never reads the run whole (runs.read_run) while it polls:
+    only what was appended to the streams of the call's batch, each byte once."""
+    import io
+    import threading
+
+    from slurmexecutor.apps.cli import main
+    from slurmexecutor.reports import callwatch, runs
+
+    ex = make_executor(chunksize=1)
+    assert list(ex.map(square, range(50))) == [x * x for x in range(50)]  # another batch
+    go = tmp_path / "go"
+    future = ex.submit(chatty, str(go), 5)
+    assert wait_until(future.running, timeout=120)  # in a batch: its journal names it
+    watches = []
+
+    class Counted(callwatch.CallWatch):
+        def __init__(self, *args) -> None:
+            super().__init__(*args)
+            self.polls = 0
+            watches.append(self)
+
+        def poll(self) -> bool:
+            self.polls += 1
+            return super().poll()
+
+    def whole_run(*args, **kwargs):
+        raise AssertionError("logs --follow read the whole run")
+
+    monkeypatch.setattr(callwatch, "CallWatch", Counted)
+    monkeypatch.setattr(runs, "read_run", whole_run)
+    out = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", out)
+    codes = []
+    follower = threading.Thread(target=lambda: codes.append(main([
+        "--folder", str(ex.folder), "logs", ex.run_id, str(future.call_id), "--follow"])))
+    follower.start()
+    assert wait_until(lambda: "line 0\n" in out.getvalue(), timeout=120)
+    go.touch()
+    follower.join(timeout=120)
+    assert codes == [0] and out.getvalue() == "".join(f"line {i}\n" for i in range(5))
+    assert future.result(timeout=60) == 5
+    [watch] = watches
+    assert watch.finished and watch.polls >= 2
+    batch = future.chunk[0]
+    streams = list(spool.batch_dir(ex.run_dir, batch).glob("t*.out"))
+    assert {path.parent for path in watch._cursors} == {spool.batch_dir(ex.run_dir, batch)}
+    assert 0 < watch.bytes_read <= sum(path.stat().st_size for path in streams)

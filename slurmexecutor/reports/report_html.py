@@ -212,17 +212,3 @@ def _settings(data: ReportData) -> str:
          else "not used")]
     return "<table>" + "".join(f"<tr><td>{esc(k)}</td><td style='text-align:left'>{esc(v)}"
                                "</td></tr>" for k, v in items) + "</table>"
-
-
-def summary_html(run_id: str, backend: str, live: bool, counts: dict[str, int],
-                 total: int) -> str:
-    """A short summary with a progress bar (Jupyter's `_repr_html_`)."""
-    finished = sum(n for name, n in counts.items() if name != "in flight")
-    failed = counts.get("failed", 0) + counts.get("lost", 0)
-    share = finished / total if total else 0.0
-    text = ", ".join(f"{n} {name}" for name, n in counts.items() if n or name == "done")
-    return (f"<div><b>slurmexecutor run {esc(run_id)}</b> ({esc(backend)}, "
-            f"{'live' if live else 'finished'}): {esc(text)} of {total} calls"
-            f"<div style='width:300px;height:8px;background:#eee'><div style='width:"
-            f"{share * 100:.1f}%;height:8px;background:{'#d62728' if failed else '#4a7fc1'}'>"
-            "</div></div></div>")
