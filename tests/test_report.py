@@ -84,6 +84,16 @@ def browser(url: str, tmp_path: Path, name: str) -> tuple[str, str]:
     return runs[0].stdout, runs[0].stderr
 
 
+def dump_after(url: str, tmp_path: Path, seconds: float) -> tuple[str, str]:
+    """The DOM of `url` after `seconds` of the page's (virtual) time, and the console."""
+    done = subprocess.run([CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'later'}",
+                           f"--virtual-time-budget={int(seconds * 1000)}", "--dump-dom",
+                           "--enable-logging=stderr", "--v=0", url], capture_output=True,
+                          text=True, timeout=120, check=False, stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout, done.stderr
+
+
 #: appended to a page by the tests only: per uPlot canvas, "chart-id:WxH:painted pixels"
 PROBE = """<script>(function(){var out=[];document.querySelectorAll('.chart canvas')
 .forEach(function(c){var d=c.getContext('2d').getImageData(0,0,c.width,c.height).data,n=0;
@@ -206,6 +216,12 @@ def test_serve_answers_on_localhost_and_the_done_count_grows(make_executor, tmp_
         assert dom.count('class="uplot') >= 2  # the progress and batches charts at least
         assert ex.report_url().startswith("http://127.0.0.1:")
         assert read_done(ex.report_url()) >= 0
+        served = []  # the live page reloads its report in place and redraws its charts
+        page = ex._report_server.page
+        ex._report_server.page = lambda: served.append(1) or page()
+        dom, console = dump_after(ex.report_url(), tmp_path, 5)
+        assert len(served) >= 2 and dom.count('class="uplot') >= 2, (len(served), dom[-3000:])
+        assert dom.count('id="report"') == 1 and not console_errors(console), console
     finally:
         server.send_signal(signal.SIGINT)
         server.wait(timeout=30)

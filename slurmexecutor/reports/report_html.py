@@ -29,11 +29,11 @@ svg text{font-size:11px;fill:#333}.grid{stroke:#eee}
 COLORS = {"queue": "#e2e2e2", "chunk": "#4a7fc1", "call": "#7aa6db", "failed": "#d62728",
           "backup": "#9467bd", "lost": "#f4a3a3", "warm": "#ff9f1c"}
 LIVE_SCRIPT = """
-setInterval(function(){fetch(location.href,{cache:'no-store'}).then(function(r){return r.text()})
-.then(function(t){var d=new DOMParser().parseFromString(t,'text/html');
+setInterval(function(){fetch(location.href,{cache:'no-store'})
+.then(function(r){return r.ok?r.text():null;},function(){return null;})
+.then(function(t){if(t===null)return;var d=new DOMParser().parseFromString(t,'text/html');
 document.getElementById('report').replaceWith(d.getElementById('report'));
-window.slurmexecutorCharts();})
-.catch(function(){});},%d);
+window.slurmexecutorCharts();});},%d);
 """
 
 
