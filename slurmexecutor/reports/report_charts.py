@@ -66,8 +66,13 @@ window.slurmexecutorCharts();
 @functools.lru_cache(maxsize=1)
 def assets() -> tuple[str, str]:
     """uPlot's script and stylesheet (the vendored files)."""
-    return ((VENDOR / "uPlot.iife.min.js").read_text(encoding="utf-8"),
-            (VENDOR / "uPlot.min.css").read_text(encoding="utf-8"))
+    try:
+        return ((VENDOR / "uPlot.iife.min.js").read_text(encoding="utf-8"),
+                (VENDOR / "uPlot.min.css").read_text(encoding="utf-8"))
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"the report's plotting library is missing ({error.filename}"
+                                "): install slurmexecutor with its package data, or run "
+                                "scripts/vendor_uplot.py in a checkout") from error
 
 
 def head() -> str:
