@@ -162,10 +162,11 @@ def test_report_shows_a_failure_a_retried_task_and_warm_joins(make_executor, tmp
     probed.write_text(page.read_text().replace("</body>", PROBE + "</body>"))
     dom, console = browser(probed.as_uri(), tmp_path, "report")
     charts = drawn_charts(dom)  # uPlot drew each chart: a sized canvas with pixels on it
-    assert set(charts) == {"chart-progress", "chart-histogram", "chart-batches"}, charts
+    assert set(charts) == {"chart-progress", "chart-histogram", "chart-batches",
+                           "chart-nodes"}, charts
     assert all(w >= 300 and h >= 100 and painted > 1000
                for w, h, painted in charts.values()), charts
-    assert dom.count('class="uplot') == 3
+    assert dom.count('class="uplot') == 4
     timeline = dom[dom.index("id=\"timeline\""):dom.index("id=\"durations\"")]
     assert timeline.count("<rect") >= len(data.rows) + 3
     assert "waited" in timeline and "ended (" in timeline  # queue wait, the lost chunk

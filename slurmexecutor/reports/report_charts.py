@@ -36,7 +36,7 @@ progress:function(d,w){return [{width:w,height:230,scales:{x:{time:false},tasks:
   {label:'calls',size:60},{label:'tasks',side:1,scale:'tasks',grid:{show:false}}]},
  [d.t,d.done,d.tasks]];},
 histogram:function(d,w){var n=d.counts.length,x=d.counts.map(function(_,i){return i;});
- return [{width:w,height:230,scales:{x:{time:false,range:[-0.6,n-0.4]}},
+ return [{width:Math.min(w,760),height:230,scales:{x:{time:false,range:[-0.6,n-0.4]}},
  series:[{label:'duration',value:function(u,i){return i==null?'-':sec(d.lo[i])+' – '+sec(d.hi[i]);}},
  {label:'calls',fill:'#4a7fc1',stroke:'#4a7fc1',paths:bars(0),points:{show:false}}],
  axes:[{label:'call duration'+(d.log?' (logarithmic bins)':''),incrs:[1,2,5,10],
@@ -51,7 +51,17 @@ batches:function(d,w){var x=d.batch.map(function(_,i){return i;});
   value:function(u,v){return sec(v);}}],
  axes:[{label:'batch',incrs:[1,2,5,10,20,50,100],values:function(u,s){
   return s.map(function(i){return d.batch[i]==null?'':d.batch[i];});}},secAxis('seconds')]},
- [x,d.wait,d.run]];}};
+ [x,d.wait,d.run]];},
+nodes:function(d,w){var x=d.host.map(function(_,i){return i;});
+ return [{width:w,height:230,scales:{x:{time:false,range:[-0.8,x.length-0.2]},n:{}},
+ series:[{label:'node',value:function(u,i){return i==null?'-':d.host[i];}},
+ {label:'busy',fill:'#4a7fc1',stroke:'#4a7fc1',paths:bars(-1),points:{show:false},
+  value:function(u,v){return sec(v);}},
+ {label:'failed calls + tasks lost',scale:'n',fill:'#d62728',stroke:'#d62728',paths:bars(1),
+  points:{show:false}}],
+ axes:[{label:'node',incrs:[1,2,5,10,20,50,100],values:function(u,s){
+  return s.map(function(i){return d.host[i]==null?'':d.host[i];});}},secAxis('busy'),
+  {label:'failures',side:1,scale:'n',grid:{show:false}}]},[x,d.busy,d.bad]];}};
 window.slurmexecutorCharts=function(){
  document.querySelectorAll('div.chart').forEach(function(el){
   if(el.querySelector('.uplot'))return;
@@ -141,3 +151,10 @@ def batches(data: ReportData) -> str:
     return chart("batches", {"batch": [b["batch"] for b in data.batches],
                              "wait": [round(b["wait"], 3) for b in data.batches],
                              "run": [round(b["run"], 3) for b in data.batches]})
+
+
+def nodes(data: ReportData) -> str:
+    """Busy time and failures per node (the table's order: failing nodes first)."""
+    return chart("nodes", {"host": [n["host"] for n in data.nodes],
+                           "busy": [round(n["busy"], 3) for n in data.nodes],
+                           "bad": [n["failed"] + n["lost"] for n in data.nodes]})

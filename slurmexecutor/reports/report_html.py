@@ -184,7 +184,8 @@ def _nodes(data: ReportData) -> str:
         f"<td>{n['tasks']}</td><td>{esc(seconds(n['busy']))}</td><td>{n['failed']}</td>"
         f"<td>{n['lost']}</td></tr>" for n in data.nodes)
     return ("<table><tr><th>node</th><th>tasks</th><th>busy</th><th>failed calls</th>"
-            f"<th>tasks lost</th></tr>{rows}</table>")
+            f"<th>tasks lost</th></tr>{rows}</table>" + (charts.nodes(data) if data.nodes
+                                                          else ""))
 
 
 def _failures(data: ReportData) -> str:
