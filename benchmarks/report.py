@@ -9,7 +9,8 @@ and batch journals signed with the folder's key, result streams with spool.Recor
 records a worker writes: start, claim, ok/raised, times, end), in a temporary folder.
 Per batch, tasks/batches tasks share 1,000 chunks; 1% of the calls raise (3 error types),
 and one task per batch dies after its first claim (its chunk is lost). The clock covers
-`report.write_report` (read every stream, classify, aggregate, render, write).
+`report.write_report` (read every stream, classify, aggregate, render, write); "bars"
+counts the timeline's SVG rectangles, "uPlot charts" the charts drawn when it is viewed.
 """
 
 from __future__ import annotations
@@ -114,10 +115,10 @@ def main() -> None:
             report.write_report(run_dir, output)
             times.append(time.monotonic() - started)
         text = output.read_text()
-        print(table(["calls", "tasks", "report (median s)", "min s", "HTML MB", "bars"],
+        print(table(["calls", "tasks", "report (median s)", "min s", "HTML MB", "bars", "uPlot charts"],
                     [[f"{args.calls:,}", f"{args.tasks:,}", f"{statistics.median(times):.2f}",
                       f"{min(times):.2f}", f"{len(text.encode()) / 1e6:.2f}",
-                      str(text.count("<rect"))]]))
+                      str(text.count("<rect")), str(text.count("class='chart'"))]]))
         print(load_line())
 
 

@@ -106,6 +106,7 @@ def chart(kind: str, data: dict) -> str:
 def progress(data: ReportData) -> str:
     """Calls finished (at their chunks' ends) and tasks running, over the seconds since
     the run started (the timeline's clock)."""
+    start, end = data.start, data.end  # properties that go over every row: once
     events: list[tuple[float, int, int]] = []  # time, calls finished, tasks started
     last: dict[int, float] = {}  # row -> the end of its last bar
     for span in data.spans:
@@ -114,9 +115,9 @@ def progress(data: ReportData) -> str:
             events.append((span.end, span.calls, 0))
     for number, row in enumerate(data.rows):
         if row.start:
-            end = row.end or (data.end if row.state == "running" else last.get(number))
+            ended = row.end or (end if row.state == "running" else last.get(number))
             events.append((row.start, 0, 1))
-            events.append((max(end or row.start, row.start), 0, -1))
+            events.append((max(ended or row.start, row.start), 0, -1))
     if not events:
         return "<p>No task has started yet.</p>"
     events.sort()
@@ -129,7 +130,7 @@ def progress(data: ReportData) -> str:
         if times and at - times[-1] < 1e-6:
             done[-1], tasks[-1] = finished, running
         else:
-            times.append(round(at - data.start, 3))
+            times.append(round(at - start, 3))
             done.append(finished)
             tasks.append(running)
     step = max(1, -(-len(times) // MAX_POINTS))
