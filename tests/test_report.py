@@ -155,6 +155,13 @@ def test_report_shows_a_failure_a_retried_task_and_warm_joins(make_executor, tmp
     assert data.job_ids == sorted({a["job_id"] for j in journals for a in j["arrays"]},
                                   key=lambda job: (len(job), job))
 
+    from slurmexecutor.reports.callwatch import CallWatch
+
+    for future in (retried, failed):  # logs --follow finds the log of a retry, a warm join
+        watch = CallWatch(ex.run_dir, ex.key, future.call_id)
+        assert watch.poll() and watch.log_path == future.log_path, (watch.log_path,
+                                                                     future.log_path)
+
     page = tmp_path / "run.html"
     page.write_text(render(data))
     assert_self_contained(page.read_text())
