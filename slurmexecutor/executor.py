@@ -52,7 +52,7 @@ import weakref
 from collections.abc import Callable, Iterable
 from concurrent.futures import Executor, Future
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from slurmexecutor._log import log
 from slurmexecutor.calls import CallMaker, callable_name
@@ -69,6 +69,9 @@ from slurmexecutor.owner.futures import FutureSink, SlurmFuture, call_log
 from slurmexecutor.owner.handoff import CancelCalls, Launch, Shutdown
 from slurmexecutor.schedulers import make_backend, warn_if_node_local
 from slurmexecutor.schedulers.script import link_package, validate_extra, validate_resources
+
+if TYPE_CHECKING:
+    from slurmexecutor.reports.report_serve import ReportServer
 
 DEFAULT_RETRY_ON = ("NODE_FAIL", "PREEMPTED")
 #: seconds a task that Slurm says has ended, but whose `end` record the client has not
@@ -186,6 +189,7 @@ class SlurmExecutor(CallMaker, Executor):
         self._lock = threading.Lock()  # call ids, and the shutdown flag vs. new requests
         self._next_call = 0
         self._shutdown = False
+        self._report_server: ReportServer | None = None  # report_url()'s, until shutdown
         #: every call's future, by call id, for runs reattached with `attach`
         self.futures: dict[int, SlurmFuture] = {}
         if _run is not None:
@@ -242,21 +246,30 @@ class SlurmExecutor(CallMaker, Executor):
         with self._lock:
             self._shutdown = True
             self._engine.put(Shutdown(cancel_futures))
+            server, self._report_server = self._report_server, None
+        if server is not None:  # report_url()'s page ends with the executor
+            server.close()
         if wait:
             self._engine.join()
 
     # -- watching the run (report.py); nothing is served unless asked -------------------
 
     def report_url(self, port: int = 0) -> str:
-        """Serve this run's live report on 127.0.0.1 (a daemon thread, started by the
-        first call) and return its address."""
-        server = getattr(self, "_report_server", None)
-        if server is None:
-            from slurmexecutor.reports.report_serve import ReportServer
+        """Serve this run's live report on 127.0.0.1 and return its address. The first
+        call starts the server (a daemon thread); it stops at `shutdown()` (the `with`
+        block's end, or interpreter exit), after which this raises RuntimeError (then:
+        `slurmexecutor report RUN --serve`)."""
+        with self._lock:
+            if self._shutdown:
+                raise RuntimeError(f"executor of run {self.run_id} is shut down: its report "
+                                   f"is no longer served (slurmexecutor report {self.run_id}"
+                                   " --serve serves it)")
+            if self._report_server is None:
+                from slurmexecutor.reports.report_serve import ReportServer
 
-            server = self._report_server = ReportServer(self.run_dir, port).start()
-            log.info("run %s: live report at %s", self.run_id, server.url)
-        return server.url
+                self._report_server = ReportServer(self.run_dir, port).start()
+                log.info("run %s: live report at %s", self.run_id, self._report_server.url)
+            return self._report_server.url
 
     def _repr_html_(self) -> str:
         from slurmexecutor.reports.report import summary

@@ -68,9 +68,9 @@ def report_command(args: argparse.Namespace) -> int:
 def logs_command(args: argparse.Namespace) -> int:
     run_dir = _run_dir(args)
     key = spool.load_key(run_dir.parent)
-    info = runs.read_run(run_dir, key)
     if args.follow:
-        return _follow(run_dir, key, info, args.call)
+        return _follow(run_dir, key, args.call)
+    info = runs.read_run(run_dir, key)
     tasks = info.tasks
     if args.call is not None:
         task = _task_of(info, args.call)
@@ -102,27 +102,27 @@ def _client_alive(run_dir: Path) -> bool:
     return record is not None and leases.is_live(record)
 
 
-def _follow(run_dir: Path, key: bytes, info: runs.RunInfo, call_id: int | None) -> int:
-    """Print what is written while it runs (the run is read again once a poll)."""
+def _follow(run_dir: Path, key: bytes, call_id: int | None) -> int:
+    """Print what is written while it runs. One call: its task's log and the run's
+    streams are read incrementally (CallWatch), never the whole run again."""
     if call_id is None:
         for line in follow_files(run_dir / "logs", lambda: _client_alive(run_dir)):
             sys.stdout.write(line)
             sys.stdout.flush()
         return 0
-    _task_of(info, call_id)  # it exists
-    state: dict = {"info": info}
+    from slurmexecutor.reports.callwatch import CallWatch
 
-    def log_path() -> Path | None:
-        task = _task_of(state["info"], call_id)
-        return None if task is None else run_dir / "logs" / (
-            f"{task.job_id}_{task.array_index}.log")
+    watch = CallWatch(run_dir, key, call_id)
+    watch.poll()
+    if not watch.submitted:
+        if not _client_alive(run_dir):
+            raise ValueError(f"run {run_dir.name} has no call {call_id}")
+        print(f"call {call_id} is not submitted yet: waiting for it", file=sys.stderr)
 
     def done() -> bool:
-        state["info"] = current = runs.read_run(run_dir, key)
-        status = current.calls[call_id].status
-        return status in ("done", "failed", "cancelled") or not _client_alive(run_dir)
+        return watch.poll() or not _client_alive(run_dir)
 
-    for line in follow_call(log_path, call_id, done, poll=1.0):
+    for line in follow_call(lambda: watch.log_path, call_id, done, poll=1.0):
         sys.stdout.write(line)
         sys.stdout.flush()
     return 0

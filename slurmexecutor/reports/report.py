@@ -11,7 +11,7 @@ from pathlib import Path
 from slurmexecutor._log import log
 from slurmexecutor.reports import runs
 from slurmexecutor.reports.report_data import Collector, Reader, ReportData, build
-from slurmexecutor.reports.report_html import render, summary_html
+from slurmexecutor.reports.report_html import render
 
 __all__ = ["read_report", "render", "summary", "write_report"]
 
@@ -43,8 +43,4 @@ def write_report(run_dir: Path, output: Path, reader: Reader | None = None) -> P
 def summary(run_dir: Path, key: bytes) -> str:
     """A short HTML summary of a run from the folder alone (no scheduler query): calls
     without a result count as in flight."""
-    info = runs.read_run(Path(run_dir), key)
-    counts = {name: info.count(name) for name in ("done", "failed", "lost", "cancelled")}
-    counts["in flight"] = info.count("running", "pending", "unknown")
-    return summary_html(info.run_id, info.meta.get("backend", ""), info.client_alive,
-                        counts, len(info.calls))
+    return runs.read_run(Path(run_dir), key)._repr_html_()

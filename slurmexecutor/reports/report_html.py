@@ -1,6 +1,7 @@
-"""A run's report as one self-contained HTML page: inline CSS, inline SVG charts drawn
-here, and (live pages only) a few lines of script that reload the report in place.
-Nothing is fetched from the network when the page is viewed."""
+"""A run's report as one self-contained HTML page: inline CSS, the charts drawn by the
+vendored uPlot inlined (report_charts.py), the task timeline as an SVG drawn here, and
+(live pages only) a few lines of script that reload the report in place. Nothing is
+fetched from the network when the page is viewed."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import html
 import json
 import time
 
+from slurmexecutor.reports import report_charts as charts
 from slurmexecutor.reports.report_data import ReportData, Span
 
 WIDTH = 1100  # the timeline's drawing width, pixels
@@ -27,10 +29,11 @@ svg text{font-size:11px;fill:#333}.grid{stroke:#eee}
 COLORS = {"queue": "#e2e2e2", "chunk": "#4a7fc1", "call": "#7aa6db", "failed": "#d62728",
           "backup": "#9467bd", "lost": "#f4a3a3", "warm": "#ff9f1c"}
 LIVE_SCRIPT = """
-setInterval(function(){fetch(location.href,{cache:'no-store'}).then(function(r){return r.text()})
-.then(function(t){var d=new DOMParser().parseFromString(t,'text/html');
-document.getElementById('report').replaceWith(d.getElementById('report'));})
-.catch(function(){});},%d);
+setInterval(function(){fetch(location.href,{cache:'no-store'})
+.then(function(r){return r.ok?r.text():null;},function(){return null;})
+.then(function(t){if(t===null)return;var d=new DOMParser().parseFromString(t,'text/html');
+document.getElementById('report').replaceWith(d.getElementById('report'));
+window.slurmexecutorCharts();});},%d);
 """
 
 
@@ -50,6 +53,7 @@ def render(data: ReportData, refresh: float | None = None) -> str:
     """The page; `refresh` (seconds) makes it reload its report while open (--serve)."""
     body = "".join([
         _header(data), _section("timeline", "Timeline of tasks", _timeline(data)),
+        _section("progress", "Calls finished and tasks running", charts.progress(data)),
         _section("durations", "Call durations", _durations(data)),
         _section("batches", "Queue wait vs run time per batch", _batches(data)),
         _section("nodes", "Nodes", _nodes(data)),
@@ -58,8 +62,8 @@ def render(data: ReportData, refresh: float | None = None) -> str:
         _section("settings", "Run settings", _settings(data))])
     script = f"<script>{LIVE_SCRIPT % int(refresh * 1000)}</script>" if refresh else ""
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>slurmexecutor run "
-            f"{esc(data.run_id)}</title><style>{CSS}</style></head><body>"
-            f"<div id='report'>{body}</div>{script}</body></html>")
+            f"{esc(data.run_id)}</title>{charts.head()}<style>{CSS}</style></head><body>"
+            f"<div id='report'>{body}</div>{charts.draw_script()}{script}</body></html>")
 
 
 def _section(name: str, title: str, content: str) -> str:
@@ -150,53 +154,28 @@ def _ticks(span: float) -> list[float]:
     return [i * step for i in range(int(span / step) + 1)]
 
 
-def _bars(values: list[tuple[str, float, str]], width: int = 420, color: str = "#4a7fc1",
-          unit=seconds) -> str:
-    """Horizontal bars: (label, value, tip)."""
-    if not values:
-        return "<p>None yet.</p>"
-    top = max(v for _, v, _ in values) or 1.0
-    height = 14 * len(values) + 4
-    rows = [f"<svg width='{width + 260}' height='{height}' xmlns='http://www.w3.org/2000/svg'>"]
-    for i, (label, value, tip) in enumerate(values):
-        rows.append(f"<text x='0' y='{14 * i + 11}'>{esc(label)}</text>"
-                    + _rect(150, 14 * i + 2, value / top * width, 10, color, tip)
-                    + f"<text x='{155 + value / top * width:.1f}' y='{14 * i + 11}'>"
-                      f"{esc(unit(value))}</text>")
-    return "".join(rows) + "</svg>"
-
-
 def _durations(data: ReportData) -> str:
     if not data.histogram:
         return "<p>No call has finished yet.</p>"
-    bars = _bars([(f"{seconds(lo)} – {seconds(hi)}", count, f"{count} calls")
-                  for lo, hi, count in data.histogram], unit=lambda v: f"{int(v)}")
     slow = "".join(f"<tr><td>{call}</td><td>{esc(seconds(sec))}</td><td>{esc(task)}</td>"
                    f"<td>{esc(status)}</td></tr>" for sec, call, task, status in data.slowest)
     return (f"<p>{data.timed_calls} call executions measured.</p><div style='display:flex;"
-            f"gap:30px;flex-wrap:wrap'><div>{bars}</div><div><b>Slowest calls</b><table>"
+            f"gap:30px;flex-wrap:wrap'><div>{charts.histogram(data)}</div><div><b>Slowest calls</b><table>"
             f"<tr><th>call</th><th>took</th><th>task</th><th>status</th></tr>{slow}"
             "</table></div></div>")
 
 
 def _batches(data: ReportData) -> str:
-    values = []
-    for b in data.batches:
-        values.append((f"batch {b['batch']} wait", b["wait"],
-                       f"median {seconds(b['wait'])}, max {seconds(b['wait_max'])}"))
-        values.append((f"batch {b['batch']} run", b["run"],
-                       f"median {seconds(b['run'])}, max {seconds(b['run_max'])}"))
     table = "".join(
         f"<tr><td>{b['batch']}</td><td>{esc(b['kind'])}</td><td>{b['attempt']}</td>"
         f"<td>{b['calls']}</td><td>{b['tasks']}</td><td>{b['warm']}</td>"
         f"<td>{esc(seconds(b['wait']))}</td><td>{esc(seconds(b['wait_max']))}</td>"
         f"<td>{esc(seconds(b['run']))}</td><td>{esc(seconds(b['run_max']))}</td></tr>"
         for b in data.batches)
-    shown = values[:80]
     return (f"<table><tr><th>batch</th><th>kind</th><th>attempt</th><th>calls</th>"
             f"<th>tasks</th><th>warm</th><th>wait (median)</th><th>wait (max)</th>"
             f"<th>run (median)</th><th>run (max)</th></tr>{table}</table>"
-            + _bars(shown, color="#8c8c8c"))
+            + (charts.batches(data) if data.batches else ""))
 
 
 def _nodes(data: ReportData) -> str:
@@ -205,7 +184,8 @@ def _nodes(data: ReportData) -> str:
         f"<td>{n['tasks']}</td><td>{esc(seconds(n['busy']))}</td><td>{n['failed']}</td>"
         f"<td>{n['lost']}</td></tr>" for n in data.nodes)
     return ("<table><tr><th>node</th><th>tasks</th><th>busy</th><th>failed calls</th>"
-            f"<th>tasks lost</th></tr>{rows}</table>")
+            f"<th>tasks lost</th></tr>{rows}</table>" + (charts.nodes(data) if data.nodes
+                                                          else ""))
 
 
 def _failures(data: ReportData) -> str:
@@ -233,17 +213,3 @@ def _settings(data: ReportData) -> str:
          else "not used")]
     return "<table>" + "".join(f"<tr><td>{esc(k)}</td><td style='text-align:left'>{esc(v)}"
                                "</td></tr>" for k, v in items) + "</table>"
-
-
-def summary_html(run_id: str, backend: str, live: bool, counts: dict[str, int],
-                 total: int) -> str:
-    """A short summary with a progress bar (Jupyter's `_repr_html_`)."""
-    finished = sum(n for name, n in counts.items() if name != "in flight")
-    failed = counts.get("failed", 0) + counts.get("lost", 0)
-    share = finished / total if total else 0.0
-    text = ", ".join(f"{n} {name}" for name, n in counts.items() if n or name == "done")
-    return (f"<div><b>slurmexecutor run {esc(run_id)}</b> ({esc(backend)}, "
-            f"{'live' if live else 'finished'}): {esc(text)} of {total} calls"
-            f"<div style='width:300px;height:8px;background:#eee'><div style='width:"
-            f"{share * 100:.1f}%;height:8px;background:{'#d62728' if failed else '#4a7fc1'}'>"
-            "</div></div></div>")

@@ -76,5 +76,9 @@ class ReportServer:
         self.httpd.serve_forever()
 
     def close(self) -> None:
-        self.httpd.shutdown() if self.thread else None
+        """Stop serving and free the port (again: nothing)."""
+        if self.thread is not None:
+            self.httpd.shutdown()
+            self.thread.join()
+            self.thread = None
         self.httpd.server_close()

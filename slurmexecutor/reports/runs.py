@@ -123,6 +123,18 @@ class RunInfo:
         """Its client still drives it, or some call may still produce a result."""
         return self.client_alive or self.count("running", "pending", "unknown") > 0
 
+    def _repr_html_(self) -> str:
+        """A short summary with progress (Jupyter): calls without a result yet (running,
+        pending, or not classified: unknown) count as in flight."""
+        from slurmexecutor.reports.summary import IN_FLIGHT, summary_html
+
+        if self.unreadable:
+            return summary_html(self.run_id, "", False, {}, 0, f"unreadable: {self.unreadable}")
+        counts = {name: self.count(name) for name in ("done", "failed", "lost", "cancelled")}
+        counts["in flight"] = self.count(*IN_FLIGHT)
+        return summary_html(self.run_id, self.meta.get("backend", ""), self.live, counts,
+                            len(self.calls), self.lease_text)
+
 
 def list_runs(folder: Path) -> list[Path]:
     """Run folders, oldest first."""
