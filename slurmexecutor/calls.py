@@ -311,7 +311,8 @@ def _chained_results(executor: Executing, futures: list[SlurmFuture],
                      end_time: float | None, bar: CallProgress,
                      single: bool = False) -> Iterator:
     """Yield the calls' results in order; raise a call's exception at its position.
-    Futures are map chunks (a list of outcomes each), or one call each (`single`).
+    Futures are map chunks ((values, errors by position) each), or one call each
+    (`single`).
     Abandoning the iterator stops the calls that have not run yet."""
     try:
         futures.reverse()
@@ -320,17 +321,20 @@ def _chained_results(executor: Executing, futures: list[SlurmFuture],
             remaining = None if end_time is None else end_time - time.monotonic()
             if single:
                 exc = future.exception(remaining)
-                outcomes = [(exc is None, exc if exc is not None else future.result())]
+                values, errors = [None if exc is not None else future.result()], (
+                    {} if exc is None else {0: exc})
                 bar.advance(exc is None)
             else:
-                outcomes = future.result(remaining)
+                values, errors = future.result(remaining)
             futures.pop()
             del future
-            outcomes.reverse()  # popped as yielded: nothing here keeps a yielded value
-            while outcomes:  # alive (CPython issue 14406)
-                if not outcomes[-1][0]:
-                    raise outcomes.pop()[1]
-                yield outcomes.pop()[1]
+            values.reverse()  # popped as yielded: nothing here keeps a yielded value
+            position = 0  # alive (CPython issue 14406)
+            while values:
+                if position in errors:
+                    raise errors[position]
+                position += 1
+                yield values.pop()
     finally:
         if futures:
             executor.cancel(futures)

@@ -36,12 +36,12 @@ def failing_reads(monkeypatch, batch: str, times: int | None,
     [whether they have begun]."""
     real, failures, armed = spool.read_records, [0], [not after_claim]
 
-    def read_records(cursor, key):
+    def read_records(cursor, key, most=None):
         if f"/{batch}/" in str(cursor.path) and armed[0] and (
                 times is None or failures[0] < times):
             failures[0] += 1
             raise OSError(errno.ESTALE, "Stale file handle", str(cursor.path))
-        records = real(cursor, key)
+        records = real(cursor, key, most)
         armed[0] = armed[0] or any(record[0] == "claim" for record in records)
         return records
 
@@ -159,10 +159,10 @@ def test_a_full_run_folder_fails_only_what_does_not_fit(small_disk):
 def test_a_worker_that_cannot_write_says_so():
     """A task that ended with the worker's exit code for a full disk, or for a folder
     the node does not see: the calls' errors say so (not `raise result_grace`)."""
-    from slurmexecutor.core.ledger import Batch, Task, task_failure
+    from slurmexecutor.core.ledger import Batch, CallSet, Task, task_failure
     from slurmexecutor.schedulers import TaskState
 
-    batch = Batch(0, [[0]], 1, False, 0, None, {0})
+    batch = Batch(0, [[0]], 1, False, 0, None, CallSet([[0]]))
     for code, words in ((diskio.EXIT_FULL, "ENOSPC or EDQUOT"),
                         (diskio.EXIT_NO_FOLDER, "not on a filesystem the compute nodes"),
                         (1, "nothing of it reached the run folder")):

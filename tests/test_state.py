@@ -541,3 +541,38 @@ def test_an_attached_batch_submits_the_tasks_its_client_never_did():
     assert asks, "tasks 2..3 are never submitted"
 
 
+
+
+def test_a_batchs_open_calls_are_a_compact_set_that_behaves_as_one():
+    """CallSet (one bit per call over the batch's span) against a plain set, for ranges
+    (map chunks), lists (windows, retries), a subset (attach) and discards."""
+    import random
+
+    from slurmexecutor.core.ledger import CallSet
+
+    for seed in range(200):
+        rng = random.Random(seed)
+        chunks: list = []
+        start = rng.randrange(0, 50)
+        for _ in range(rng.randint(0, 6)):
+            if rng.random() < 0.5:
+                size = rng.randint(1, 40)
+                chunks.append(range(start, start + size))
+                start += size + rng.randint(0, 5)
+            else:
+                chunks.append([start + k * rng.randint(1, 3) for k in range(rng.randint(1, 5))])
+                start = chunks[-1][-1] + 1
+        only = None if rng.random() < 0.5 else frozenset(rng.sample(range(start + 20), 20))
+        expected = {c for chunk in chunks for c in chunk} & (only if only is not None else {
+            c for chunk in chunks for c in chunk})
+        calls = CallSet(chunks, only)
+        assert set(calls) == expected and len(calls) == len(expected)
+        assert all((c in calls) == (c in expected) for c in range(-3, start + 12))
+        for call_id in rng.sample(sorted(expected), len(expected) // 2):
+            calls.discard(call_id)
+            expected.discard(call_id)
+        calls.discard(10**9)
+        assert set(calls) == expected and bool(calls) == bool(expected)
+        probe = frozenset(rng.sample(range(start + 10), 5))
+        assert probe & calls == probe & expected == calls & probe
+    assert len(CallSet([range(1_000_000)])._bits) == 125_000  # not a set of a million ints

@@ -3,7 +3,7 @@ how a task ended. Plain values only."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from slurmexecutor.core.events import Failure, TaskRef
@@ -61,6 +61,89 @@ class Submission:
         return self.end - self.next
 
 
+class CallSet:
+    """A batch's open calls: one bit per call id over their span (a 1,000,000-call map
+    holds 125 kB here, not the ~64 MB of a set of ints), with the set operations the
+    core uses: `in`, `discard`, `len`, iteration and `&` with a set."""
+
+    __slots__ = ("_base", "_bits", "_count")
+
+    def __init__(self, chunks: Iterable[Sequence[int]], only: Iterable[int] | None = None
+                 ) -> None:
+        chunks = [c for c in chunks if len(c)]
+        ends = [(c.start, c[-1]) if isinstance(c, range) and c.step == 1 else (min(c), max(c))
+                for c in chunks]
+        self._base = min((lo for lo, _ in ends), default=0)
+        self._bits = bytearray((max((hi for _, hi in ends), default=-1) - self._base) // 8 + 1)
+        self._count = 0
+        if only is not None:
+            ids = {c for chunk in chunks for c in chunk}
+            for call_id in only:
+                if call_id in ids:
+                    self._add(call_id)
+            return
+        for chunk in chunks:
+            if isinstance(chunk, range) and chunk.step == 1:
+                self._fill(chunk.start, chunk.stop)
+            else:
+                for call_id in chunk:
+                    self._add(call_id)
+
+    def _add(self, call_id: int) -> None:
+        if call_id not in self:
+            i = call_id - self._base
+            self._bits[i >> 3] |= 1 << (i & 7)
+            self._count += 1
+
+    def _fill(self, start: int, stop: int) -> None:
+        """Add start..stop-1 (whole bytes at once)."""
+        i, end = start - self._base, stop - self._base
+        while i < end and i & 7:
+            self._add(i + self._base)
+            i += 1
+        whole = (end - i) >> 3
+        if whole:
+            self._count += 8 * whole - sum(b.bit_count() for b in self._bits[i >> 3:(
+                i >> 3) + whole])
+            self._bits[i >> 3:(i >> 3) + whole] = b"\xff" * whole
+            i += 8 * whole
+        for call_id in range(i + self._base, stop):
+            self._add(call_id)
+
+    def __contains__(self, call_id: object) -> bool:
+        if not isinstance(call_id, int):
+            return False
+        i = call_id - self._base
+        return 0 <= i < 8 * len(self._bits) and bool(self._bits[i >> 3] >> (i & 7) & 1)
+
+    def discard(self, call_id: int) -> None:
+        if call_id in self:
+            i = call_id - self._base
+            self._bits[i >> 3] &= ~(1 << (i & 7)) & 0xFF
+            self._count -= 1
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __iter__(self) -> Iterator[int]:
+        for index, byte in enumerate(self._bits):
+            if byte:
+                base = self._base + 8 * index
+                yield from (base + k for k in range(8) if byte >> k & 1)
+
+    def __and__(self, other: Iterable[int]) -> frozenset[int]:
+        return frozenset(c for c in other if c in self)
+
+    __rand__ = __and__
+
+    def __eq__(self, other: object) -> bool:
+        return set(self) == set(other) if isinstance(other, (set, frozenset, CallSet)) else (
+            NotImplemented)
+
+    def __repr__(self) -> str:
+        return f"CallSet({sorted(self)})"
+
+
 @dataclass(eq=False)
 class Batch:
     """Calls handed over together: chunks that up to `planned` array tasks claim."""
@@ -71,7 +154,7 @@ class Batch:
     steal: bool
     attempt: int
     time_limit: str | None
-    open_calls: set[int]
+    open_calls: CallSet
     unclaimed: set[int] = field(default_factory=set)
     first_start: float | None = None
     tasks: list[Task] = field(default_factory=list)

@@ -24,7 +24,7 @@ from collections.abc import Iterable
 from slurmexecutor.core import answers, joins, policies
 from slurmexecutor.core import events as ev
 from slurmexecutor.core.events import Action, Event, Failure
-from slurmexecutor.core.ledger import REQUEUEABLE, Batch, Submission, Task
+from slurmexecutor.core.ledger import REQUEUEABLE, Batch, CallSet, Submission, Task
 from slurmexecutor.core.store import CoreState
 from slurmexecutor.errors import CallLostError, IntegrityError
 
@@ -121,10 +121,8 @@ class Core(CoreState):
             policies.cancel(self, ev.CancelRequested(frozenset(self.open_calls()), kill=False))
 
     def _add_batch(self, event: ev.BatchAdded, now: float) -> None:
-        calls = {c for chunk in event.chunks for c in chunk}
-        open_calls = calls if event.open_calls is None else calls & event.open_calls
         batch = Batch(event.batch, event.chunks, event.planned, event.steal, event.attempt,
-                      event.time_limit, set(open_calls),
+                      event.time_limit, CallSet(event.chunks, event.open_calls),
                       unclaimed=set(range(len(event.chunks))))
         batch.throttle = policies.start_width(self, event) if event.throttled else (
             event.planned)
@@ -206,7 +204,8 @@ class Core(CoreState):
                 joins.add_joiner(self, self.batches[joined], int(record.body["as"]), task.job_id,
                                  task.array_index, now)  # announced where the client looks
             task.killed = bool(record.body and record.body.get("signal"))
-        elif record.call_id in batch.open_calls:  # later duplicates (requeues) are ignored
+        elif record.call_id is not None and record.call_id in batch.open_calls:  # later
+            # duplicates (requeues) are ignored
             call_id = record.call_id
             batch.done += 1
             other = batch.backup.get(call_id)

@@ -142,15 +142,21 @@ class FutureSink:
             pass
 
 
+_MISSING = object()
+
+
 class ChunkSink(FutureSink):
-    """Consecutive calls of a map: one Future whose result is the list of outcomes."""
+    """Consecutive calls of a map: one Future whose result is (values, errors): the
+    values in call order, and the exceptions of failed calls by position (a result
+    held costs one list slot, not an (ok, value) pair)."""
 
     def __init__(self, future: Future, first_call: int, size: int,
                  progress: CallProgress | None = None) -> None:
         super().__init__(future, first_call)
         self.call_ids = range(first_call, first_call + size)
         self.first_call = first_call
-        self.outcomes: list[tuple[bool, Any] | None] = [None] * size
+        self.values: list[Any] = [_MISSING] * size
+        self.errors: dict[int, BaseException] = {}
         self.missing = size
         self.progress = progress
 
@@ -160,17 +166,23 @@ class ChunkSink(FutureSink):
 
     def deliver(self, call_id: int, ok: bool, value: Any, replace: bool = False) -> None:
         slot = call_id - self.first_call
-        previous = self.outcomes[slot]
-        if previous is not None:  # a late result replaces a failure, never a result
-            if replace and not previous[0] and not self.future.done():
-                self.outcomes[slot] = (ok, value)
+        if self.values[slot] is not _MISSING:  # a late result replaces a failure only
+            if replace and slot in self.errors and not self.future.done():
+                if ok:
+                    self.values[slot] = value
+                    del self.errors[slot]
+                else:
+                    self.errors[slot] = value
             return
-        self.outcomes[slot] = (ok, value)
+        if ok:
+            self.values[slot] = value
+        else:
+            self.values[slot], self.errors[slot] = None, value
         self.missing -= 1
         if self.progress:
             self.progress.advance(ok)
         if self.missing == 0:
-            super().deliver(call_id, True, self.outcomes)
+            super().deliver(call_id, True, (self.values, self.errors))
 
 
 class SinkTable:

@@ -34,7 +34,7 @@ LISTING = 0.5
 #: records taken from one stream per read: a task that wrote 100,000 results since the
 #: last read is taken in parts (the owner reads on at once), so the client never holds
 #: them all as events at the same time
-RECORDS_PER_READ = 20_000
+RECORDS_PER_READ = 2_000
 
 
 class StreamReader:
