@@ -175,14 +175,14 @@ class Core(CoreState):
             assert record.call_id is not None
             chunk = record.call_id
             batch.unclaimed.discard(chunk)
-            calls = tuple(c for c in batch.chunks[chunk] if c in batch.open_calls)
+            calls = batch.open_calls.among(batch.chunks[chunk])
             task.unresolved.update(calls)
             batch.owner.update(dict.fromkeys(calls, task))
             self.out.append(ev.Claimed(batch.number, chunk, task.ref, calls))
         elif kind == "backup":  # a second copy of a straggling chunk: first result wins
             assert record.call_id is not None
             chunk = record.call_id
-            calls = tuple(c for c in batch.chunks[chunk] if c in batch.open_calls)
+            calls = batch.open_calls.among(batch.chunks[chunk])
             task.unresolved.update(calls)
             batch.backup.update(dict.fromkeys(calls, task))
             done = tuple(c for c in batch.chunks[chunk] if c not in batch.open_calls)
