@@ -159,7 +159,31 @@ def test_the_watch_stops_at_the_time_limit_warning_and_at_close(tmp_path):
     polls_in_half_a_second = idle.polls
     (run_dir / "batches").write_text("closed")
     assert Watcher(run_dir, key, 0, "k", lambda: False).wait(30) is None
-    assert polls_in_half_a_second < 60  # backs off: 2 ms at first, 0.1 s at most
+    assert polls_in_half_a_second < 60  # backs off after FAST_PHASE, to 0.11 s at most
+
+
+def test_an_idle_minute_costs_at_most_600_polls(tmp_path, monkeypatch):
+    """The signal file's polls over one idle minute (a simulated clock), fast phase
+    included: within the bound the README gives for an idle warm task."""
+    from slurmexecutor.folder import warm
+
+    class Clock:
+        now = 1000.0
+
+        @classmethod
+        def monotonic(cls):
+            return cls.now
+
+        @classmethod
+        def sleep(cls, seconds):
+            cls.now += seconds + 20e-6  # each poll's open costs a little too
+
+    monkeypatch.setattr(warm, "time", Clock)
+    key = spool.load_key(tmp_path, create=True)
+    run_dir = spool.ensure_private_dir(tmp_path / "run")
+    idle = Watcher(run_dir, key, 0, "k", lambda: False)
+    assert idle.wait(60.0) is None
+    assert 500 < idle.polls <= 600, idle.polls
 
 
 def test_the_watch_misses_no_batch_when_several_come_at_once(tmp_path):
