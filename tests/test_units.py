@@ -126,6 +126,27 @@ def test_a_retry_keeps_shared_arguments_shared(tmp_path):
     assert loaded[0][0][0] is loaded[1][0][0]  # unpickled once per task
 
 
+def test_attach_keeps_how_often_a_batchs_calls_ran_again_for_free(tmp_path):
+    """A batch of calls handed back (never started) or preempted records its free reruns
+    in its journal; attach gives them back to the core, so MAX_FREE_RERUNS still bounds
+    them after the client changed."""
+    from types import SimpleNamespace
+
+    from slurmexecutor.owner.batches import BatchSpec, Chunk, write_batch
+    from slurmexecutor.owner.reattach import reattach
+
+    key = spool.load_key(tmp_path, create=True)
+    run_dir = spool.ensure_private_dir(tmp_path / "run")
+    spec = BatchSpec("retry", [b"fn"], ["f"], [Chunk([7], [(0, b"", 1)])], 1, reruns=3)
+    write_batch(run_dir, key, 0, spec, throttled=False)
+    events: list = []
+    engine = SimpleNamespace(run_dir=run_dir, add_journal=lambda journal: None,
+                             sinks=SimpleNamespace(add=lambda sink: None),
+                             queue_event=events.append)
+    futures = reattach(engine, None)  # type: ignore[arg-type]
+    assert list(futures) == [7] and [(e.batch, e.reruns) for e in events] == [(0, 3)]
+
+
 # -- resources and the script ----------------------------------------------------------
 
 

@@ -180,7 +180,7 @@ def _write_batch(run_dir: Path, key: bytes, number: int, spec: BatchSpec,
     journal = {
         "batch": number, "kind": spec.kind, "created": time.time(), "functions": spec.names,
         "functions_file": functions_file, "shared_file": shared_file,
-        "attempt": spec.attempt, "planned": spec.planned,
+        "attempt": spec.attempt, "reruns": spec.reruns, "planned": spec.planned,
         "steal": spec.steal, "throttled": throttled,
         "chunks": [spool.compress_ids(chunk.call_ids) for chunk in spec.chunks],
         "arrays": [],

@@ -45,5 +45,5 @@ def reattach(engine: Engine, time_limit: str | None) -> dict[int, SlurmFuture]:
             number, chunks, journal["planned"], journal["steal"], journal["attempt"],
             time_limit, journal.get("throttled", False),
             tuple((a["job_id"], a["offset"], a["size"]) for a in journal["arrays"]),
-            open_calls))
+            open_calls, reruns=journal.get("reruns", 0)))
     return futures
