@@ -208,6 +208,21 @@ def main(scenario):
             ex.cancel(futures)
             result["errors"] = [error_of(f) for f in futures]
             result["cancel_seconds"] = time.monotonic() - started
+        elif scenario == "verified":  # the step runs the text signed, not the file now
+            assert ex.submit(square, 1).result()[0] == 1
+            script = spool.script_path(ex.run_dir, 0, 0)
+            marker = os.path.join(os.path.dirname(OUT), "ran")
+            script.write_text(spool.sign_script(
+                script, ex.key, f"#!/bin/bash\\necho $0 > {marker}\\n"))
+            job = ex.backend.submit_array(script, 1, ex.run_dir / "logs")
+            script.write_text("#!/bin/bash\\nexit 3\\n")
+            state = None
+            while state is None or not state.final:
+                time.sleep(0.05)
+                state = ex.backend.states([job]).get((job, 0))
+            result["state"] = state.state
+            result["ran"] = open(marker).read().strip()
+            result["script"] = str(script)
         elif scenario == "outside":  # the test cancels the run with the CLI
             futures = [ex.submit(sleepy, i) for i in range(2)]
             while len(ex.backend.steps()) < 2:
@@ -276,6 +291,15 @@ def test_map_and_submit_run_as_steps_of_the_allocation_over_its_nodes(client):
     assert result["nodes"] == ["n1", "n2"] or len(result["nodes"]) == 2
     assert all(a.startswith(f"{job}-") for a in result["arrays"])
     assert not [s for s in result["steps_after"] if "@" in s]  # all steps ended
+
+
+@pytest.mark.slurm
+@pytest.mark.usefixtures("slurm_cluster")
+def test_a_step_runs_the_script_text_verified_at_submission(client):
+    """The step is given the text the backend verified; the file, changed after, is only
+    its name ($0)."""
+    result = in_salloc(client, "verified", "-N1", "-n1")
+    assert result["state"] == "COMPLETED" and result["ran"] == result["script"]
 
 
 @pytest.mark.slurm

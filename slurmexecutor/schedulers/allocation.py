@@ -46,11 +46,13 @@ STEP_SHAPING_ENV = ("SLURM_MEM_PER_CPU", "SLURM_MEM_PER_NODE", "SLURM_MEM_PER_GP
                     "SLURM_NTASKS_PER_GPU", "SLURM_TRES_PER_TASK", "SLURM_OVERLAP",
                     "SLURM_CPUS_PER_TASK", "SLURM_NTASKS", "SLURM_NPROCS", "SLURM_NNODES")
 #: what the step runs: a line naming the step (its log's first), then the batch script as
-#: array task $2 of pseudo array $1, with the array variables the worker reads
+#: array task $2 of pseudo array $1, with the array variables the worker reads; the
+#: script's text is $4, as verified at submission (the file $3 is only its name: a file
+#: changed since is not what runs)
 STEP_WRAPPER = ('echo "slurmexecutor: step $SLURM_JOB_ID.$SLURM_STEP_ID on $SLURMD_NODENAME";'
                 ' unset SLURM_RESTART_COUNT;'
                 ' export SLURM_ARRAY_JOB_ID="$1" SLURM_ARRAY_TASK_ID="$2"'
-                ' SLURMEXECUTOR_JOB="$1" SLURMEXECUTOR_TASK="$2"; exec bash "$3"')
+                ' SLURMEXECUTOR_JOB="$1" SLURMEXECUTOR_TASK="$2"; exec bash -c "$4" "$3"')
 _STEP_LINE = re.compile(r"^slurmexecutor: step (\d+\.\d+) on (\S*)$", re.MULTILINE)
 _numbers = itertools.count(1)
 NO_ALLOCATION = ("backend='allocation' needs to run inside a Slurm allocation (salloc, "
@@ -201,12 +203,13 @@ class AllocationBackend(LocalBackend):
 
     def _command(self, task: _Task) -> tuple[list[str], dict[str, str]]:
         job_id, index = task.key
-        directives = parse_directives(task.script.read_text(errors="replace"))
+        directives = parse_directives(task.text)
         name = step_name(directives.get("job-name") or "slurmexecutor", job_id, index)
         env = {key: value for key, value in os.environ.items()
                if key not in STEP_SHAPING_ENV}
         return (["srun", *srun_options(directives, self.allocation, name), "bash", "-c",
-                 STEP_WRAPPER, "slurmexecutor-step", job_id, str(index), str(task.script)],
+                 STEP_WRAPPER, "slurmexecutor-step", job_id, str(index), str(task.script),
+                 task.text],
                 env)
 
     def _final(self, task: _Task, code: int) -> TaskState:
