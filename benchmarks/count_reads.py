@@ -35,6 +35,7 @@ import time
 from array import array
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -115,6 +116,22 @@ def run_serial(bam: str, regions: list[Region], _folder: Path) -> Outcome:
     return Outcome(counts, time.perf_counter() - started)
 
 
+def run_process_pool(fractions: int) -> Runner:
+    """The machine's own ceiling: the same fractions in a ProcessPoolExecutor of one
+    process per core (pool started outside the timing), each fraction counted serially."""
+
+    def run(bam: str, regions: list[Region], _folder: Path) -> Outcome:
+        size = -(-len(regions) // fractions)
+        parts = [regions[first:first + size] for first in range(0, len(regions), size)]
+        with ProcessPoolExecutor(os.cpu_count() or 1) as pool:
+            list(pool.map(abs, range(os.cpu_count() or 1)))  # the workers are up
+            started = time.perf_counter()
+            counts = sum(pool.map(count_reads_serial, [bam] * len(parts), parts), Counter())
+            return Outcome(counts, time.perf_counter() - started)
+
+    return run
+
+
 def run_map_reduce(backend: str, fractions: int, poll_interval: float | None,
                    calls: int = 1) -> Runner:
     """A runner of map_reduce on `backend`, from cold (a new executor per run); with
@@ -178,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
             run_map_reduce("slurm", args.fractions, args.poll_interval),
         f"(d) as the demo: 2 map_reduce on Slurm ({args.fractions // 2} fractions each)":
             run_map_reduce("slurm", args.fractions, args.poll_interval, calls=2),
+        f"(e) ProcessPoolExecutor({cores}), same fractions (this machine's ceiling)":
+            run_process_pool(args.fractions),
     }
     times: dict[str, list[float]] = {name: [] for name in methods}
     parts: dict[str, list[dict[str, float]]] = {name: [] for name in methods}

@@ -15,7 +15,6 @@ owner (compare CPython's concurrent/futures/process.py, `_ExecutorManagerThread`
 
 from __future__ import annotations
 
-import dataclasses
 import queue
 import threading
 import time
@@ -27,12 +26,9 @@ from slurmexecutor.core import events as ev
 from slurmexecutor.core.events import Action, Event
 from slurmexecutor.core.state import Core
 from slurmexecutor.errors import (
-    JobCancelledError,
-    OutOfMemoryError,
     SlurmExecutorError,
     SubmissionDeferred,
     SubmissionError,
-    TaskFailedError,
 )
 from slurmexecutor.folder import cancels, claims, procs, spool, warm
 from slurmexecutor.folder.lease import Lease
@@ -58,6 +54,11 @@ from slurmexecutor.schedulers import Backend
 
 #: seconds the scheduler's idle-slot figure is used before it is asked again
 FREE_TTL = 5.0
+#: after news the owner reads again every ms for this long (a warm round trip's result
+#: comes within a few ms), while at most QUICK_TASKS tasks are live; then it backs off
+QUICK_PHASE, QUICK_TASKS = 0.015, 64
+#: events of every round that are no news by themselves
+ROUTINE = (ev.StreamsRead, ev.StreamState, ev.SchedulerAnswer)
 
 
 class Engine(LeaseAndEnd, Intake):
@@ -139,7 +140,7 @@ class Engine(LeaseAndEnd, Intake):
 
     def _run(self) -> None:
         try:
-            wait = 0.01
+            wait, news = 0.01, 0.0
             while True:
                 flush, self._flush = self._flush, False  # before draining: none is lost
                 busy = self._drain()
@@ -157,7 +158,10 @@ class Engine(LeaseAndEnd, Intake):
                 if self._stopping and self.core.idle and not self._windows and (
                         not self._dependents and self._requests.empty()):
                     return
-                wait = 0.001 if busy else min(wait * 1.5, 0.05 if not self.core.idle else 1.0)
+                news = now if busy else news
+                quick = now - news < QUICK_PHASE and len(self.core.tasks) <= QUICK_TASKS
+                wait = 0.001 if busy or quick else min(
+                    wait * 1.5, 0.05 if not self.core.idle else 1.0)
                 if self._windows:
                     wait = max(0.0, min(wait, self._window_due() - time.monotonic()))
                 self._wake.wait(wait)
@@ -183,8 +187,10 @@ class Engine(LeaseAndEnd, Intake):
         return bool(eager)
 
     def _step(self) -> bool:
-        """Feed the pending events to the core and carry out its actions, until quiet."""
-        busy = bool(self._events)
+        """Feed the pending events to the core and carry out its actions, until quiet.
+        Busy (poll again within a ms) only for news: a read or a scheduler answer that
+        changed nothing, and the next query, let the owner back off."""
+        busy = any(not isinstance(e, ROUTINE) for e in self._events)
         while True:
             events, self._events = self._events, []
             actions = self.core.step(events, time.monotonic())
@@ -193,7 +199,7 @@ class Engine(LeaseAndEnd, Intake):
                     self._do(action)
                 except Exception:  # noqa: BLE001  (one failed action must not stop the rest)
                     log.exception("slurmexecutor: %s failed", type(action).__name__)
-            busy |= bool(actions)
+            busy |= any(not isinstance(a, ev.QueryScheduler) for a in actions)
             if not self._events:
                 return busy
 
@@ -332,13 +338,9 @@ class Engine(LeaseAndEnd, Intake):
 
     def _fail(self, action: ev.Fail) -> None:
         failure = action.failure
-        if failure.error_type is OutOfMemoryError and failure.task is not None:
-            failure = dataclasses.replace(failure, message=outcomes.out_of_memory(
-                failure.message, self._settings(failure.task.batch).resources, failure.task))
-        if failure.task is not None and issubclass(failure.error_type, TaskFailedError) and (
-                failure.error_type is not JobCancelledError):
-            log.warning("job %s_%s: %d call(s) failed: %s", failure.task.job_id,
-                        failure.task.array_index, len(action.call_ids), failure.message)
+        if failure.task is not None:
+            failure = outcomes.told(failure, self._settings(failure.task.batch).resources,
+                                    len(action.call_ids))
         for call_id in action.call_ids:
             sink = self.sinks.pop(call_id)
             self._cache_keys.pop(call_id, None)

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from slurmexecutor.errors import (
     EnvironmentMismatchError,
     IntegrityError,
     JobCancelledError,
+    OutOfMemoryError,
     RemoteError,
     RemoteTraceback,
     SerializationError,
@@ -73,6 +75,22 @@ def out_of_memory(message: str, resources: dict, task: TaskRef) -> str:
     return (f"{message}; it asked for mem={asked}: raise mem=, and see "
             f"what it used with `sacct -j {task.job_id}_{task.array_index} "
             "--format=JobID,ReqMem,MaxRSS` where accounting is on")
+
+
+def told(failure: Failure, resources: dict, calls: int) -> Failure:
+    """A task's failure as the user is told it: an OOM kill names the memory asked for;
+    a failed task (not a cancel) is logged once, with how many calls it took down."""
+    task = failure.task
+    if task is None:
+        return failure
+    if failure.error_type is OutOfMemoryError:
+        failure = dataclasses.replace(failure, message=out_of_memory(
+            failure.message, resources, task))
+    if issubclass(failure.error_type, TaskFailedError) and (
+            failure.error_type is not JobCancelledError):
+        log.warning("job %s_%s: %d call(s) failed: %s", task.job_id, task.array_index,
+                    calls, failure.message)
+    return failure
 
 
 def failure_error(run_dir: Path, failure: Failure, call_id: int) -> BaseException:
