@@ -89,7 +89,9 @@ def test_values_that_could_inject_options_are_refused(resources, tmp_path):
     assert not list(tmp_path.glob("2*"))  # refused before anything was created
 
 
-@pytest.mark.parametrize("extra", [["--export=ALL\n#SBATCH --x"], ["export=ALL"]])
+@pytest.mark.parametrize("extra", [["--export=ALL\n#SBATCH --x"], ["export=ALL"],
+                                   ["--array=0-3"], ["-o", "/tmp/x"], ["--wait"],
+                                   ["--output=/elsewhere/%j.log"], ["-W"]])
 def test_bad_sbatch_extra_is_refused(extra, tmp_path):
     with pytest.raises(ValueError, match="sbatch_extra"):
         SlurmExecutor(tmp_path, backend="local", sbatch_extra=extra)

@@ -78,13 +78,25 @@ def validate_resources(resources: dict) -> dict:
     return checked
 
 
+#: sbatch_extra options that would break the executor's contract with sbatch: those it
+#: sets itself, and those after which sbatch waits, tests only, or prints another answer
+NOT_EXTRA = {*RESERVED, "wait", "test-only"}
+NOT_EXTRA_SHORT = {"a": "array", "o": "output", "e": "error", "W": "wait"}
+
+
 def validate_extra(options: list[str]) -> list[str]:
-    """Raw sbatch options: each one line, starting with '-'."""
+    """Raw sbatch options: each one line, starting with '-', none the executor sets or
+    one that would change what sbatch answers (a ValueError names it)."""
     for option in options:
         text = str(option)
         if "\n" in text or "\r" in text or not text.startswith("-"):
             raise ValueError(f"sbatch_extra item {option!r} must be one '--option[=value]' "
                              "on a single line")
+        name = text[2:].split("=", 1)[0] if text.startswith("--") else NOT_EXTRA_SHORT.get(
+            text[1:2], "")
+        if name in NOT_EXTRA:
+            raise ValueError(f"sbatch_extra item {option!r}: the executor sets --{name} "
+                             "itself or needs sbatch without it; leave it out")
     return [str(option) for option in options]
 
 
