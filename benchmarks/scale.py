@@ -9,8 +9,8 @@ that many declared CPUs (1 x 16, 1 x 1,000, 10 x 1,000 nodes; MaxArraySize 1001)
 at submit time, as production clusters are: a blocker job holds every CPU of every node for
 --block s (5) and the map starts as soon as squeue shows it running (and sinfo no idle CPU).
 Each row: wall time of the map; when the first array task started, counted from the map call
-(so about --block s when the blocker worked); array tasks started (result streams in the run
-folder, flat `bNNNN.tIIII.rA.out` or `bNNNN/tIIII.rA.out`); files in the run folder (logs/
+(so about --block s when the blocker worked); array tasks started (non-empty result streams in
+the run folder, flat `bNNNN.tIIII.rA.out` or `bNNNN/tIIII.rA.out`); files in the run folder (logs/
 apart); claim attempts (summed from the tasks' `claims` records, or the "claims" of their
 `end` records; "-" where the code records none, as the baseline); the client's peak RSS; the
 scheduler commands it ran (counted by wrapper scripts first on its PATH). Then a map of
@@ -81,7 +81,10 @@ def walk_run(folder: Path) -> tuple[dict[str, Any], list[Path]]:
             continue
         files += len(names)
         streams += [Path(root, name) for name in names if is_stream(Path(root, name))]
-    return {"tasks": len(streams), "files": files, "logs": logs}, streams
+    # the client creates each submitted task's stream empty: a started task has written
+    # its start record (a joined task's stream holds it from the first moment)
+    started = [path for path in streams if path.stat().st_size > 0]
+    return {"tasks": len(started), "files": files, "logs": logs}, started
 
 
 def folder_stats(folder: Path, since: float) -> dict[str, Any]:
