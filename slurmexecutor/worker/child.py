@@ -15,12 +15,14 @@ import sys
 import time
 import traceback
 from array import array
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from slurmexecutor.folder import claims, spool
 from slurmexecutor.folder.diskio import FULL
 from slurmexecutor.folder.folders import writable_by_others
+from slurmexecutor.worker import checkpoints
 
 if TYPE_CHECKING:
     from slurmexecutor.folder.sharing import SharedObjects
@@ -37,10 +39,15 @@ STOP_SIGNAL = signal.SIGUSR1
 
 class _ChildStop:
     requested = False
+    #: what a checkpointable call does when told to stop (save its state, leave)
+    on_stop: Callable[[], None] | None = None
 
     @classmethod
     def request(cls, signum: int, frame: object) -> None:
         cls.requested = True
+        hook, cls.on_stop = cls.on_stop, None
+        if hook is not None:
+            hook()
 
 
 class ChildRunner:
@@ -54,6 +61,7 @@ class ChildRunner:
         self.table: dict = {}
         self.table_file: str | None = None  # where `table` was read from
         self.shared: SharedObjects | None = None
+        self.rest: list[int] = []  # the running call and those after it in its chunk
 
     def run(self, resume: tuple[int, int] | None) -> None:
         self._load_batch()
@@ -205,10 +213,40 @@ class ChildRunner:
                             except Exception as exc:  # noqa: BLE001  (this part's calls)
                                 error = exc
                         call = arguments[offset] if arguments is not None else None
+                        self.rest = list(call_ids[position:])  # a checkpoint hands them back
                         self._write_result(call_id, self._call(call_id, fn_index, call, error))
                     took.append(time.time() - began)
                 position += 1
         return True
+
+    def _checkpointable(self, call_id: int, fn: Any, args: tuple, kwargs: dict) -> Any:
+        """Run a call that can save its state (checkpoints.py): from its last checkpoint,
+        if an earlier attempt saved one; told to stop, it saves its state, hands itself
+        and the rest of its chunk back (at a SIGTERM the task's end decides: a requeue or
+        a preemption runs it again, a cancel fails it), and the child leaves."""
+        sup = self.sup
+        fn = checkpoints.resumed(sup.run_dir, sup.key, call_id, fn)
+
+        def stop() -> None:
+            if checkpoints.save(sup.run_dir, sup.key, call_id, fn, args, kwargs):
+                print(f"slurmexecutor worker: call {call_id} saved its state", flush=True)
+                if sup.checkpointing[0] != checkpoints.TERMINATING:  # the limit's warning
+                    sup.out.write(("handback", None, {"calls": self.rest}))
+                os.write(self.pipe, POSITION.pack(*DONE))
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(0)
+            sup.checkpointing[0] = 0  # declined: a SIGTERM need not wait for it
+
+        _ChildStop.on_stop = stop
+        sup.checkpointing[0] = checkpoints.RUNNING  # the supervisor lets it save at SIGTERM
+        try:
+            value = fn(*args, **kwargs)
+        finally:
+            _ChildStop.on_stop = None
+            sup.checkpointing[0] = 0
+        checkpoints.forget(sup.run_dir, call_id)
+        return value
 
     def _function(self, index: int):
         if index not in self.functions:
@@ -234,7 +272,10 @@ class ChildRunner:
         try:
             fn = self._function(fn_index)
             args, kwargs = call
-            value = fn(*args, **kwargs)
+            if checkpoints.checkpointable(fn):
+                value = self._checkpointable(call_id, fn, args, kwargs)
+            else:
+                value = fn(*args, **kwargs)
         except BaseException as exc:  # noqa: BLE001  (SystemExit in a call is its failure)
             return _raised_record(call_id, exc)
         try:
