@@ -32,7 +32,13 @@ from slurmexecutor.folder.diskio import create_exclusive, named
 from slurmexecutor.folder.folders import writable_by_others
 from slurmexecutor.folder.sharing import SharedArguments, SharedObjects
 from slurmexecutor.schedulers import Backend
-from slurmexecutor.schedulers.script import ScriptSpec, render_script, validate_resources
+from slurmexecutor.schedulers.script import (
+    ScriptSpec,
+    render_script,
+    time_limit_seconds,
+    validate_resources,
+    warning_seconds,
+)
 
 
 @dataclass
@@ -198,7 +204,11 @@ def _write_batch(run_dir: Path, key: bytes, number: int, spec: BatchSpec,
         "steal": spec.steal, "shared": shared_file,
         "backups": bool(settings and settings.backups and spec.steal),
         "keep_alive": settings.keep_alive if settings and spec.steal else 0,
-        "resources": settings.resources_key() if settings else None})
+        "resources": settings.resources_key() if settings else None,
+        "chunk_calls": max((len(chunk.call_ids) for chunk in spec.chunks), default=0),
+        "names": " ".join(spec.names),  # what a task's clock measures (walltime.py)
+        "warning": warning_seconds(time_limit_seconds(settings.time_limit)) if (
+            settings and settings.time_limit) else 0})
     for index, chunk in enumerate(spec.chunks):
         spool.write_blob(spool.chunk_path(run_dir, number, index), key, {
             "calls": chunk.call_ids, "parts": chunk.parts})

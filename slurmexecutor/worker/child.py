@@ -62,6 +62,7 @@ class ChildRunner:
         self.table_file: str | None = None  # where `table` was read from
         self.shared: SharedObjects | None = None
         self.rest: list[int] = []  # the running call and those after it in its chunk
+        self.late = False  # its next chunk would outlast the task (walltime.py): it leaves
 
     def run(self, resume: tuple[int, int] | None) -> None:
         self._load_batch()
@@ -74,7 +75,7 @@ class ChildRunner:
             self._run_chunk(index, 0)
         self._work()
         keep_alive = self.sup.manifest.get("keep_alive") or 0
-        if keep_alive > 0 and not _ChildStop.requested:
+        if keep_alive > 0 and not _ChildStop.requested and not self.late:
             self._serve_warm(keep_alive)
 
     def _load_batch(self) -> None:
@@ -113,6 +114,11 @@ class ChildRunner:
                 self._timed_chunk(index, took, backups is not None)
                 if _ChildStop.requested:
                     return
+                if not self.sup.clock.fits(manifest):  # the next chunk would outlast it:
+                    self.late = True  # claim no more, and leave (others or a re-run take them)
+                    self.sup.out.write(("late", None, {"time": time.time(),
+                                                       "end": self.sup.clock.end}))
+                    return
             while backups is not None and took:  # every chunk is taken: stragglers?
                 straggler = backups.next(set(claimer.taken_by_me), sum(took) / len(took),
                                          lambda: _ChildStop.requested)
@@ -133,8 +139,8 @@ class ChildRunner:
 
         sup = self.sup
         watcher = warm.Watcher(sup.run_dir, sup.key, sup.batch, sup.manifest.get("resources"),
-                               lambda: _ChildStop.requested)
-        while not _ChildStop.requested:
+                               lambda: _ChildStop.requested, sup.clock.fits)
+        while not _ChildStop.requested and not self.late:
             os.write(self.pipe, POSITION.pack(IDLE, 0))
             sup.out.write(("idle", None, {"time": time.time(), "keep_alive": keep_alive}))
             found = watcher.wait(keep_alive)
@@ -153,7 +159,8 @@ class ChildRunner:
             self._load_batch()
             self._work()
         sup.out.write(("idle", None, {"time": time.time(), "polls": watcher.polls,
-                                      "leaving": True, "aside_for": watcher.stepped_aside}))
+                                      "leaving": True, "aside_for": watcher.stepped_aside,
+                                      "too_late": watcher.too_late}))
 
     def _timed_chunk(self, index: int, took: list[float], mark: bool,
                      record: str = "claim") -> None:
@@ -174,6 +181,7 @@ class ChildRunner:
         try:
             return self._run_calls(index, first, took)
         finally:  # call_id None: the client's core ignores it (report.py reads it)
+            sup.clock.ran(sup.manifest.get("names", ""), sum(took), len(took))
             sup.out.write(("times", None, {"chunk": index, "first": first, "start": started,
                                            "end": time.time(), "backup": record == "backup",
                                            "took": took.tobytes()}))

@@ -53,6 +53,7 @@ from pathlib import Path
 from slurmexecutor.folder import spool
 from slurmexecutor.folder.diskio import EXIT_FULL, EXIT_NO_FOLDER, FULL, named
 from slurmexecutor.folder.procs import process_start
+from slurmexecutor.worker import walltime
 from slurmexecutor.worker.checkpoints import RUNNING, TERMINATING
 from slurmexecutor.worker.child import (
     CLAIMED,
@@ -160,6 +161,7 @@ class Supervisor:
         self._stop_lists: dict[int, CancelList] = {}
         #: set by the child while it runs a checkpointable call (shared memory)
         self.checkpointing = mmap.mmap(-1, 1)
+        self.clock = walltime.Clock(walltime.job_end())  # the time it has (walltime.py)
         # requeued: first run again what the earlier attempts had claimed
         self.reruns = _claimed_before(run_dir, batch, task, attempt, key)
 
