@@ -49,7 +49,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Executor, Future
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -68,7 +68,12 @@ from slurmexecutor.owner.engine import Engine
 from slurmexecutor.owner.futures import FutureSink, SlurmFuture, call_log
 from slurmexecutor.owner.handoff import CancelCalls, Launch, Shutdown
 from slurmexecutor.schedulers import make_backend, warn_if_node_local
-from slurmexecutor.schedulers.script import link_package, validate_extra, validate_resources
+from slurmexecutor.schedulers.script import (
+    SBATCH_OPTIONS,
+    link_package,
+    validate_extra,
+    validate_resources,
+)
 
 if TYPE_CHECKING:
     from slurmexecutor.reports.report_serve import ReportServer
@@ -123,6 +128,7 @@ class SlurmExecutor(CallMaker, Executor):
         chunksize: int | None = None,
         max_retries: int = 0,
         retry_on: Iterable[str] = DEFAULT_RETRY_ON,
+        retry_resources: Mapping[str, Callable[[Any, int], Any]] | None = None,
         python: str | None = None,
         setup: Iterable[str] = (),
         sbatch_extra: Iterable[str] = (),
@@ -145,6 +151,14 @@ class SlurmExecutor(CallMaker, Executor):
             raise ValueError(f"chunksize must be >= 1, not {chunksize!r}")
         if max_retries < 0:
             raise ValueError(f"max_retries must be >= 0, not {max_retries!r}")
+        retry_resources = dict(retry_resources or {})
+        if retry_resources:  # growth rules for OUT_OF_MEMORY: those retries are wanted
+            unknown = set(retry_resources) - set(SBATCH_OPTIONS)
+            if unknown or max_retries < 1 or not all(map(callable, retry_resources.values())):
+                raise ValueError("retry_resources needs max_retries >= 1 and a callable "
+                                 "rule(value, attempt) per resource option (unknown: "
+                                 f"{sorted(unknown)})")
+            retry_on = {*retry_on, "OUT_OF_MEMORY"}
         if isinstance(keep_alive, bool) or not isinstance(keep_alive, (int, float)) or (
                 keep_alive < 0):
             raise ValueError(f"keep_alive must be seconds >= 0, not {keep_alive!r}")
@@ -181,7 +195,7 @@ class SlurmExecutor(CallMaker, Executor):
             resources=self.resources, python=python or sys.executable, setup=setup,
             sbatch_extra=sbatch_extra, chunksize=chunksize, submit_window=submit_window,
             max_window=max_window, max_batch=max_batch, slots=self.backend.slots(),
-            backups=backups, keep_alive=float(keep_alive))
+            backups=backups, keep_alive=float(keep_alive), retry_resources=retry_resources)
         #: the result cache (caching.py), or None
         self._cache = CallCache(store) if store is not None else None
         self._engine = Engine(self.run_dir, self.key, self.backend, core, self._settings, lease,

@@ -312,6 +312,24 @@ def test_a_requeue_after_a_killed_end_waits_for_the_next_attempt():
     assert [d.call_id for d in of(out, Deliver)] == [0] and not failed(out)
 
 
+def test_a_requeue_seen_only_as_pending_again_waits_for_the_next_attempt():
+    """Requeued at once (`scontrol requeue`, a preemption): no final state between the
+    killed attempt's end and PENDING; the next attempt ends COMPLETED quickly, before
+    its stream was read: its result still counts, the verdict is not taken early."""
+    machine = core(result_grace=60.0)
+    started_batch(machine, chunks=((0,),), planned=1)
+    machine.step([Record(0, 0, "claim", 0, None), Record(0, 0, "end", None, {"signal": 15}),
+                  SchedulerAnswer({("7", 0): TaskState("RUNNING")}), StreamsRead(0.1)], 0.1)
+    machine.step([SchedulerAnswer({("7", 0): TaskState("PENDING")}), StreamsRead(1)], 1.1)
+    out = machine.step([SchedulerAnswer({("7", 0): TaskState("COMPLETED")}), StreamsRead(2)],
+                       2.1)
+    out += machine.step([SchedulerAnswer({("7", 0): TaskState("COMPLETED")}), StreamsRead(3)],
+                        3.1)
+    assert not failed(out)
+    out = machine.step([Record(0, 0, "ok", 0, b"second attempt"), StreamsRead(4)], 4.1)
+    assert [d.call_id for d in of(out, Deliver)] == [0] and not failed(out)
+
+
 def test_a_result_that_comes_after_the_verdict_still_wins_where_it_can():
     machine = core(result_grace=10.0, retry_on=frozenset({"NODE_FAIL"}), max_retries=1)
     started_batch(machine, chunks=((0, 1),), planned=1)

@@ -38,3 +38,44 @@ def test_the_call_running_at_the_limit_fails_with_a_timeout(make_executor):
 @pytest.fixture
 def backend_name(backend):
     return backend
+
+
+# -- the task's own clock (worker/walltime.py) -------------------------------------------
+
+
+def streams_records(ex, kind: str) -> list:
+    from slurmexecutor.folder import spool
+
+    found = []
+    for _, _, path in spool.iter_streams(ex.run_dir):
+        cursor = spool.StreamCursor(path)
+        found += [body for k, _, body in spool.read_records(cursor, ex.key) if k == kind]
+    return found
+
+
+def test_a_task_claims_only_chunks_that_fit_in_its_time(make_executor, backend):
+    """One task at a time, twenty 3.5 s calls, a chunk each, a minute per task (Slurm
+    counts limits in whole minutes): a task stops claiming when the next call would not
+    end before the warning, so none runs into it (without its clock, the first task
+    would still be working at the warning). What it leaves runs again, free."""
+    ex = make_executor(time="1:00", array_parallelism=1, max_retries=0)
+    futures = ex.submit_many(sleep_then, [(3.5, i) for i in range(20)], chunksize=1)
+    assert [f.result(timeout=400) for f in futures] == list(range(20))
+    assert max(f.attempts for f in futures) == 1
+    late, warned = streams_records(ex, "late"), streams_records(ex, "limit")
+    if backend == "local":
+        assert late and not warned  # it left because of its clock, before the warning
+    else:  # Slurm may send the warning up to a minute early (sbatch(1), --signal): the
+        assert late or warned  # first task stopped claiming either way
+
+
+def test_a_warm_task_does_not_join_a_batch_it_cannot_finish(make_executor):
+    """A warm task of a one-minute job measured 20 s per call; a chunk of two such calls
+    comes when it has at most ~40 s left: it leaves, and the batch's own array runs it."""
+    ex = make_executor(time="1:00", keep_alive=60, max_retries=0)
+    first = ex.submit(sleep_then, 20, -1)
+    assert first.result(timeout=180) == -1
+    later = ex.submit_many(sleep_then, [(20, 1), (20, 2)], chunksize=2)
+    assert [f.result(timeout=240) for f in later] == [1, 2]
+    assert {f.log_path.stem for f in later}.isdisjoint({first.log_path.stem})
+    assert any(body and body.get("too_late") is not None for body in streams_records(ex, "idle"))

@@ -31,6 +31,8 @@ def on_states(core: CoreState, states: Mapping[TaskKey, TaskState], now: float) 
                 task.final, task.final_polls = None, 0
                 if task.killed:  # the end record was its killed attempt's
                     task.ended = task.killed = False
+            elif task.killed and state.state == "PENDING":  # requeued before any final
+                task.ended = task.killed = False  # state was seen: its next attempt counts
             task.started = task.started or state.running
     if vanished:
         core.out.append(ev.QueryFinal(

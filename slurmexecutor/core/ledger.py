@@ -209,6 +209,7 @@ class Task:
     worker: tuple[str, int] | None = None
     worker_started: int | None = None  # its process's start time (a reused pid is not it)
     limit_notice: bool = False
+    late: bool = False  # it stopped claiming: its next chunk would outlast it
     ended: bool = False
     killed: bool = False  # its worker was ended by a signal (scancel, time limit)
     final: TaskState | None = None

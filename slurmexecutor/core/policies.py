@@ -284,19 +284,22 @@ def fail_unfinished(core: CoreState, task: Task, call_ids: list[int], started: b
     live_end = not task.ended or task.killed  # Slurm ended it, not the worker itself
     # not the calls' fault, so they run again without using up a retry: a preemption
     # (where retry_on has it), and calls that never started, left by a task that did
-    free = batch.reruns < MAX_FREE_RERUNS and state is not None and live_end and (
+    # left unclaimed for lack of time: its clock (worker/walltime.py) or the warning
+    late = (task.late or task.limit_notice) and not started
+    free = batch.reruns < MAX_FREE_RERUNS and (late or (state is not None and live_end and (
         (state.state == "PREEMPTED" and "PREEMPTED" in core.config.retry_on)
-        or (not started and task.worker is not None))
+        or (not started and task.worker is not None))))
     retried = free or (state is not None and live_end and state.state in core.config.retry_on
                        and batch.attempt <= core.config.max_retries)
-    if retried and state is not None and not core.cancelling:
+    if retried and (state is not None or late) and not core.cancelling:
         calls: dict[int, list[int]] = {}
         for call_id in call_ids:
             calls.setdefault(batch.chunk_of(call_id), []).append(call_id)
             core.close_call(batch, call_id)
         core.out.append(ev.Retry(
             batch.number, batch.attempt + (not free),
-            {k: tuple(v) for k, v in calls.items()}, state.state, batch.reruns + free))
+            {k: tuple(v) for k, v in calls.items()}, state.state if state else "a time limit",
+            batch.reruns + free))
         return
     if task.truncated and live_end and started:
         core.fail_calls(batch, call_ids, Failure(IntegrityError, (

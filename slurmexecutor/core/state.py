@@ -190,6 +190,8 @@ class Core(CoreState):
                 self.out.append(ev.WriteCancel(batch.number, chunk, done))
         elif kind == "limit":
             task.limit_notice = True
+        elif kind == "late":  # its next chunk would outlast it: it claims no more, and
+            task.late, batch.last_failed = True, task  # what nobody claims runs again free
         elif kind == "handback":  # near its time limit: calls it claimed but never started
             policies.hand_back(self, task, [c for c in record.body["calls"]
                                    if batch.owner.get(c) is task])

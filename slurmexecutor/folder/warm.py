@@ -49,6 +49,7 @@ FAST_PHASE = 0.015
 #: `_joinable`'s verdict on a batch of other resources with work left: this task leaves,
 #: so that its CPUs go to that batch's array (`SlurmExecutor.options`)
 STEP_ASIDE = "step aside"
+TOO_LATE = "too late"  # a chunk of the batch would outlast the task (walltime.py)
 #: seconds a batch before the latest announced one may stay unreadable before a warm
 #: task looks past it (its writing failed after its number was taken; or a shared
 #: filesystem shows it this late, and then its own array runs it)
@@ -98,9 +99,12 @@ class Watcher:
     """A warm task's wait for a batch it can join."""
 
     def __init__(self, run_dir: Path, key: bytes, after: int, wanted_key: str | None,
-                 stopping: Callable[[], bool]) -> None:
+                 stopping: Callable[[], bool],
+                 fits: Callable[[dict], bool] | None = None) -> None:
         self.run_dir, self.key, self.after = run_dir, key, after
         self.wanted_key, self.stopping = wanted_key, stopping
+        self.fits = fits  # whether a chunk of a batch (its manifest) ends in time
+        self.too_late: int | None = None  # a batch it left because it could not finish it
         self.polls = 0  # metadata operations on the signal file
         self.stepped_aside: int | None = None  # the batch this task left its CPUs to
         self._unreadable: tuple[int, float] | None = None  # (batch, since when)
@@ -134,6 +138,8 @@ class Watcher:
                         self._wanted_seen.add(wanted)
                     if isinstance(verdict, dict):
                         return wanted, verdict
+                    if verdict == TOO_LATE:
+                        return None
             while self.after < latest:
                 verdict = self._joinable(self.after + 1)
                 if verdict is None and not self._give_up_on(self.after + 1, latest):
@@ -143,6 +149,8 @@ class Watcher:
                     return self.after, verdict
                 if verdict == STEP_ASIDE:
                     self.stepped_aside = self.after
+                    return None
+                if verdict == TOO_LATE:
                     return None
             time.sleep(interval)
             if time.monotonic() >= fast_until:
@@ -172,6 +180,9 @@ class Watcher:
             return False
         if manifest.get("resources") != self.wanted_key:
             return STEP_ASIDE
+        if self.fits is not None and not self.fits(manifest):  # its time is nearly up:
+            self.too_late = batch  # leave, so that the batch's own array runs it
+            return TOO_LATE
         return manifest if self._ticket(batch, manifest["chunks"]) else False
 
     def _ticket(self, batch: int, chunks: int) -> bool:

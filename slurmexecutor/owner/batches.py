@@ -18,8 +18,8 @@ import re
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,13 @@ from slurmexecutor.folder.diskio import create_exclusive, named
 from slurmexecutor.folder.folders import writable_by_others
 from slurmexecutor.folder.sharing import SharedArguments, SharedObjects
 from slurmexecutor.schedulers import Backend
-from slurmexecutor.schedulers.script import ScriptSpec, render_script
+from slurmexecutor.schedulers.script import (
+    ScriptSpec,
+    render_script,
+    time_limit_seconds,
+    validate_resources,
+    warning_seconds,
+)
 
 
 @dataclass
@@ -50,6 +56,9 @@ class Settings:
     slots: int
     backups: bool = False  # idle tasks run straggling chunks a second time
     keep_alive: float = 0.0  # idle tasks wait this long for the next batch (warm.py)
+    #: resource -> rule(value of the failed attempt, number of the new attempt) -> value,
+    #: applied to a retry after OUT_OF_MEMORY (`SlurmExecutor(retry_resources=...)`)
+    retry_resources: Mapping[str, Callable[[Any, int], Any]] = field(default_factory=dict)
 
     def resources_key(self) -> str:
         return warm.resources_key(self.resources, self.python, self.setup, self.sbatch_extra)
@@ -57,6 +66,31 @@ class Settings:
     @property
     def time_limit(self) -> Any:
         return self.resources.get("time")
+
+
+def grown(settings: Settings, state: str, attempt: int) -> Settings:
+    """The settings a retry after `state` runs with: after OUT_OF_MEMORY, each rule of
+    `retry_resources` applied to the failed attempt's value (None: not set; a rule that
+    returns None removes the option); `attempt` is the new attempt's number (the first
+    run is 1). Raises ValueError naming the rule if it fails or gives a bad value."""
+    if state != "OUT_OF_MEMORY" or not settings.retry_resources:
+        return settings
+    resources = dict(settings.resources)
+    for name, rule in settings.retry_resources.items():
+        try:
+            value = rule(resources.get(name), attempt)
+        except Exception as error:
+            raise ValueError(f"retry_resources[{name!r}] raised {error!r}") from error
+        if value is None:
+            resources.pop(name, None)
+        else:
+            resources[name] = value
+    try:
+        resources = validate_resources(resources)
+    except ValueError as error:
+        raise ValueError(f"retry_resources gave a bad value: {error}") from error
+    log.warning("retry_resources after %s, attempt %d: %s", state, attempt, resources)
+    return replace(settings, resources=resources)
 
 
 @dataclass
@@ -171,7 +205,11 @@ def _write_batch(run_dir: Path, key: bytes, number: int, spec: BatchSpec,
         "steal": spec.steal, "shared": shared_file,
         "backups": bool(settings and settings.backups and spec.steal),
         "keep_alive": settings.keep_alive if settings and spec.steal else 0,
-        "resources": settings.resources_key() if settings else None})
+        "resources": settings.resources_key() if settings else None,
+        "chunk_calls": max((len(chunk.call_ids) for chunk in spec.chunks), default=0),
+        "names": " ".join(spec.names),  # what a task's clock measures (walltime.py)
+        "warning": warning_seconds(time_limit_seconds(settings.time_limit)) if (
+            settings and settings.time_limit) else 0})
     for index, chunk in enumerate(spec.chunks):
         spool.write_blob(spool.chunk_path(run_dir, number, index), key, {
             "calls": chunk.call_ids, "parts": chunk.parts})

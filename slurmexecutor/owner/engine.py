@@ -36,6 +36,7 @@ from slurmexecutor.owner import outcomes
 from slurmexecutor.owner.batches import (
     BatchSpec,
     Settings,
+    grown,
     lift_throttle,
     retry_chunks,
     submit_arrays,
@@ -382,7 +383,11 @@ class Engine(LeaseAndEnd, Intake):
         except Exception as error:  # noqa: BLE001
             self._fail_now(call_ids, SubmissionError(f"could not prepare the retry: {error!r}"))
             return
-        settings = self._settings(action.batch)
+        try:
+            settings = grown(self._settings(action.batch), action.state, action.attempt)
+        except ValueError as error:
+            self._fail_now(call_ids, SubmissionError(f"could not prepare the retry: {error}"))
+            return
         spec = BatchSpec("retry", journal["functions_file"], journal["functions"], chunks,
                          min(settings.slots, len(chunks)), attempt=action.attempt,
                          reruns=action.reruns,

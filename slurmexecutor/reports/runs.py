@@ -252,7 +252,7 @@ def _read_streams(run_dir: Path, key: bytes, info: RunInfo, observe: Observer | 
                     claimed.append(number)
                     if task:
                         task.calls += calls.chunks[number].calls
-            elif kind not in ("limit", "claims", "backup", "times", "handback"):
+            elif kind not in ("limit", "claims", "backup", "times", "handback", "late"):
                 status, error = _outcome(kind, body)
                 calls.resolve(call_id, CODE[status], messages.setdefault(error, error))
         if cursor.error:

@@ -147,8 +147,11 @@ class LocalBackend(Backend):
     def _command(self, task: _Task) -> tuple[list[str], dict[str, str]]:
         """The command and environment that run the task's batch script (the text
         verified at submission, not the file as it may be now)."""
-        return ["bash", "-c", task.text, str(task.script)], dict(
-            os.environ, SLURMEXECUTOR_TASK=str(task.key[1]), SLURMEXECUTOR_JOB=str(task.key[0]))
+        env = dict(os.environ, SLURMEXECUTOR_TASK=str(task.key[1]),
+                   SLURMEXECUTOR_JOB=str(task.key[0]))
+        if task.limit:  # as Slurm's: when the limit ends it (the worker's walltime.py)
+            env["SLURM_JOB_END_TIME"] = str(int(time.time()) + task.limit)
+        return ["bash", "-c", task.text, str(task.script)], env
 
     def _final(self, task: _Task, code: int) -> TaskState:
         """How a task whose process exited with `code` (negative: a signal) ended."""

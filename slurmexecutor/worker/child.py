@@ -15,15 +15,20 @@ import sys
 import time
 import traceback
 from array import array
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from slurmexecutor.folder import cancels, claims, spool
 from slurmexecutor.folder.diskio import FULL
 from slurmexecutor.folder.folders import writable_by_others
+from slurmexecutor.worker import checkpoints
 
 if TYPE_CHECKING:
+    import mmap
+
     from slurmexecutor.folder.sharing import SharedObjects
+    from slurmexecutor.worker.walltime import Clock
 
 POSITION = struct.Struct(">II")  # chunk index, call position within the chunk
 CLAIMED = 0xFFFFFFFF  # the position sent when a chunk is claimed, before its first call
@@ -47,14 +52,21 @@ class Supervising(Protocol):
     key: bytes
     where: dict
     reruns: list[int]
+    clock: Clock  # the time the task has left (walltime.py)
+    checkpointing: mmap.mmap  # whether the running call may save its state (checkpoints.py)
 
 
 class _ChildStop:
     requested = False
+    #: what a checkpointable call does when told to stop (save its state, leave)
+    on_stop: Callable[[], None] | None = None
 
     @classmethod
     def request(cls, signum: int, frame: object) -> None:
         cls.requested = True
+        hook, cls.on_stop = cls.on_stop, None
+        if hook is not None:
+            hook()
 
 
 class ChildRunner:
@@ -68,6 +80,8 @@ class ChildRunner:
         self.table: dict = {}
         self.table_file: str | None = None  # where `table` was read from
         self.shared: SharedObjects | None = None
+        self.rest: list[int] = []  # the running call and those after it in its chunk
+        self.late = False  # its next chunk would outlast the task (walltime.py): it leaves
 
     def run(self, resume: tuple[int, int] | None) -> None:
         self._load_batch()
@@ -80,7 +94,7 @@ class ChildRunner:
             self._run_chunk(index, 0)
         self._work()
         keep_alive = self.sup.manifest.get("keep_alive") or 0
-        if keep_alive > 0 and not _ChildStop.requested:
+        if keep_alive > 0 and not _ChildStop.requested and not self.late:
             self._serve_warm(keep_alive)
 
     def _load_batch(self) -> None:
@@ -119,6 +133,11 @@ class ChildRunner:
                 self._timed_chunk(index, took, backups is not None)
                 if _ChildStop.requested:
                     return
+                if not self.sup.clock.fits(manifest):  # the next chunk would outlast it:
+                    self.late = True  # claim no more, and leave (others or a re-run take them)
+                    self.sup.out.write(("late", None, {"time": time.time(),
+                                                       "end": self.sup.clock.end}))
+                    return
             while backups is not None and took:  # every chunk is taken: stragglers?
                 straggler = backups.next(set(claimer.taken_by_me), sum(took) / len(took),
                                          lambda: _ChildStop.requested)
@@ -139,8 +158,8 @@ class ChildRunner:
 
         sup = self.sup
         watcher = warm.Watcher(sup.run_dir, sup.key, sup.batch, sup.manifest.get("resources"),
-                               lambda: _ChildStop.requested)
-        while not _ChildStop.requested:
+                               lambda: _ChildStop.requested, sup.clock.fits)
+        while not _ChildStop.requested and not self.late:
             os.write(self.pipe, POSITION.pack(IDLE, 0))
             sup.out.write(("idle", None, {"time": time.time(), "keep_alive": keep_alive}))
             found = watcher.wait(keep_alive)
@@ -159,7 +178,8 @@ class ChildRunner:
             self._load_batch()
             self._work()
         sup.out.write(("idle", None, {"time": time.time(), "polls": watcher.polls,
-                                      "leaving": True, "aside_for": watcher.stepped_aside}))
+                                      "leaving": True, "aside_for": watcher.stepped_aside,
+                                      "too_late": watcher.too_late}))
 
     def _timed_chunk(self, index: int, took: list[float], mark: bool,
                      record: str = "claim") -> None:
@@ -180,6 +200,7 @@ class ChildRunner:
         try:
             return self._run_calls(index, first, took)
         finally:  # call_id None: the client's core ignores it (report.py reads it)
+            sup.clock.ran(sup.manifest.get("names", ""), sum(took), len(took))
             sup.out.write(("times", None, {"chunk": index, "first": first, "start": started,
                                            "end": time.time(), "backup": record == "backup",
                                            "took": took.tobytes()}))
@@ -219,10 +240,40 @@ class ChildRunner:
                             except Exception as exc:  # noqa: BLE001  (this part's calls)
                                 error = exc
                         call = arguments[offset] if arguments is not None else None
+                        self.rest = list(call_ids[position:])  # a checkpoint hands them back
                         self._write_result(call_id, self._call(call_id, fn_index, call, error))
                     took.append(time.time() - began)
                 position += 1
         return True
+
+    def _checkpointable(self, call_id: int, fn: Any, args: tuple, kwargs: dict) -> Any:
+        """Run a call that can save its state (checkpoints.py): from its last checkpoint,
+        if an earlier attempt saved one; told to stop, it saves its state, hands itself
+        and the rest of its chunk back (at a SIGTERM the task's end decides: a requeue or
+        a preemption runs it again, a cancel fails it), and the child leaves."""
+        sup = self.sup
+        fn = checkpoints.resumed(sup.run_dir, sup.key, call_id, fn)
+
+        def stop() -> None:
+            if checkpoints.save(sup.run_dir, sup.key, call_id, fn, args, kwargs):
+                print(f"slurmexecutor worker: call {call_id} saved its state", flush=True)
+                if sup.checkpointing[0] != checkpoints.TERMINATING:  # the limit's warning
+                    sup.out.write(("handback", None, {"calls": self.rest}))
+                os.write(self.pipe, POSITION.pack(*DONE))
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(0)
+            sup.checkpointing[0] = 0  # declined: a SIGTERM need not wait for it
+
+        _ChildStop.on_stop = stop
+        sup.checkpointing[0] = checkpoints.RUNNING  # the supervisor lets it save at SIGTERM
+        try:
+            value = fn(*args, **kwargs)
+        finally:
+            _ChildStop.on_stop = None
+            sup.checkpointing[0] = 0
+        checkpoints.forget(sup.run_dir, call_id)
+        return value
 
     def _function(self, index: int):
         if index not in self.functions:
@@ -248,7 +299,10 @@ class ChildRunner:
         try:
             fn = self._function(fn_index)
             args, kwargs = call
-            value = fn(*args, **kwargs)
+            if checkpoints.checkpointable(fn):
+                value = self._checkpointable(call_id, fn, args, kwargs)
+            else:
+                value = fn(*args, **kwargs)
         except BaseException as exc:  # noqa: BLE001  (SystemExit in a call is its failure)
             return _raised_record(call_id, exc)
         try:

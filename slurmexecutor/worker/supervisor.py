@@ -28,6 +28,8 @@
     SIGUSR1 (Slurm's warning before the time limit):
       append a `limit` record; the child finishes
       the call it is running and claims nothing more
+      (a checkpointable call saves its state and is
+      handed back: checkpoints.py; so at a SIGTERM)
     append an `end` record
 
 After a Slurm requeue (SLURM_RESTART_COUNT > 0) the task first runs again the chunks its
@@ -38,6 +40,7 @@ unpickles user objects.
 
 from __future__ import annotations
 
+import mmap
 import os
 import select
 import signal
@@ -50,6 +53,8 @@ from pathlib import Path
 from slurmexecutor.folder import cancels, spool
 from slurmexecutor.folder.diskio import EXIT_FULL, EXIT_NO_FOLDER, FULL, named
 from slurmexecutor.folder.procs import process_start
+from slurmexecutor.worker import walltime
+from slurmexecutor.worker.checkpoints import RUNNING, TERMINATING
 from slurmexecutor.worker.child import (
     CLAIMED,
     DONE,
@@ -65,6 +70,9 @@ from slurmexecutor.worker.child import (
 
 #: seconds between looks at the running call's chunk's stop file (cooperative cancel)
 STOP_POLL = 0.5
+#: at most this long, after SIGTERM, for a checkpointable call to save its state (Slurm
+#: kills the task KillWait s after SIGTERM: 30 by default, 2 on the test cluster)
+CHECKPOINT_WAIT = 1.5
 
 
 def main(argv: list[str]) -> int:
@@ -151,6 +159,9 @@ class Supervisor:
         self.stopped: tuple[int, int, int] | None = None
         self._chunk_calls: dict[int, list[int]] = {}  # of the current batch
         self._stop_lists: dict[int, CancelList] = {}
+        #: set by the child while it runs a checkpointable call (shared memory)
+        self.checkpointing = mmap.mmap(-1, 1)
+        self.clock = walltime.Clock(walltime.job_end())  # the time it has (walltime.py)
         # requeued: first run again what the earlier attempts had claimed
         self.reruns = _claimed_before(run_dir, batch, task, attempt, key)
 
@@ -167,6 +178,8 @@ class Supervisor:
         write the `end` record, so the client knows the stream is complete and need not
         wait for late writes of a shared filesystem."""
         if self.child_pid:
+            if self.checkpointing[0] == RUNNING:  # its call can save its state (checkpoints.py)
+                self._let_child_checkpoint(self.child_pid)
             try:
                 os.kill(self.child_pid, signal.SIGKILL)
                 os.waitpid(self.child_pid, 0)
@@ -175,6 +188,17 @@ class Supervisor:
         self.out.write(("end", None, {"time": time.time(), "stopped": self.stopping,
                                       "signal": signum}))
         os._exit(128 + signum)
+
+    def _let_child_checkpoint(self, pid: int) -> None:
+        """Ask the child to save its call's state (SIGUSR1) and wait a little for it."""
+        deadline = time.monotonic() + CHECKPOINT_WAIT
+        self.checkpointing[0] = TERMINATING  # the task's end decides, no handback
+        try:
+            os.kill(pid, STOP_SIGNAL)
+            while time.monotonic() < deadline and not os.waitpid(pid, os.WNOHANG)[0]:
+                time.sleep(0.01)
+        except (ProcessLookupError, ChildProcessError):
+            pass
 
     def run(self) -> None:
         resume: tuple[int, int] | None = None  # (chunk, position) to continue from
