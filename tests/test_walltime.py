@@ -58,9 +58,11 @@ def test_a_task_claims_only_chunks_that_fit_in_its_time(make_executor, backend):
     counts limits in whole minutes): a task stops claiming when the next call would not
     end before the warning, so none runs into it (without its clock, the first task
     would still be working at the warning). What it leaves runs again, free."""
-    ex = make_executor(time="1:00", array_parallelism=1, max_retries=0)
-    futures = ex.submit_many(sleep_then, [(3.5, i) for i in range(20)], chunksize=1)
-    assert [f.result(timeout=400) for f in futures] == list(range(20))
+    # the local backend counts seconds: a 20 s limit and 8 calls make the same case
+    limit, calls = ("1:00", 20) if backend == "slurm" else ("0:20", 8)
+    ex = make_executor(time=limit, array_parallelism=1, max_retries=0)
+    futures = ex.submit_many(sleep_then, [(3.5, i) for i in range(calls)], chunksize=1)
+    assert [f.result(timeout=400) for f in futures] == list(range(calls))
     assert max(f.attempts for f in futures) == 1
     late, warned = streams_records(ex, "late"), streams_records(ex, "limit")
     if backend == "local":
@@ -69,13 +71,16 @@ def test_a_task_claims_only_chunks_that_fit_in_its_time(make_executor, backend):
         assert late or warned  # first task stopped claiming either way
 
 
-def test_a_warm_task_does_not_join_a_batch_it_cannot_finish(make_executor):
+def test_a_warm_task_does_not_join_a_batch_it_cannot_finish(make_executor, backend):
     """A warm task of a one-minute job measured 20 s per call; a chunk of two such calls
-    comes when it has at most ~40 s left: it leaves, and the batch's own array runs it."""
-    ex = make_executor(time="1:00", keep_alive=60, max_retries=0)
-    first = ex.submit(sleep_then, 20, -1)
+    comes when it has at most ~40 s left: it leaves, and the batch's own array runs it.
+    (The local backend counts seconds: a 30 s job, 8 s calls and a chunk of three.)"""
+    limit, seconds, count = ("1:00", 20, 2) if backend == "slurm" else ("0:30", 8, 3)
+    ex = make_executor(time=limit, keep_alive=60, max_retries=0)
+    first = ex.submit(sleep_then, seconds, -1)
     assert first.result(timeout=180) == -1
-    later = ex.submit_many(sleep_then, [(20, 1), (20, 2)], chunksize=2)
-    assert [f.result(timeout=240) for f in later] == [1, 2]
+    later = ex.submit_many(sleep_then, [(seconds, i) for i in range(1, count + 1)],
+                           chunksize=count)
+    assert [f.result(timeout=240) for f in later] == list(range(1, count + 1))
     assert {f.log_path.stem for f in later}.isdisjoint({first.log_path.stem})
     assert any(body and body.get("too_late") is not None for body in streams_records(ex, "idle"))
