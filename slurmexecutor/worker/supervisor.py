@@ -307,7 +307,7 @@ class Supervisor:
             stop = self._stop_lists.get(chunk)
             if stop is None:
                 stop = self._stop_lists[chunk] = CancelList(
-                    cancels.stop_path(self.run_dir, self.batch, chunk))
+                    cancels.stop_path(self.run_dir, self.batch, chunk), self.key)
             wanted_stop = calls[position] in stop.ids()
         except Exception as error:  # noqa: BLE001  (unreadable: the call runs on)
             print(f"slurmexecutor worker: chunk {chunk}: {error}", file=sys.stderr)
