@@ -31,11 +31,13 @@ Data flow (compare CPython's concurrent/futures/process.py):
                              one squeue per poll_interval for all live arrays
                              Deliver/Fail -> set_result / set_exception (callbacks here)
                              renew the run's lease (heartbeat file)
+                             wait: 1 ms after news, and for 15 ms after it (<= 64
+                               tasks live); then backing off to 50 ms
 
 Each `submit` returns a `SlurmFuture` (a real `concurrent.futures.Future`); `map` packs
 calls into one batch with one internal future per chunk and yields in order. The
 decisions (settling tasks, scale-out, retries, cancellation) are the pure core in
-core/ (state.py, policies.py, joins.py, answers.py); the owner in owner/engine.py only
+core/ (state.py over store.py's state; policies.py, joins.py, answers.py); the owner in owner/engine.py only
 carries them out.
 """
 

@@ -256,7 +256,8 @@ def test_cancel_writes_each_unfinished_call_once(tmp_path):
         (JOB, REMAINDER): TaskState("PENDING")})
     assert runs.cancel_run(info, None) == 500
     cancelled = [call_id for chunk in range(50, 100)
-                 for call_id in cancels.read_cancelled(cancels.cancel_path(run_dir, 0, chunk))]
+                 for call_id in cancels.read_cancelled(cancels.cancel_path(run_dir, 0, chunk),
+                                                        spool.load_key(tmp_path))]
     assert sorted(cancelled) == list(range(500, 1000))
     assert spool.claim_path(run_dir, 0, 99).exists()  # unclaimed: the client took it
     info = read_and_classify(run_dir)

@@ -230,3 +230,43 @@ def test_idle_warm_tasks_are_asked_for_an_earlier_batch_whose_tasks_wait():
     out = machine.step([], 2.0)
     assert of(out, AnnounceBatch) == [AnnounceBatch(2)]
     assert not of(machine.step([], 3.0), AnnounceBatch)  # once
+
+
+def _requeued_joiner(answers: list[dict]) -> list:
+    """The joiner of batch 1 (Slurm 7_0, on call 1) is preempted and its job requeued:
+    the scheduler's `answers` in turn, each followed by a read of the streams."""
+    machine = _joiner_started_on_chunk_0()
+    out = machine.step([Record(1, 1_000_000, "end", None, {"signal": 15})], 1)
+    for step, answer in enumerate(answers):
+        now = 2.0 + step
+        out += machine.step([SchedulerAnswer(answer)], now)
+        out += machine.step([StreamsRead(now + 0.1)], now + 0.2)
+    assert (1, 1_000_000) not in machine.tasks
+    return out
+
+
+def test_a_requeued_joiners_calls_run_again_free_instead_of_waiting_for_its_job():
+    """A requeued job restarts as a task of its own batch (0), never of the batch it had
+    joined: the joiner is settled at once and its unfinished call reruns without using
+    up a retry (it used to wait for the job's end: hours)."""
+    out = _requeued_joiner([{("7", 0): TaskState("PENDING")}])
+    [retry] = of(out, Retry)
+    assert (retry.batch, dict(retry.calls), retry.attempt, retry.reruns) == (1, {0: (1,)}, 1, 1)
+    assert not failed_calls(out)
+
+
+def test_a_joiner_seen_preempted_then_running_again_is_settled_too():
+    out = _requeued_joiner([{("7", 0): TaskState("PREEMPTED")},
+                            {("7", 0): TaskState("RUNNING")}])
+    assert [dict(r.calls) for r in of(out, Retry)] == [{0: (1,)}] and not failed_calls(out)
+
+
+def test_a_task_of_its_own_batch_killed_then_pending_still_waits_for_its_next_attempt():
+    machine = core()
+    machine.step([BatchAdded(0, [[0]], 1), TasksSubmitted(0, "8", 0, 1)], 0)
+    machine.step([Record(0, 0, "start", None, {"host": "h", "pid": 1}),
+                  Record(0, 0, "claim", 0, None),
+                  Record(0, 0, "end", None, {"signal": 15})], 1)
+    out = machine.step([SchedulerAnswer({("8", 0): TaskState("PENDING")})], 2)
+    out += machine.step([StreamsRead(2.1)], 2.2)
+    assert (0, 0) in machine.tasks and not of(out, Retry) and not failed_calls(out)

@@ -99,7 +99,7 @@ class Model:
             return [ev.ClaimsWon(action.batch, won, action.chunks)]
         if isinstance(action, ev.WriteCancel):
             cancels.append_cancelled(cancels.cancel_path(self.run_dir, action.batch, action.chunk),
-                                   list(action.call_ids))
+                                     self.key, list(action.call_ids))
         elif isinstance(action, ev.CancelTasks):
             for task in self.tasks:  # pending only: a started task is never ended
                 if f"{task.job}_{task.array_index}" in action.refs and task.writer is None:
@@ -142,7 +142,8 @@ class Model:
         if task.chunk:
             call_id = task.chunk.pop(0)
             chunk = next(i for i, c in enumerate(self.chunks[task.batch]) if call_id in c)
-            cancelled = cancels.read_cancelled(cancels.cancel_path(self.run_dir, task.batch, chunk))
+            cancelled = cancels.read_cancelled(
+                cancels.cancel_path(self.run_dir, task.batch, chunk), self.key)
             if call_id in cancelled:
                 task.writer.write(("skip", call_id, None))
             else:

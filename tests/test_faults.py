@@ -363,7 +363,7 @@ def test_calls_cancelled_from_outside_fail_instead_of_hanging(make_executor, bac
     for call in info.calls.values():  # what `slurmexecutor cancel RUN` writes, minus
         if call.status in ("running", "pending") and call.call_id != blocker.call_id:
             cancels.append_cancelled(cancels.cancel_path(ex.run_dir, call.batch, call.chunk),
-                                   [call.call_id])  # the kill: the blocker finishes
+                                     ex.key, [call.call_id])  # the kill: the blocker finishes
     gate.touch()
     assert blocker.result(timeout=60) == "done"
     for victim in victims:

@@ -91,3 +91,22 @@ def test_a_signed_script_runs_as_verified(tmp_path):
     finally:
         backend.close()
     assert marker.read_text().strip() == str(script)
+
+
+def test_a_cancel_line_another_hand_wrote_or_copied_is_ignored(tmp_path):
+    """Cancel and stop files drive what workers skip and end: each line carries a tag
+    (HMAC of the call id bound to the file's place); a bare id, a wrong tag, or a line
+    copied from another chunk's file does not count."""
+    from slurmexecutor.folder import cancels
+
+    key = spool.load_key(tmp_path, create=True)
+    run_dir = spool.ensure_private_dir(tmp_path / "run")
+    spool.make_batch_dir(run_dir, 0)
+    mine, other = cancels.cancel_path(run_dir, 0, 0), cancels.cancel_path(run_dir, 0, 1)
+    cancels.append_cancelled(mine, key, [3, 4])
+    cancels.append_cancelled(other, key, [5])
+    assert cancels.read_cancelled(mine, key) == {3, 4}
+    with open(mine, "a") as handle:
+        handle.write("7\n8 0123456789abcdef\n" + other.read_text())
+    assert cancels.read_cancelled(mine, key) == {3, 4}
+    assert cancels.read_cancelled(mine, b"another key") == set()

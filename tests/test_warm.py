@@ -301,3 +301,43 @@ def test_a_batch_whose_manifest_was_never_written_does_not_stop_the_watch(tmp_pa
     watcher = Watcher(run_dir, key, 0, manifest["resources"], lambda: False)
     found = watcher.wait(5.0)
     assert found is not None and found[0] == 2
+
+
+def slow_first_time(marker: str, value: int) -> int:
+    """The first run marks itself and lasts long (it is requeued meanwhile); later ones
+    return at once."""
+    if not os.path.exists(marker):
+        Path(marker).touch()
+        time.sleep(600)
+    return value + 1
+
+
+@pytest.mark.slurm
+def test_a_requeued_warm_task_leaves_the_batch_it_had_joined_at_once(slurm_cluster,
+                                                                     tmp_path):
+    """Job J ran batch 0, went warm and joined batch 1, whose call runs when J is
+    requeued (`scontrol requeue`, as a preemption with PreemptMode=REQUEUE does): J
+    restarts as batch 0's task (its chunk, finished, is not run again), and batch 1's
+    call runs again at once without using up a retry, not after J's keep_alive."""
+    import subprocess
+
+    from slurmexecutor import SlurmExecutor
+
+    ex = SlurmExecutor(tmp_path / "spool", backend="slurm", poll_interval=0.3,
+                       keep_alive=300, max_retries=0)
+    try:
+        assert ex.submit(inc, 1).result(timeout=120) == 2
+        marker = tmp_path / "running"
+        future = ex.submit(slow_first_time, str(marker), 7)
+        assert wait_until(marker.exists, timeout=60)
+        assert future.chunk is not None and future.chunk[0] in {b for b, _ in joiners(ex)}
+        [array] = arrays(ex)  # the warm task runs it: no other job
+        subprocess.run(["scontrol", "requeue", f"{array['job_id']}_0"], check=True)
+        assert future.result(timeout=120) == 8  # keep_alive is 300 s
+        assert future.attempts == 1
+        batch_0 = [r for kind, _, r in spool.read_records(spool.StreamCursor(
+            spool.stream_path(ex.run_dir, 0, 0, 1)), ex.key) if kind == "ok"] if (
+            spool.stream_path(ex.run_dir, 0, 0, 1).exists()) else []
+        assert batch_0 == []  # its restart ran nothing of batch 0 again
+    finally:
+        ex.shutdown(wait=False, cancel_futures=True)

@@ -26,6 +26,9 @@ def on_states(core: CoreState, states: Mapping[TaskKey, TaskState], now: float) 
             if task.final is None:
                 task.final, task.final_since = state, now
             task.final_polls += 1
+        elif task.index in task.batch.joiners and (task.final is not None or (
+                state.state == "PENDING" and (task.killed or task.started))):
+            moved_on(task, now)  # a joiner's job requeued: it restarts in its own batch
         else:
             if task.final is not None:  # requeued: pending or running again
                 task.final, task.final_polls = None, 0
@@ -39,6 +42,16 @@ def on_states(core: CoreState, states: Mapping[TaskKey, TaskState], now: float) 
             tuple(t.key for t in vanished),
             tuple((t.job_id or "", t.array_index or 0) for t in vanished),
             {t.key: (*t.worker, t.worker_started) for t in vanished if t.worker is not None}))
+
+
+def moved_on(task: Task, now: float) -> None:
+    """A joiner whose Slurm job was requeued (seen running or pending again after its
+    final state or its killed end, or pending after it had started): its next attempt
+    runs as a task of its own batch and never comes back to this one, so it is settled
+    now, as REQUEUED, and the calls it left run again without using up a retry."""
+    if not task.moved:
+        task.moved, task.final, task.final_since = True, TaskState("REQUEUED"), now
+        task.final_polls, task.killed = 2, True
 
 
 def on_finals(core: CoreState, event: ev.FinalAnswer, now: float) -> None:

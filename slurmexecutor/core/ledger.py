@@ -210,6 +210,9 @@ class Task:
     worker_started: int | None = None  # its process's start time (a reused pid is not it)
     limit_notice: bool = False
     late: bool = False  # it stopped claiming: its next chunk would outlast it
+    #: a joiner whose Slurm job was requeued: the job restarts as its own batch's task,
+    #: never here again, so what it left runs again (free, answers.py)
+    moved: bool = False
     ended: bool = False
     killed: bool = False  # its worker was ended by a signal (scancel, time limit)
     final: TaskState | None = None

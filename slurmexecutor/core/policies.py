@@ -286,9 +286,10 @@ def fail_unfinished(core: CoreState, task: Task, call_ids: list[int], started: b
     # (where retry_on has it), and calls that never started, left by a task that did
     # left unclaimed for lack of time: its clock (worker/walltime.py) or the warning
     late = (task.late or task.limit_notice) and not started
-    free = batch.reruns < MAX_FREE_RERUNS and (late or (state is not None and live_end and (
-        (state.state == "PREEMPTED" and "PREEMPTED" in core.config.retry_on)
-        or (not started and task.worker is not None))))
+    free = batch.reruns < MAX_FREE_RERUNS and (late or task.moved or (
+        state is not None and live_end and (
+            (state.state == "PREEMPTED" and "PREEMPTED" in core.config.retry_on)
+            or (not started and task.worker is not None))))
     retried = free or (state is not None and live_end and state.state in core.config.retry_on
                        and batch.attempt <= core.config.max_retries)
     if retried and (state is not None or late) and not core.cancelling:

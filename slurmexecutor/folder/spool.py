@@ -16,7 +16,7 @@ both can see. The folder is the journal: a new client can find every run in it a
           manifest                   for its tasks: functions file, chunk and task counts
           shared                     arguments shared by many calls, pickled once (signed)
           c0005.in                   call ids and arguments of chunk 5 (signed blob)
-          c0005.cancel               call ids of chunk 5 the client cancelled
+          c0005.cancel               call ids of chunk 5 the client cancelled, signed lines (cancels.py)
           claims/5                   created (O_EXCL) by the task that runs chunk 5
           t0007.r0.out               records array task 7 appended (attempt 0)
           a0.sh                      the batch script of the array starting at task 0

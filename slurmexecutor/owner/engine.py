@@ -314,7 +314,7 @@ class Engine(LeaseAndEnd, Intake):
                 if isinstance(sink.future, SlurmFuture):
                     sink.future._log_path = path
         elif isinstance(action, ev.WriteCancel):
-            cancels.cancel_calls(self.run_dir, action.batch, action.chunk,
+            cancels.cancel_calls(self.run_dir, self.key, action.batch, action.chunk,
                                  list(action.call_ids), action.stop)
         elif isinstance(action, ev.ClaimChunks):
             won = tuple(chunk for chunk in action.chunks if claims.try_claim(

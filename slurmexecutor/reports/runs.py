@@ -352,14 +352,14 @@ def cancel_run(info: RunInfo, backend: Backend | None) -> int:
     nobody took) and stop its jobs: scancel on Slurm, or signal the live local workers.
     Return how many calls. Calls of unknown state (Slurm unreachable) count as
     unfinished; `backend.cancel` errors are the caller's (the folder is marked first)."""
-    calls = info.calls
+    calls, key = info.calls, spool.load_key(info.path.parent)
     by_chunk: dict[int, list[int]] = {}
     for call_id in calls.ids("running", "pending", "unknown"):
         by_chunk.setdefault(calls.place[call_id], []).append(call_id)
     for number, call_ids in by_chunk.items():
         chunk = calls.chunks[number]
         cancels.append_cancelled(cancels.cancel_path(info.path, chunk.batch, chunk.index),
-                               call_ids)
+                                 key, call_ids)
         claiming.try_claim(spool.claim_path(info.path, chunk.batch, chunk.index), "client")
     unfinished = sum(len(call_ids) for call_ids in by_chunk.values())
     spool.write_json(info.path / "cancelled", {"time": time.time(), "calls": unfinished})

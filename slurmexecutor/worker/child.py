@@ -209,7 +209,7 @@ class ChildRunner:
         sup = self.sup
         chunk = spool.read_blob(spool.chunk_path(sup.run_dir, sup.batch, index), sup.key)
         call_ids = chunk["calls"]
-        cancel = CancelList(cancels.cancel_path(sup.run_dir, sup.batch, index))
+        cancel = CancelList(cancels.cancel_path(sup.run_dir, sup.batch, index), sup.key)
         position = 0
         for fn_index, blob, count in chunk["parts"]:
             if position + count <= first:
@@ -317,8 +317,8 @@ class ChildRunner:
 class CancelList:
     """The call ids the client cancelled in a chunk; re-read only when the file grows."""
 
-    def __init__(self, path: Path) -> None:
-        self.path, self.size = path, -1
+    def __init__(self, path: Path, key: bytes) -> None:
+        self.path, self.key, self.size = path, key, -1
         self.cancelled: set[int] = set()
 
     def ids(self) -> set[int]:
@@ -327,7 +327,7 @@ class CancelList:
         except FileNotFoundError:
             return self.cancelled
         if size != self.size:
-            self.size, self.cancelled = size, cancels.read_cancelled(self.path)
+            self.size, self.cancelled = size, cancels.read_cancelled(self.path, self.key)
         return self.cancelled
 
 

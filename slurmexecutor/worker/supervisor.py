@@ -307,7 +307,7 @@ class Supervisor:
             stop = self._stop_lists.get(chunk)
             if stop is None:
                 stop = self._stop_lists[chunk] = CancelList(
-                    cancels.stop_path(self.run_dir, self.batch, chunk))
+                    cancels.stop_path(self.run_dir, self.batch, chunk), self.key)
             wanted_stop = calls[position] in stop.ids()
         except Exception as error:  # noqa: BLE001  (unreadable: the call runs on)
             print(f"slurmexecutor worker: chunk {chunk}: {error}", file=sys.stderr)
@@ -384,12 +384,16 @@ class Supervisor:
 
 def _claimed_before(run_dir: Path, batch: int, task: int, attempt: int,
                     key: bytes) -> list[int]:
-    """The chunks this task's earlier attempts claimed, from their streams."""
+    """The chunks this task's earlier attempts claimed, from their streams (not those of
+    an attempt that finished them and joined another batch: its `end` says so)."""
     chunks: list[int] = []
     for earlier in range(attempt):
         cursor = spool.StreamCursor(spool.stream_path(run_dir, batch, task, earlier))
-        chunks += [call_id for kind, call_id, _ in spool.read_records(cursor, key)
-                   if kind == "claim" and call_id not in chunks]
+        records = spool.read_records(cursor, key)
+        if not any(kind == "end" and (body or {}).get("joined") is not None
+                   for kind, _, body in records):
+            chunks += [call_id for kind, call_id, _ in records
+                       if kind == "claim" and call_id not in chunks]
     return chunks
 
 
