@@ -341,3 +341,6 @@ def test_a_requeued_warm_task_leaves_the_batch_it_had_joined_at_once(slurm_clust
         assert batch_0 == []  # its restart ran nothing of batch 0 again
     finally:
         ex.shutdown(wait=False, cancel_futures=True)
+        for array in arrays(ex):  # a requeued job may wait (BeginTime) past the shutdown
+            subprocess.run(["scancel", array["job_id"]], check=False)
+            assert wait_until(lambda a=array: task_done(ex, a["job_id"], 0), timeout=60)
