@@ -15,7 +15,7 @@ import sys
 import time
 import traceback
 from array import array
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -80,7 +80,9 @@ class ChildRunner:
         self.table: dict = {}
         self.table_file: str | None = None  # where `table` was read from
         self.shared: SharedObjects | None = None
-        self.rest: list[int] = []  # the running call and those after it in its chunk
+        #: the running call's chunk and position: it and those after it are what a
+        #: checkpoint hands back (a slice only then: per call it would cost O(chunk))
+        self.rest: tuple[Sequence[int], int] = ((), 0)
         self.late = False  # its next chunk would outlast the task (walltime.py): it leaves
 
     def run(self, resume: tuple[int, int] | None) -> None:
@@ -240,7 +242,7 @@ class ChildRunner:
                             except Exception as exc:  # noqa: BLE001  (this part's calls)
                                 error = exc
                         call = arguments[offset] if arguments is not None else None
-                        self.rest = list(call_ids[position:])  # a checkpoint hands them back
+                        self.rest = (call_ids, position)  # a checkpoint hands them back
                         self._write_result(call_id, self._call(call_id, fn_index, call, error))
                     took.append(time.time() - began)
                 position += 1
@@ -258,7 +260,8 @@ class ChildRunner:
             if checkpoints.save(sup.run_dir, sup.key, call_id, fn, args, kwargs):
                 print(f"slurmexecutor worker: call {call_id} saved its state", flush=True)
                 if sup.checkpointing[0] != checkpoints.TERMINATING:  # the limit's warning
-                    sup.out.write(("handback", None, {"calls": self.rest}))
+                    calls, position = self.rest
+                    sup.out.write(("handback", None, {"calls": list(calls[position:])}))
                 os.write(self.pipe, POSITION.pack(*DONE))
                 sys.stdout.flush()
                 sys.stderr.flush()
