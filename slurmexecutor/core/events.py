@@ -2,14 +2,15 @@
 
 Events are what the owner saw or was asked (records read, scheduler answers, caller
 requests); actions are what the core decided (submit, scancel, resolve a future, ...).
-All are frozen dataclasses of plain values, so the core's tests need no processes.
+All are frozen dataclasses of plain values (`Deliver`, one per call, a NamedTuple: as
+immutable, and built three times faster), so the core's tests need no processes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from slurmexecutor.schedulers import TaskKey, TaskState
 
@@ -68,6 +69,16 @@ class Record:
     kind: str
     call_id: int | None
     body: Any
+
+
+@dataclass(frozen=True)
+class Records:
+    """The records one read of a task's stream found, in order: what many `Record`s
+    would say, at one event's cost (a map's calls are a record each)."""
+
+    batch: int
+    task: int
+    records: Sequence[tuple[str, int | None, Any]]  # (kind, call id, body)
 
 
 @dataclass(frozen=True)
@@ -131,7 +142,8 @@ class ShutdownRequested:
     cancel_futures: bool
 
 
-Event = (BatchAdded | TasksSubmitted | SubmitFailed | SubmitDeferred | Record | StreamState
+Event = (BatchAdded | TasksSubmitted | SubmitFailed | SubmitDeferred | Record | Records
+         | StreamState
          | StreamsRead | StreamFound | SchedulerAnswer | FinalAnswer | CancelRequested | ClaimsWon
          | ShutdownRequested)
 
@@ -193,8 +205,7 @@ class QueryFinal:
     workers: Mapping[tuple[int, int], tuple[str, int, int | None]]
 
 
-@dataclass(frozen=True)
-class Deliver:
+class Deliver(NamedTuple):
     call_id: int
     kind: str
     body: Any

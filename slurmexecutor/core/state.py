@@ -28,6 +28,10 @@ from slurmexecutor.core.ledger import REQUEUEABLE, Batch, CallSet, Submission, T
 from slurmexecutor.core.store import CoreState
 from slurmexecutor.errors import CallLostError, IntegrityError
 
+#: records about a task itself; any other kind with a call id is that call's result
+_TASK_KINDS = frozenset({"start", "idle", "claim", "backup", "limit", "late", "handback",
+                         "times", "end"})
+
 
 class Core(CoreState):
     """Every decision about the batches, tasks and calls of `CoreState`."""
@@ -76,7 +80,9 @@ class Core(CoreState):
     # -- events --------------------------------------------------------------------------
 
     def _apply(self, event: Event, now: float) -> None:
-        if isinstance(event, ev.BatchAdded):
+        if isinstance(event, ev.Records):
+            self._on_records(event, now)
+        elif isinstance(event, ev.BatchAdded):
             self._add_batch(event, now)
         elif isinstance(event, ev.TasksSubmitted):
             batch = self.batches.get(event.batch)
@@ -153,9 +159,23 @@ class Core(CoreState):
             self.tasks[task.key] = task
             batch.tasks.append(task)
 
+    def _on_records(self, event: ev.Records, now: float) -> None:
+        """Each record as its own `Record` would be, a live task's call results without
+        building one (`_on_result`)."""
+        key = (event.batch, event.task)
+        for kind, call_id, body in event.records:
+            task = self.tasks.get(key)
+            if task is not None and call_id is not None and kind not in _TASK_KINDS:
+                self._on_result(task, kind, call_id, body)
+            else:
+                self._apply(ev.Record(event.batch, event.task, kind, call_id, body), now)
+
     def _on_record(self, task: Task, record: ev.Record, now: float) -> None:
         batch, kind = task.batch, record.kind
-        if kind == "start":
+        if kind not in _TASK_KINDS:
+            if record.call_id is not None:
+                self._on_result(task, kind, record.call_id, record.body)
+        elif kind == "start":
             task.started = True
             task.worker = (record.body["host"], record.body["pid"])
             task.worker_started = record.body.get("started")
@@ -206,17 +226,20 @@ class Core(CoreState):
                 joins.add_joiner(self, self.batches[joined], int(record.body["as"]), task.job_id,
                                  task.array_index, now)  # announced where the client looks
             task.killed = bool(record.body and record.body.get("signal"))
-        elif record.call_id is not None and record.call_id in batch.open_calls:  # later
-            # duplicates (requeues) are ignored
-            call_id = record.call_id
-            batch.done += 1
-            other = batch.backup.get(call_id)
-            other = batch.owner.get(call_id) if other is task else other
-            self.close_call(batch, call_id)
-            if other is not None and other is not task:
-                policies.stop_copy(self, batch, other, call_id)
-            self.out.append(ev.Deliver(call_id, kind, record.body, task.ref,
-                                        call_id in self.doomed))
+
+    def _on_result(self, task: Task, kind: str, call_id: int, body: object) -> None:
+        """A call's result (ok, raised, crash, skip, ...); later duplicates (requeues,
+        backups) are ignored."""
+        batch = task.batch
+        if call_id not in batch.open_calls:
+            return
+        batch.done += 1
+        other = batch.backup.get(call_id)
+        other = batch.owner.get(call_id) if other is task else other
+        self.close_call(batch, call_id)
+        if other is not None and other is not task:
+            policies.stop_copy(self, batch, other, call_id)
+        self.out.append(ev.Deliver(call_id, kind, body, task.ref, call_id in self.doomed))
 
     def _on_late_record(self, task: Task, record: ev.Record) -> None:
         call_id = record.call_id

@@ -411,4 +411,4 @@ class Engine(LeaseAndEnd, Intake):
             return False
         events = self._streams.read(wanted.streams, wanted.ended, wanted.folders)
         self._events += events
-        return any(isinstance(event, ev.Record) for event in events)
+        return any(isinstance(event, (ev.Record, ev.Records)) for event in events)

@@ -24,7 +24,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from slurmexecutor._log import log
-from slurmexecutor.core.events import Event, Record, StreamFound, StreamsRead, StreamState
+from slurmexecutor.core.events import Event, Records, StreamFound, StreamsRead, StreamState
 from slurmexecutor.folder import spool
 from slurmexecutor.folder.warm import JOIN_BASE
 
@@ -109,8 +109,8 @@ class StreamReader:
             if name not in self._cursors and (cursor.opened or cursor.error):
                 self._cursors[name] = cursor  # it exists: follow it from now on
                 self._names.setdefault((batch, task), []).append(name)
-            events += [Record(batch, task, kind, call_id, body)
-                       for kind, call_id, body in records]
+            if records:
+                events.append(Records(batch, task, records))
             unread |= cursor.more  # read on at once: not a complete read yet
             truncated = (f"{cursor.path} is truncated ({cursor.pending_bytes} bytes of an "
                          f"incomplete record at byte {cursor.offset})"

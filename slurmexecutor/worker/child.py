@@ -1,43 +1,45 @@
-"""The forked child of an array task's worker (worker.py): it claims chunks and runs
-their calls, announcing each on a pipe to the supervisor; then, with backups, runs
-straggling chunks again, and with keep_alive waits for the next batch (warm.py).
-
-Pipe messages are pairs of unsigned ints: (chunk, position) before each call, and the
-markers below.
+"""The forked child of an array task's worker (supervisor.py): it claims chunks and runs
+their calls, announcing each to the supervisor (channel.py) and appending their
+records (outbox.py); then, with backups, runs straggling chunks again, and with
+keep_alive waits for the next batch (warm.py).
 """
 
 from __future__ import annotations
 
+import mmap
 import os
-import signal
-import struct
 import sys
 import time
-import traceback
 from array import array
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from slurmexecutor.folder import cancels, claims, spool
-from slurmexecutor.folder.diskio import FULL
 from slurmexecutor.folder.folders import writable_by_others
 from slurmexecutor.worker import checkpoints
+from slurmexecutor.worker.channel import (
+    CLAIMED,
+    DONE,
+    IDLE,
+    JOIN,
+    JOIN_TASK,
+    POSITION,
+    CancelList,
+    Whereabouts,
+)
+from slurmexecutor.worker.outbox import Outbox, Pending
+from slurmexecutor.worker.outcome import (
+    dump_result,
+    environment_mismatch,
+    exception_text,
+    loads,
+    raised_record,
+)
 
 if TYPE_CHECKING:
-    import mmap
-
     from slurmexecutor.folder.sharing import SharedObjects
     from slurmexecutor.worker.walltime import Clock
-
-POSITION = struct.Struct(">II")  # chunk index, call position within the chunk
-CLAIMED = 0xFFFFFFFF  # the position sent when a chunk is claimed, before its first call
-DONE = (CLAIMED, CLAIMED)  # the child's last message: it finished and claims nothing more
-IDLE = 0xFFFFFFFE  # (IDLE, 0): it ran everything it claimed and waits for a batch (warm)
-JOIN = 0xFFFFFFFD  # (JOIN, batch), then (JOIN_TASK, index): it joined another batch
-JOIN_TASK = 0xFFFFFFFC
-STOP_SIGNAL = signal.SIGUSR1
-
 
 class Supervising(Protocol):
     """What the child uses of the supervisor that forked it (supervisor.py): where it
@@ -54,6 +56,8 @@ class Supervising(Protocol):
     reruns: list[int]
     clock: Clock  # the time the task has left (walltime.py)
     checkpointing: mmap.mmap  # whether the running call may save its state (checkpoints.py)
+    whereabouts: Whereabouts  # where the child is (the call it runs)
+    pending: Pending  # call records the child has not appended yet (outbox.py)
 
 
 class _ChildStop:
@@ -84,6 +88,12 @@ class ChildRunner:
         #: checkpoint hands back (a slice only then: per call it would cost O(chunk))
         self.rest: tuple[Sequence[int], int] = ((), 0)
         self.late = False  # its next chunk would outlast the task (walltime.py): it leaves
+        self.outbox = self._outbox(supervisor.out.path)
+
+    def _outbox(self, path: Path) -> Outbox:
+        """Write the stream at `path` from now on, letting fast calls' records wait."""
+        self.sup.out = Outbox(path, self.sup.key, self.sup.pending, raised_record)
+        return self.sup.out
 
     def run(self, resume: tuple[int, int] | None) -> None:
         self._load_batch()
@@ -98,6 +108,7 @@ class ChildRunner:
         keep_alive = self.sup.manifest.get("keep_alive") or 0
         if keep_alive > 0 and not _ChildStop.requested and not self.late:
             self._serve_warm(keep_alive)
+        self.outbox.flush()
 
     def _load_batch(self) -> None:
         """The functions (and shared arguments) of the supervisor's current batch."""
@@ -162,7 +173,7 @@ class ChildRunner:
         watcher = warm.Watcher(sup.run_dir, sup.key, sup.batch, sup.manifest.get("resources"),
                                lambda: _ChildStop.requested, sup.clock.fits)
         while not _ChildStop.requested and not self.late:
-            os.write(self.pipe, POSITION.pack(IDLE, 0))
+            sup.whereabouts.announce(IDLE, 0)  # a crash while idle is no call's crash
             sup.out.write(("idle", None, {"time": time.time(), "keep_alive": keep_alive}))
             found = watcher.wait(keep_alive)
             if found is None:
@@ -175,8 +186,8 @@ class ChildRunner:
             os.write(self.pipe, POSITION.pack(JOIN, batch))
             os.write(self.pipe, POSITION.pack(JOIN_TASK, index))
             sup.batch, sup.task, sup.manifest = batch, index, manifest
-            sup.out = spool.RecordWriter(spool.stream_path(sup.run_dir, batch, index, 0),
-                                         sup.key)
+            self.outbox.close()
+            self.outbox = self._outbox(spool.stream_path(sup.run_dir, batch, index, 0))
             self._load_batch()
             self._work()
         sup.out.write(("idle", None, {"time": time.time(), "polls": watcher.polls,
@@ -197,6 +208,7 @@ class ChildRunner:
         started = time.time()
         if first == 0:  # the client knows the chunk's calls: say which chunk, first
             sup.out.write((record, index, {"time": started}))
+            sup.whereabouts.announce(index, CLAIMED)
             os.write(self.pipe, POSITION.pack(index, CLAIMED))
         took = array("f")  # seconds of each call run, from position `first` on
         try:
@@ -212,6 +224,7 @@ class ChildRunner:
         chunk = spool.read_blob(spool.chunk_path(sup.run_dir, sup.batch, index), sup.key)
         call_ids = chunk["calls"]
         cancel = CancelList(cancels.cancel_path(sup.run_dir, sup.batch, index), sup.key)
+        announce = sup.whereabouts.announce
         position = 0
         for fn_index, blob, count in chunk["parts"]:
             if position + count <= first:
@@ -227,24 +240,26 @@ class ChildRunner:
                         return False
                     call_id = call_ids[position]
                     began = time.time()
-                    if call_id in cancel.ids():
-                        sup.out.write(("skip", call_id, None))
+                    if call_id in cancel.ids(began):
+                        record: tuple = ("skip", call_id, None)
                     elif self.mismatch is not None:  # unpickle nothing: say why
-                        sup.out.write(("mismatch", call_id, self.mismatch))
+                        record = ("mismatch", call_id, self.mismatch)
                     else:
-                        os.write(self.pipe, POSITION.pack(index, position))
-                        sys.stderr.flush()
-                        print(f"--- slurmexecutor call {call_id} ---", flush=True)
+                        announce(index, position)
+                        sys.stderr.flush()  # what the last call printed goes before
+                        sys.stdout.flush()
+                        os.write(1, b"--- slurmexecutor call %d ---\n" % call_id)
                         if arguments is None and error is None:
                             try:
                                 arguments = self.shared.loads(blob) if (
-                                    self.shared) else _loads(blob)
+                                    self.shared) else loads(blob)
                             except Exception as exc:  # noqa: BLE001  (this part's calls)
                                 error = exc
                         call = arguments[offset] if arguments is not None else None
                         self.rest = (call_ids, position)  # a checkpoint hands them back
-                        self._write_result(call_id, self._call(call_id, fn_index, call, error))
+                        record = self._call(call_id, fn_index, call, error)
                     took.append(time.time() - began)
+                    self.outbox.result(record, took[-1])
                 position += 1
         return True
 
@@ -280,25 +295,14 @@ class ChildRunner:
 
     def _function(self, index: int):
         if index not in self.functions:
-            self.functions[index] = _loads(self.table["functions"][index])
+            self.functions[index] = loads(self.table["functions"][index])
         return self.functions[index]
-
-    def _write_result(self, call_id: int, record: tuple) -> None:
-        """Append a call's record; if the disk or quota is full, the call fails with
-        that error instead (a short record may still fit: the long one was cut off)."""
-        try:
-            self.sup.out.write(record)
-        except OSError as exc:
-            if exc.errno not in FULL:
-                raise
-            self.sup.out.write(_raised_record(call_id, exc))
 
     def _call(self, call_id: int, fn_index: int, call: tuple | None,
               error: BaseException | None) -> tuple:
-        import cloudpickle
 
         if error is not None or call is None:  # its arguments could not be unpickled
-            return _raised_record(call_id, error or ValueError("no arguments"))
+            return raised_record(call_id, error or ValueError("no arguments"))
         try:
             fn = self._function(fn_index)
             args, kwargs = call
@@ -307,88 +311,13 @@ class ChildRunner:
             else:
                 value = fn(*args, **kwargs)
         except BaseException as exc:  # noqa: BLE001  (SystemExit in a call is its failure)
-            return _raised_record(call_id, exc)
+            return raised_record(call_id, exc)
         try:
-            return ("ok", call_id, cloudpickle.dumps(value))
+            return ("ok", call_id, dump_result(value))
         except BaseException as exc:  # noqa: BLE001  (a __reduce__ may raise SystemExit)
             message = (f"the result ({type(value).__name__}) cannot be pickled: "
-                       f"{type(exc).__name__}: {_text(exc)}")
+                       f"{type(exc).__name__}: {exception_text(exc)}")
             return ("unpicklable", call_id, {"message": message,
-                                             "error": _raised_record(call_id, exc)[2]})
+                                             "error": raised_record(call_id, exc)[2]})
 
 
-class CancelList:
-    """The call ids the client cancelled in a chunk; re-read only when the file grows."""
-
-    def __init__(self, path: Path, key: bytes) -> None:
-        self.path, self.key, self.size = path, key, -1
-        self.cancelled: set[int] = set()
-
-    def ids(self) -> set[int]:
-        try:
-            size = os.stat(self.path).st_size
-        except FileNotFoundError:
-            return self.cancelled
-        if size != self.size:
-            self.size, self.cancelled = size, cancels.read_cancelled(self.path, self.key)
-        return self.cancelled
-
-
-def _loads(blob: bytes):
-    import pickle
-
-    return pickle.loads(blob)
-
-
-def _raised_record(call_id: int, exc: BaseException) -> tuple:
-    import cloudpickle
-
-    try:
-        text = "".join(traceback.format_exception(exc))
-    except BaseException:  # noqa: BLE001
-        text = f"{type(exc).__name__} (its traceback could not be formatted)\n"
-    try:
-        blob = cloudpickle.dumps(exc)
-        _loads(blob)  # an exception that pickles but cannot be rebuilt is no use
-    except BaseException:  # noqa: BLE001  (its __reduce__ may raise anything, SystemExit too)
-        blob = None
-    kind = f"{type(exc).__module__}.{type(exc).__qualname__}"
-    return ("raised", call_id, {"blob": blob, "type": kind, "message": _text(exc),
-                                "tb": text})
-
-
-def _text(exc: BaseException) -> str:
-    """str(exc), or what its failing __str__ raised: never an error of its own."""
-    try:
-        return str(exc)
-    except BaseException as error:  # noqa: BLE001
-        return f"<str() of {type(exc).__name__} raised {type(error).__name__}>"
-
-
-def environment_mismatch(client: dict | None) -> str | None:
-    """Why this interpreter cannot unpickle what the client pickled (another Python
-    major.minor, another cloudpickle), or None; checked before anything is unpickled."""
-    if not client:
-        return None
-    here = f"{sys.version_info[0]}.{sys.version_info[1]}"
-    problems = []
-    if client.get("python") != here:
-        problems.append(f"Python {here} here, {client.get('python')} on the client")
-    try:
-        import cloudpickle
-
-        version: str | None = cloudpickle.__version__
-    except ImportError:
-        version = None
-    if version is None:
-        problems.append(f"cloudpickle is not installed here ({client.get('cloudpickle')} "
-                        "on the client)")
-    elif client.get("cloudpickle") != version:
-        problems.append(f"cloudpickle {version} here, {client.get('cloudpickle')} on the "
-                        "client")
-    if not problems:
-        return None
-    return (f"the worker's environment does not match the client's: {'; '.join(problems)} "
-            f"(worker interpreter {sys.executable}, client interpreter "
-            f"{client.get('executable')}); pass python= (and setup=) an interpreter with "
-            "the client's Python and cloudpickle versions")

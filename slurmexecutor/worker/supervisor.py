@@ -7,17 +7,20 @@
                                                        O_EXCL claim file, see claims.py:
                                                        its block first, then the rest):
                                                          write a `claim` record
-    "starting call k of chunk j" <---- pipe --------     for each call: skip it if the
+    "running call k of chunk j" <-- shared memory -     for each call: skip it if the
                                                          client cancelled it, else run it
                                                          and append its result record
+    (records of fast calls wait <-- shared memory -      (a fast call's may wait a ms for
+      there: outbox.py)                                    the next ones: outbox.py)
                                                        with backups: run stragglers again
                                                        (a `backup` record per chunk)
-    "idle"                   <---- pipe --------     keep_alive: wait for a batch of the
+    "idle"               <-- shared memory -----     keep_alive: wait for a batch of the
     "joined batch N as task T" <-- pipe --------       same resources (warm.py); its
       follow it: records go to the new stream          stream ends, a new one begins
     "done"                   <---- pipe --------     nothing left to claim (or stopped):
                                                        a `claims` record (its cost)
-    the child ended without saying "done" (os._exit,
+    the child ended? append the records it left
+      waiting; without saying "done" (os._exit,
       any exit code, 0 too; segfault; kill)? append
       a `crash` record for the one call it announced
       last and fork a new child that resumes after it
@@ -54,19 +57,21 @@ from slurmexecutor.folder import cancels, spool
 from slurmexecutor.folder.diskio import EXIT_FULL, EXIT_NO_FOLDER, FULL, named
 from slurmexecutor.folder.procs import process_start
 from slurmexecutor.worker import walltime
-from slurmexecutor.worker.checkpoints import RUNNING, TERMINATING
-from slurmexecutor.worker.child import (
+from slurmexecutor.worker.channel import (
     CLAIMED,
     DONE,
-    IDLE,
     JOIN,
     JOIN_TASK,
     POSITION,
     STOP_SIGNAL,
     CancelList,
-    ChildRunner,
-    _ChildStop,
+    Whereabouts,
+    describe_exit,
 )
+from slurmexecutor.worker.checkpoints import RUNNING, TERMINATING
+from slurmexecutor.worker.child import ChildRunner, _ChildStop
+from slurmexecutor.worker.earlier import claimed_before
+from slurmexecutor.worker.outbox import Pending
 
 #: seconds between looks at the running call's chunk's stop file (cooperative cancel)
 STOP_POLL = 0.5
@@ -149,7 +154,8 @@ class Supervisor:
         self.manifest, self.out, self.key = manifest, out, key
         self.where: dict = {}
         self.child_pid: int | None = None
-        self.position: tuple[int, int] | None = None  # the child's last announcement
+        self.whereabouts = Whereabouts()  # the child's last announcement (shared memory)
+        self.pending = Pending()  # call records the child had not appended (shared memory)
         self.joining: int | None = None
         self.done = False  # the child said it finished (DONE): its end is no crash
         self.stopping = False
@@ -163,7 +169,7 @@ class Supervisor:
         self.checkpointing = mmap.mmap(-1, 1)
         self.clock = walltime.Clock(walltime.job_end())  # the time it has (walltime.py)
         # requeued: first run again what the earlier attempts had claimed
-        self.reruns = _claimed_before(run_dir, batch, task, attempt, key)
+        self.reruns = claimed_before(run_dir, batch, task, attempt, key)
 
     def on_stop_signal(self, signum: int, frame: object) -> None:
         if not self.stopping:
@@ -185,6 +191,7 @@ class Supervisor:
                 os.waitpid(self.child_pid, 0)
             except (ProcessLookupError, ChildProcessError):
                 pass
+            self._append_pending()
         self.out.write(("end", None, {"time": time.time(), "stopped": self.stopping,
                                       "signal": signum}))
         os._exit(128 + signum)
@@ -213,7 +220,7 @@ class Supervisor:
             # it ended without saying so: whatever the exit status (os._exit(0) too), the
             # call it announced last crashed; the others of its chunk still have to run
             if position is None:  # died before it ran a call: nothing will work
-                text = _describe(status)["text"]
+                text = describe_exit(status)["text"]
                 print(f"slurmexecutor worker: the child {text} before running a call",
                       file=sys.stderr, flush=True)
                 return
@@ -226,10 +233,10 @@ class Supervisor:
                 call_ids = []
             if call == CLAIMED:  # died loading the chunk: all its calls crashed
                 for call_id in call_ids:
-                    self.out.write(("crash", call_id, _describe(status)))
+                    self.out.write(("crash", call_id, describe_exit(status)))
                 resume = None
             else:
-                self.out.write(("crash", call_ids[call], _describe(status)))
+                self.out.write(("crash", call_ids[call], describe_exit(status)))
                 resume = (chunk, call + 1)
 
     def _run_child(self, resume: tuple[int, int] | None
@@ -237,6 +244,7 @@ class Supervisor:
         """Fork a child; return (the chunk and call it announced last, whether it said it
         was done, its exit code as `os.waitstatus_to_exitcode` gives it)."""
         read_end, write_end = os.pipe()
+        self.whereabouts.clear()
         pid = os.fork()
         if pid == 0:  # the child
             os.close(read_end)
@@ -257,7 +265,7 @@ class Supervisor:
                 os._exit(code)
         os.close(write_end)
         self.child_pid = pid
-        self.position, self.done = None, False
+        self.done = False
         buffer, status = b"", None
         # wait for the child itself, not for the pipe to close: processes the user's code
         # forks inherit the pipe and may outlive the child
@@ -291,7 +299,20 @@ class Supervisor:
             buffer = self._take_positions(buffer + data)
         os.close(read_end)
         self.child_pid = None
+        self._append_pending()
         return self.position, self.done, os.waitstatus_to_exitcode(status)
+
+    def _append_pending(self) -> None:
+        """The call records the ended child left unwritten (outbox.py), before anything
+        is said about the call it ran."""
+        data = self.pending.take()
+        if data:
+            self.out.write((spool.RESULTS, None, data))
+
+    @property
+    def position(self) -> tuple[int, int] | None:
+        """The chunk and call the child announced last (None: none, or it is idle)."""
+        return self.whereabouts.last()
 
     def _stop_if_cancelled(self, pid: int) -> None:
         """End the child if the call it runs is in its chunk's stop file (`ex.cancel`):
@@ -356,17 +377,13 @@ class Supervisor:
             if position == DONE:
                 self.done = True
                 continue
-            if position[0] == IDLE:  # a crash while idle is no call's crash
-                self.position = None
-                continue
             if position[0] == JOIN:
                 self.joining = position[1]
                 continue
             if position[0] == JOIN_TASK and self.joining is not None:
                 self._switch(self.joining, position[1])
                 continue
-            self.position = position
-            if position[0] in self.reruns:
+            if position[0] in self.reruns:  # (chunk, CLAIMED)
                 self.reruns.remove(position[0])
         return buffer[whole:]
 
@@ -374,35 +391,12 @@ class Supervisor:
     def _switch(self, batch: int, task: int) -> None:
         """The child joined `batch` as `task` (it wrote the old stream's end): follow."""
         self.out.close()
-        self.batch, self.task, self.position, self.joining = batch, task, None, None
+        self.batch, self.task, self.joining = batch, task, None
         self.manifest = spool.read_blob(spool.manifest_path(self.run_dir, batch), self.key)
         self._chunk_calls, self._stop_lists = {}, {}
         self.out = spool.RecordWriter(spool.stream_path(self.run_dir, batch, task, 0),
                                       self.key)
         self.reruns = []
-
-
-def _claimed_before(run_dir: Path, batch: int, task: int, attempt: int,
-                    key: bytes) -> list[int]:
-    """The chunks this task's earlier attempts claimed, from their streams (not those of
-    an attempt that finished them and joined another batch: its `end` says so)."""
-    chunks: list[int] = []
-    for earlier in range(attempt):
-        cursor = spool.StreamCursor(spool.stream_path(run_dir, batch, task, earlier))
-        records = spool.read_records(cursor, key)
-        if not any(kind == "end" and (body or {}).get("joined") is not None
-                   for kind, _, body in records):
-            chunks += [call_id for kind, call_id, _ in records
-                       if kind == "claim" and call_id not in chunks]
-    return chunks
-
-
-def _describe(code: int) -> dict:
-    """A child's exit code as reported by waitstatus_to_exitcode (negative: a signal)."""
-    if code < 0:
-        name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else ""
-        return {"signal": -code, "exit_code": None, "text": f"killed by signal {-code} {name}"}
-    return {"signal": None, "exit_code": code, "text": f"exited with code {code}"}
 
 
 def _ignore(signum: int, frame: object) -> None:
