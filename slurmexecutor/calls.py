@@ -155,8 +155,9 @@ class CallMaker:
         chunks, futures = [], []
         sinks: list[FutureSink] = []
         shared = SharedArguments()  # an object passed to many calls: stored once
+        no_keywords: dict = {}  # one dict for all: pickled once per chunk, built once
         peek = list(itertools.islice(calls, max(2 * size, 16)))
-        shared.find((args, {}) for args in peek)
+        shared.find((args, no_keywords) for args in peek)
         calls = itertools.chain(peek, calls)
         first = ex._reserve(count)
         for start in range(0, count, size):
@@ -164,7 +165,7 @@ class CallMaker:
             ids = range(first + start, first + start + len(part))
             future = SlurmFuture(ex._engine, ids)
             sinks.append(ChunkSink(future, ids[0], len(ids), progress=bar))
-            chunks.append(Chunk(ids, [(0, dumps([(args, {}) for args in part],
+            chunks.append(Chunk(ids, [(0, dumps([(args, no_keywords) for args in part],
                                                 f"an argument of {name}", shared),
                                        len(ids))]))
             futures.append(future)

@@ -334,3 +334,30 @@ def test_the_sink_table_hands_each_call_out_once():
     assert sorted(c for c, _ in table.calls()) == [5, 11, 12]
     assert table.pop(11) is chunk and table.pop(12) is chunk and table.get(11) is None
     assert table.pop(5) is single and table.pop(5) is None and len(table) == 0
+
+
+def test_the_sink_table_agrees_with_a_dict_through_random_adds_and_pops():
+    import random
+    from concurrent.futures import Future
+
+    from slurmexecutor.owner.futures import ChunkSink, FutureSink, SinkTable
+
+    rng = random.Random(5)
+    table, model, next_id = SinkTable(), {}, 0
+    for _ in range(400):
+        if rng.random() < 0.15:  # a new run (a map chunk) or a single call
+            size = rng.choice([1, 1, 3, 40])
+            sink = ChunkSink(Future(), next_id, size) if size > 1 else FutureSink(
+                Future(), next_id)
+            table.add(sink)
+            model.update(dict.fromkeys(range(next_id, next_id + size), sink))
+            next_id += size + rng.choice([0, 2])
+        elif next_id:
+            call_id = rng.randrange(next_id + 2)  # in order mostly, as results come
+            if rng.random() < 0.7 and model:
+                call_id = min(model)
+            if call_id in model:  # (a popped call's run may still answer get)
+                assert table.get(call_id) is model[call_id]
+            assert table.pop(call_id) is model.pop(call_id, None)
+            assert len(table) == len(model)
+    assert sorted(c for c, _ in table.calls()) == sorted(model)

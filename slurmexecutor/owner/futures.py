@@ -194,6 +194,7 @@ class SinkTable:
         self._single: dict[int, FutureSink] = {}
         self._starts: list[int] = []  # sorted starts of the runs (a few per batch)
         self._runs: dict[int, list] = {}  # start -> [stop, sink, popped calls (a set)]
+        self._last: tuple[int, list] | None = None  # the run found last (calls come in runs)
 
     def add(self, sink: FutureSink) -> None:
         ids = sink.call_ids
@@ -205,13 +206,20 @@ class SinkTable:
                 continue
             bisect.insort(self._starts, start)
             self._runs[start] = [stop, sink, set()]
+            self._last = None
 
     def _find(self, call_id: int) -> tuple[int, list] | None:
+        last = self._last
+        if last is not None and self._starts[last[0]] <= call_id < last[1][0]:
+            return last
         index = bisect.bisect_right(self._starts, call_id) - 1
         if index < 0:
             return None
         entry = self._runs[self._starts[index]]
-        return (index, entry) if call_id < entry[0] else None
+        if call_id >= entry[0]:
+            return None
+        self._last = (index, entry)
+        return self._last
 
     def get(self, call_id: int) -> FutureSink | None:
         sink = self._single.get(call_id)
@@ -236,6 +244,7 @@ class SinkTable:
         if len(popped) == stop - self._starts[index]:
             del self._runs[self._starts[index]]
             del self._starts[index]
+            self._last = None
         return sink
 
     def calls(self) -> list[tuple[int, FutureSink]]:
@@ -250,6 +259,7 @@ class SinkTable:
         self._single.clear()
         self._starts.clear()
         self._runs.clear()
+        self._last = None
 
     def __len__(self) -> int:
         return len(self._single) + sum(
