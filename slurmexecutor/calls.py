@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from typing import Any, Protocol
 
+from slurmexecutor.folder import spool
 from slurmexecutor.folder.sharing import SharedArguments
 from slurmexecutor.owner.bars import CallProgress
 from slurmexecutor.owner.batches import BatchSpec, Chunk, Settings, auto_chunksize, dumps
@@ -26,6 +27,10 @@ from slurmexecutor.owner.engine import Engine
 from slurmexecutor.owner.futures import ChunkSink, FutureSink, SlurmFuture
 from slurmexecutor.owner.handoff import CachedResult, Submit
 from slurmexecutor.schedulers.script import validate_extra, validate_resources
+
+#: a map looks at most this many of its first calls for arguments they share (an object
+#: passed to every call shows in the first few)
+PEEK_MOST = 2_000
 
 
 class Executing(Protocol):
@@ -155,9 +160,8 @@ class CallMaker:
         chunks, futures = [], []
         sinks: list[FutureSink] = []
         shared = SharedArguments()  # an object passed to many calls: stored once
-        no_keywords: dict = {}  # one dict for all: pickled once per chunk, built once
-        peek = list(itertools.islice(calls, max(2 * size, 16)))
-        shared.find((args, no_keywords) for args in peek)
+        peek = list(itertools.islice(calls, min(max(2 * size, 16), PEEK_MOST)))
+        shared.find((args, {}) for args in peek)
         calls = itertools.chain(peek, calls)
         first = ex._reserve(count)
         for start in range(0, count, size):
@@ -165,7 +169,7 @@ class CallMaker:
             ids = range(first + start, first + start + len(part))
             future = SlurmFuture(ex._engine, ids)
             sinks.append(ChunkSink(future, ids[0], len(ids), progress=bar))
-            chunks.append(Chunk(ids, [(0, dumps([(args, no_keywords) for args in part],
+            chunks.append(Chunk(ids, [(0, dumps(spool.positional_calls(part),
                                                 f"an argument of {name}", shared),
                                        len(ids))]))
             futures.append(future)

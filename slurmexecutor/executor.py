@@ -69,7 +69,7 @@ from slurmexecutor.owner.caching import CallCache, open_cache
 from slurmexecutor.owner.engine import Engine
 from slurmexecutor.owner.futures import FutureSink, SlurmFuture, call_log
 from slurmexecutor.owner.handoff import CancelCalls, Launch, Shutdown
-from slurmexecutor.schedulers import make_backend, warn_if_node_local
+from slurmexecutor.schedulers.choose import make_backend, warn_if_node_local
 from slurmexecutor.schedulers.script import (
     SBATCH_OPTIONS,
     link_package,

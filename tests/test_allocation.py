@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 
-from slurmexecutor.schedulers import make_backend
 from slurmexecutor.schedulers.allocation import (
     NO_ALLOCATION,
     Allocation,
@@ -26,6 +25,7 @@ from slurmexecutor.schedulers.allocation import (
     srun_options,
     step_state,
 )
+from slurmexecutor.schedulers.choose import make_backend
 from slurmexecutor.schedulers.script import ScriptSpec, render_script
 
 REPO = Path(__file__).resolve().parent.parent

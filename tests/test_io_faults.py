@@ -188,7 +188,7 @@ def test_node_local_filesystems_are_recognised(small_disk, tmp_path):
 
 
 def test_a_node_local_folder_on_a_multi_host_cluster_is_warned_of(small_disk, caplog):
-    from slurmexecutor.schedulers import warn_if_node_local
+    from slurmexecutor.schedulers.choose import warn_if_node_local
 
     class Cluster:
         name = "slurm"

@@ -45,13 +45,19 @@ def imports(known: dict[str, Path]) -> dict[str, set[str]]:
                 if node.level:
                     parts = package.split(".")
                     base = ".".join(parts[:len(parts) - node.level + 1] + ([base] if base else []))
-                subs = [f"{base}.{a.name}" for a in node.names]
-                targets = subs if all(s in known for s in subs) else [base, *subs]
+                # `from package import module` runs package/__init__ first, too
+                targets = [base, *(f"{base}.{a.name}" for a in node.names)]
             elif isinstance(node, ast.Import):
                 targets = [a.name for a in node.names]
             else:
                 continue
+            # importing a.b.c runs a/b/__init__ first: a package that imports (even
+            # lazily) a module importing one of its siblings is a circle too
+            parents = {".".join(t.split(".")[:k]) for t in targets
+                       for k in range(2, len(t.split(".")))}
+            edges.update(p for p in parents if not module.startswith(f"{p}."))
             edges.update(t for t in targets if t in known and t != module)
+        edges &= set(known)
     return graph
 
 

@@ -361,3 +361,21 @@ def test_the_sink_table_agrees_with_a_dict_through_random_adds_and_pops():
             assert table.pop(call_id) is model.pop(call_id, None)
             assert len(table) == len(model)
     assert sorted(c for c, _ in table.calls()) == sorted(model)
+
+
+def test_a_retry_of_some_calls_of_a_map_chunk_keeps_their_arguments(tmp_path):
+    import pickle
+
+    from slurmexecutor.folder import spool
+    from slurmexecutor.owner.batches import dumps, retry_chunks
+
+    key = spool.load_key(tmp_path / "runs", create=True)
+    run_dir = spool.ensure_private_dir(tmp_path / "runs" / "run")
+    spool.make_batch_dir(run_dir, 0)
+    blob = dumps(spool.positional_calls([(1,), (2, "b"), (3,)]), "arguments")
+    spool.write_blob(spool.chunk_path(run_dir, 0, 0), key,
+                     {"calls": [10, 11, 12], "parts": [(0, blob, 3)]})
+    [chunk] = retry_chunks(run_dir, key, 0, {0: (11, 12)}, None)
+    assert list(chunk.call_ids) == [11, 12]
+    assert [pickle.loads(part[1]) for part in chunk.parts] == [[((2, "b"), {})], [((3,), {})]]
+    assert spool.call_at(pickle.loads(blob), 1) == ((2, "b"), {})

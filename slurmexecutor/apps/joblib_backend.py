@@ -152,7 +152,7 @@ def backend_class() -> type:
             if self.executor is not None:
                 return self.executor.backend.slots()
             if self._slots is None:  # before configure (or outside Parallel, as sklearn)
-                from slurmexecutor.schedulers import make_backend
+                from slurmexecutor.schedulers.choose import make_backend
 
                 scheduler = make_backend(self.options.get("backend", "auto"), self.resources)
                 self._slots = scheduler.slots()

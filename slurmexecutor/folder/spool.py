@@ -128,6 +128,20 @@ def encode_record(key: bytes, path: Path, record: tuple) -> bytes:
 RESULTS = "results"
 
 
+def positional_calls(arguments: list[tuple]) -> dict:
+    """A chunk part's calls that pass only positional arguments (a map's): their
+    argument tuples, without a keyword dict each (`call_at` gives the pair)."""
+    return {"args": arguments}
+
+
+def call_at(arguments: list | dict, offset: int) -> tuple[tuple, dict]:
+    """The (args, kwargs) of the call at `offset` of an unpickled chunk part: a list of
+    such pairs, or `positional_calls`."""
+    if type(arguments) is dict:
+        return arguments["args"][offset], {}
+    return arguments[offset]
+
+
 def unpack_results(blob: bytes) -> list[tuple]:
     """The records a `results` record holds."""
     stream = io.BytesIO(blob)

@@ -95,7 +95,8 @@ def grown(settings: Settings, state: str, attempt: int) -> Settings:
 
 @dataclass
 class Chunk:
-    """Calls that run together: (function index, pickled [(args, kwargs)...], count)."""
+    """Calls that run together: (function index, pickled calls, count) per part, the
+    calls a list of (args, kwargs) or `spool.positional_calls`."""
 
     call_ids: Sequence[int]
     parts: list[tuple[int, bytes, int]]
@@ -301,7 +302,7 @@ def retry_chunks(run_dir: Path, key: bytes, number: int, calls: dict[int, tuple[
                 call_id = stored["calls"][position + offset]
                 if call_id in wanted:
                     ids.append(call_id)
-                    parts.append((fn_index, dumps([arguments[offset]], "an argument",
+                    parts.append((fn_index, dumps([spool.call_at(arguments, offset)], "an argument",
                                                   shared), 1))
             position += count
         chunks.append(Chunk(ids, parts))

@@ -255,7 +255,8 @@ class ChildRunner:
                                     self.shared) else loads(blob)
                             except Exception as exc:  # noqa: BLE001  (this part's calls)
                                 error = exc
-                        call = arguments[offset] if arguments is not None else None
+                        call = spool.call_at(arguments, offset) if (
+                            arguments is not None) else None
                         self.rest = (call_ids, position)  # a checkpoint hands them back
                         record = self._call(call_id, fn_index, call, error)
                     took.append(time.time() - began)
