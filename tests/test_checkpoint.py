@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import subprocess
 import time
+from collections.abc import Iterator
+from concurrent.futures import Future
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -59,19 +62,27 @@ def test_a_call_without_checkpoint_still_times_out(make_executor, tmp_path):
     assert isinstance(future.exception(timeout=240), JobTimeoutError)
 
 
-@pytest.mark.slurm
-def test_a_checkpointed_call_resumes_after_a_slurm_requeue(slurm_cluster, tmp_path):
+@contextmanager
+def halfway_on_slurm(tmp_path: Path, command: str) -> Iterator[tuple[SlurmExecutor, Future]]:
+    """A Counter submitted to Slurm, and `command` (scontrol requeue, scancel) run on its
+    task once the call is halfway; yields the executor and the call's future."""
     ex = SlurmExecutor(tmp_path / "spool", backend="slurm", poll_interval=0.3,
                        max_retries=0, keep_alive=0)
     try:
         future = ex.submit(Counter(10, tmp_path / "halfway"))
         assert wait_until(lambda: (tmp_path / "halfway").exists(), timeout=120)
         job_id, _, index = future.log_path.stem.partition("_")
-        subprocess.run(["scontrol", "requeue", f"{job_id}_{index}"], check=True)
-        assert future.result(timeout=180) == (10, [0, 5])  # resumed at 5, not from 0
-        assert future.attempts == 1
+        subprocess.run([*command.split(), f"{job_id}_{index}"], check=True)
+        yield ex, future
     finally:
         ex.shutdown(wait=False, cancel_futures=True)
+
+
+@pytest.mark.slurm
+def test_a_checkpointed_call_resumes_after_a_slurm_requeue(slurm_cluster, tmp_path):
+    with halfway_on_slurm(tmp_path, "scontrol requeue") as (_, future):
+        assert future.result(timeout=180) == (10, [0, 5])  # resumed at 5, not from 0
+        assert future.attempts == 1
 
 
 @pytest.mark.slurm
@@ -79,14 +90,6 @@ def test_scancel_of_a_checkpointed_call_still_cancels_it(slurm_cluster, tmp_path
     """A SIGTERM saves the state, but a `scancel` from outside is still the user's word."""
     from slurmexecutor import JobCancelledError
 
-    ex = SlurmExecutor(tmp_path / "spool", backend="slurm", poll_interval=0.3,
-                       max_retries=0, keep_alive=0)
-    try:
-        future = ex.submit(Counter(10, tmp_path / "halfway"))
-        assert wait_until(lambda: (tmp_path / "halfway").exists(), timeout=120)
-        job_id, _, index = future.log_path.stem.partition("_")
-        subprocess.run(["scancel", f"{job_id}_{index}"], check=True)
+    with halfway_on_slurm(tmp_path, "scancel") as (ex, future):
         assert isinstance(future.exception(timeout=120), JobCancelledError)
         assert (ex.run_dir / "checkpoints" / "c0").exists()  # its state was saved
-    finally:
-        ex.shutdown(wait=False, cancel_futures=True)
