@@ -62,6 +62,12 @@ def inc(x):
     return x + 1
 
 
+def inc_slowly(x):
+    """inc, slow enough (5 ms) that each result is a record of its own (outbox.FAST)."""
+    time.sleep(0.005)
+    return x + 1
+
+
 @dataclass
 class TaskId:
     job_id: str
@@ -238,9 +244,9 @@ def test_attach_to_an_unknown_run_is_a_clear_error(tmp_path):
 # -- integrity -----------------------------------------------------------------------
 
 
-def finished_run(make_executor) -> tuple[SlurmExecutor, list]:
+def finished_run(make_executor, fn=inc_slowly) -> tuple[SlurmExecutor, list]:
     ex = make_executor(chunksize=4)
-    futures = [ex.submit(inc, i) for i in range(4)]
+    futures = [ex.submit(fn, i) for i in range(4)]
     assert [f.result(timeout=60) for f in futures] == [1, 2, 3, 4]
     ex.shutdown()  # returns once the results are in: the worker may still be ending
 
@@ -252,8 +258,8 @@ def finished_run(make_executor) -> tuple[SlurmExecutor, list]:
     return ex, futures
 
 
-def last_result_span(data: bytes) -> tuple[int, int]:
-    """(start, end) byte offsets of the last result record of a result stream."""
+def last_result_span(data: bytes, kind_wanted: str = "ok") -> tuple[int, int]:
+    """(start, end) byte offsets of the last `kind_wanted` record of a result stream."""
     spans, position = [], 0
     while position < len(data):
         length, _ = HEADER.unpack_from(data, position)
@@ -261,7 +267,7 @@ def last_result_span(data: bytes) -> tuple[int, int]:
         kind = pickle.loads(data[position + HEADER.size : end])[0]
         spans.append((kind, position, end))
         position = end
-    return [(start, end) for kind, start, end in spans if kind == "ok"][-1]
+    return [(start, end) for kind, start, end in spans if kind == kind_wanted][-1]
 
 
 def test_tampered_result_is_rejected(make_executor):
@@ -279,6 +285,27 @@ def test_tampered_result_is_rejected(make_executor):
     assert [outcomes[call] for call in range(4)][:3] == [1, 2, 3]
     assert isinstance(outcomes[3], IntegrityError)
     assert "failed authentication" in str(outcomes[3])
+    again.shutdown()
+
+
+def test_a_tampered_record_of_several_results_fails_each_of_them(make_executor):
+    ex, _ = finished_run(make_executor, inc)  # fast calls: their records go as one
+    [stream] = [path for _, _, path in spool.iter_streams(ex.run_dir)]
+    data = bytearray(stream.read_bytes())
+    start, end = last_result_span(bytes(data), spool.RESULTS)
+    held = {call for _, call, _ in spool.unpack_results(
+        pickle.loads(data[start + HEADER.size:end])[2])}
+    assert len(held) >= 2  # (the first call, slower with its imports, may go alone)
+    data[end - 3] ^= 0xFF
+    stream.write_bytes(bytes(data))
+    again = SlurmExecutor.attach(ex.run_id, ex.folder, poll_interval=0.05)
+    for call in range(4):
+        outcome = again.futures[call].exception(timeout=60) or again.futures[call].result()
+        if call in held:
+            assert isinstance(outcome, IntegrityError), outcome
+            assert "failed authentication" in str(outcome)
+        else:
+            assert outcome == call + 1
     again.shutdown()
 
 
