@@ -167,6 +167,8 @@ class Supervisor:
         self._stop_lists: dict[int, CancelList] = {}
         #: set by the child while it runs a checkpointable call (shared memory)
         self.checkpointing = mmap.mmap(-1, 1)
+        self._pipe: int | None = None  # the read end of the running child's pipe
+        self._said = b""  # an incomplete message read from it
         self.clock = walltime.Clock(walltime.job_end())  # the time it has (walltime.py)
         # requeued: first run again what the earlier attempts had claimed
         self.reruns = claimed_before(run_dir, batch, task, attempt, key)
@@ -191,6 +193,7 @@ class Supervisor:
                 os.waitpid(self.child_pid, 0)
             except (ProcessLookupError, ChildProcessError):
                 pass
+            self._read_pipe()  # a join it announced: its records go to the new stream
             self._append_pending()
         self.out.write(("end", None, {"time": time.time(), "stopped": self.stopping,
                                       "signal": signum}))
@@ -266,41 +269,38 @@ class Supervisor:
         os.close(write_end)
         self.child_pid = pid
         self.done = False
-        buffer, status = b"", None
+        self._pipe, self._said = read_end, b""
+        status = None
         # wait for the child itself, not for the pipe to close: processes the user's code
         # forks inherit the pipe and may outlive the child
         next_look = time.monotonic() + STOP_POLL
         while status is None:
             if select.select([read_end], [], [], 0.2)[0]:
-                buffer = self._take_positions(buffer + os.read(read_end, 4096))
+                self._said = self._take_positions(self._said + os.read(read_end, 4096))
             done, raw = os.waitpid(pid, os.WNOHANG)
             if done:
                 status = raw
             elif self.stopping and not self.handed_back and (
                     time.monotonic() >= self.stop_seen + 0.2):  # the child knows by now
-                while select.select([read_end], [], [], 0)[0]:  # where it is now
-                    data = os.read(read_end, 4096)
-                    if not data:
-                        break
-                    buffer = self._take_positions(buffer + data)
+                self._read_pipe()
                 self._hand_back_rest()
             elif self.stopped is None and time.monotonic() >= next_look:
                 next_look = time.monotonic() + STOP_POLL
-                while select.select([read_end], [], [], 0)[0]:  # where it is now
-                    data = os.read(read_end, 4096)
-                    if not data:
-                        break
-                    buffer = self._take_positions(buffer + data)
+                self._read_pipe()
                 self._stop_if_cancelled(pid)
-        while select.select([read_end], [], [], 0)[0]:  # what it said before it ended
-            data = os.read(read_end, 4096)
-            if not data:
-                break
-            buffer = self._take_positions(buffer + data)
+        self._read_pipe()  # what it said before it ended
         os.close(read_end)
-        self.child_pid = None
+        self.child_pid, self._pipe = None, None
         self._append_pending()
         return self.position, self.done, os.waitstatus_to_exitcode(status)
+
+    def _read_pipe(self) -> None:
+        """Act on what the child said and the supervisor has not read yet."""
+        while self._pipe is not None and select.select([self._pipe], [], [], 0)[0]:
+            data = os.read(self._pipe, 4096)
+            if not data:
+                break
+            self._said = self._take_positions(self._said + data)
 
     def _append_pending(self) -> None:
         """The call records the ended child left unwritten (outbox.py), before anything
