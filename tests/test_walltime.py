@@ -9,8 +9,6 @@ import time
 
 import pytest
 
-from slurmexecutor import JobTimeoutError
-
 
 def sleep_then(seconds: float, value: int) -> int:
     time.sleep(seconds)
@@ -28,11 +26,9 @@ def test_calls_not_started_at_the_warning_are_handed_back_not_failed(make_execut
     assert max(f.attempts for f in futures) == 1  # no retry was used up
 
 
-def test_the_call_running_at_the_limit_fails_with_a_timeout(make_executor):
-    ex = make_executor(time="0:20", keep_alive=0, max_retries=0)
-    long, after = ex.submit_many(sleep_then, [(120, 0), (0, 1)], chunksize=2)
-    assert isinstance(long.exception(timeout=180), JobTimeoutError)
-    assert after.result(timeout=180) == 1  # handed back at the warning, run elsewhere
+# The call running at the limit, which fails with JobTimeoutError while the one after it
+# in its chunk is handed back: tests/test_faults.py::
+# test_time_limit_fails_unfinished_calls_and_keeps_finished_ones (both backends).
 
 
 @pytest.fixture
