@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from typing import Any, Protocol
 
-from slurmexecutor.folder import spool
+from slurmexecutor.folder import formats
 from slurmexecutor.folder.sharing import SharedArguments
 from slurmexecutor.owner.bars import CallProgress
 from slurmexecutor.owner.batches import BatchSpec, Chunk, Settings, auto_chunksize, dumps
@@ -88,7 +88,7 @@ class CallMaker:
         ex, name = self._executor, callable_name(fn)
         inputs = find_futures((args, kwargs))
         arguments = snapshot(args, kwargs, inputs, f"an argument of {name}") if inputs else (
-            dumps([(args, kwargs)], f"an argument of {name}"))
+            dumps(formats.stored_calls([args], [kwargs]), f"an argument of {name}"))
         cache = ex._cache
         call_keys = cache.keys_for(fn, self._settings) if cache is not None else None
         fn_key, blob = ex._pickled(fn, call_keys.fingerprint if call_keys else None)
@@ -169,7 +169,7 @@ class CallMaker:
             ids = range(first + start, first + start + len(part))
             future = SlurmFuture(ex._engine, ids)
             sinks.append(ChunkSink(future, ids[0], len(ids), progress=bar))
-            chunks.append(Chunk(ids, [(0, dumps(spool.positional_calls(part),
+            chunks.append(Chunk(ids, [(0, dumps(formats.stored_calls(part),
                                                 f"an argument of {name}", shared),
                                        len(ids))]))
             futures.append(future)
@@ -229,7 +229,8 @@ class CallMaker:
         ex = self._executor
         shared = SharedArguments()  # an object passed to many calls: stored once
         shared.find((args, {}) for args in listed)
-        arguments = [dumps([(args, {})], f"an argument of {name}", shared) for args in listed]
+        arguments = [dumps(formats.stored_calls([args]), f"an argument of {name}", shared)
+                     for args in listed]
         if not arguments:
             return []
         blob = dumps(fn, f"the function {name}")

@@ -23,7 +23,7 @@ import pytest
 from tqdm import tqdm
 
 from slurmexecutor.apps import cli
-from slurmexecutor.folder import cancels, spool
+from slurmexecutor.folder import cancels, formats, spool
 from slurmexecutor.owner.bars import progress
 from slurmexecutor.reports import runs
 from slurmexecutor.schedulers import REMAINDER, TaskState
@@ -68,7 +68,7 @@ def build_run(folder: Path, calls: int, *, chunk: int = 100, per_task: int = 1,
     spool.write_journal(run_dir, {
         "batch": 0, "kind": "map", "created": time.time(), "functions": ["big.work"],
         "functions_file": "b0000/fn", "attempt": 1, "planned": tasks, "steal": True,
-        "throttled": False, "chunks": [spool.compress_ids(list(ids)) for ids in chunks],
+        "throttled": False, "chunks": [formats.compress_ids(list(ids)) for ids in chunks],
         "arrays": [{"job_id": JOB, "offset": 0, "size": tasks}]})
     spool.make_batch_dir(run_dir, 0)
     value = cloudpickle.dumps("x" * payload)

@@ -27,7 +27,7 @@ from slurmexecutor import (
     SubmissionError,
     WorkerCrashedError,
 )
-from slurmexecutor.folder import spool
+from slurmexecutor.folder import formats, spool
 from slurmexecutor.owner.batches import MIN_CHUNK_SECONDS, auto_chunksize
 from slurmexecutor.schedulers import state_of
 
@@ -337,7 +337,7 @@ def test_cancel_inside_the_window_drops_the_call(make_executor, tmp_path):
     assert keeper.result(timeout=60) == 9
     assert not marker.exists()
     [journal] = batches(ex)
-    assert spool.expand_ids(journal["chunks"][0]) == [keeper.call_id]
+    assert formats.expand_ids(journal["chunks"][0]) == [keeper.call_id]
 
 
 def test_shutdown_nowait_cancels_what_has_not_started(make_executor, tmp_path):

@@ -27,7 +27,7 @@ from slurmexecutor import (
     SlurmExecutor,
     WorkerCrashedError,
 )
-from slurmexecutor.folder import cancels, spool
+from slurmexecutor.folder import cancels, formats, spool
 from slurmexecutor.folder.framing import HEADER
 
 
@@ -292,8 +292,8 @@ def test_a_tampered_record_of_several_results_fails_each_of_them(make_executor):
     ex, _ = finished_run(make_executor, inc)  # fast calls: their records go as one
     [stream] = [path for _, _, path in spool.iter_streams(ex.run_dir)]
     data = bytearray(stream.read_bytes())
-    start, end = last_result_span(bytes(data), spool.RESULTS)
-    held = {call for _, call, _ in spool.unpack_results(
+    start, end = last_result_span(bytes(data), formats.RESULTS)
+    held = {call for _, call, _ in formats.unpack_results(
         pickle.loads(data[start + HEADER.size:end])[2])}
     assert len(held) >= 2  # (the first call, slower with its imports, may go alone)
     data[end - 3] ^= 0xFF

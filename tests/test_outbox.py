@@ -12,7 +12,7 @@ import cloudpickle
 import pytest
 from test_worker_exit import make_run, run_worker
 
-from slurmexecutor.folder import spool
+from slurmexecutor.folder import formats, spool
 from slurmexecutor.folder.framing import read_header
 from slurmexecutor.worker import outbox
 from slurmexecutor.worker.outbox import Outbox, Pending
@@ -114,7 +114,7 @@ def test_records_a_dead_child_left_waiting_are_appended_by_its_parent(tmp_path, 
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 7
     assert read(path, key) == []
-    spool.RecordWriter(path, key).write((spool.RESULTS, None, pending.take()))
+    spool.RecordWriter(path, key).write((formats.RESULTS, None, pending.take()))
     assert read(path, key) == [("ok", c, b"v") for c in range(3)]
     assert pending.take() == b""
 
@@ -128,7 +128,7 @@ def test_a_full_disk_fails_each_waiting_call_by_name(tmp_path, monkeypatch):
     real_write = spool.RecordWriter.write
 
     def full_for_results(self, record):
-        if record[0] == spool.RESULTS:
+        if record[0] == formats.RESULTS:
             raise OSError(errno.ENOSPC, "No space left on device")
         real_write(self, record)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from slurmexecutor import JobCancelledError, SlurmExecutor, map_reduce
-from slurmexecutor.folder import spool
+from slurmexecutor.folder import formats, spool
 
 
 def square(x):
@@ -27,7 +27,7 @@ def boom(x):
 
 def submitted_calls(ex) -> int:
     """How many calls the run handed to the cluster."""
-    return sum(len(spool.expand_ids(chunk)) for journal in spool.read_journals(ex.run_dir)
+    return sum(len(formats.expand_ids(chunk)) for journal in spool.read_journals(ex.run_dir)
                for chunk in journal["chunks"])
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from slurmexecutor import IntegrityError
 from slurmexecutor.errors import JobTimeoutError, TaskFailedError
-from slurmexecutor.folder import spool
+from slurmexecutor.folder import formats, spool
 from slurmexecutor.owner.bars import CallProgress, progress
 from slurmexecutor.owner.batches import MAX_CHUNKS, auto_chunksize
 from slurmexecutor.schedulers import REMAINDER, TaskState, state_of
@@ -111,7 +111,7 @@ def test_a_retry_keeps_shared_arguments_shared(tmp_path):
     shared = SharedArguments()
     shared.find(calls)
     assert len(shared.blobs) == 1
-    blob = shared.dumps(calls)
+    blob = shared.dumps(formats.stored_calls([args for args, _ in calls]))
     assert len(blob) < 1_000  # the chunk refers to it
     spec = BatchSpec("map", [b"fn"], ["f"], [Chunk(range(10, 14), [(0, blob, 4)])], 1,
                      shared=shared.blobs)
@@ -121,7 +121,7 @@ def test_a_retry_keeps_shared_arguments_shared(tmp_path):
     assert chunk.call_ids == [11, 13] and all(len(p[1]) < 1_000 for p in chunk.parts)
     objects = SharedObjects(lambda: spool.read_blob(run_dir / journal["shared_file"],
                                                     key)["objects"])
-    loaded = [objects.loads(part[1])[0] for part in chunk.parts]
+    loaded = [formats.call_at(objects.loads(part[1]), 0) for part in chunk.parts]
     assert [args[1] for args, _ in loaded] == [1, 3] and loaded[0][0][0] == big
     assert loaded[0][0][0] is loaded[1][0][0]  # unpickled once per task
 
@@ -261,8 +261,8 @@ def test_record_stream_keeps_complete_records_only(tmp_path):
 
 
 def test_ids_compress_and_expand():
-    assert spool.compress_ids([1, 2, 3, 7, 9, 10]) == [[1, 4], [7, 8], [9, 11]]
-    assert spool.expand_ids([[1, 4], [7, 8]]) == [1, 2, 3, 7]
+    assert formats.compress_ids([1, 2, 3, 7, 9, 10]) == [[1, 4], [7, 8], [9, 11]]
+    assert formats.expand_ids([[1, 4], [7, 8]]) == [1, 2, 3, 7]
     assert spool.parse_stream_name("t0007.r1.out") == (7, 1)
     assert spool.parse_stream_name("c0007.in") is None
     assert spool.parse_batch_name("b0003") == 3 and spool.parse_batch_name("b0003.json") is None
@@ -363,7 +363,9 @@ def test_the_sink_table_agrees_with_a_dict_through_random_adds_and_pops():
     assert sorted(c for c, _ in table.calls()) == sorted(model)
 
 
-def test_a_retry_of_some_calls_of_a_map_chunk_keeps_their_arguments(tmp_path):
+def test_a_retry_of_some_calls_of_a_chunk_keeps_their_arguments(tmp_path):
+    """A map's chunk stores argument tuples only, a submit's keyword dicts too: a retry
+    of some of their calls keeps both, and pickles no keyword dicts where none were."""
     import pickle
 
     from slurmexecutor.folder import spool
@@ -372,10 +374,15 @@ def test_a_retry_of_some_calls_of_a_map_chunk_keeps_their_arguments(tmp_path):
     key = spool.load_key(tmp_path / "runs", create=True)
     run_dir = spool.ensure_private_dir(tmp_path / "runs" / "run")
     spool.make_batch_dir(run_dir, 0)
-    blob = dumps(spool.positional_calls([(1,), (2, "b"), (3,)]), "arguments")
+    positional = dumps(formats.stored_calls([(1,), (2, "b"), (3,)]), "arguments")
+    keywords = dumps(formats.stored_calls([(4,), (5,)], [{}, {"k": 5}]), "arguments")
+    assert "kwargs" not in pickle.loads(positional)
     spool.write_blob(spool.chunk_path(run_dir, 0, 0), key,
-                     {"calls": [10, 11, 12], "parts": [(0, blob, 3)]})
-    [chunk] = retry_chunks(run_dir, key, 0, {0: (11, 12)}, None)
-    assert list(chunk.call_ids) == [11, 12]
-    assert [pickle.loads(part[1]) for part in chunk.parts] == [[((2, "b"), {})], [((3,), {})]]
-    assert spool.call_at(pickle.loads(blob), 1) == ((2, "b"), {})
+                     {"calls": [10, 11, 12, 13, 14], "parts": [(0, positional, 3), (0, keywords, 2)]})
+    [chunk] = retry_chunks(run_dir, key, 0, {0: (11, 12, 14)}, None)
+    assert list(chunk.call_ids) == [11, 12, 14]
+    assert [formats.call_at(pickle.loads(part[1]), 0) for part in chunk.parts] == [
+        ((2, "b"), {}), ((3,), {}), ((5,), {"k": 5})]
+    assert formats.call_at(pickle.loads(keywords), 0) == ((4,), {})
+    with pytest.raises(ValueError, match="2 argument tuples but 1 keyword dicts"):
+        formats.stored_calls([(1,), (2,)], [{"k": 1}])

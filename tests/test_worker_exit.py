@@ -15,7 +15,7 @@ from pathlib import Path
 import cloudpickle
 import pytest
 
-from slurmexecutor.folder import spool
+from slurmexecutor.folder import formats, spool
 
 REPO = Path(__file__).resolve().parent.parent
 HERE = str(Path(__file__).resolve().parent)
@@ -51,7 +51,7 @@ def make_run(tmp_path: Path, chunks: list[list[tuple[int, list[tuple]]]]) -> tup
         calls, blobs = [], []
         for first, arguments in parts:
             calls += range(first, first + len(arguments))
-            blobs.append((0, cloudpickle.dumps([(args, {}) for args in arguments]),
+            blobs.append((0, cloudpickle.dumps(formats.stored_calls(list(arguments))),
                           len(arguments)))
         spool.write_blob(spool.chunk_path(run_dir, 0, index), key,
                          {"calls": calls, "parts": blobs})

@@ -42,13 +42,14 @@ import io
 import json
 import os
 import pickle
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from slurmexecutor.errors import IntegrityError
 from slurmexecutor.folder.diskio import append_whole, write_atomic
 from slurmexecutor.folder.folders import ensure_private_dir
+from slurmexecutor.folder.formats import RESULTS, unpack_results
 from slurmexecutor.folder.framing import pack_header, read_header
 
 KEY_FILE = "key"
@@ -121,35 +122,6 @@ def encode_record(key: bytes, path: Path, record: tuple) -> bytes:
     """One signed record as it is appended to the stream at `path`."""
     payload = pickle.dumps(record, protocol=pickle.HIGHEST_PROTOCOL)
     return pack_header(len(payload), _digest(key, path, payload)) + payload
-
-
-#: the kind of a record that holds the records of several calls, each pickled on its own
-#: and concatenated (worker/outbox.py); readers see the records it holds, in order
-RESULTS = "results"
-
-
-def positional_calls(arguments: list[tuple]) -> dict:
-    """A chunk part's calls that pass only positional arguments (a map's): their
-    argument tuples, without a keyword dict each (`call_at` gives the pair)."""
-    return {"args": arguments}
-
-
-def call_at(arguments: list | dict, offset: int) -> tuple[tuple, dict]:
-    """The (args, kwargs) of the call at `offset` of an unpickled chunk part: a list of
-    such pairs, or `positional_calls`."""
-    if type(arguments) is dict:
-        return arguments["args"][offset], {}
-    return arguments[offset]
-
-
-def unpack_results(blob: bytes) -> list[tuple]:
-    """The records a `results` record holds."""
-    stream = io.BytesIO(blob)
-    load = pickle.Unpickler(stream).load
-    records = []
-    while stream.tell() < len(blob):
-        records.append(load())
-    return records
 
 
 class RecordWriter:
@@ -401,18 +373,3 @@ def verified_script(path: Path, key: bytes) -> str:
     if not found or not hmac.compare_digest(digest, _digest(key, path, body.encode()).hex()):
         raise IntegrityError(f"{path} is not a batch script signed with this folder's key")
     return body
-
-
-def compress_ids(ids: Iterable[int]) -> list[list[int]]:
-    """[1, 2, 3, 7] -> [[1, 4], [7, 8]]: half-open ranges, for compact journals."""
-    ranges: list[list[int]] = []
-    for call_id in ids:
-        if ranges and ranges[-1][1] == call_id:
-            ranges[-1][1] += 1
-        else:
-            ranges.append([call_id, call_id + 1])
-    return ranges
-
-
-def expand_ids(ranges: list[list[int]]) -> list[int]:
-    return [call_id for start, stop in ranges for call_id in range(start, stop)]

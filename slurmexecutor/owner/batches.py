@@ -27,7 +27,7 @@ import cloudpickle
 
 from slurmexecutor._log import log
 from slurmexecutor.errors import SerializationError, SubmissionError
-from slurmexecutor.folder import spool, warm
+from slurmexecutor.folder import formats, spool, warm
 from slurmexecutor.folder.diskio import create_exclusive, named
 from slurmexecutor.folder.folders import writable_by_others
 from slurmexecutor.folder.sharing import SharedArguments, SharedObjects
@@ -96,7 +96,7 @@ def grown(settings: Settings, state: str, attempt: int) -> Settings:
 @dataclass
 class Chunk:
     """Calls that run together: (function index, pickled calls, count) per part, the
-    calls a list of (args, kwargs) or `spool.positional_calls`."""
+    calls as `formats.stored_calls`."""
 
     call_ids: Sequence[int]
     parts: list[tuple[int, bytes, int]]
@@ -221,7 +221,7 @@ def _write_batch(run_dir: Path, key: bytes, number: int, spec: BatchSpec,
         "functions_file": functions_file, "shared_file": shared_file,
         "attempt": spec.attempt, "reruns": spec.reruns, "planned": spec.planned,
         "steal": spec.steal, "throttled": throttled,
-        "chunks": [spool.compress_ids(chunk.call_ids) for chunk in spec.chunks],
+        "chunks": [formats.compress_ids(chunk.call_ids) for chunk in spec.chunks],
         "arrays": [],
     }
     spool.write_journal(run_dir, journal, key)
@@ -302,8 +302,9 @@ def retry_chunks(run_dir: Path, key: bytes, number: int, calls: dict[int, tuple[
                 call_id = stored["calls"][position + offset]
                 if call_id in wanted:
                     ids.append(call_id)
-                    parts.append((fn_index, dumps([spool.call_at(arguments, offset)], "an argument",
-                                                  shared), 1))
+                    args, kwargs = formats.call_at(arguments, offset)
+                    parts.append((fn_index, dumps(formats.stored_calls([args], [kwargs]),
+                                                  "an argument", shared), 1))
             position += count
         chunks.append(Chunk(ids, parts))
     return chunks

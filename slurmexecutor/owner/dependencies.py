@@ -22,6 +22,7 @@ from typing import Any
 import cloudpickle
 
 from slurmexecutor.errors import DependencyError, SerializationError
+from slurmexecutor.folder import formats
 from slurmexecutor.folder.cache import CallKeys
 from slurmexecutor.owner.batches import Settings, dumps
 from slurmexecutor.owner.futures import SlurmFuture
@@ -124,7 +125,7 @@ class Dependent:
 
     def pickled(self, args: tuple, kwargs: dict) -> bytes:
         """Raises SerializationError naming the function."""
-        return dumps([(args, kwargs)], f"an argument of {self.fn_name}")
+        return dumps(formats.stored_calls([args], [kwargs]), f"an argument of {self.fn_name}")
 
 
 @dataclass(eq=False)

@@ -18,7 +18,7 @@ from concurrent.futures._base import CANCELLED, PENDING
 from pathlib import Path
 from typing import Any, Literal, Protocol, overload
 
-from slurmexecutor.folder import spool
+from slurmexecutor.folder import formats
 from slurmexecutor.owner.bars import CallProgress
 
 LOG_TAIL_LINES = 20
@@ -199,7 +199,7 @@ class SinkTable:
     def add(self, sink: FutureSink) -> None:
         ids = sink.call_ids
         runs = [(ids.start, ids.stop)] if isinstance(ids, range) and ids.step == 1 else (
-            spool.compress_ids(ids))
+            formats.compress_ids(ids))
         for start, stop in runs:
             if stop - start == 1:
                 self._single[start] = sink

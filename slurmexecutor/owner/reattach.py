@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from slurmexecutor.core.events import BatchAdded
-from slurmexecutor.folder import spool
+from slurmexecutor.folder import formats, spool
 from slurmexecutor.owner.engine import Engine
 from slurmexecutor.owner.futures import FutureSink, SlurmFuture
 
@@ -22,13 +22,13 @@ def reattach(engine: Engine, time_limit: str | None) -> dict[int, SlurmFuture]:
     owner: dict[int, int] = {}  # call -> the latest batch that carries it
     for journal in journals:
         for ranges in journal["chunks"]:
-            for call_id in spool.expand_ids(ranges):
+            for call_id in formats.expand_ids(ranges):
                 owner[call_id] = journal["batch"]
     futures = {call_id: SlurmFuture(engine, [call_id]) for call_id in sorted(owner)}
     for journal in journals:
         number = journal["batch"]
         engine.add_journal(journal)
-        chunks: list[Sequence[int]] = [spool.expand_ids(r) for r in journal["chunks"]]
+        chunks: list[Sequence[int]] = [formats.expand_ids(r) for r in journal["chunks"]]
         open_calls = frozenset(c for chunk in chunks for c in chunk if owner[c] == number)
         if not open_calls:
             continue

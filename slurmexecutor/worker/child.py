@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from slurmexecutor.folder import cancels, claims, spool
+from slurmexecutor.folder import cancels, claims, formats, spool
 from slurmexecutor.folder.folders import writable_by_others
 from slurmexecutor.worker import checkpoints
 from slurmexecutor.worker.channel import (
@@ -230,7 +230,7 @@ class ChildRunner:
             if position + count <= first:
                 position += count
                 continue
-            arguments: list | None = None  # unpickled once its first call is announced:
+            arguments: dict | None = None  # unpickled once its first call is announced:
             error: Exception | None = None  # unpickling runs user code, which may crash
             for offset in range(count):
                 if position >= first:
@@ -255,7 +255,7 @@ class ChildRunner:
                                     self.shared) else loads(blob)
                             except Exception as exc:  # noqa: BLE001  (this part's calls)
                                 error = exc
-                        call = spool.call_at(arguments, offset) if (
+                        call = formats.call_at(arguments, offset) if (
                             arguments is not None) else None
                         self.rest = (call_ids, position)  # a checkpoint hands them back
                         record = self._call(call_id, fn_index, call, error)

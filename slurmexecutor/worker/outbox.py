@@ -2,7 +2,7 @@
 
 A call that takes microseconds would spend most of its time appending its own signed
 record. The child keeps such records in memory it shares with the supervisor and
-appends them as one `results` record (spool.RESULTS): when 512 wait, when the first
+appends them as one `results` record (formats.RESULTS): when 512 wait, when the first
 has waited 1 ms, when a slower call ends, and before any other record (so the order
 of a stream is the order of events). A record therefore waits at most 1 ms, or for
 the one call that runs after it, if that call runs longer.
@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from slurmexecutor.folder import spool
+from slurmexecutor.folder import formats, spool
 from slurmexecutor.folder.diskio import FULL
 
 #: most records in one `results` record
@@ -112,12 +112,12 @@ class Outbox(spool.RecordWriter):
             return
         data = pending.peek()
         try:
-            super().write((spool.RESULTS, None, data))
+            super().write((formats.RESULTS, None, data))
         except OSError as error:
             if error.errno not in FULL:
                 raise
             pending.clear()  # each call fails with the error instead: short records
-            for record in spool.unpack_results(data):
+            for record in formats.unpack_results(data):
                 super().write(self.failed(record[1], error))
             return
         pending.clear()

@@ -53,7 +53,7 @@ import time
 import traceback
 from pathlib import Path
 
-from slurmexecutor.folder import cancels, spool
+from slurmexecutor.folder import cancels, formats, spool
 from slurmexecutor.folder.diskio import EXIT_FULL, EXIT_NO_FOLDER, FULL, named
 from slurmexecutor.folder.procs import process_start
 from slurmexecutor.worker import walltime
@@ -307,7 +307,7 @@ class Supervisor:
         is said about the call it ran."""
         data = self.pending.take()
         if data:
-            self.out.write((spool.RESULTS, None, data))
+            self.out.write((formats.RESULTS, None, data))
 
     @property
     def position(self) -> tuple[int, int] | None:
