@@ -3,7 +3,8 @@ supervisor reads it: the call running, in shared memory (`Whereabouts`: a store,
 system call, nobody woken), looked at when the child ends and twice a second for a
 cancel; what the supervisor must act on, down a pipe as pairs of unsigned ints
 ((chunk, CLAIMED) when a chunk is claimed, the join markers, DONE); the client's
-cancel and stop lists of a chunk; and how a child ended.
+cancel and stop lists of a chunk (and a batch's, as the supervisor reads them); and how
+a child ended.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import signal
 import struct
 from pathlib import Path
 
-from slurmexecutor.folder import cancels
+from slurmexecutor.folder import cancels, spool
 
 POSITION = struct.Struct(">II")  # chunk index, call position within the chunk
 CLAIMED = 0xFFFFFFFF  # the position sent when a chunk is claimed, before its first call
@@ -77,6 +78,30 @@ class CancelList:
         if size != self.size:
             self.size, self.cancelled = size, cancels.read_cancelled(self.path, self.key)
         return self.cancelled
+
+
+class BatchChunks:
+    """What the supervisor reads of its batch's chunks, each file once: a chunk's call
+    ids, and the calls the client wants stopped (`ex.cancel`)."""
+
+    def __init__(self, run_dir: Path, batch: int, key: bytes) -> None:
+        self.run_dir, self.batch, self.key = run_dir, batch, key
+        self._calls: dict[int, list[int]] = {}
+        self._stops: dict[int, CancelList] = {}
+
+    def calls(self, chunk: int) -> list[int]:
+        calls = self._calls.get(chunk)
+        if calls is None:
+            calls = self._calls[chunk] = spool.read_blob(
+                spool.chunk_path(self.run_dir, self.batch, chunk), self.key)["calls"]
+        return calls
+
+    def stop_wanted(self, chunk: int, call_id: int) -> bool:
+        stop = self._stops.get(chunk)
+        if stop is None:
+            stop = self._stops[chunk] = CancelList(
+                cancels.stop_path(self.run_dir, self.batch, chunk), self.key)
+        return call_id in stop.ids()
 
 
 def describe_exit(code: int) -> dict:

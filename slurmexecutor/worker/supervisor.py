@@ -53,7 +53,7 @@ import time
 import traceback
 from pathlib import Path
 
-from slurmexecutor.folder import cancels, formats, spool
+from slurmexecutor.folder import formats, spool
 from slurmexecutor.folder.diskio import EXIT_FULL, EXIT_NO_FOLDER, FULL, named
 from slurmexecutor.folder.procs import process_start
 from slurmexecutor.worker import walltime
@@ -64,7 +64,7 @@ from slurmexecutor.worker.channel import (
     JOIN_TASK,
     POSITION,
     STOP_SIGNAL,
-    CancelList,
+    BatchChunks,
     Whereabouts,
     describe_exit,
 )
@@ -163,8 +163,7 @@ class Supervisor:
         self.handed_back = False  # the calls after the running one went back (handback)
         #: (chunk, position, call id) of a call this supervisor ended (`ex.cancel`)
         self.stopped: tuple[int, int, int] | None = None
-        self._chunk_calls: dict[int, list[int]] = {}  # of the current batch
-        self._stop_lists: dict[int, CancelList] = {}
+        self.chunks = BatchChunks(run_dir, batch, key)  # of the current batch
         #: set by the child while it runs a checkpointable call (shared memory)
         self.checkpointing = mmap.mmap(-1, 1)
         self._pipe: int | None = None  # the read end of the running child's pipe
@@ -321,20 +320,13 @@ class Supervisor:
             return
         chunk, position = self.position
         try:
-            calls = self._chunk_calls.get(chunk)
-            if calls is None:
-                calls = self._chunk_calls[chunk] = spool.read_blob(
-                    spool.chunk_path(self.run_dir, self.batch, chunk), self.key)["calls"]
-            stop = self._stop_lists.get(chunk)
-            if stop is None:
-                stop = self._stop_lists[chunk] = CancelList(
-                    cancels.stop_path(self.run_dir, self.batch, chunk), self.key)
-            wanted_stop = calls[position] in stop.ids()
+            call_id = self.chunks.calls(chunk)[position]
+            wanted_stop = self.chunks.stop_wanted(chunk, call_id)
         except Exception as error:  # noqa: BLE001  (unreadable: the call runs on)
             print(f"slurmexecutor worker: chunk {chunk}: {error}", file=sys.stderr)
             return
         if wanted_stop:
-            self.stopped = (chunk, position, calls[position])
+            self.stopped = (chunk, position, call_id)
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -349,8 +341,7 @@ class Supervisor:
             return
         chunk, position = self.position
         try:
-            calls = self._chunk_calls.get(chunk) or spool.read_blob(
-                spool.chunk_path(self.run_dir, self.batch, chunk), self.key)["calls"]
+            calls = self.chunks.calls(chunk)
         except Exception as error:  # noqa: BLE001  (the child hands them back itself)
             print(f"slurmexecutor worker: chunk {chunk}: {error}", file=sys.stderr)
             return
@@ -387,13 +378,12 @@ class Supervisor:
                 self.reruns.remove(position[0])
         return buffer[whole:]
 
-
     def _switch(self, batch: int, task: int) -> None:
         """The child joined `batch` as `task` (it wrote the old stream's end): follow."""
         self.out.close()
         self.batch, self.task, self.joining = batch, task, None
         self.manifest = spool.read_blob(spool.manifest_path(self.run_dir, batch), self.key)
-        self._chunk_calls, self._stop_lists = {}, {}
+        self.chunks = BatchChunks(self.run_dir, batch, self.key)
         self.out = spool.RecordWriter(spool.stream_path(self.run_dir, batch, task, 0),
                                       self.key)
         self.reruns = []
