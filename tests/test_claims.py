@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
+from claim_racer import claim_all
 
 from slurmexecutor.folder import claims
 
@@ -22,24 +23,15 @@ def test_order_is_the_own_block_then_the_rest_from_the_top():
         assert sorted(claims.claim_order(10, 3, task)) == list(range(10))
 
 
-def _claim_all(folder: str, chunks: int, tasks: int, task: int, seconds: float,
-               start: float, out: multiprocessing.Queue) -> None:
-    while time.time() < start:  # all together, to make them race
-        time.sleep(0.001)
-    claimer = claims.Claimer(Path(folder), claims.claim_order(chunks, tasks, task), str(task))
-    won = []
-    for chunk in claimer.claims():
-        won.append(chunk)
-        time.sleep(seconds)
-    out.put((task, won, claimer.stats()))
-
-
 def run_tasks(folder: Path, chunks: int, tasks: int, seconds: float = 0.0,
               slow: dict[int, float] | None = None) -> list[tuple[int, list[int], dict]]:
-    context = multiprocessing.get_context("fork")
+    """Run `tasks` claimers at once, each in a process of its own (forkserver: the test
+    process has threads, which fork would copy)."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["claim_racer"])
     out: multiprocessing.Queue = context.Queue()
-    start = time.time() + 0.3
-    workers = [context.Process(target=_claim_all, args=(
+    start = time.time() + 0.5
+    workers = [context.Process(target=claim_all, args=(
         str(folder), chunks, tasks, task, (slow or {}).get(task, seconds), start, out))
         for task in range(tasks)]
     for worker in workers:
@@ -47,7 +39,9 @@ def run_tasks(folder: Path, chunks: int, tasks: int, seconds: float = 0.0,
     results = [out.get(timeout=60) for _ in workers]
     for worker in workers:
         worker.join(10)
-    return results
+    late = [task for task, *_, started in results if started < 0]
+    assert not late, f"tasks {late} started after the others began: no race"
+    return [result[:3] for result in results]
 
 
 @pytest.mark.parametrize("chunks,tasks", [(1024, 16), (200, 50), (30, 8)])
