@@ -6,6 +6,8 @@ from __future__ import annotations
 import errno
 import io
 import os
+import signal
+import time
 from pathlib import Path
 
 import cloudpickle
@@ -15,7 +17,9 @@ from test_worker_exit import make_run, run_worker
 from slurmexecutor.folder import formats, spool
 from slurmexecutor.folder.framing import read_header
 from slurmexecutor.worker import outbox
+from slurmexecutor.worker.channel import JOIN, JOIN_TASK, POSITION
 from slurmexecutor.worker.outbox import Outbox, Pending
+from slurmexecutor.worker.supervisor import Supervisor
 
 
 def failed(call_id: int, error: OSError) -> tuple:
@@ -154,3 +158,40 @@ def test_a_worker_whose_child_dies_keeps_every_fast_result_before_it(tmp_path, c
     assert all(cloudpickle.loads(results[x][1]) == x * 10 for x in range(251) if x != 200)
     path = spool.stream_path(run_dir, 0, 0, 0)
     assert records_on_disk(path) < 100  # written several at a time
+
+
+def test_a_sigterm_after_a_join_not_yet_read_sends_the_waiting_records_to_the_new_stream(
+        tmp_path, monkeypatch):
+    """The child joined batch 1 (JOIN on the pipe, unread) and a fast result waits in
+    shared memory when Slurm ends the task: the supervisor reads the join before it
+    appends the waiting records, so they and `end` go to the stream the client follows
+    for batch 1, not to the old one."""
+    monkeypatch.setattr(outbox, "HOLD", 60.0)
+    run_dir, key = make_run(tmp_path, [[(0, [(1, 0)])]])
+    spool.make_batch_dir(run_dir, 1)
+    manifest = spool.read_blob(spool.manifest_path(run_dir, 0), key)
+    spool.write_blob(spool.manifest_path(run_dir, 1), key, manifest)
+    old = spool.stream_path(run_dir, 0, 0, 0)
+    new = spool.stream_path(run_dir, 1, 1_000_000, 0)
+    pid = os.fork()
+    if pid == 0:  # the worker: exits in on_terminate
+        try:
+            sup = Supervisor(run_dir, 0, 0, manifest, spool.RecordWriter(old, key), key, 0)
+            Outbox(new, key, sup.pending, failed).result(("ok", 7, b"v"), 0.0)
+            read_end, write_end = os.pipe()
+            os.write(write_end, POSITION.pack(JOIN, 1) + POSITION.pack(JOIN_TASK, 1_000_000))
+            sup._pipe = read_end
+            child = os.fork()
+            if child == 0:
+                time.sleep(60)
+                os._exit(0)
+            sup.child_pid = child
+            sup.on_terminate(signal.SIGTERM, None)
+        finally:
+            os._exit(99)  # not reached: on_terminate exits with 128 + 15
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 128 + signal.SIGTERM
+    assert not old.exists() or read(old, key) == []
+    records = read(new, key)
+    assert [(kind, call_id) for kind, call_id, _ in records] == [("ok", 7), ("end", None)]
+    assert records[1][2]["signal"] == signal.SIGTERM
