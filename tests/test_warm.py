@@ -344,3 +344,42 @@ def test_a_requeued_warm_task_leaves_the_batch_it_had_joined_at_once(slurm_clust
         for array in arrays(ex):  # a requeued job may wait (BeginTime) past the shutdown
             subprocess.run(["scancel", array["job_id"]], check=False)
             assert wait_until(lambda a=array: task_done(ex, a["job_id"], 0), timeout=60)
+
+
+def test_the_owner_reads_a_joiners_stream_in_the_round_it_learns_of_the_join(make_executor,
+                                                                            monkeypatch):
+    """A join is read from the old stream's `end` record; the joiner's new stream is read
+    right after, before the owner waits again (its first call's result is usually there
+    already: a warm round trip saves a round)."""
+    from slurmexecutor.core.events import Records
+    from slurmexecutor.owner import streams
+
+    rounds: list[tuple] = []
+    real_read = streams.StreamReader.read
+
+    def read(self, live, ended, batches=()):
+        live = frozenset(live)
+        events = real_read(self, live, ended, batches)
+        joins = [(body["joined"], body["as"]) for event in events if isinstance(event, Records)
+                 for kind, _, body in event.records
+                 if kind == "end" and (body or {}).get("joined") is not None]
+        rounds.append(("read", live, joins))
+        return events
+
+    class Wake(threading.Event):
+        def wait(self, timeout=None):
+            rounds.append(("wait",))
+            return super().wait(timeout)
+
+    monkeypatch.setattr(streams.StreamReader, "read", read)
+    ex = make_executor(keep_alive=60)
+    ex._engine._wake = Wake()
+    assert ex.submit(inc, 0).result(timeout=120) == 1
+    for i in range(1, 6):
+        assert ex.submit(inc, i).result(timeout=60) == i + 1
+    joined = [(k, join) for k, entry in enumerate(rounds) if entry[0] == "read"
+              for join in entry[2]]
+    assert len(joined) >= 5
+    for k, (batch, index) in joined:
+        following = rounds[k + 1]
+        assert following[0] == "read" and (batch, index) in following[1], rounds[k:k + 3]

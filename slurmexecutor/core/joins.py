@@ -18,6 +18,7 @@ def add_joiner(core: CoreState, batch: Batch, index: int, job_id: str | None,
     if index in batch.joiners:
         return
     batch.joiners.add(index)
+    core.joins += 1
     task = Task(batch, index, job_id, array_index, now)
     core.tasks[task.key] = task
     batch.tasks.append(task)

@@ -35,6 +35,9 @@ class CoreState:
         #: warm tasks whose batch finished: their streams are read on until their `end`
         #: record, which names the batch (and index) they joined, if any
         self.following: dict[tuple[int, int], Task] = {}
+        #: joins registered so far: the owner reads again at once after one (the joiner's
+        #: new stream may hold its first call's result already)
+        self.joins = 0
         #: chunks the client claims for want of tasks: what their calls get if it wins
         self.claim_then: dict[tuple[int, int], Task | Failure] = {}
         self.out: list[Action] = []

@@ -143,9 +143,13 @@ class Engine(LeaseAndEnd, Intake, Actions):
                 now = time.monotonic()
                 if self._windows:
                     self._launch_due(flush or self._stopping, now)
+                joins = self.core.joins
                 busy |= self._read_streams()
                 self._events += self._queries.take()
                 busy |= self._step()
+                if self.core.joins != joins:  # the joiner's stream, without a round's wait
+                    self._read_streams()
+                    self._step()
                 if self._windows:  # calls whose inputs just ended; a warm task went idle
                     flush, self._flush = self._flush, False
                     if self._launch_due(flush, time.monotonic()):
