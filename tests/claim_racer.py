@@ -5,19 +5,18 @@ from __future__ import annotations
 
 import time
 from multiprocessing import Queue
+from multiprocessing.synchronize import Barrier
 from pathlib import Path
 
 from slurmexecutor.folder import claims
 
 
 def claim_all(folder: str, chunks: int, tasks: int, task: int, seconds: float,
-              start: float, out: Queue) -> None:
-    start_seen = start - time.time()  # < 0: this task came late to the race
-    while time.time() < start:  # all together, to make them race
-        time.sleep(0.001)
+              start: Barrier, out: Queue) -> None:
+    start.wait(timeout=60)  # all together, to make them race
     claimer = claims.Claimer(Path(folder), claims.claim_order(chunks, tasks, task), str(task))
     won = []
     for chunk in claimer.claims():
         won.append(chunk)
         time.sleep(seconds)
-    out.put((task, won, claimer.stats(), start_seen))
+    out.put((task, won, claimer.stats()))
