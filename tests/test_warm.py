@@ -349,8 +349,8 @@ def test_a_requeued_warm_task_leaves_the_batch_it_had_joined_at_once(slurm_clust
 def test_the_owner_reads_a_joiners_stream_in_the_round_it_learns_of_the_join(make_executor,
                                                                             monkeypatch):
     """A join is read from the old stream's `end` record; the joiner's new stream is read
-    right after, before the owner waits again (its first call's result is usually there
-    already: a warm round trip saves a round)."""
+    right after, before the owner waits again, unless that very read found it already (its
+    first call's result is usually there already: a warm round trip saves a round)."""
     from slurmexecutor.core.events import Records
     from slurmexecutor.owner import streams
 
@@ -381,5 +381,7 @@ def test_the_owner_reads_a_joiners_stream_in_the_round_it_learns_of_the_join(mak
               for join in entry[2]]
     assert len(joined) >= 5
     for k, (batch, index) in joined:
+        if (batch, index) in rounds[k][1]:
+            continue  # a scan of the batch found the new stream first: read in this read
         following = rounds[k + 1]
         assert following[0] == "read" and (batch, index) in following[1], rounds[k:k + 3]
