@@ -32,6 +32,7 @@ _EXPORTS = {
     "EnvironmentMismatchError": "errors",
     "RunNotFoundError": "errors",
     "RunInUseError": "errors",
+    "RunFormatError": "errors",
     "RemoteError": "errors",
     "RemoteTraceback": "errors",
     "TaskFailedError": "errors",

@@ -11,6 +11,7 @@ does. Everything else derives from `SlurmExecutorError`:
      +-- IntegrityError           a spool file failed authentication or is truncated
      +-- RunNotFoundError         attach() to a run that is not in the folder
      +-- RunInUseError            attach() to a run whose client still holds its lease
+     +-- RunFormatError           attach() to a run another slurmexecutor wrote its way
      +-- RemoteError              a call raised an exception that does not unpickle here
      +-- TaskFailedError          the array task carrying the call ended without its result
           +-- JobTimeoutError        the time limit (Slurm TIMEOUT)
@@ -74,6 +75,11 @@ class IntegrityError(SlurmExecutorError):
 
 class RunNotFoundError(SlurmExecutorError, LookupError):
     """No run of that name in the folder."""
+
+
+class RunFormatError(SlurmExecutorError):
+    """The run's files are in another layout than this slurmexecutor's (written by an
+    older or newer version): attach it with the version that wrote it."""
 
 
 class RunInUseError(SlurmExecutorError):

@@ -56,12 +56,13 @@ from concurrent.futures import Executor, Future
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from slurmexecutor import __version__
 from slurmexecutor._log import log
 from slurmexecutor.calls import CallMaker, callable_name
 from slurmexecutor.core.ledger import Config
 from slurmexecutor.core.state import Core
-from slurmexecutor.errors import RunNotFoundError
-from slurmexecutor.folder import spool
+from slurmexecutor.errors import RunFormatError, RunNotFoundError
+from slurmexecutor.folder import formats, spool
 from slurmexecutor.folder.folders import default_folder
 from slurmexecutor.folder.lease import Lease
 from slurmexecutor.owner.batches import BatchSpec, Settings, dumps
@@ -179,6 +180,7 @@ class SlurmExecutor(CallMaker, Executor):
         lease.acquire(take_over=_take_over)
         if _run is None:
             spool.write_signed_json(self.run_dir / "run.json", self.key, {
+                "format": formats.RUN_FORMAT, "version": __version__,
                 "created": time.time(), "host": socket.gethostname(), "pid": os.getpid(),
                 "backend": self.backend.name, "resources": self.resources,
                 "cwd": os.getcwd(), "setup": setup, "sbatch_extra": sbatch_extra,
@@ -236,6 +238,12 @@ class SlurmExecutor(CallMaker, Executor):
         if not meta_path.exists():
             raise RunNotFoundError(f"no run {run!r} in {root}")
         meta = spool.read_signed_json(meta_path, spool.load_key(root))
+        if meta.get("format", 1) != formats.RUN_FORMAT:
+            raise RunFormatError(
+                f"run {run!r} was written by slurmexecutor {meta.get('version', '< 0.1.0')} "
+                f"in the run format {meta.get('format', 1)}; this slurmexecutor "
+                f"({__version__}) reads format {formats.RUN_FORMAT} only: attach it with "
+                "the version that wrote it")
         options.setdefault("backend", meta["backend"])
         for name in ("setup", "sbatch_extra"):
             options.setdefault(name, meta.get(name, ()))

@@ -241,6 +241,32 @@ def test_attach_to_an_unknown_run_is_a_clear_error(tmp_path):
         SlurmExecutor.attach("nope", tmp_path)
 
 
+@pytest.mark.parametrize("written", [{"format": 1, "version": "0.0.9"}, {}],
+                         ids=["older format", "before the field"])
+def test_attach_to_a_run_of_another_format_is_a_clear_error(tmp_path, written):
+    """A run whose files another slurmexecutor wrote its way (chunks, records) is
+    refused, naming both versions, before anything of it is read or run."""
+    from slurmexecutor import RunFormatError
+    from slurmexecutor.folder import spool
+
+    ex = SlurmExecutor(tmp_path, backend="local")
+    assert ex.submit(inc, 1).result(timeout=60) == 2
+    ex.shutdown()
+    meta_path = ex.run_dir / "run.json"
+    key = spool.load_key(tmp_path)
+    meta = spool.read_signed_json(meta_path, key)
+    assert meta["format"] == 2
+    meta.pop("format")
+    meta.pop("version")
+    spool.write_signed_json(meta_path, key, {**meta, **written})
+    with pytest.raises(RunFormatError, match=r"run format 1; this slurmexecutor .* format 2"):
+        SlurmExecutor.attach(ex.run_id, tmp_path)
+    spool.write_signed_json(meta_path, key, {**meta, "format": 2})
+    again = SlurmExecutor.attach(ex.run_id, tmp_path)
+    assert again.futures[0].result(timeout=60) == 2
+    again.shutdown()
+
+
 # -- integrity -----------------------------------------------------------------------
 
 

@@ -10,6 +10,10 @@ import io
 import pickle
 from collections.abc import Iterable
 
+#: the layout of a run's files (chunks, records, journals), in its run.json; `attach`
+#: refuses a run of another layout (runs before this field: 1)
+RUN_FORMAT = 2
+
 #: the kind of a record that holds the records of several calls, each pickled on its own
 #: and concatenated (worker/outbox.py); readers see the records it holds, in order
 RESULTS = "results"
