@@ -51,9 +51,10 @@ def test_leftover_chunks_fail_only_once_the_client_won_their_claims():
     [claim] = of(out, ClaimChunks)
     assert claim.chunks == (1,)
     assert 1 not in failed_calls(out)  # not before the claim is known to be the client's
-    # the task won the race after all: its call is its own, not failed
+    # lost: someone holds claims/1, but the only task is gone without a claim record
+    # for it; the call fails as that task's, where it used to wait forever
     out = machine.step([ClaimsWon(0, (), asked=(1,))], 2.1)
-    assert not failed_calls(out)
+    assert failed_calls(out) == {1}
     # ... and with the claim won, the call fails
     machine2 = core()
     machine2.step([BatchAdded(0, [[0], [1]], 1)], 0)
@@ -62,6 +63,35 @@ def test_leftover_chunks_fail_only_once_the_client_won_their_claims():
     machine2.step([StreamsRead(1.5)], 2)
     out = machine2.step([ClaimsWon(0, (0, 1), asked=(0, 1))], 2.1)
     assert failed_calls(out) == {0, 1}
+
+
+def test_a_chunk_whose_claim_the_client_lost_belongs_to_a_live_task_until_it_is_gone():
+    """A lost claim is a task's: while a task of the batch lives, its `claim` record may
+    yet come; once none is left and none reported it (it died between its claim file
+    and its record, e.g. on a full disk), the calls fail instead of waiting forever."""
+    machine = core()
+    machine.step([BatchAdded(0, [[0], [1], [2]], 2)], 0)
+    machine.step([TasksSubmitted(0, "7", 0, 2)], 0)
+    for index in (0, 1):
+        machine.step([Record(0, index, "start", None, {"host": "h", "pid": 1 + index})], 0)
+    machine.step([Record(0, 0, "claim", 0, None), Record(0, 0, "ok", 0, b""),
+                  Record(0, 1, "claim", 1, None), Record(0, 1, "ok", 1, b"")], 0.5)
+    # task 0 ends with a full disk, task 1 runs on: chunk 2 is still the tasks'
+    machine.step([Record(0, 0, "end", None, {"exit": 75})], 1)
+    machine.step([SchedulerAnswer({("7", 0): TaskState("FAILED", 75),
+                                   ("7", 1): TaskState("RUNNING")})], 1.5)
+    out = machine.step([StreamsRead(1.6)], 2)
+    assert not of(out, ClaimChunks) and not failed_calls(out)
+    # task 1 claims chunk 2 (the claim file) and is killed before its record
+    machine.step([SchedulerAnswer({("7", 0): TaskState("FAILED", 75),
+                                   ("7", 1): TaskState("FAILED", 75)})], 3)
+    out = machine.step([StreamsRead(3.1)], 4)
+    [claim] = of(out, ClaimChunks)
+    assert claim.chunks == (2,) and not failed_calls(out)
+    out = machine.step([ClaimsWon(0, (), asked=(2,))], 4.1)  # lost: claims/2 exists
+    assert failed_calls(out) == {2}
+    machine.step([], 5)
+    assert machine.idle
 
 
 def test_a_call_cancelled_after_its_retry_is_never_retried_again():

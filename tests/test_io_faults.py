@@ -108,6 +108,40 @@ def test_a_full_disk_cuts_off_the_half_written_record(small_disk):
     assert cursor.error is None and cursor.pending_bytes == 0
 
 
+def test_a_claim_that_does_not_fit_leaves_no_claim_file(small_disk):
+    """A claim created but not written (a full disk) is removed again: an empty claim
+    file would keep its chunk from everyone, with no task to report it."""
+    from slurmexecutor.folder import claims
+
+    claim = small_disk / "claims" / "0"
+    claim.parent.mkdir()
+    fill(small_disk / "filler")
+    with pytest.raises(OSError, match="ENOSPC"):
+        claims.try_claim(claim, "task 0 of job 7" * 300)
+    assert not claim.exists()
+    (small_disk / "filler").unlink()
+    assert claims.try_claim(claim, "task 1 of job 7") and not claims.try_claim(claim, "x")
+
+
+def test_a_claim_the_client_cannot_write_settles_its_calls(tmp_path, monkeypatch):
+    """The client's claim of a chunk nobody is left to run fails with a full disk: it
+    counts as won (the calls are settled here) instead of leaving them open for good."""
+    from types import SimpleNamespace
+
+    from slurmexecutor.core.events import ClaimChunks
+    from slurmexecutor.folder import claims
+    from slurmexecutor.owner.actions import Actions
+
+    def try_claim(path, owner):
+        if path.name == "1":
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return path.name == "0"
+
+    monkeypatch.setattr(claims, "try_claim", try_claim)
+    owner = SimpleNamespace(run_dir=tmp_path)
+    assert Actions._claim(owner, ClaimChunks(3, (0, 1, 2))) == (0, 1)
+
+
 def test_short_writes_and_a_quota_error(tmp_path, monkeypatch):
     """Writes that take half the bytes at a time, then EDQUOT half-way through."""
     key = spool.load_key(tmp_path, create=True)

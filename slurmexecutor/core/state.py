@@ -312,6 +312,23 @@ class Core(CoreState):
             return
         self.tasks.pop(task.key, None)
 
+    def _fail_orphans(self, batch: Batch) -> None:
+        """Calls of chunks someone claimed (the client lost their claim) that no task
+        reported running, when no task of the batch is left: a task died between its
+        claim and its `claim` record (killed, or a full disk). Their tasks' streams were
+        read to the end, or given up as the lag allows, before those tasks were retired."""
+        orphans = [c for chunk, calls in enumerate(batch.chunks)
+                   if (batch.number, chunk) not in self.claim_then
+                   for c in batch.open_calls.among(calls) if c not in batch.owner]
+        if not orphans:
+            return
+        if batch.last_failed is not None and batch.submit_error is None:
+            policies.fail_unfinished(self, batch.last_failed, orphans)
+        else:
+            self.fail_calls(batch, orphans, Failure(CallLostError, (
+                "a task claimed its chunk but never reported running it (it ended "
+                "between the two)")))
+
     def _settle_batch(self, batch: Batch, now: float) -> None:
         live = self.live_tasks(batch)
         if not batch.unclaimed and batch.submitted:  # nothing left for tasks yet to start
@@ -345,6 +362,8 @@ class Core(CoreState):
             if batch.pending is not None:  # its tasks are still to come
                 return
         if not batch.unclaimed:
+            if not live:
+                self._fail_orphans(batch)
             return
         if self.config.keep_alive > 0 and not batch.wanted_sent and (
                 now - batch.created >= self.config.warm_wait) and not any(

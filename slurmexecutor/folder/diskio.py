@@ -75,15 +75,22 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 
 def create_exclusive(path: Path, data: bytes) -> bool:
-    """Create `path` and write `data`; False if it exists (O_EXCL: atomic, NFS too)."""
+    """Create `path` and write `data`; False if it exists (O_EXCL: atomic, NFS too). A
+    write that fails (a full disk) removes the file again: no half-written one stays."""
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
         return False
     try:
         write_all(fd, data, path)
-    finally:
+    except BaseException:
         os.close(fd)
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+        raise
+    os.close(fd)
     return True
 
 

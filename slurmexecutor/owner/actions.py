@@ -94,9 +94,7 @@ class Actions:
             cancels.cancel_calls(self.run_dir, self.key, action.batch, action.chunk,
                                  list(action.call_ids), action.stop)
         elif isinstance(action, ev.ClaimChunks):
-            won = tuple(chunk for chunk in action.chunks if claims.try_claim(
-                spool.claim_path(self.run_dir, action.batch, chunk), "client"))
-            self._events.append(ev.ClaimsWon(action.batch, won, action.chunks))
+            self._events.append(ev.ClaimsWon(action.batch, self._claim(action), action.chunks))
         elif isinstance(action, ev.CancelTasks):
             self.backend.cancel(list(action.refs), pending_only=True)
         elif isinstance(action, ev.LiftThrottle):
@@ -170,6 +168,22 @@ class Actions:
                          reruns=action.reruns,
                          shared=journal.get("shared_file"), settings=settings)
         self._launch(spec, None)
+
+    def _claim(self, action: ev.ClaimChunks) -> tuple[int, ...]:
+        """The chunks the client wins. One whose claim it cannot write (a full disk)
+        counts as won: the client's verdict on its calls stands (a task that runs them
+        after all is not heard), where none would ever come."""
+        won = []
+        for chunk in action.chunks:
+            try:
+                if claims.try_claim(spool.claim_path(self.run_dir, action.batch, chunk),
+                                    "client"):
+                    won.append(chunk)
+            except OSError as error:
+                log.warning("slurmexecutor: could not claim chunk %d of batch %d (%s); its "
+                            "calls are settled here", chunk, action.batch, error)
+                won.append(chunk)
+        return tuple(won)
 
     def _settings(self, batch: int) -> Settings:
         """A live batch's resources etc. (the executor's for batches of an earlier client)."""
