@@ -182,6 +182,25 @@ def test_a_group_writable_parent_is_refused(users):
     assert not list(project.iterdir())
 
 
+def test_a_link_in_a_group_writable_folder_is_refused(users):
+    """Alice's own link to her own folder, but in a folder Mallory may write: Mallory
+    could replace the link (and the path stays in use as given), so it is refused."""
+    base = users["base"]
+    project = Path(tempfile.mkdtemp(dir=base, prefix="project-"))
+    os.chown(project, 0, users["gid"])
+    project.chmod(0o2775)
+    home = as_user(Path(tempfile.mkdtemp(dir=base, prefix="alice-home-")), "sxalice", 0o700)
+    link = project / "alice"
+    link.symlink_to(home)
+    as_user(link, "sxalice", 0)
+    out = run_as(users, "sxalice", str(link / "runs"), "local")
+    assert out.startswith("REFUSED") and str(project) in out, out
+    assert "writable by group or others" in out, out
+    assert not list(home.iterdir())
+    out = run_as(users, "sxalice", str(home / "runs"), "local")  # the real path is fine
+    assert out.strip() == "RESULT 3", out
+
+
 def test_the_worker_path_is_verified(tmp_path):
     """A link in the run's package folder that points elsewhere is replaced; anything
     else there is refused."""

@@ -63,12 +63,15 @@ def _walk(path: str) -> list[str]:
 
 
 def _check_above(path: str) -> str:
-    """Check every folder above `path` (symbolic links among them resolved, each link
-    and each folder of its target checked); return the real path of its parent."""
+    """Check every folder above `path`: those of the path as given (the folder that
+    holds a symbolic link decides who may replace it: the path stays in use as given)
+    and, each link resolved, those of its target; return the real path of its parent."""
     parent = os.path.dirname(path)
     for component in _walk(parent):
         info = os.lstat(component)
-        if stat.S_ISLNK(info.st_mode) and info.st_uid not in (os.getuid(), *TRUSTED_OWNERS):
+        if not stat.S_ISLNK(info.st_mode):
+            _check_ancestor(component, info)
+        elif info.st_uid not in (os.getuid(), *TRUSTED_OWNERS):
             raise _refuse(component, f"is a symbolic link of another user (uid {info.st_uid})",
                           "choose a folder under one that only you (or root) own")
     real = os.path.realpath(parent)
