@@ -264,3 +264,23 @@ def test_the_working_directory_ships_only_when_asked(make_executor, tmp_path, mo
     assert isinstance(error, ModuleNotFoundError), error
     monkeypatch.syspath_prepend(str(here))
     assert ex.submit(import_helper, "next_to_me").result(timeout=120) == 7
+
+
+def test_the_environments_pythonpath_reaches_the_workers_only_where_safe(
+        make_executor, tmp_path, monkeypatch):
+    """PYTHONPATH as the client's environment has it is not passed on as it is: an entry
+    others may write, or an empty one (a trailing colon: the job's working directory,
+    here a folder others may write), never comes before site-packages on the workers;
+    a safe entry still does."""
+    mine, loose = tmp_path / "mine", tmp_path / "loose"
+    mine.mkdir(mode=0o700)
+    loose.mkdir(mode=0o777)
+    loose.chmod(0o777)
+    (mine / "kept_module.py").write_text("VALUE = 5\n")
+    (loose / "planted_module.py").write_text("VALUE = 'planted'\n")
+    monkeypatch.chdir(loose)
+    monkeypatch.setenv("PYTHONPATH", f"{mine}:{os.environ.get('PYTHONPATH', '')}:{loose}:")
+    ex = make_executor()
+    assert ex.submit(import_helper, "kept_module").result(timeout=120) == 5
+    error = ex.submit(import_helper, "planted_module").exception(timeout=120)
+    assert isinstance(error, ModuleNotFoundError), error

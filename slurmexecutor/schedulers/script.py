@@ -15,7 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from slurmexecutor.folder.diskio import EXIT_NO_PYTHON, EXIT_SETUP
-from slurmexecutor.folder.folders import UnsafeFolderError, ensure_private_dir
+from slurmexecutor.folder.folders import (
+    UnsafeFolderError,
+    ensure_private_dir,
+    writable_by_others,
+)
 
 #: keyword -> what it takes. Booleans become flags; `array_parallelism` becomes `%N`.
 SBATCH_OPTIONS: dict[str, str] = {
@@ -188,6 +192,15 @@ def warning_seconds(limit_seconds: int) -> int:
     return max(2, min(60, limit_seconds // 10))
 
 
+def inherited_pythonpath() -> list[str]:
+    """The client's PYTHONPATH as the workers get it (before the setup lines): the
+    entries that exist and that no other user can change, an empty one (the working
+    directory) as the absolute path Python makes of it, as `batches.shipped_sys_path`."""
+    value = os.environ.get("PYTHONPATH", "")
+    paths = [os.path.abspath(entry or os.curdir) for entry in value.split(os.pathsep)]
+    return [path for path in dict.fromkeys(paths) if value and writable_by_others(path) is None]
+
+
 @dataclass
 class ScriptSpec:
     """Everything a batch script needs besides the resources."""
@@ -201,6 +214,8 @@ class ScriptSpec:
     throttle: int | None = None  # tasks of the array at once (%N); None: array_parallelism
     setup: list[str] = field(default_factory=list)
     sbatch_extra: list[str] = field(default_factory=list)
+    #: what the workers' PYTHONPATH starts as, in place of the one they inherit
+    pythonpath: list[str] = field(default_factory=inherited_pythonpath)
 
 
 def sbatch_directives(resources: dict, spec: ScriptSpec) -> list[str]:
@@ -242,6 +257,10 @@ def render_script(resources: dict, spec: ScriptSpec) -> str:
     lines = ["#!/bin/bash"]
     lines += [f"#SBATCH {option}" for option in sbatch_directives(resources, spec)]
     lines.append('export SLURMEXECUTOR_LAUNCHED="$EPOCHREALTIME"')  # start-up, measured
+    # not the environment's PYTHONPATH: an entry another user can change, or an empty
+    # one (the job's working directory), would come before site-packages on the workers
+    lines.append(f"export PYTHONPATH={shlex.quote(os.pathsep.join(spec.pythonpath))}"
+                 if spec.pythonpath else "unset PYTHONPATH")
     if spec.setup:  # a failing setup line ends the task at once, naming the line
         lines.append("trap 'echo \"slurmexecutor: a setup line failed (exit $?): "
                      f"$BASH_COMMAND\" >&2; exit {EXIT_SETUP}' ERR")
