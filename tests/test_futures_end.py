@@ -213,3 +213,24 @@ def test_shutdown_wait_returns_once_every_task_process_is_reaped(backend, tmp_pa
         except ProcessLookupError:
             pass
     assert alive == []
+
+
+def test_a_submission_that_breaks_unexpectedly_fails_its_calls(make_executor, monkeypatch):
+    """An error that is not a SubmissionError while a batch's tasks go out (a bug, an
+    unreadable file) fails the batch's calls naming it; the next batch goes out."""
+    from slurmexecutor import SubmissionError
+    from slurmexecutor.owner import actions
+
+    real, broken = actions.submit_arrays, [True]
+
+    def submit_arrays(*args, **kwargs):
+        if broken[0]:
+            broken[0] = False
+            raise RuntimeError("a bug while submitting")
+        yield from real(*args, **kwargs)
+
+    monkeypatch.setattr(actions, "submit_arrays", submit_arrays)
+    ex = make_executor()
+    error = ex.submit(identity, 1).exception(timeout=120)
+    assert isinstance(error, SubmissionError) and "a bug while submitting" in str(error)
+    assert ex.submit(identity, 2).result(timeout=120) == 2

@@ -128,8 +128,8 @@ class Actions:
 
     def _submit_tasks(self, action: ev.SubmitTasks) -> None:
         arrays = submit_arrays(self.backend, self._settings(action.batch), self.run_dir,
-                               self._journals[action.batch], action.first, action.count,
-                               action.throttled, action.width)
+                               self.key, self._journals[action.batch], action.first,
+                               action.count, action.throttled, action.width)
         submitted = action.first
         try:
             for job_id, offset, size in arrays:
@@ -143,7 +143,9 @@ class Actions:
             self._events.append(ev.SubmitDeferred(
                 action.batch, submitted, action.first + action.count - submitted,
                 action.throttled, error))
-        except SubmissionError as error:
+        except Exception as error:  # noqa: BLE001  (its calls fail: they must not wait)
+            if not isinstance(error, SubmissionError):
+                error = SubmissionError(f"could not submit the batch: {error!r}")
             log.warning("batch %d: %s", action.batch, error)
             self._events.append(ev.SubmitFailed(action.batch, error))
 

@@ -228,13 +228,13 @@ def _write_batch(run_dir: Path, key: bytes, number: int, spec: BatchSpec,
     return journal
 
 
-def submit_arrays(backend: Backend, settings: Settings, run_dir: Path, journal: dict,
-                  first: int, count: int, throttled: bool,
+def submit_arrays(backend: Backend, settings: Settings, run_dir: Path, key: bytes,
+                  journal: dict, first: int, count: int, throttled: bool,
                   width: int = 1) -> Iterator[tuple[str, int, int]]:
     """Submit tasks first..first+count-1 as arrays cut at MaxArraySize, each recorded in
-    the journal as it goes out; yield (job id, offset, size). Raises SubmissionError."""
+    the journal as it goes out (scripts and journals signed with `key`); yield (job id,
+    offset, size). Raises SubmissionError."""
     number, offset, end = journal["batch"], first, first + count
-    key = spool.load_key(run_dir.parent)  # scripts and journals are signed
     throttle = max(1, width) if throttled else settings.resources.get("array_parallelism")
     while offset < end:
         try:
