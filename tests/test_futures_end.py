@@ -234,3 +234,31 @@ def test_a_submission_that_breaks_unexpectedly_fails_its_calls(make_executor, mo
     error = ex.submit(identity, 1).exception(timeout=120)
     assert isinstance(error, SubmissionError) and "a bug while submitting" in str(error)
     assert ex.submit(identity, 2).result(timeout=120) == 2
+
+
+def wait_for_file(path: str, value: int) -> int:
+    while not os.path.exists(path):
+        time.sleep(0.01)
+    return value
+
+
+def exit_if_failed(future) -> None:
+    if future.exception() is not None:
+        sys.exit(1)
+
+
+def test_a_callback_that_exits_stops_nothing(make_executor, tmp_path, caplog):
+    """Done-callbacks run on the owner thread; one that raises SystemExit is logged (as
+    the stdlib logs a callback's error) and every other future still ends."""
+    ex = make_executor()
+    gate = tmp_path / "gate"
+    futures = [ex.submit(int, "not a number")]
+    futures += [ex.submit(wait_for_file, str(gate), i) for i in range(4)]
+    for future in futures:
+        future.add_done_callback(exit_if_failed)
+    with caplog.at_level("ERROR", logger="concurrent.futures"):
+        assert isinstance(futures[0].exception(timeout=120), ValueError)
+        gate.touch()
+        assert [f.result(timeout=120) for f in futures[1:]] == [0, 1, 2, 3]
+    assert any("exception calling callback" in r.getMessage() for r in caplog.records)
+    assert ex.submit(identity, 5).result(timeout=120) == 5

@@ -14,7 +14,7 @@ import bisect
 import os
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, InvalidStateError
-from concurrent.futures._base import CANCELLED, PENDING
+from concurrent.futures._base import CANCELLED, LOGGER, PENDING
 from pathlib import Path
 from typing import Any, Literal, Protocol, overload
 
@@ -52,6 +52,19 @@ class SlurmFuture(Future):
     @property
     def call_id(self) -> int:
         return self.call_ids[0]
+
+    def _invoke_callbacks(self) -> None:
+        """As Future's, but on the owner thread a callback's SystemExit or
+        KeyboardInterrupt is logged as the stdlib logs a callback's error: let loose there
+        it would stop the owner, and other futures would never end."""
+        if not self._engine.is_owner_thread():
+            super()._invoke_callbacks()  # type: ignore[misc]
+            return
+        for callback in self._done_callbacks:  # type: ignore[attr-defined]
+            try:
+                callback(self)
+            except BaseException:  # noqa: BLE001
+                LOGGER.exception("exception calling callback for %r", self)
 
     def cancel(self) -> bool:
         cancelled = super().cancel()
