@@ -234,6 +234,46 @@ def slurm_cluster_if_slurm(backend, request):
     return None
 
 
+def test_calls_cancelled_before_the_client_died_stay_cancelled_after_attach(
+        backend, slurm_cluster_if_slurm, tmp_path):
+    """The chunks of calls cancelled while unclaimed are the client's (claimed by it);
+    after attach they are failed as cancelled, never run nor retried, nor lost."""
+    gate = tmp_path / "gate"
+    script = tmp_path / "client.py"
+    script.write_text(textwrap.dedent(f"""
+        import os, sys, time
+        from slurmexecutor import SlurmExecutor
+        def work(x):
+            while not os.path.exists({str(gate)!r}):
+                time.sleep(0.05)
+            return x * 10
+        ex = SlurmExecutor({str(tmp_path / 'spool')!r}, backend={backend!r}, chunksize=1,
+                           poll_interval=0.2, keep_alive=0, array_parallelism=1)
+        futures = [ex.submit(work, i) for i in range(3)]
+        while not futures[0].running() or not futures[0].log_path:
+            time.sleep(0.05)
+        ex.cancel(futures[1:])
+        print(ex.run_id, [type(f.exception()).__name__ for f in futures[1:]], flush=True)
+        time.sleep(600)
+    """))
+    client = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
+                              text=True, cwd=tmp_path)
+    line = client.stdout.readline().split(" ", 1)
+    client.send_signal(signal.SIGKILL)
+    client.wait()
+    assert len(line) == 2 and "JobCancelledError', 'JobCancelledError" in line[1], line
+    ex = SlurmExecutor.attach(line[0], tmp_path / "spool", poll_interval=0.2)
+    gate.touch()
+    assert ex.futures[0].result(timeout=120) == 0
+    for call in (1, 2):
+        error = ex.futures[call].exception(timeout=120)
+        assert isinstance(error, JobCancelledError), error
+    ex.shutdown()
+    ran = [r for _, _, path in spool.iter_streams(ex.run_dir)
+           for r in spool.read_records(spool.StreamCursor(path), ex.key) if r[0] == "ok"]
+    assert [r[1] for r in ran] == [0]
+
+
 def test_attach_to_an_unknown_run_is_a_clear_error(tmp_path):
     from slurmexecutor import RunNotFoundError
 

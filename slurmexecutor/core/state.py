@@ -26,7 +26,7 @@ from slurmexecutor.core import events as ev
 from slurmexecutor.core.events import Action, Event, Failure
 from slurmexecutor.core.ledger import REQUEUEABLE, Batch, CallSet, Submission, Task
 from slurmexecutor.core.store import CoreState
-from slurmexecutor.errors import CallLostError, IntegrityError
+from slurmexecutor.errors import CallLostError, IntegrityError, JobCancelledError
 
 #: records about a task itself; any other kind with a call id is that call's result
 _TASK_KINDS = frozenset({"start", "idle", "claim", "backup", "limit", "late", "handback",
@@ -320,6 +320,11 @@ class Core(CoreState):
         orphans = [c for chunk, calls in enumerate(batch.chunks)
                    if (batch.number, chunk) not in self.claim_then
                    for c in batch.open_calls.among(calls) if c not in batch.owner]
+        cancelled = [c for c in orphans if c in self.doomed]
+        if cancelled:  # (an earlier client's claim, after attach)
+            self.fail_calls(batch, cancelled, Failure(
+                JobCancelledError, "the call was cancelled", state="CANCELLED"))
+        orphans = [c for c in orphans if c not in self.doomed]
         if not orphans:
             return
         if batch.last_failed is not None and batch.submit_error is None:

@@ -4,14 +4,15 @@ Every call gets a RUNNING future (its call was handed over long ago); the latest
 that carries a call owns it (retries). Batches whose arrays were never submitted (the
 client died in between) are submitted now; results already on disk are read back by the
 owner's first rounds, and tasks that left the queue without them fail their calls.
+Calls an earlier client cancelled (its signed cancel files) stay cancelled.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from slurmexecutor.core.events import BatchAdded
-from slurmexecutor.folder import formats, spool
+from slurmexecutor.core.events import BatchAdded, CancelRequested
+from slurmexecutor.folder import cancels, formats, spool
 from slurmexecutor.owner.engine import Engine
 from slurmexecutor.owner.futures import FutureSink, SlurmFuture
 
@@ -25,6 +26,7 @@ def reattach(engine: Engine, time_limit: str | None) -> dict[int, SlurmFuture]:
             for call_id in formats.expand_ids(ranges):
                 owner[call_id] = journal["batch"]
     futures = {call_id: SlurmFuture(engine, [call_id]) for call_id in sorted(owner)}
+    cancelled: set[int] = set()  # by an earlier client (its cancel files)
     for journal in journals:
         number = journal["batch"]
         engine.add_journal(journal)
@@ -33,6 +35,9 @@ def reattach(engine: Engine, time_limit: str | None) -> dict[int, SlurmFuture]:
         if not open_calls:
             continue
         for index, chunk in enumerate(chunks):
+            if open_calls.intersection(chunk):
+                cancelled |= open_calls & cancels.read_cancelled(
+                    cancels.cancel_path(engine.run_dir, number, index), engine.key)
             for call_id in chunk:
                 if owner[call_id] == number:
                     future = futures[call_id]
@@ -46,4 +51,6 @@ def reattach(engine: Engine, time_limit: str | None) -> dict[int, SlurmFuture]:
             time_limit, journal.get("throttled", False),
             tuple((a["job_id"], a["offset"], a["size"]) for a in journal["arrays"]),
             open_calls, reruns=journal.get("reruns", 0)))
+    if cancelled:  # never retried, and failed as cancelled where no task runs them
+        engine.queue_event(CancelRequested(frozenset(cancelled), kill=False))
     return futures
