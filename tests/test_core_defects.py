@@ -94,6 +94,34 @@ def test_a_chunk_whose_claim_the_client_lost_belongs_to_a_live_task_until_it_is_
     assert machine.idle
 
 
+def test_a_lost_claim_waits_for_a_warm_task_that_may_have_joined_unseen():
+    """Batch 1's own task ends; chunk 1's claim is lost to a warm task whose join (the
+    `end` record of the stream it left) a lagging view has not shown yet: its calls wait
+    for it, and its result is delivered, not failed."""
+    machine = core(keep_alive=30.0)
+    machine.step([BatchAdded(0, [[0]], 1, resources="A")], 0)
+    machine.step([TasksSubmitted(0, "7", 0, 1), Record(0, 0, "start", None,
+                                                        {"host": "h", "pid": 1}),
+                  Record(0, 0, "claim", 0, None), Record(0, 0, "ok", 0, b""),
+                  Record(0, 0, "idle", None, {"keep_alive": 30.0})], 0.1)
+    machine.step([BatchAdded(1, [[1], [2]], 1, resources="A")], 0.2)
+    out = machine.step([TasksSubmitted(1, "8", 0, 1),
+                        Record(1, 0, "start", None, {"host": "h", "pid": 2}),
+                        Record(1, 0, "claim", 0, None), Record(1, 0, "ok", 1, b""),
+                        Record(1, 0, "end", None, {})], 0.5)
+    out += machine.step([StreamsRead(0.6)], 1)
+    [claim] = of(out, ClaimChunks)
+    assert claim.chunks == (1,)
+    out = machine.step([ClaimsWon(1, (), asked=(1,))], 1.1)
+    out += machine.step([], 5)
+    assert not failed_calls(out)
+    out = machine.step([Record(0, 0, "end", None, {"joined": 1, "as": 1_000_000})], 6)
+    out += machine.step([Record(1, 1_000_000, "start", None, {
+        "host": "h", "pid": 1, "job_id": "7", "array_index": 0}),
+        Record(1, 1_000_000, "claim", 1, None), Record(1, 1_000_000, "ok", 2, b"")], 6.1)
+    assert not failed_calls(out) and [d.call_id for d in of(out, Deliver)] == [2]
+
+
 def test_a_call_cancelled_after_its_retry_is_never_retried_again():
     machine = core(retry_on=frozenset({"NODE_FAIL"}), max_retries=3)
     machine.step([BatchAdded(0, [[0, 1]], 1)], 0)

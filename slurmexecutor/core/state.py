@@ -316,7 +316,12 @@ class Core(CoreState):
         """Calls of chunks someone claimed (the client lost their claim) that no task
         reported running, when no task of the batch is left: a task died between its
         claim and its `claim` record (killed, or a full disk). Their tasks' streams were
-        read to the end, or given up as the lag allows, before those tasks were retired."""
+        read to the end, or given up as the lag allows, before those tasks were retired.
+        Not while a warm task that could have joined it unseen is followed (its `end`
+        record in the stream it leaves names the join: a lagging view may show it late)."""
+        if any(self.warm_for.get(t.slurm_key) == batch.resources
+               for t in self.following.values()):
+            return
         orphans = [c for chunk, calls in enumerate(batch.chunks)
                    if (batch.number, chunk) not in self.claim_then
                    for c in batch.open_calls.among(calls) if c not in batch.owner]
@@ -337,7 +342,8 @@ class Core(CoreState):
     def _settle_batch(self, batch: Batch, now: float) -> None:
         live = self.live_tasks(batch)
         if not batch.unclaimed and batch.submitted:  # nothing left for tasks yet to start
-            policies.cancel_pending(self, [t for t in live if not t.started])
+            policies.cancel_pending(self, [t for t in live if not t.started  # (a joiner
+                                           and t.index not in batch.joiners])  # runs)
         if not batch.open_calls:  # all done: tasks that did not start are not needed
             policies.cancel_pending(self, [t for t in live
                                            if not t.started and t.key in self.tasks])
