@@ -328,3 +328,31 @@ def test_a_task_of_its_own_batch_killed_then_pending_still_waits_for_its_next_at
     out = machine.step([SchedulerAnswer({("8", 0): TaskState("PENDING")})], 2)
     out += machine.step([StreamsRead(2.1)], 2.2)
     assert (0, 0) in machine.tasks and not of(out, Retry) and not failed_calls(out)
+
+
+def test_an_earlier_clients_batch_is_listed_for_joiners_also_without_keep_alive():
+    """After attach a warm task of the earlier client may join one of its batches: the
+    batch's folder is listed for new streams even if this client keeps no warm tasks."""
+    machine = core(keep_alive=0.0)
+    machine.step([BatchAdded(0, [[0], [1]], 1, arrays=(("7", 0, 1),), attached=True),
+                  BatchAdded(1, [[2], [3]], 1)], 0)
+    assert machine.to_read().folders == (0,)
+    machine.step([StreamFound(0, 1_000_000)], 0.1)
+    assert (0, 1_000_000) in machine.tasks
+
+
+def test_a_lingering_tasks_late_backup_record_is_not_a_result():
+    """A `backup` record names a chunk where results name a call: late, from a task
+    settled without its `end`, it must not pass for call 0's result."""
+    machine = core(result_grace=5.0)
+    machine.step([BatchAdded(0, [[0], [1]], 1)], 0)
+    machine.step([TasksSubmitted(0, "7", 0, 1), Record(0, 0, "start", None,
+                                                        {"host": "h", "pid": 1}),
+                  Record(0, 0, "claim", 0, None), Record(0, 0, "claim", 1, None)], 0)
+    machine.step([SchedulerAnswer({("7", 0): TaskState("FAILED", 1)})], 1)
+    out = machine.step([StreamsRead(7)], 7)  # settled after result_grace: lingering
+    assert failed_calls(out) == {0, 1} and (0, 0) in machine.lingering
+    out = machine.step([Record(0, 0, "backup", 0, None)], 8)
+    assert not of(out, Deliver)
+    out = machine.step([Record(0, 0, "ok", 1, b"late")], 9)
+    assert [d.call_id for d in of(out, Deliver)] == [1]

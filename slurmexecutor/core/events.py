@@ -29,6 +29,7 @@ class BatchAdded:
     arrays: tuple[tuple[str, int, int], ...] = ()  # (job id, offset, size) already out
     open_calls: frozenset[int] | None = None  # None: all of its calls
     resources: str = ""  # its resources key: only warm tasks of the same may join it
+    attached: bool = False  # an earlier client's (attach): its warm tasks may join it
     reruns: int = 0  # its calls ran again this often without using up a retry
     #: idle slots the scheduler reported for its resources (a cached query; 0: not
     #: asked), and the task-seconds per call measured for its functions (None: never)

@@ -178,6 +178,7 @@ class Batch:
     created: float = 0.0  # when the core learned of it
     wanted_sent: bool = False  # idle warm tasks were asked to look at it again
     joiners: set[int] = field(default_factory=set)  # indices of warm tasks ever seen join
+    attached: bool = False  # an earlier client's: joiners it never saw may be in it
     owner: dict[int, Task] = field(default_factory=dict)  # call -> the task that claimed it
     backup: dict[int, Task] = field(default_factory=dict)  # call -> its backup's task
     _chunk_index: dict[int, int] | None = None  # call -> its chunk, built when first asked

@@ -68,10 +68,11 @@ class Core(CoreState):
             return None
         watched = {**self.tasks, **self.lingering, **self.following}
         ended = tuple(k for k, t in watched.items() if t.final is not None and not t.ended)
-        # batches a warm task may join, also while their own tasks are deferred
+        # batches a warm task may join, also while their own tasks are deferred (an
+        # earlier client's warm tasks may join one of its batches after attach)
         folders = tuple(n for n, b in self.batches.items() if (
             b.pending is not None and b.pending.warm) or (
-            self.config.keep_alive > 0 and b.steal and b.unclaimed))
+            (self.config.keep_alive > 0 or b.attached) and b.steal and b.unclaimed))
         return ev.ReadStreams(frozenset(watched), ended, folders)
 
     def open_calls(self) -> set[int]:
@@ -140,6 +141,7 @@ class Core(CoreState):
             return
         batch.resources = event.resources
         batch.reruns = event.reruns
+        batch.attached = event.attached
         batch.created = now
         if batch.submitted >= batch.planned:
             return
@@ -245,7 +247,7 @@ class Core(CoreState):
         call_id = record.call_id
         if record.kind == "end" or not task.verdicts:
             self.lingering.pop(task.key, None)
-        elif call_id in task.verdicts and record.kind not in ("start", "claim", "limit"):
+        elif call_id in task.verdicts and record.kind not in _TASK_KINDS:  # a result
             task.verdicts.discard(call_id)
             for batch in self.batches.values():  # a retry may carry it: it is done now
                 if call_id in batch.open_calls:

@@ -207,8 +207,8 @@ class Engine(LeaseAndEnd, Intake, Actions):
 
     def _launch(self, spec: BatchSpec, sinks: list[FutureSink] | None) -> dict | None:
         """Write a batch and hand it to the core, which asks for its tasks. The sinks'
-        futures are already RUNNING (a map's) or made so here. A retry (`sinks` None)
-        keeps the sinks its calls have."""
+        futures go from PENDING to RUNNING here (the one place; a map's too). A retry
+        (`sinks` None) keeps the sinks its calls have."""
         if sinks is not None:
             # PENDING -> RUNNING here; a future cancelled before the owner got to it
             # becomes CANCELLED_AND_NOTIFIED and its call never leaves the client

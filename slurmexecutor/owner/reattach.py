@@ -50,7 +50,7 @@ def reattach(engine: Engine, time_limit: str | None) -> dict[int, SlurmFuture]:
             number, chunks, journal["planned"], journal["steal"], journal["attempt"],
             time_limit, journal.get("throttled", False),
             tuple((a["job_id"], a["offset"], a["size"]) for a in journal["arrays"]),
-            open_calls, reruns=journal.get("reruns", 0)))
+            open_calls, reruns=journal.get("reruns", 0), attached=True))
     if cancelled:  # never retried, and failed as cancelled where no task runs them
         engine.queue_event(CancelRequested(frozenset(cancelled), kill=False))
     return futures
