@@ -477,3 +477,17 @@ def test_a_submission_that_raises_fails_its_futures(make_executor):
     assert error is not None and "No space left on device" in str(error)
     with pytest.raises(Exception, match="No space left"):
         list(ex.map(sleep_then, [0, 0]))
+
+
+def test_a_batch_folder_another_client_made_is_never_written_into(tmp_path):
+    """While a run is taken over, the client it was taken from may still write a batch:
+    this client takes the next number whose folder it creates itself."""
+    ex = SlurmExecutor(tmp_path, backend="local", keep_alive=0)
+    assert ex.submit(inc, 1).result(timeout=60) == 2
+    theirs = spool.batch_dir(ex.run_dir, 1)
+    theirs.mkdir(mode=0o700)
+    (theirs / "theirs").write_text("x")
+    assert ex.submit(inc, 2).result(timeout=60) == 3
+    assert sorted(p.name for p in theirs.iterdir()) == ["theirs"]
+    assert spool.batch_dir(ex.run_dir, 2).is_dir()
+    ex.shutdown()

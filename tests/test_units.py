@@ -140,7 +140,7 @@ def test_attach_keeps_how_often_a_batchs_calls_ran_again_for_free(tmp_path):
     spec = BatchSpec("retry", [b"fn"], ["f"], [Chunk([7], [(0, b"", 1)])], 1, reruns=3)
     write_batch(run_dir, key, 0, spec, throttled=False)
     events: list = []
-    engine = SimpleNamespace(run_dir=run_dir, add_journal=lambda journal: None,
+    engine = SimpleNamespace(run_dir=run_dir, key=key, add_journal=lambda journal: None,
                              sinks=SimpleNamespace(add=lambda sink: None),
                              queue_event=events.append)
     futures = reattach(engine, None)  # type: ignore[arg-type]

@@ -261,6 +261,16 @@ def script_path(run_dir: Path, batch: int, offset: int) -> Path:
     return batch_dir(run_dir, batch) / f"a{offset}.sh"
 
 
+def reserve_batch_dir(run_dir: Path, batch: int) -> bool:
+    """Create a batch's folder if no client has (False if one has: a client that took
+    the run over and the one it took it from may both be writing batches for a while)."""
+    try:
+        batch_dir(run_dir, batch).mkdir(mode=0o700)
+    except FileExistsError:
+        return False
+    return True
+
+
 def make_batch_dir(run_dir: Path, batch: int) -> Path:
     """Create a batch's folder and its claims folder (private, like the run)."""
     path = batch_dir(run_dir, batch)

@@ -29,7 +29,7 @@ from slurmexecutor.errors import (
     SlurmExecutorError,
     SubmissionError,
 )
-from slurmexecutor.folder import warm
+from slurmexecutor.folder import spool, warm
 from slurmexecutor.folder.lease import Lease
 from slurmexecutor.owner.actions import Actions
 from slurmexecutor.owner.batches import (
@@ -219,11 +219,11 @@ class Engine(LeaseAndEnd, Intake, Actions):
                     return None
             for sink in kept:
                 self.sinks.add(sink)
-        number, self.next_batch = self.next_batch, self.next_batch + 1
         throttled = spec.steal and spec.planned > 1
         call_ids = [c for chunk in spec.chunks for c in chunk.call_ids]
         settings = spec.settings or self.settings
         try:
+            number = self._new_batch_number()
             journal = write_batch(self.run_dir, self.key, number, spec, throttled, settings,
                                   self._signal.written if self.settings.keep_alive > 0 else None)
         except Exception as error:  # noqa: BLE001  (disk full, ...): fail, do not hang
@@ -250,6 +250,14 @@ class Engine(LeaseAndEnd, Intake, Actions):
             resources=settings.resources_key(), free=free, measured=measured,
             reruns=spec.reruns))
         return journal
+
+    def _new_batch_number(self) -> int:
+        """The next number whose batch folder this client creates (never one another
+        client of the run made: see spool.reserve_batch_dir)."""
+        while True:
+            number, self.next_batch = self.next_batch, self.next_batch + 1
+            if spool.reserve_batch_dir(self.run_dir, number):
+                return number
 
     def _free_slots(self, settings: Settings) -> int:
         """Idle slots for these resources: one scheduler query per FREE_TTL s, less
