@@ -142,6 +142,38 @@ def test_a_claim_the_client_cannot_write_settles_its_calls(tmp_path, monkeypatch
     assert Actions._claim(owner, ClaimChunks(3, (0, 1, 2))) == (0, 1)
 
 
+@pytest.mark.parametrize("hold", [True, False], ids=["held", "not held"])
+def test_a_signal_handler_record_never_lands_inside_another(tmp_path, monkeypatch, hold):
+    """A supervisor's signal handlers append records (`end` on SIGTERM): one that comes
+    between the short writes of a record waits for it (RecordWriter's `hold`)."""
+    import signal
+
+    key = spool.load_key(tmp_path, create=True)
+    writer = spool.RecordWriter(tmp_path / "s.out", key, (signal.SIGUSR2,) if hold else ())
+    real, sent = os.write, []
+
+    def write(fd, data):
+        if not sent:
+            sent.append(True)
+            os.kill(os.getpid(), signal.SIGUSR2)
+        return real(fd, bytes(data[: max(1, len(data) // 2)]))
+
+    previous = signal.signal(signal.SIGUSR2, lambda *_: writer.write(("end", None, None)))
+    monkeypatch.setattr(diskio.os, "write", write)
+    try:
+        writer.write(("ok", 1, b"x" * 100))
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    cursor = spool.StreamCursor(tmp_path / "s.out")
+    records = spool.read_records(cursor, key)
+    if hold:
+        assert records == [("ok", 1, b"x" * 100), ("end", None, None)]
+        assert cursor.error is None
+    else:  # what the hold prevents
+        assert cursor.error is not None or records != [("ok", 1, b"x" * 100),
+                                                       ("end", None, None)]
+
+
 def test_short_writes_and_a_quota_error(tmp_path, monkeypatch):
     """Writes that take half the bytes at a time, then EDQUOT half-way through."""
     key = spool.load_key(tmp_path, create=True)

@@ -42,7 +42,8 @@ import io
 import json
 import os
 import pickle
-from collections.abc import Iterator
+import signal
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -126,14 +127,24 @@ def encode_record(key: bytes, path: Path, record: tuple) -> bytes:
 
 class RecordWriter:
     """Appends signed records to a result stream, each whole or not at all (a write
-    that fails half-way, e.g. on ENOSPC, is cut off again: diskio.append_whole)."""
+    that fails half-way, e.g. on ENOSPC, is cut off again: diskio.append_whole). The
+    signals in `hold` wait while a record is written: their handlers append records
+    too, which must not land between the short writes of one."""
 
-    def __init__(self, path: Path, key: bytes) -> None:
-        self._key, self.path = key, path
+    def __init__(self, path: Path, key: bytes, hold: Collection[int] = ()) -> None:
+        self._key, self.path, self._hold = key, path, frozenset(hold)
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
 
     def write(self, record: tuple) -> None:
-        append_whole(self.fd, encode_record(self._key, self.path, record), self.path)
+        data = encode_record(self._key, self.path, record)
+        if not self._hold:
+            append_whole(self.fd, data, self.path)
+            return
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, self._hold)
+        try:
+            append_whole(self.fd, data, self.path)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
     def close(self) -> None:
         os.close(self.fd)

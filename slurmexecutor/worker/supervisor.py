@@ -75,6 +75,8 @@ from slurmexecutor.worker.outbox import Pending
 
 #: seconds between looks at the running call's chunk's stop file (cooperative cancel)
 STOP_POLL = 0.5
+#: signals whose handlers append records: held back while a record is appended
+HELD = (STOP_SIGNAL, signal.SIGTERM)
 #: at most this long, after SIGTERM, for a checkpointable call to save its state (Slurm
 #: kills the task KillWait s after SIGTERM: 30 by default, 2 on the test cluster)
 CHECKPOINT_WAIT = 1.5
@@ -106,7 +108,7 @@ def _run(run_dir: Path, batch: int, task: int) -> int:
         os.environ.pop(name, None)  # calls may start
     key = spool.load_key(run_dir.parent)
     manifest = spool.read_blob(spool.manifest_path(run_dir, batch), key)
-    out = spool.RecordWriter(spool.stream_path(run_dir, batch, task, attempt), key)
+    out = spool.RecordWriter(spool.stream_path(run_dir, batch, task, attempt), key, HELD)
     out.write(("start", None, where))
     supervisor = Supervisor(run_dir, batch, task, manifest, out, key, attempt)
     supervisor.where = where
@@ -385,7 +387,7 @@ class Supervisor:
         self.manifest = spool.read_blob(spool.manifest_path(self.run_dir, batch), self.key)
         self.chunks = BatchChunks(self.run_dir, batch, self.key)
         self.out = spool.RecordWriter(spool.stream_path(self.run_dir, batch, task, 0),
-                                      self.key)
+                                      self.key, HELD)
         self.reruns = []
 
 
