@@ -52,8 +52,11 @@ def test_leftover_chunks_fail_only_once_the_client_won_their_claims():
     assert claim.chunks == (1,)
     assert 1 not in failed_calls(out)  # not before the claim is known to be the client's
     # lost: someone holds claims/1, but the only task is gone without a claim record
-    # for it; the call fails as that task's, where it used to wait forever
+    # for it; once a read after the loss found no claimant, the call fails as that
+    # task's, where it used to wait forever
     out = machine.step([ClaimsWon(0, (), asked=(1,))], 2.1)
+    assert not failed_calls(out)
+    out = machine.step([StreamsRead(2.2)], 2.3)
     assert failed_calls(out) == {1}
     # ... and with the claim won, the call fails
     machine2 = core()
@@ -89,6 +92,8 @@ def test_a_chunk_whose_claim_the_client_lost_belongs_to_a_live_task_until_it_is_
     [claim] = of(out, ClaimChunks)
     assert claim.chunks == (2,) and not failed_calls(out)
     out = machine.step([ClaimsWon(0, (), asked=(2,))], 4.1)  # lost: claims/2 exists
+    assert not failed_calls(out) and machine.to_read().folders == (0,)  # listed: a
+    out = machine.step([StreamsRead(4.2)], 4.3)  # joiner's new stream would show
     assert failed_calls(out) == {2}
     machine.step([], 5)
     assert machine.idle
@@ -97,8 +102,8 @@ def test_a_chunk_whose_claim_the_client_lost_belongs_to_a_live_task_until_it_is_
 def test_a_lost_claim_waits_for_a_warm_task_that_may_have_joined_unseen():
     """Batch 1's own task ends; chunk 1's claim is lost to a warm task whose join (the
     `end` record of the stream it left) a lagging view has not shown yet: its calls wait
-    for it, and its result is delivered, not failed."""
-    machine = core(keep_alive=30.0)
+    for it (up to result_grace, the lag bound), and its result is delivered, not failed."""
+    machine = core(keep_alive=30.0, result_grace=5.0)
     machine.step([BatchAdded(0, [[0]], 1, resources="A")], 0)
     machine.step([TasksSubmitted(0, "7", 0, 1), Record(0, 0, "start", None,
                                                         {"host": "h", "pid": 1}),
@@ -113,7 +118,8 @@ def test_a_lost_claim_waits_for_a_warm_task_that_may_have_joined_unseen():
     [claim] = of(out, ClaimChunks)
     assert claim.chunks == (1,)
     out = machine.step([ClaimsWon(1, (), asked=(1,))], 1.1)
-    out += machine.step([], 5)
+    out += machine.step([StreamsRead(1.2)], 2)
+    out += machine.step([StreamsRead(4.9)], 5)
     assert not failed_calls(out)
     out = machine.step([Record(0, 0, "end", None, {"joined": 1, "as": 1_000_000})], 6)
     out += machine.step([Record(1, 1_000_000, "start", None, {

@@ -179,6 +179,9 @@ class Batch:
     wanted_sent: bool = False  # idle warm tasks were asked to look at it again
     joiners: set[int] = field(default_factory=set)  # indices of warm tasks ever seen join
     attached: bool = False  # an earlier client's: joiners it never saw may be in it
+    #: chunks whose claim the client lost that no task has reported yet, and since when
+    lost: set[int] = field(default_factory=set)
+    lost_since: float = 0.0
     owner: dict[int, Task] = field(default_factory=dict)  # call -> the task that claimed it
     backup: dict[int, Task] = field(default_factory=dict)  # call -> its backup's task
     _chunk_index: dict[int, int] | None = None  # call -> its chunk, built when first asked

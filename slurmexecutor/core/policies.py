@@ -122,12 +122,15 @@ def claim_then_fail(core: CoreState, batch: Batch, chunks: tuple[int, ...],
     core.out.append(ev.ClaimChunks(batch.number, chunks))
 
 
-def claims_won(core: CoreState, event: ev.ClaimsWon) -> None:
+def claims_won(core: CoreState, event: ev.ClaimsWon, now: float) -> None:
     """The client won these claims: their calls never run. Lost ones are a task's,
-    whose claim record tells the core about it."""
+    whose claim record tells the core about it (`Batch.lost` until then)."""
     batch = core.batches.get(event.batch)
     for chunk in event.asked or event.chunks:
         why = core.claim_then.pop((event.batch, chunk), None)
+        if batch is not None and chunk not in event.chunks:
+            batch.lost.add(chunk)
+            batch.lost_since = now
         if batch is None or chunk not in event.chunks:
             continue
         batch.unclaimed.discard(chunk)

@@ -69,9 +69,10 @@ class Core(CoreState):
         watched = {**self.tasks, **self.lingering, **self.following}
         ended = tuple(k for k, t in watched.items() if t.final is not None and not t.ended)
         # batches a warm task may join, also while their own tasks are deferred (an
-        # earlier client's warm tasks may join one of its batches after attach)
+        # earlier client's warm tasks may join one of its batches after attach), and
+        # those whose lost claims no task has reported yet
         folders = tuple(n for n, b in self.batches.items() if (
-            b.pending is not None and b.pending.warm) or (
+            b.pending is not None and b.pending.warm) or b.lost or (
             (self.config.keep_alive > 0 or b.attached) and b.steal and b.unclaimed))
         return ev.ReadStreams(frozenset(watched), ended, folders)
 
@@ -121,7 +122,7 @@ class Core(CoreState):
         elif isinstance(event, ev.CancelRequested):
             policies.cancel(self, event)
         elif isinstance(event, ev.ClaimsWon):
-            policies.claims_won(self, event)
+            policies.claims_won(self, event, now)
         elif isinstance(event, ev.ShutdownRequested) and event.cancel_futures:
             # everything handed over so far: skip what has not started, kill nothing
             self.cancelling = True
@@ -197,6 +198,7 @@ class Core(CoreState):
             assert record.call_id is not None
             chunk = record.call_id
             batch.unclaimed.discard(chunk)
+            batch.lost.discard(chunk)
             calls = batch.open_calls.among(batch.chunks[chunk])
             task.unresolved.update(calls)
             batch.owner.update(dict.fromkeys(calls, task))
@@ -314,24 +316,24 @@ class Core(CoreState):
             return
         self.tasks.pop(task.key, None)
 
-    def _fail_orphans(self, batch: Batch) -> None:
-        """Calls of chunks someone claimed (the client lost their claim) that no task
-        reported running, when no task of the batch is left: a task died between its
-        claim and its `claim` record (killed, or a full disk). Their tasks' streams were
-        read to the end, or given up as the lag allows, before those tasks were retired.
-        Not while a warm task that could have joined it unseen is followed (its `end`
-        record in the stream it leaves names the join: a lagging view may show it late)."""
-        if any(self.warm_for.get(t.slurm_key) == batch.resources
-               for t in self.following.values()):
-            return
-        orphans = [c for chunk, calls in enumerate(batch.chunks)
-                   if (batch.number, chunk) not in self.claim_then
-                   for c in batch.open_calls.among(calls) if c not in batch.owner]
+    def _fail_orphans(self, batch: Batch, now: float) -> None:
+        """Calls of chunks whose claim the client lost (`Batch.lost`) that no task
+        reported running, when no task of the batch is left. Cancelled ones fail at
+        once (an earlier client's claim, after attach). The others once a read that
+        began after the loss found no claimant, and `result_grace` (the lag bound) has
+        passed: a warm task may have joined unseen (its join, or its new stream, shows
+        late), or a task died between its claim and its `claim` record."""
+        orphans = [c for chunk in sorted(batch.lost) for c in batch.open_calls.among(
+            batch.chunks[chunk]) if c not in batch.owner]
         cancelled = [c for c in orphans if c in self.doomed]
-        if cancelled:  # (an earlier client's claim, after attach)
+        if cancelled:
             self.fail_calls(batch, cancelled, Failure(
                 JobCancelledError, "the call was cancelled", state="CANCELLED"))
         orphans = [c for c in orphans if c not in self.doomed]
+        if self.scanned <= batch.lost_since or (
+                now - batch.lost_since < self.config.result_grace):
+            return
+        batch.lost.clear()
         if not orphans:
             return
         if batch.last_failed is not None and batch.submit_error is None:
@@ -375,8 +377,8 @@ class Core(CoreState):
             if batch.pending is not None:  # its tasks are still to come
                 return
         if not batch.unclaimed:
-            if not live:
-                self._fail_orphans(batch)
+            if not live and batch.lost:
+                self._fail_orphans(batch, now)
             return
         if self.config.keep_alive > 0 and not batch.wanted_sent and (
                 now - batch.created >= self.config.warm_wait) and not any(
