@@ -267,20 +267,30 @@ def test_the_working_directory_ships_only_when_asked(make_executor, tmp_path, mo
 
 
 def test_the_environments_pythonpath_reaches_the_workers_only_where_safe(
-        make_executor, tmp_path, monkeypatch):
+        make_executor, tmp_path, monkeypatch, caplog):
     """PYTHONPATH as the client's environment has it is not passed on as it is: an entry
     others may write, or an empty one (a trailing colon: the job's working directory,
-    here a folder others may write), never comes before site-packages on the workers;
-    a safe entry still does."""
-    mine, loose = tmp_path / "mine", tmp_path / "loose"
+    here a folder others may write), never comes before site-packages on the workers
+    (and the client says so); a safe entry still does, also one of another account that
+    only it can write (a module's software tree)."""
+    mine, loose, software = tmp_path / "mine", tmp_path / "loose", tmp_path / "software"
     mine.mkdir(mode=0o700)
     loose.mkdir(mode=0o777)
     loose.chmod(0o777)
+    software.mkdir(mode=0o755)
     (mine / "kept_module.py").write_text("VALUE = 5\n")
     (loose / "planted_module.py").write_text("VALUE = 'planted'\n")
+    (software / "site_module.py").write_text("VALUE = 6\n")
+    os.chown(software, 65534, 65534)  # nobody's
     monkeypatch.chdir(loose)
-    monkeypatch.setenv("PYTHONPATH", f"{mine}:{os.environ.get('PYTHONPATH', '')}:{loose}:")
-    ex = make_executor()
-    assert ex.submit(import_helper, "kept_module").result(timeout=120) == 5
+    monkeypatch.setenv("PYTHONPATH", f"{mine}:{os.environ.get('PYTHONPATH', '')}:{loose}:"
+                                     f"{software}:")
+    with caplog.at_level("WARNING", logger="slurmexecutor"):
+        ex = make_executor()
+        assert ex.submit(import_helper, "kept_module").result(timeout=120) == 5
+    assert ex.submit(import_helper, "site_module").result(timeout=120) == 6
     error = ex.submit(import_helper, "planted_module").exception(timeout=120)
     assert isinstance(error, ModuleNotFoundError), error
+    [warning] = [r.getMessage() for r in caplog.records if "PYTHONPATH" in r.getMessage()]
+    assert f"{loose} (is writable by group or others)" in warning, warning
+    assert "an empty entry (the job's working directory)" in warning, warning

@@ -122,14 +122,15 @@ def ensure_private_dir(path: Path, *, ancestors: bool = True) -> Path:
     return path
 
 
-def writable_by_others(path: str) -> str | None:
+def writable_by_others(path: str, *, any_owner: bool = False) -> str | None:
     """Why another user could change what `path` (a sys.path entry) holds, or None. A
-    sticky folder does not help here: anyone may add a module to it."""
+    sticky folder does not help here: anyone may add a module to it. `any_owner`: a
+    folder of another account that only it can write passes (cluster software)."""
     try:
         info = os.stat(path)
     except OSError:
         return "does not exist here"
-    if info.st_uid not in (os.getuid(), *TRUSTED_OWNERS):
+    if not any_owner and info.st_uid not in (os.getuid(), *TRUSTED_OWNERS):
         return f"belongs to another user (uid {info.st_uid})"
     if info.st_mode & 0o022:
         return "is writable by group or others"

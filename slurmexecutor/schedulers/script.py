@@ -14,6 +14,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from slurmexecutor._log import log
 from slurmexecutor.folder.diskio import EXIT_NO_PYTHON, EXIT_SETUP
 from slurmexecutor.folder.folders import (
     UnsafeFolderError,
@@ -193,12 +194,29 @@ def warning_seconds(limit_seconds: int) -> int:
 
 
 def inherited_pythonpath() -> list[str]:
-    """The client's PYTHONPATH as the workers get it (before the setup lines): the
-    entries that exist and that no other user can change, an empty one (the working
-    directory) as the absolute path Python makes of it, as `batches.shipped_sys_path`."""
+    """The client's PYTHONPATH as the workers start with it (set before the setup lines,
+    in place of the one sbatch passes on): its absolute entries that exist and that
+    nobody but their owner can change. A module's tree of another account stays (the
+    cluster's software); an empty or relative entry (the job's working directory) and
+    a folder open to group or others do not. Entries left out are logged once."""
     value = os.environ.get("PYTHONPATH", "")
-    paths = [os.path.abspath(entry or os.curdir) for entry in value.split(os.pathsep)]
-    return [path for path in dict.fromkeys(paths) if value and writable_by_others(path) is None]
+    kept, left_out = [], []
+    for entry in value.split(os.pathsep) if value else []:
+        why = writable_by_others(entry, any_owner=True) if os.path.isabs(entry) else (
+            "the job's working directory")
+        if why is None:
+            kept.append(entry)
+        else:
+            left_out.append(f"{entry or 'an empty entry'} ({why})")
+    if left_out and tuple(left_out) not in _LEFT_OUT:
+        _LEFT_OUT.add(tuple(left_out))
+        log.warning("PYTHONPATH entries not passed on to the workers (another user "
+                    "could put modules there, or they mean the job's working directory): "
+                    "%s", "; ".join(left_out))
+    return list(dict.fromkeys(kept))
+
+
+_LEFT_OUT: set[tuple[str, ...]] = set()
 
 
 @dataclass
