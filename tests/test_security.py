@@ -201,6 +201,26 @@ def test_a_link_in_a_group_writable_folder_is_refused(users):
     assert out.strip() == "RESULT 3", out
 
 
+def test_a_link_held_by_a_group_writable_folder_reached_through_a_link_is_refused(
+        tmp_path):
+    """`home -> real` and `real/scr -> target`, with `real` group-writable: the path
+    `home/scr/...` passes no group-writable folder by name, yet whoever may write `real`
+    may replace `scr`."""
+    from slurmexecutor.folder.folders import UnsafeFolderError, ensure_private_dir
+
+    real, target = tmp_path / "real", tmp_path / "target"
+    real.mkdir()
+    real.chmod(0o775)
+    target.mkdir(mode=0o700)
+    (tmp_path / "home").symlink_to(real)
+    (real / "scr").symlink_to(target)
+    with pytest.raises(UnsafeFolderError, match=f"{real} is writable by group"):
+        ensure_private_dir(tmp_path / "home" / "scr" / "runs")
+    assert not (target / "runs").exists()
+    real.chmod(0o755)
+    assert ensure_private_dir(tmp_path / "home" / "scr" / "runs").is_dir()
+
+
 def test_the_worker_path_is_verified(tmp_path):
     """A link in the run's package folder that points elsewhere is replaced; anything
     else there is refused."""

@@ -63,20 +63,25 @@ def _walk(path: str) -> list[str]:
 
 
 def _check_above(path: str) -> str:
-    """Check every folder above `path`: those of the path as given (the folder that
-    holds a symbolic link decides who may replace it: the path stays in use as given)
-    and, each link resolved, those of its target; return the real path of its parent."""
+    """Check every folder above `path`: those of the path as given, and for each
+    symbolic link on it, those of the folder that really holds it (that folder decides
+    who may replace the link: the path stays in use as given), and those of the path
+    resolved; return the real path of its parent."""
     parent = os.path.dirname(path)
+    real = os.path.realpath(parent)
+    folders = {real}
     for component in _walk(parent):
         info = os.lstat(component)
         if not stat.S_ISLNK(info.st_mode):
             _check_ancestor(component, info)
-        elif info.st_uid not in (os.getuid(), *TRUSTED_OWNERS):
+            continue
+        if info.st_uid not in (os.getuid(), *TRUSTED_OWNERS):
             raise _refuse(component, f"is a symbolic link of another user (uid {info.st_uid})",
                           "choose a folder under one that only you (or root) own")
-    real = os.path.realpath(parent)
-    for component in _walk(real):
-        _check_ancestor(component, os.lstat(component))
+        folders.add(os.path.realpath(os.path.dirname(component)))
+    for folder in sorted(folders):
+        for component in _walk(folder):
+            _check_ancestor(component, os.lstat(component))
     return real
 
 
