@@ -252,10 +252,14 @@ def test_a_callback_that_exits_stops_nothing(make_executor, tmp_path, caplog):
     the stdlib logs a callback's error) and every other future still ends."""
     ex = make_executor()
     gate = tmp_path / "gate"
+    done = ex.submit(identity, 0)
+    assert done.result(timeout=120) == 0
     futures = [ex.submit(int, "not a number")]
     futures += [ex.submit(wait_for_file, str(gate), i) for i in range(4)]
     for future in futures:
         future.add_done_callback(exit_if_failed)
+    futures[1].add_done_callback(lambda _: done.add_done_callback(
+        lambda _: sys.exit(2)))  # on the owner thread: a done future's callback exits
     with caplog.at_level("ERROR", logger="concurrent.futures"):
         assert isinstance(futures[0].exception(timeout=120), ValueError)
         gate.touch()
