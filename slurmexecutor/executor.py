@@ -231,7 +231,8 @@ class SlurmExecutor(CallMaker, Executor):
         `executor.futures` maps every call id of the run to a future: calls with a result
         on disk resolve at once, live tasks are followed, lost ones fail with
         CallLostError, and those an earlier client cancelled stay cancelled
-        (JobCancelledError). A run of another run format raises RunFormatError. A run whose lease is live (its client still runs, on any host)
+        (JobCancelledError). A run of another run format raises RunFormatError. A run
+        whose lease is live (its client still runs, on any host)
         raises RunInUseError unless `take_over=True`; the other client then stops.
         """
         root = Path(folder or default_folder()).expanduser()

@@ -14,7 +14,11 @@ from slurmexecutor.core import events as ev
 from slurmexecutor.core.events import Failure
 from slurmexecutor.core.ledger import Batch, Task, task_failure
 from slurmexecutor.core.store import CoreState
-from slurmexecutor.errors import IntegrityError, JobCancelledError
+from slurmexecutor.errors import CallLostError, IntegrityError, JobCancelledError
+
+#: the verdict on a call the client withdrew before any task ran it
+NEVER_STARTED = Failure(JobCancelledError, "the call was cancelled before it started",
+                        state="CANCELLED")
 
 #: seconds before asking again after a submission limit refused a batch's tasks, growing
 #: by DEFER_GROWTH per refusal in a row up to DEFER_MAX (the queue shrinks as jobs end)
@@ -140,9 +144,28 @@ def claims_won(core: CoreState, event: ev.ClaimsWon, now: float) -> None:
         elif why is not None:  # the task that left them: retried, or failed as fits
             fail_unfinished(core, why, calls, started=False)
         else:
-            core.fail_calls(batch, calls, Failure(
-                JobCancelledError, "the call was cancelled before it started",
-                state="CANCELLED"))
+            core.fail_calls(batch, calls, NEVER_STARTED)
+
+
+def fail_orphans(core: CoreState, batch: Batch, now: float) -> None:
+    """Calls of chunks whose claim the client lost (`Batch.lost`) that no task
+    reported running, when no task of the batch is left. Cancelled ones fail at once
+    (an earlier client's claim, after attach); the others once a read that began after
+    the loss found no claimant and `result_grace` (the lag bound) has passed: a warm
+    task may have joined unseen, or a task died between its claim and its record."""
+    orphans = [c for chunk in sorted(batch.lost) for c in batch.open_calls.among(
+        batch.chunks[chunk]) if c not in batch.owner]
+    core.fail_calls(batch, [c for c in orphans if c in core.doomed], NEVER_STARTED)
+    if core.scanned <= batch.lost_since or now - batch.lost_since < core.config.result_grace:
+        return
+    batch.lost.clear()
+    orphans = [c for c in orphans if c not in core.doomed]
+    if orphans and batch.last_failed is not None and batch.submit_error is None:
+        fail_unfinished(core, batch.last_failed, orphans)
+    elif orphans:
+        core.fail_calls(batch, orphans, Failure(CallLostError, (
+            "a task claimed its chunk but never reported running it (it ended between "
+            "the two)")))
 
 
 # -- How many tasks a batch gets: its array when no warm task takes it, and one more

@@ -26,7 +26,7 @@ from slurmexecutor.core import events as ev
 from slurmexecutor.core.events import Action, Event, Failure
 from slurmexecutor.core.ledger import REQUEUEABLE, Batch, CallSet, Submission, Task
 from slurmexecutor.core.store import CoreState
-from slurmexecutor.errors import CallLostError, IntegrityError, JobCancelledError
+from slurmexecutor.errors import CallLostError, IntegrityError
 
 #: records about a task itself; any other kind with a call id is that call's result
 _TASK_KINDS = frozenset({"start", "idle", "claim", "backup", "limit", "late", "handback",
@@ -316,33 +316,6 @@ class Core(CoreState):
             return
         self.tasks.pop(task.key, None)
 
-    def _fail_orphans(self, batch: Batch, now: float) -> None:
-        """Calls of chunks whose claim the client lost (`Batch.lost`) that no task
-        reported running, when no task of the batch is left. Cancelled ones fail at
-        once (an earlier client's claim, after attach). The others once a read that
-        began after the loss found no claimant, and `result_grace` (the lag bound) has
-        passed: a warm task may have joined unseen (its join, or its new stream, shows
-        late), or a task died between its claim and its `claim` record."""
-        orphans = [c for chunk in sorted(batch.lost) for c in batch.open_calls.among(
-            batch.chunks[chunk]) if c not in batch.owner]
-        cancelled = [c for c in orphans if c in self.doomed]
-        if cancelled:
-            self.fail_calls(batch, cancelled, Failure(
-                JobCancelledError, "the call was cancelled", state="CANCELLED"))
-        orphans = [c for c in orphans if c not in self.doomed]
-        if self.scanned <= batch.lost_since or (
-                now - batch.lost_since < self.config.result_grace):
-            return
-        batch.lost.clear()
-        if not orphans:
-            return
-        if batch.last_failed is not None and batch.submit_error is None:
-            policies.fail_unfinished(self, batch.last_failed, orphans)
-        else:
-            self.fail_calls(batch, orphans, Failure(CallLostError, (
-                "a task claimed its chunk but never reported running it (it ended "
-                "between the two)")))
-
     def _settle_batch(self, batch: Batch, now: float) -> None:
         live = self.live_tasks(batch)
         if not batch.unclaimed and batch.submitted:  # nothing left for tasks yet to start
@@ -378,7 +351,7 @@ class Core(CoreState):
                 return
         if not batch.unclaimed:
             if not live and batch.lost:
-                self._fail_orphans(batch, now)
+                policies.fail_orphans(self, batch, now)
             return
         if self.config.keep_alive > 0 and not batch.wanted_sent and (
                 now - batch.created >= self.config.warm_wait) and not any(

@@ -7,6 +7,7 @@ ENOSPC and EDQUOT are named in the error with what to do. The worker imports thi
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 from pathlib import Path
@@ -85,10 +86,8 @@ def create_exclusive(path: Path, data: bytes) -> bool:
         write_all(fd, data, path)
     except BaseException:
         os.close(fd)
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(path)
-        except OSError:
-            pass
         raise
     os.close(fd)
     return True
