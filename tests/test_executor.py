@@ -476,12 +476,12 @@ def test_a_map_of_calls_measured_cheap_is_cut_into_few_chunks(make_executor):
     assert len(first["chunks"]) == -(-calls // auto_chunksize(calls, slots))  # unmeasured
     key = (f"{__name__}.square",)  # the owner records it just after the last result
     assert wait_until(lambda: key in ex._engine.cost, timeout=30)
-    cost = ex._engine.cost[key]  # task-seconds per call, start-up included: on a loaded
-    assert 0 < cost < 0.01  # machine tasks start slowly and it is 10x what it is idle
+    cost = ex._engine.cost[key]  # task-seconds per call (the calls' own time)
+    assert 0 < cost < 0.01
     assert sum(ex.map(square, range(calls))) == sum(x * x for x in range(calls))
     second = batches(ex)[-1]
     expected = auto_chunksize(calls, slots, cost)  # the measured cost was used
-    assert expected * cost >= MIN_CHUNK_SECONDS
+    assert expected * cost >= MIN_CHUNK_SECONDS or expected == calls  # (all in one)
     assert len(second["chunks"]) == -(-calls // expected) <= len(first["chunks"])
 
 

@@ -224,6 +224,36 @@ def test_cheap_work_never_scales_out():
     assert not of(out, LiftThrottle) and machine.idle
 
 
+def test_a_measured_batch_is_not_scaled_out_for_its_start_up():
+    """A batch whose function was measured cheap runs on one task; that task's start-up
+    (its first call imports the function's modules: 2 s on a busy node) is no measure
+    of the calls, so it stays narrow; calls that do turn out dear widen it."""
+    for per_step, dear in ((50, False), (1, True)):  # calls done per 0.1 s from 2 s on
+        machine = core(probe=0.3, horizon=3.0)
+        started_batch(machine, chunks=[(c,) for c in range(300)], planned=16,
+                      throttled=True, measured=1e-5)
+        out = []
+        for tick in range(1, 20):  # start-up: no result for 2 s
+            out += machine.step([], 0.1 * tick)
+        assert not of(out, LiftThrottle)
+        for tick in range(20, 40):
+            first = (tick - 20) * per_step
+            out += machine.step([Record(0, 0, kind, c, b"" if kind == "ok" else None)
+                                 for c in range(first, min(first + per_step, 300))
+                                 for kind in ("claim", "ok")], 0.1 * tick)
+        assert bool(of(out, LiftThrottle)) == dear, (per_step, of(out, LiftThrottle))
+    # none done after `horizon` s: dear after all
+    machine = core(probe=0.3, horizon=3.0)
+    started_batch(machine, chunks=[(c,) for c in range(300)], planned=16, throttled=True,
+                  measured=1e-5)
+    assert not of(machine.step([], 2.9), LiftThrottle)
+    assert of(machine.step([], 3.3), LiftThrottle)
+    # never measured: the time before the first result counts (it may be the work)
+    machine = core(probe=0.3, horizon=3.0)
+    started_batch(machine, chunks=[(c,) for c in range(300)], planned=16, throttled=True)
+    assert of(machine.step([], 0.31), LiftThrottle)
+
+
 def test_work_done_by_the_first_task_never_scales_out():
     machine = core(probe=0.3)
     started_batch(machine, chunks=((0,), (1,)), planned=2, throttled=True)

@@ -126,6 +126,42 @@ def test_a_retry_keeps_shared_arguments_shared(tmp_path):
     assert loaded[0][0][0] is loaded[1][0][0]  # unpickled once per task
 
 
+def test_the_batch_pickler_writes_what_cloudpickle_writes():
+    """sharing.dumps (one dict of reductions instead of cloudpickle's ChainMap) gives
+    cloudpickle's bytes, and honours a copyreg reduction registered after import."""
+    import copyreg
+    import logging
+    import pickle
+
+    import cloudpickle
+
+    from slurmexecutor.folder import sharing
+
+    class Point:  # defined here: pickled by value
+        def __init__(self, x: int) -> None:
+            self.x = x
+
+    def scale(point: Point, by: int = 2) -> int:
+        return point.x * by
+
+    values = [[Point(i) for i in range(50)], (scale, {"by": 3}), lambda n: n + 1,
+              logging.getLogger("slurmexecutor"), memoryview(b"abc"), {1, 2}, "text"]
+    for value in values:
+        assert sharing.dumps(value) == cloudpickle.dumps(value)
+    points = pickle.loads(sharing.dumps(values[0]))
+    assert [p.x for p in points] == list(range(50))
+
+    class Registered:
+        pass
+
+    copyreg.pickle(Registered, lambda obj: (str, ("reduced",)))
+    try:
+        assert pickle.loads(sharing.dumps(Registered())) == "reduced"
+    finally:
+        del copyreg.dispatch_table[Registered]
+    assert isinstance(pickle.loads(sharing.dumps(Registered())), Registered)
+
+
 def test_attach_keeps_how_often_a_batchs_calls_ran_again_for_free(tmp_path):
     """A batch of calls handed back (never started) or preempted records its free reruns
     in its journal; attach gives them back to the core, so MAX_FREE_RERUNS still bounds

@@ -171,6 +171,9 @@ class Batch:
     done: int = 0  # results read so far (the measure of the work's cost)
     busy: float = 0.0  # seconds its tasks spent in chunks (their `times` records)
     next_scale: float = 0.0
+    measured: float | None = None  # task-seconds per call its functions took before
+    #: a measured batch's scale-out counts from here: (when, results read by then)
+    counted_from: tuple[float, int] | None = None
     resources: str = ""  # the resources key of its tasks (warm tasks join only equal)
     pending: Submission | None = None  # tasks still to go out; None: all out, or refused
     submitted: int = 0  # array tasks that went out (indices 0 .. submitted - 1)

@@ -254,13 +254,26 @@ def warm_or_submit(core: CoreState, batch: Batch, now: float) -> None:
 def scale_out(core: CoreState, batch: Batch, now: float) -> None:
     """Let more of the batch's tasks run when the work measured so far says so: one
     task per `horizon` s of estimated remaining work, never fewer than now. Waiting in
-    the queue says nothing about the work, so it never scales a batch out."""
-    elapsed = now - (batch.first_start or now)
+    the queue says nothing about the work, so it never scales a batch out; nor does a
+    task's start-up (its first call unpickles the function and imports its modules) for
+    a batch whose functions were measured before: it counts from its first results,
+    or with none, from `horizon` s on."""
+    since = batch.first_start if batch.first_start is not None else now
+    before = 0
+    if batch.measured is not None:
+        if batch.done:
+            if batch.counted_from is None:
+                batch.counted_from = (now, batch.done)
+            since, before = batch.counted_from
+        elif now - since < core.config.horizon:
+            batch.next_scale = now + core.config.probe
+            return
+    elapsed = now - since
     if elapsed < core.config.probe:
-        batch.next_scale = (batch.first_start or now) + core.config.probe
+        batch.next_scale = since + core.config.probe
         return
     batch.next_scale = now + core.config.probe
-    per_call = elapsed * batch.throttle / max(batch.done, 1)  # task-seconds per call
+    per_call = elapsed * batch.throttle / max(batch.done - before, 1)  # task-s per call
     work = len(batch.open_calls) * per_call
     wanted = min(batch.planned, max(1, math.ceil(work / core.config.horizon)))
     if wanted > batch.throttle:

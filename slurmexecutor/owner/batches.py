@@ -27,7 +27,7 @@ import cloudpickle
 
 from slurmexecutor._log import log
 from slurmexecutor.errors import SerializationError, SubmissionError
-from slurmexecutor.folder import formats, spool, warm
+from slurmexecutor.folder import formats, sharing, spool, warm
 from slurmexecutor.folder.diskio import create_exclusive, named
 from slurmexecutor.folder.folders import writable_by_others
 from slurmexecutor.folder.sharing import SharedArguments, SharedObjects
@@ -125,7 +125,7 @@ def dumps(obj: Any, what: str, shared: SharedArguments | None = None) -> bytes:
     """cloudpickle `obj` (shared arguments by reference), or raise SerializationError
     naming `what` could not be."""
     try:
-        return shared.dumps(obj) if shared is not None else cloudpickle.dumps(obj)
+        return shared.dumps(obj) if shared is not None else sharing.dumps(obj)
     except Exception as exc:
         raise SerializationError(f"{what} cannot be pickled: {exc!r}") from exc
 
