@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from slurmexecutor.core.events import (
     BatchAdded,
     BatchDone,
@@ -252,6 +254,25 @@ def test_a_measured_batch_is_not_scaled_out_for_its_start_up():
     machine = core(probe=0.3, horizon=3.0)
     started_batch(machine, chunks=[(c,) for c in range(300)], planned=16, throttled=True)
     assert of(machine.step([], 0.31), LiftThrottle)
+
+
+def test_a_chunks_cost_is_its_calls_own_time():
+    """What a chunk's `times` record counts as its calls' cost: not the unpickling of the
+    function and arguments (`load`: a task's first imports), and a first call at most
+    as long as the chunk's median other (imports inside the function)."""
+    from array import array
+
+    from slurmexecutor.core.state import calls_seconds
+
+    def times(took, **more):
+        return {"start": 0.0, "end": 9.0, "took": array("f", took).tobytes(), **more}
+
+    assert calls_seconds(times([2.0], load=1.99)) == pytest.approx(0.01, abs=1e-6)
+    assert calls_seconds(times([2.0, 0.001, 0.001], load=1.99)) == pytest.approx(0.003,
+                                                                                abs=1e-6)
+    assert calls_seconds(times([2.0, 0.001, 0.001])) == pytest.approx(0.003, abs=1e-6)
+    assert calls_seconds(times([1.0, 1.0, 1.0], load=0.0)) == pytest.approx(3.0)
+    assert calls_seconds({"start": 1.0, "end": 3.5}) == 2.5  # an older record: its span
 
 
 def test_work_done_by_the_first_task_never_scales_out():

@@ -382,16 +382,19 @@ def window_due(opened: float, touched: float, quiet: float, longest: float) -> f
 
 
 
+
 def calls_seconds(times: dict) -> float:
-    """The seconds a chunk's calls ran (its `times` record's `took`), without reading the
-    chunk and with its first call counted as its median other: a task's first call also
-    unpickles the function and imports its modules, which is no cost per call (16 tasks
-    starting at once on a busy node made 300 trivial calls look 0.2 s each)."""
+    """The seconds a chunk's calls ran (its `times` record's `took`), less what they spent
+    unpickling the function and arguments (`load`: a task's first call imports their
+    modules; 16 tasks starting at once on a busy node made trivial calls look 0.2 s
+    each), with its first call counted at most as its median other (imports inside the
+    function)."""
     took = times.get("took")
     if took is None:
         return max(0.0, times["end"] - times["start"])
     calls = array("f", took)
-    if len(calls) < 2:
-        return float(sum(calls))
-    rest = calls[1:]
-    return float(sum(rest) + min(calls[0], statistics.median(rest)))
+    load = float(times.get("load") or 0.0)
+    seconds = max(0.0, float(sum(calls)) - load)
+    if len(calls) >= 2:
+        seconds -= max(0.0, calls[0] - load - statistics.median(calls[1:]))
+    return max(0.0, seconds)

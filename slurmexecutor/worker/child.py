@@ -80,6 +80,7 @@ class ChildRunner:
         self.sup = supervisor
         self.pipe = pipe
         self.functions: dict[int, object] = {}
+        self.loading = 0.0  # seconds this chunk spent unpickling (imports included)
         self.mismatch: str | None = None  # why this interpreter cannot run the batch
         self.table: dict = {}
         self.table_file: str | None = None  # where `table` was read from
@@ -205,7 +206,7 @@ class ChildRunner:
         """Run a chunk's calls from position `first`; False if stopped before the end.
         `record`: how the chunk is announced (claim, or backup: a second copy)."""
         sup = self.sup
-        started = time.time()
+        started, self.loading = time.time(), 0.0
         if first == 0:  # the client knows the chunk's calls: say which chunk, first
             sup.out.write((record, index, {"time": started}))
             sup.whereabouts.announce(index, CLAIMED)
@@ -217,7 +218,7 @@ class ChildRunner:
             sup.clock.ran(sup.manifest.get("names", ""), sum(took), len(took))
             sup.out.write(("times", None, {"chunk": index, "first": first, "start": started,
                                            "end": time.time(), "backup": record == "backup",
-                                           "took": took.tobytes()}))
+                                           "took": took.tobytes(), "load": self.loading}))
 
     def _run_calls(self, index: int, first: int, took: array) -> bool:
         sup = self.sup
@@ -250,11 +251,13 @@ class ChildRunner:
                         sys.stdout.flush()
                         os.write(1, b"--- slurmexecutor call %d ---\n" % call_id)
                         if arguments is None and error is None:
+                            loading = time.time()
                             try:
                                 arguments = self.shared.loads(blob) if (
                                     self.shared) else loads(blob)
                             except Exception as exc:  # noqa: BLE001  (this part's calls)
                                 error = exc
+                            self.loading += time.time() - loading
                         call = formats.call_at(arguments, offset) if (
                             arguments is not None) else None
                         self.rest = (call_ids, position)  # a checkpoint hands them back
@@ -296,7 +299,11 @@ class ChildRunner:
 
     def _function(self, index: int):
         if index not in self.functions:
-            self.functions[index] = loads(self.table["functions"][index])
+            loading = time.time()
+            try:
+                self.functions[index] = loads(self.table["functions"][index])
+            finally:
+                self.loading += time.time() - loading
         return self.functions[index]
 
     def _call(self, call_id: int, fn_index: int, call: tuple | None,
