@@ -29,8 +29,18 @@ class _Pickler(cloudpickle.CloudPickler):
     list of 1,000 small objects pickles in about half the time)."""
 
     def __init__(self, file: io.BytesIO) -> None:
-        self.dispatch_table = dict(cloudpickle.CloudPickler.dispatch_table)
+        self.dispatch_table = _one_table()
         super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def _one_table() -> dict:
+    """cloudpickle's table of reductions (a ChainMap: its own, then copyreg's) as one
+    dict: `update` from the last map to the first (2 us, where `dict(chainmap)` takes
+    20 us: a Python-level lookup per key)."""
+    table: dict = {}
+    for reductions in reversed(cloudpickle.CloudPickler.dispatch_table.maps):
+        table.update(reductions)
+    return table
 
 
 class _SharingPickler(_Pickler):
