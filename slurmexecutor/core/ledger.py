@@ -169,7 +169,7 @@ class Batch:
     submit_error: BaseException | None = None
     throttle: int = 1  # tasks allowed to run at once while throttled
     done: int = 0  # results read so far (the measure of the work's cost)
-    busy: float = 0.0  # seconds its tasks spent in chunks (their `times` records)
+    busy: float = 0.0  # its calls' own seconds so far (`times` records: calls_seconds)
     next_scale: float = 0.0
     measured: float | None = None  # task-seconds per call its functions took before
     #: a measured batch's scale-out counts from here: (when, results read by then)

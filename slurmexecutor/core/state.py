@@ -381,8 +381,6 @@ def window_due(opened: float, touched: float, quiet: float, longest: float) -> f
     return min(touched + quiet, opened + longest)
 
 
-
-
 def calls_seconds(times: dict) -> float:
     """The seconds a chunk's calls ran (its `times` record's `took`), less what they spent
     unpickling the function and arguments (`load`: a task's first call imports their
