@@ -111,3 +111,40 @@ def test_a_first_map_starts_wide_and_a_measured_cheap_one_on_one_task(make_execu
     assert sum(ex.map(inc, range(300))) == sum(range(1, 301))
     line = first_array_line(ex, 2)  # one task at once (or one chunk: its cost is known)
     assert line.endswith("%1") or line == "--array=0-0"
+
+
+def asks_of_a_warm_batch(free: int | None, seconds_per_call: float) -> list[SubmitTasks]:
+    """The arrays asked for while an idle warm task that joined batch 1 (20 one-call
+    chunks; the scheduler reported `free` idle slots) runs its first 5 calls, one
+    result per `seconds_per_call`."""
+    machine = core(keep_alive=30)
+    idle_warm_task(machine)
+    out = machine.step([BatchAdded(1, [[c] for c in range(1, 21)], 20, throttled=True,
+                                   resources="r", free=free, measured=seconds_per_call)], 0.2)
+    submits = [a for a in out if isinstance(a, SubmitTasks)]
+    assert not submits  # it waits for the joiner
+    joined = 1_000_000
+    machine.step([Record(0, 0, "end", None, {"joined": 1, "as": joined}),
+                  Record(1, joined, "start", None, {"host": "h", "pid": 1, "job_id": "7"}),
+                  Record(1, joined, "claim", 0, None)], 0.3)
+    for call in range(1, 6):
+        for tick in range(1, 11):  # the owner's rounds in between
+            now = 0.3 + (call - 1 + tick / 10) * seconds_per_call
+            records = [Record(1, joined, "ok", call, b"x"),
+                       Record(1, joined, "claim", call, None)] if tick == 10 else []
+            submits += [a for a in machine.step(records, now) if isinstance(a, SubmitTasks)]
+    return submits
+
+
+def test_a_warm_batch_asks_for_tasks_its_measured_work_needs_when_slots_are_idle():
+    # 15+ calls x 1 s left for one joined task: over a horizon (3 s)
+    assert len(asks_of_a_warm_batch(free=4, seconds_per_call=1.0)) == 1
+    assert len(asks_of_a_warm_batch(free=None, seconds_per_call=1.0)) == 1  # not asked
+
+
+def test_with_no_idle_slot_a_warm_batch_asks_only_for_minutes_of_work():
+    # the scheduler reported no idle slot: new tasks would wait in the queue (on a
+    # cluster of its own, for the joined task's own CPU); 15-19 s of work stay on it
+    assert not asks_of_a_warm_batch(free=0, seconds_per_call=1.0)
+    # 15+ x 10 s: over QUEUED_WORK (60 s) per joined task, worth a place in the queue
+    assert len(asks_of_a_warm_batch(free=0, seconds_per_call=10.0)) == 1

@@ -31,9 +31,9 @@ class BatchAdded:
     resources: str = ""  # its resources key: only warm tasks of the same may join it
     attached: bool = False  # an earlier client's (attach): its warm tasks may join it
     reruns: int = 0  # its calls ran again this often without using up a retry
-    #: idle slots the scheduler reported for its resources (a cached query; 0: not
+    #: idle slots the scheduler reported for its resources (a cached query; None: not
     #: asked), and the task-seconds per call measured for its functions (None: never)
-    free: int = 0
+    free: int | None = None
     measured: float | None = None
 
 

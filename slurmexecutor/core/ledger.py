@@ -172,6 +172,7 @@ class Batch:
     busy: float = 0.0  # its calls' own seconds so far (`times` records: calls_seconds)
     next_scale: float = 0.0
     measured: float | None = None  # task-seconds per call its functions took before
+    free: int | None = None  # idle slots the scheduler reported when it came (None: not asked)
     #: a measured batch's scale-out counts from here: (when, results read by then)
     counted_from: tuple[float, int] | None = None
     resources: str = ""  # the resources key of its tasks (warm tasks join only equal)

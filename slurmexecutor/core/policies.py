@@ -26,6 +26,9 @@ DEFER_FIRST, DEFER_GROWTH, DEFER_MAX = 2.0, 1.5, 30.0
 #: calls run again without using up max_retries (preempted, or never started by a task
 #: that ended) this many times at most
 MAX_FREE_RERUNS = 10
+#: seconds of work left per joined warm task beyond which a batch asks for new tasks
+#: although the scheduler reported no idle slot for them (they would wait in the queue)
+QUEUED_WORK = 60.0
 
 
 # -- `ex.cancel`: skip, stop (by the worker), withdraw unclaimed chunks; and the seco
@@ -73,7 +76,7 @@ def start_width(core: CoreState, event: ev.BatchAdded) -> int:
     known to be cheap (never measured: all it planned; measured: one per `horizon` s of
     it), else one; scale-out widens it from there."""
     calls = sum(len(chunk) for chunk in event.chunks)
-    if event.free <= 1 or not may_start_wide(core, calls, event.measured):
+    if not event.free or event.free <= 1 or not may_start_wide(core, calls, event.measured):
         return 1
     wanted = event.planned if event.measured is None else math.ceil(
         calls * event.measured / core.config.horizon)
@@ -237,7 +240,10 @@ def submit_when_due(core: CoreState, batch: Batch, now: float) -> None:
 def warm_or_submit(core: CoreState, batch: Batch, now: float) -> None:
     """A batch left to warm tasks: its array is asked for when no warm task joined in
     time, or when the work measured on those that joined needs more tasks (the
-    scale-out rule: one task per `horizon` s of work left)."""
+    scale-out rule: one task per `horizon` s of work left). With no idle slot reported
+    for its resources, new tasks would wait in the queue, maybe for the joined tasks'
+    own CPUs: they are asked for only when the work left would keep each joined task
+    busy for QUEUED_WORK s."""
     assert batch.pending is not None
     joined = core.live_tasks(batch)
     if not joined:
@@ -247,7 +253,8 @@ def warm_or_submit(core: CoreState, batch: Batch, now: float) -> None:
     if batch.first_start is None or now - batch.first_start < core.config.probe:
         return
     per_call = (now - batch.first_start) * len(joined) / max(batch.done, 1)
-    if len(batch.open_calls) * per_call > core.config.horizon * len(joined):
+    each = len(batch.open_calls) * per_call / len(joined)  # seconds left per joined task
+    if each > (QUEUED_WORK if batch.free == 0 else core.config.horizon):
         ask(core, batch)
 
 

@@ -133,7 +133,8 @@ class Core(CoreState):
     def _add_batch(self, event: ev.BatchAdded, now: float) -> None:
         batch = Batch(event.batch, event.chunks, event.planned, event.steal, event.attempt,
                       event.time_limit, CallSet(event.chunks, event.open_calls),
-                      unclaimed=set(range(len(event.chunks))), measured=event.measured)
+                      unclaimed=set(range(len(event.chunks))), measured=event.measured,
+                      free=event.free)
         batch.throttle = policies.start_width(self, event) if event.throttled else (
             event.planned)
         self.batches[batch.number] = batch

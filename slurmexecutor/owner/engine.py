@@ -83,7 +83,7 @@ class Engine(LeaseAndEnd, Intake, Actions):
         #: of the same functions refers to it (one file less per batch)
         self._function_files: dict[tuple, str] = {}
         #: idle slots the scheduler reported, by resources key: (when asked, how many)
-        self._free: dict[str, tuple[float, int]] = {}
+        self._free: dict[str, tuple[float, int | None]] = {}
         self._settings_of: dict[int, Settings] = {}  # live batches' resources etc.
         #: calls waiting for their input futures (dependencies.py), by call id
         self._dependents: dict[int, Dependent] = {}
@@ -242,8 +242,8 @@ class Engine(LeaseAndEnd, Intake, Actions):
                     if len(held.call_ids) > 1:  # a map chunk: one future for all
                         break
         measured = self.cost.get(tuple(spec.names))
-        free = self._free_slots(settings) if throttled and spec.attempt == 1 and (
-            self.core.may_start_wide(len(call_ids), measured)) else 0
+        free = self._free_slots(settings, spec.planned) if throttled and spec.attempt == 1 and (
+            self.core.may_start_wide(len(call_ids), measured)) else None
         self._events.append(ev.BatchAdded(
             number, [chunk.call_ids for chunk in spec.chunks], spec.planned, spec.steal,
             spec.attempt, settings.time_limit, throttled,
@@ -259,19 +259,20 @@ class Engine(LeaseAndEnd, Intake, Actions):
             if spool.reserve_batch_dir(self.run_dir, number):
                 return number
 
-    def _free_slots(self, settings: Settings) -> int:
+    def _free_slots(self, settings: Settings, taking: int) -> int | None:
         """Idle slots for these resources: one scheduler query per FREE_TTL s, less
-        what batches started since then may take."""
+        the tasks batches planned since then (None: the scheduler did not say); the
+        batch asking plans `taking` tasks."""
         key, now = settings.resources_key(), time.monotonic()
-        asked, free = self._free.get(key, (float("-inf"), 0))
+        asked, free = self._free.get(key, (float("-inf"), None))
         if now - asked > FREE_TTL:
             try:
-                free = self.backend.idle_slots(settings.resources) or 0
+                free = self.backend.idle_slots(settings.resources)
             except Exception as error:  # noqa: BLE001  (then the work alone widens it)
                 log.info("slurmexecutor: asking for idle CPUs failed: %s", error)
-                free = 0
+                free = None
             asked = now
-        self._free[key] = (asked, 0)  # a batch started now may take them all
+        self._free[key] = (asked, None if free is None else max(0, free - taking))
         return free
 
     def queue_event(self, event: Event) -> None:
