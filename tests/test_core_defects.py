@@ -36,6 +36,11 @@ def of(actions, kind):
     return [a for a in actions if isinstance(a, kind)]
 
 
+def delivered(actions) -> list:
+    """The calls' results the actions deliver, one `Delivery` each."""
+    return [d for a in of(actions, Deliver) for d in a.each()]
+
+
 def failed_calls(actions) -> set[int]:
     return {c for a in of(actions, Fail) for c in a.call_ids}
 
@@ -125,7 +130,7 @@ def test_a_lost_claim_waits_for_a_warm_task_that_may_have_joined_unseen():
     out += machine.step([Record(1, 1_000_000, "start", None, {
         "host": "h", "pid": 1, "job_id": "7", "array_index": 0}),
         Record(1, 1_000_000, "claim", 1, None), Record(1, 1_000_000, "ok", 2, b"")], 6.1)
-    assert not failed_calls(out) and [d.call_id for d in of(out, Deliver)] == [2]
+    assert not failed_calls(out) and [d.call_id for d in delivered(out)] == [2]
 
 
 def test_a_call_cancelled_after_its_retry_is_never_retried_again():
@@ -361,4 +366,4 @@ def test_a_lingering_tasks_late_backup_record_is_not_a_result():
     out = machine.step([Record(0, 0, "backup", 0, None)], 8)
     assert not of(out, Deliver)
     out = machine.step([Record(0, 0, "ok", 1, b"late")], 9)
-    assert [d.call_id for d in of(out, Deliver)] == [1]
+    assert [d.call_id for d in delivered(out)] == [1]

@@ -105,7 +105,8 @@ class Model:
                 if f"{task.job}_{task.array_index}" in action.refs and task.writer is None:
                     task.alive = False
         elif isinstance(action, ev.Deliver):
-            self.verdicts.setdefault(action.call_id, []).append(action.kind)
+            for delivery in action.each():
+                self.verdicts.setdefault(delivery.call_id, []).append(delivery.kind)
         elif isinstance(action, ev.Fail):
             for call_id in action.call_ids:
                 self.verdicts.setdefault(call_id, []).append("fail")

@@ -18,6 +18,7 @@ from slurmexecutor.core.events import (
     QueryFinal,
     QueryScheduler,
     Record,
+    Records,
     Retry,
     SchedulerAnswer,
     ShutdownRequested,
@@ -54,6 +55,11 @@ def of(actions, kind):
     return [a for a in actions if isinstance(a, kind)]
 
 
+def delivered(actions) -> list:
+    """The calls' results the actions deliver, one `Delivery` each."""
+    return [d for a in of(actions, Deliver) for d in a.each()]
+
+
 def started_batch(machine: Core, chunks=((0, 1), (2, 3)), planned=2, now=0.0, **options):
     """A batch with its array submitted as job 7 and task 0 started."""
     actions = machine.step([BatchAdded(0, [list(c) for c in chunks], planned, **options)], now)
@@ -78,7 +84,7 @@ def test_results_are_delivered_once_and_the_batch_retires():
     started_batch(machine)
     out = machine.step([Record(0, 0, "claim", 0, None), Record(0, 0, "ok", 0, b"a"),
                         Record(0, 0, "ok", 0, b"again"), Record(0, 0, "ok", 1, b"b")], 0.1)
-    assert [(d.call_id, d.body) for d in of(out, Deliver)] == [(0, b"a"), (1, b"b")]
+    assert [(d.call_id, d.body) for d in delivered(out)] == [(0, b"a"), (1, b"b")]
     out = machine.step([Record(0, 0, "claim", 1, None)] + [
         Record(0, 0, "ok", c, b"x") for c in (2, 3)] + [Record(0, 0, "end", None, {})], 0.2)
     assert of(out, BatchDone) and machine.idle
@@ -122,7 +128,7 @@ def test_a_verdict_waits_for_a_read_of_the_folder_that_began_after_the_end():
     machine.step([StreamsRead(0.9), SchedulerAnswer({("7", 0): TaskState("COMPLETED")})], 1.0)
     assert not failed(machine.step([StreamsRead(0.95)], 5.0))  # began before: stale
     out = machine.step([Record(0, 0, "ok", 0, b"late"), StreamsRead(5.0)], 5.1)
-    assert [d.call_id for d in of(out, Deliver)] == [0] and not failed(out)
+    assert [d.call_id for d in delivered(out)] == [0] and not failed(out)
 
 
 def test_requeueable_states_wait_for_a_second_answer_and_requeue_undoes_them():
@@ -192,8 +198,20 @@ def test_cancel_without_kill_only_skips():
     assert not of(out, CancelTasks)
     assert [w.stop for w in of(out, WriteCancel)] == [False]  # running ones run on
     out = machine.step([Record(0, 0, "ok", 0, b"ran"), Record(0, 0, "skip", 1, None)], 0.2)
-    assert [(d.call_id, d.kind, d.cancelled_here) for d in of(out, Deliver)] == [
+    assert [(d.call_id, d.kind, d.cancelled_here) for d in delivered(out)] == [
         (0, "ok", True), (1, "skip", True)]
+
+
+def test_a_run_of_a_tasks_results_read_together_is_one_action():
+    machine = core()
+    started_batch(machine)
+    out = machine.step([Records(0, 0, [("claim", 0, None), ("ok", 0, b"a"), ("ok", 1, b"b"),
+                                       ("claim", 1, None), ("raised", 2, b"e")])], 0.1)
+    # in order with the rest: the second claim comes between the runs
+    assert [[(d.call_id, d.kind) for d in a.each()] for a in of(out, Deliver)] == [
+        [(0, "ok"), (1, "ok")], [(2, "raised")]]
+    assert [type(a).__name__ for a in out if type(a).__name__ in ("Claimed", "Deliver")] == [
+        "Claimed", "Deliver", "Claimed", "Deliver"]
 
 
 def test_scale_out_follows_the_measured_work_not_the_queue():
@@ -335,7 +353,7 @@ def test_without_an_end_record_the_verdict_waits_for_the_result_grace():
     machine.step([SchedulerAnswer({("7", 0): TaskState("COMPLETED")})], 1.0)
     assert not failed(machine.step([StreamsRead(30.0)], 30.0))
     out = machine.step([Record(0, 0, "ok", 0, b"late"), StreamsRead(40.0)], 40.0)
-    assert [d.call_id for d in of(out, Deliver)] == [0]  # a late result is not lost
+    assert [d.call_id for d in delivered(out)] == [0]  # a late result is not lost
     out = machine.step([StreamsRead(61.5)], 61.5)
     [fail] = of(out, Fail)
     assert fail.call_ids == (1,) and "raise result_grace" in fail.failure.message
@@ -360,7 +378,7 @@ def test_a_requeue_after_a_killed_end_waits_for_the_next_attempt():
                   SchedulerAnswer({("7", 0): TaskState("PREEMPTED")}), StreamsRead(0.1)], 0.1)
     machine.step([SchedulerAnswer({("7", 0): TaskState("PENDING")}), StreamsRead(2)], 2.1)
     out = machine.step([Record(0, 0, "ok", 0, b"second attempt"), StreamsRead(3)], 3.1)
-    assert [d.call_id for d in of(out, Deliver)] == [0] and not failed(out)
+    assert [d.call_id for d in delivered(out)] == [0] and not failed(out)
 
 
 def test_a_requeue_seen_only_as_pending_again_waits_for_the_next_attempt():
@@ -378,7 +396,7 @@ def test_a_requeue_seen_only_as_pending_again_waits_for_the_next_attempt():
                         3.1)
     assert not failed(out)
     out = machine.step([Record(0, 0, "ok", 0, b"second attempt"), StreamsRead(4)], 4.1)
-    assert [d.call_id for d in of(out, Deliver)] == [0] and not failed(out)
+    assert [d.call_id for d in delivered(out)] == [0] and not failed(out)
 
 
 def test_a_result_that_comes_after_the_verdict_still_wins_where_it_can():
@@ -393,7 +411,7 @@ def test_a_result_that_comes_after_the_verdict_still_wins_where_it_can():
     machine.step([BatchAdded(1, [[0, 1]], 1, attempt=2)], 11.6)  # the retry batch
     out = machine.step([Record(0, 0, "ok", 1, b"late after all")], 12.0)
     [late] = of(out, Deliver)
-    assert (late.call_id, late.late) == (1, True)
+    assert ([d.call_id for d in late.each()], late.late) == ([1], True)
     assert machine.batches[1].open_calls == {0}  # the retry no longer waits for call 1
     assert not of(machine.step([Record(0, 0, "ok", 0, b"too late")], 30.0), Deliver)
 
@@ -417,7 +435,7 @@ def test_a_backup_copy_keeps_the_calls_alive_and_the_first_result_wins():
                          StreamsRead(1.5)], 1.6)
     assert not of(out, Fail) and not of(out, Retry)
     out = machine.step([Record(0, 1, "ok", 1, b"b")], 1.7)
-    assert [(d.call_id, d.body) for d in of(out, Deliver)] == [(1, b"b")]
+    assert [(d.call_id, d.body) for d in delivered(out)] == [(1, b"b")]
     assert of(out, BatchDone)
 
 
@@ -434,7 +452,7 @@ def test_the_slower_copy_stops_each_call_the_other_answered():
     out = machine.step([Record(0, 0, "ok", 1, b"b")], 0.3)  # the original was quicker
     assert [(w.chunk, w.call_ids, w.stop) for w in of(out, WriteCancel)] == [(0, (1,), True)]
     assert not of(out, CancelTasks)  # the backup's worker stops the call, not the task
-    assert [d.call_id for d in of(out, Deliver)] == [1]
+    assert [d.call_id for d in delivered(out)] == [1]
 
 
 def test_a_submission_refused_by_a_limit_is_asked_again_later_with_backoff():
@@ -512,7 +530,7 @@ def test_a_task_whose_joined_stream_holds_wanted_calls_is_never_killed():
     out = machine.step([CancelRequested(frozenset({0}))], 0.3)
     assert not of(out, CancelTasks)
     out = machine.step([Record(0, 0, "skip", 0, None)], 0.4)
-    assert not of(out, CancelTasks) and [d.call_id for d in of(out, Deliver)] == [0]
+    assert not of(out, CancelTasks) and [d.call_id for d in delivered(out)] == [0]
 
 
 def test_a_refused_array_is_asked_for_in_halves_until_a_part_fits():

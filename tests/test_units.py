@@ -397,6 +397,13 @@ def test_the_sink_table_agrees_with_a_dict_through_random_adds_and_pops():
             assert table.pop(call_id) is model.pop(call_id, None)
             assert len(table) == len(model)
     assert sorted(c for c, _ in table.calls()) == sorted(model)
+    for _ in range(200):  # a claim's calls: their distinct holders, as one get each says
+        start = rng.randrange(next_id + 2)
+        ids = rng.sample(range(start, start + 6), rng.randrange(1, 6))
+        if rng.random() < 0.5:
+            ids = list(range(start, start + len(ids)))
+        expected = {id(s.future): s for c in ids if (s := table.get(c)) is not None}
+        assert table.holders(ids) == list(expected.values())
 
 
 def test_a_retry_of_some_calls_of_a_chunk_keeps_their_arguments(tmp_path):

@@ -241,12 +241,20 @@ class Core(CoreState):
         if call_id not in batch.open_calls:
             return
         batch.done += 1
-        other = batch.backup.get(call_id)
-        other = batch.owner.get(call_id) if other is task else other
-        self.close_call(batch, call_id)
-        if other is not None and other is not task:
-            policies.stop_copy(self, batch, other, call_id)
-        self.out.append(ev.Deliver(call_id, kind, body, task.ref, call_id in self.doomed))
+        if batch.backup:  # a second copy runs it too: the first result wins
+            other = batch.backup.get(call_id)
+            other = batch.owner.get(call_id) if other is task else other
+            self.close_call(batch, call_id)
+            if other is not None and other is not task:
+                policies.stop_copy(self, batch, other, call_id)
+        else:
+            self.close_call(batch, call_id)
+        delivery = (call_id, kind, body, call_id in self.doomed)
+        last = self.out[-1] if self.out else None
+        if type(last) is ev.Deliver and last.task is task.ref and not last.late:
+            last.calls.append(delivery)  # one action for a run of a task's results
+        else:
+            self.out.append(ev.Deliver(task.ref, [delivery]))
 
     def _on_late_record(self, task: Task, record: ev.Record) -> None:
         call_id = record.call_id
@@ -257,8 +265,8 @@ class Core(CoreState):
             for batch in self.batches.values():  # a retry may carry it: it is done now
                 if call_id in batch.open_calls:
                     self.close_call(batch, call_id)
-            self.out.append(ev.Deliver(call_id, record.kind, record.body, task.ref,
-                                     call_id in self.doomed, late=True))
+            self.out.append(ev.Deliver(task.ref, [(call_id, record.kind, record.body,
+                                                   call_id in self.doomed)], late=True))
 
     # -- the clock -----------------------------------------------------------------------
 

@@ -55,18 +55,24 @@ class Actions:
     def _launch(self, spec: BatchSpec, sinks: list[FutureSink] | None) -> dict | None:
         raise NotImplementedError
 
+    def _deliver(self, action: ev.Deliver) -> None:
+        """Resolve the calls' sinks (one action for a run of a task's results)."""
+        sinks, late, task, cache_keys = self.sinks, action.late, action.task, self._cache_keys
+        for call_id, kind, body, cancelled_here in action.calls:
+            sink = sinks.pop(call_id)
+            if sink is None and late:
+                sink = self._late_sinks.pop(call_id, None)
+            if sink is None:
+                continue
+            ok, value = outcomes.decode(self.run_dir, kind, call_id, body, task, cancelled_here)
+            sink.deliver(call_id, ok, value, replace=late)
+            key = cache_keys.pop(call_id, None) if cache_keys else None
+            if key is not None and ok and self.cache is not None:
+                self.cache.store_result(key, body)
+
     def _do(self, action: Action) -> None:
         if isinstance(action, ev.Deliver):
-            sink = self.sinks.pop(action.call_id)
-            if sink is None and action.late:
-                sink = self._late_sinks.pop(action.call_id, None)
-            if sink is not None:
-                ok, value = outcomes.decode(self.run_dir, action.kind, action.call_id,
-                                            action.body, action.task, action.cancelled_here)
-                sink.deliver(action.call_id, ok, value, replace=action.late)
-                key = self._cache_keys.pop(action.call_id, None)
-                if key is not None and ok and self.cache is not None:
-                    self.cache.store_result(key, action.body)
+            self._deliver(action)
         elif isinstance(action, ev.Fail):
             self._fail(action)
         elif isinstance(action, ev.AnnounceBatch):
@@ -83,8 +89,7 @@ class Actions:
                 action.keys), alive))
         elif isinstance(action, ev.Claimed):
             path = outcomes.log_file(self.run_dir, action.task)
-            held = list({id(s.future): s for c in action.call_ids
-                         if (s := self.sinks.get(c)) is not None}.values())
+            held = self.sinks.holders(action.call_ids)
             if held:  # the chunk's calls started: one progress update for all
                 held[0].claimed(len(action.call_ids))
             for sink in held:

@@ -33,6 +33,11 @@ class CallProgress:
         self.bar = tqdm(total=total, desc=desc, unit="call", file=sys.stderr,
                         disable=not (interactive() if enabled is None else enabled))
 
+    @property
+    def shown(self) -> bool:
+        """Whether the bar is drawn (a map's sinks skip a hidden one's updates)."""
+        return not self.bar.disable
+
     def started(self, calls: int) -> None:
         with self._lock:
             self.running += calls

@@ -171,7 +171,7 @@ class ChunkSink(FutureSink):
         self.values: list[Any] = [_MISSING] * size
         self.errors: dict[int, BaseException] = {}
         self.missing = size
-        self.progress = progress
+        self.progress = progress if progress is not None and progress.shown else None
 
     def claimed(self, calls: int) -> None:
         if self.progress:
@@ -240,6 +240,17 @@ class SinkTable:
             return sink
         found = self._find(call_id)
         return None if found is None else found[1][1]
+
+    def holders(self, call_ids: Sequence[int]) -> list[FutureSink]:
+        """The distinct sinks (by future) of `call_ids` (distinct ids): ids that fill
+        an interval within one run (a map's chunk) are one lookup."""
+        if call_ids:
+            low, high = min(call_ids), max(call_ids)
+            found = self._find(low) if high - low == len(call_ids) - 1 else None
+            if found is not None and high < found[1][0]:
+                return [found[1][1]]
+        held = {id(s.future): s for c in call_ids if (s := self.get(c)) is not None}
+        return list(held.values())
 
     def pop(self, call_id: int) -> FutureSink | None:
         """The call's sink, once (None when it was popped already); a run's entry goes
