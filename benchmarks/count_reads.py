@@ -24,6 +24,8 @@ Each Slurm run starts after a random 0-1 s pause: Slurm starts a new job at its
 controller's next scheduling pass, once a second, and runs back to back would lock to
 one phase of it (every run of a method then waits the same part of a second, lucky or
 not).
+Besides the medians' ratio, each method's speed-up and its time over (e)'s are given per
+round (medians over rounds): a noisy host drifts more between rounds than within one.
 Then where (b)'s and (c)'s time went (`breakdown`): to sbatch, the queue's tick, the
 interpreter's start, imports (the first call's extra), reads, idle time in tasks, fold.
 """
@@ -230,7 +232,9 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(folder, ignore_errors=True)
 
     assert reference is not None
-    serial = statistics.median(times["(a) serial, 1 process"])
+    serial_runs = times["(a) serial, 1 process"]
+    pool_runs = times[next(name for name in methods if name.startswith("(e)"))]
+    serial = statistics.median(serial_runs)
     ideal = serial / cores
     rows = []
     for name, runs in times.items():
@@ -242,15 +246,19 @@ def main(argv: list[str] | None = None) -> int:
             f"{seconds:.2f}",
             f"{min(runs):.2f}",
             f"{serial / seconds:.2f}x",
+            f"{statistics.median(a / b for a, b in zip(serial_runs, runs)):.2f}x",
+            f"{statistics.median(b / c for b, c in zip(runs, pool_runs)):.2f}x",
             f"{seconds - ideal:+.2f}" if parallel else "-",
             f"{seconds / ideal:.2f}x" if parallel else "-",
         ])
     print()
     print(f"Counting {sum(reference.values()):,} region-read overlaps in {len(regions):,} "
           f"regions; median of {args.repeat} run(s), seconds")
-    print(table(["method", "tasks", "median s", "best s", "speed-up",
-                 f"vs ideal {ideal:.2f} s", "/ideal"], rows))
-    print(f"  ideal = serial / {cores} cores; the Counters are equal.")
+    print(table(["method", "tasks", "median s", "best s", "speed-up", "per round",
+                 "/(e) per round", f"vs ideal {ideal:.2f} s", "/ideal"], rows))
+    print(f"  ideal = serial / {cores} cores; per round: the median over rounds of the\n"
+          "  round's serial time over the method's, and of the method's time over (e)'s\n"
+          "  (a noisy host drifts between rounds, less within one); the Counters are equal.")
     print("\nWhere the time went (s; medians over runs; per-task parts are means over tasks)")
     print(table(["method", *PARTS], [
         [name, *(f"{statistics.median(p.get(part, 0.0) for p in runs):.2f}"
