@@ -75,12 +75,12 @@ def start_width(core: CoreState, event: ev.BatchAdded) -> int:
     """Tasks a throttled batch starts with: up to the free slots when its work is not
     known to be cheap (never measured: all it planned; measured: one per `horizon` s of
     it), else one; scale-out widens it from there."""
-    calls = sum(len(chunk) for chunk in event.chunks)
-    if not event.free or event.free <= 1 or not may_start_wide(core, calls, event.measured):
+    calls, free = sum(len(chunk) for chunk in event.chunks), event.free or 0
+    if free <= 1 or not may_start_wide(core, calls, event.measured):
         return 1
     wanted = event.planned if event.measured is None else math.ceil(
         calls * event.measured / core.config.horizon)
-    return max(1, min(event.planned, event.free, wanted))
+    return max(1, min(event.planned, free, wanted))
 
 
 

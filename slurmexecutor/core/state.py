@@ -19,14 +19,19 @@ state in policies.py, warm joins in joins.py: `Core` owns all the state.
 
 from __future__ import annotations
 
-import statistics
-from array import array
 from collections.abc import Iterable
 
 from slurmexecutor.core import answers, joins, policies
 from slurmexecutor.core import events as ev
 from slurmexecutor.core.events import Action, Event, Failure
-from slurmexecutor.core.ledger import REQUEUEABLE, Batch, CallSet, Submission, Task
+from slurmexecutor.core.ledger import (
+    REQUEUEABLE,
+    Batch,
+    CallSet,
+    Submission,
+    Task,
+    calls_seconds,
+)
 from slurmexecutor.core.store import CoreState
 from slurmexecutor.errors import CallLostError, IntegrityError
 
@@ -241,20 +246,23 @@ class Core(CoreState):
         if call_id not in batch.open_calls:
             return
         batch.done += 1
+        other = None
         if batch.backup:  # a second copy runs it too: the first result wins
             other = batch.backup.get(call_id)
             other = batch.owner.get(call_id) if other is task else other
-            self.close_call(batch, call_id)
-            if other is not None and other is not task:
-                policies.stop_copy(self, batch, other, call_id)
-        else:
-            self.close_call(batch, call_id)
-        delivery = (call_id, kind, body, call_id in self.doomed)
+        self.close_call(batch, call_id)
+        if other is not None and other is not task:
+            policies.stop_copy(self, batch, other, call_id)
+        self._deliver(task, (call_id, kind, body, call_id in self.doomed))
+
+    def _deliver(self, task: Task, delivery: tuple, late: bool = False) -> None:
+        """Hand a call's result over: appended to the last action when that delivers
+        the same task's results alike (one action for a run of them)."""
         last = self.out[-1] if self.out else None
-        if type(last) is ev.Deliver and last.task is task.ref and not last.late:
-            last.calls.append(delivery)  # one action for a run of a task's results
+        if type(last) is ev.Deliver and last.task is task.ref and last.late == late:
+            last.calls.append(delivery)
         else:
-            self.out.append(ev.Deliver(task.ref, [delivery]))
+            self.out.append(ev.Deliver(task.ref, [delivery], late))
 
     def _on_late_record(self, task: Task, record: ev.Record) -> None:
         call_id = record.call_id
@@ -265,8 +273,8 @@ class Core(CoreState):
             for batch in self.batches.values():  # a retry may carry it: it is done now
                 if call_id in batch.open_calls:
                     self.close_call(batch, call_id)
-            self.out.append(ev.Deliver(task.ref, [(call_id, record.kind, record.body,
-                                                   call_id in self.doomed)], late=True))
+            self._deliver(task, (call_id, record.kind, record.body, call_id in self.doomed),
+                          late=True)
 
     # -- the clock -----------------------------------------------------------------------
 
@@ -388,20 +396,3 @@ def window_due(opened: float, touched: float, quiet: float, longest: float) -> f
     """When a submission window goes out: `quiet` s after its last call, `longest` s
     after its first at the latest."""
     return min(touched + quiet, opened + longest)
-
-
-def calls_seconds(times: dict) -> float:
-    """The seconds a chunk's calls ran (its `times` record's `took`), less what they spent
-    unpickling the function and arguments (`load`: a task's first call imports their
-    modules; 16 tasks starting at once on a busy node made trivial calls look 0.2 s
-    each), with its first call counted at most as its median other (imports inside the
-    function)."""
-    took = times.get("took")
-    if took is None:
-        return max(0.0, times["end"] - times["start"])
-    calls = array("f", took)
-    load = float(times.get("load") or 0.0)
-    seconds = max(0.0, float(sum(calls)) - load)
-    if len(calls) >= 2:
-        seconds -= max(0.0, calls[0] - load - statistics.median(calls[1:]))
-    return max(0.0, seconds)
