@@ -253,11 +253,13 @@ class Core(CoreState):
         self.close_call(batch, call_id)
         if other is not None and other is not task:
             policies.stop_copy(self, batch, other, call_id)
-        self._deliver(task, (call_id, kind, body, call_id in self.doomed))
+        self._deliver(task, call_id, kind, body)
 
-    def _deliver(self, task: Task, delivery: tuple, late: bool = False) -> None:
+    def _deliver(self, task: Task, call_id: int, kind: str, body: object,
+                 late: bool = False) -> None:
         """Hand a call's result over: appended to the last action when that delivers
         the same task's results alike (one action for a run of them)."""
+        delivery = (call_id, kind, body, call_id in self.doomed)
         last = self.out[-1] if self.out else None
         if type(last) is ev.Deliver and last.task is task.ref and last.late == late:
             last.calls.append(delivery)
@@ -273,8 +275,7 @@ class Core(CoreState):
             for batch in self.batches.values():  # a retry may carry it: it is done now
                 if call_id in batch.open_calls:
                     self.close_call(batch, call_id)
-            self._deliver(task, (call_id, record.kind, record.body, call_id in self.doomed),
-                          late=True)
+            self._deliver(task, call_id, record.kind, record.body, late=True)
 
     # -- the clock -----------------------------------------------------------------------
 
