@@ -6,6 +6,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import io
 import shlex
+import subprocess
 import sys
 from pathlib import Path
 
@@ -352,6 +353,22 @@ def test_progress_off_when_not_a_terminal(monkeypatch):
     bar.advance(True)
     bar.advance(True)
     assert stream.getvalue() == ""
+
+
+def test_tqdm_is_imported_only_for_a_shown_bar():
+    """Importing the API and a hidden bar leave tqdm (and asyncio with it) unloaded."""
+    code = ("import sys\n"
+            "from slurmexecutor import SlurmExecutor, map_reduce, progress\n"
+            "from slurmexecutor.owner.bars import CallProgress\n"
+            "hidden = CallProgress(2, enabled=False)\n"
+            "hidden.advance(True); hidden.close()\n"
+            "assert not hidden.shown and 'tqdm' not in sys.modules, 'tqdm loaded'\n"
+            "shown = CallProgress(1, enabled=True)\n"
+            "shown.advance(True)\n"
+            "assert shown.shown and 'tqdm' in sys.modules\n")
+    done = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr
 
 
 def test_the_sink_table_hands_each_call_out_once():
