@@ -399,6 +399,48 @@ def test_a_requeue_seen_only_as_pending_again_waits_for_the_next_attempt():
     assert [d.call_id for d in delivered(out)] == [0] and not failed(out)
 
 
+def test_an_earlier_attempts_stream_does_not_judge_a_requeued_task():
+    """As above, with the killed attempt's stream opened (close-to-open: a read of it
+    after the end shows all it holds). The attempt that ended COMPLETED wrote another
+    stream (t0000.r1.out), not found yet: the first one's says nothing of it, so the
+    verdict waits for the second (the next listing finds it), not for the first."""
+    machine = core(result_grace=60.0, close_to_open=True)
+    started_batch(machine, chunks=((0,),), planned=1)
+    machine.step([Record(0, 0, "claim", 0, None), Record(0, 0, "end", None, {"signal": 15}),
+                  StreamState(0, 0, seen=True), SchedulerAnswer({("7", 0): TaskState("RUNNING")}),
+                  StreamsRead(0.1)], 0.1)
+    machine.step([SchedulerAnswer({("7", 0): TaskState("PENDING")}), StreamsRead(1)], 1.1)
+    out = []
+    for now in (2.0, 3.0):
+        out += machine.step([SchedulerAnswer({("7", 0): TaskState("COMPLETED")}),
+                             StreamState(0, 0, seen=True), StreamsRead(now)], now + 0.1)
+    assert not failed(out)
+    out = machine.step([Records(0, 0, [("start", None, {"host": "h", "pid": 2}),
+                                       ("ok", 0, b"second attempt"), ("end", None, {})], 1),
+                        StreamState(0, 0, seen=True, attempt=1), StreamsRead(4)], 4.1)
+    assert [d.call_id for d in delivered(out)] == [0] and not failed(out)
+    assert not machine.tasks  # settled by the second attempt's end
+
+
+def test_an_earlier_attempts_end_read_late_does_not_end_the_requeued_task():
+    """The killed attempt's end record is read only after its rerun's start (its stream
+    lagged): it ends nothing, so the rerun's COMPLETED waits for the rerun's records."""
+    machine = core(result_grace=60.0, close_to_open=True)
+    started_batch(machine, chunks=((0,),), planned=1)
+    machine.step([Record(0, 0, "claim", 0, None),
+                  SchedulerAnswer({("7", 0): TaskState("RUNNING")}), StreamsRead(0.1)], 0.1)
+    machine.step([Record(0, 0, "start", None, {"host": "h", "pid": 2}, attempt=1)], 1.0)
+    out = []
+    for now in (2.0, 3.0):
+        out += machine.step([Record(0, 0, "end", None, {"signal": 15}, attempt=0),
+                             SchedulerAnswer({("7", 0): TaskState("COMPLETED")}),
+                             StreamState(0, 0, seen=True), StreamsRead(now)], now + 0.1)
+    assert not failed(out)
+    out = machine.step([Records(0, 0, [("ok", 0, b"rerun"), ("end", None, {})], 1),
+                        StreamState(0, 0, seen=True, attempt=1), StreamsRead(4)], 4.1)
+    assert [d.call_id for d in delivered(out)] == [0] and not failed(out)
+
+
 def test_a_result_that_comes_after_the_verdict_still_wins_where_it_can():
     machine = core(result_grace=10.0, retry_on=frozenset({"NODE_FAIL"}), max_retries=1)
     started_batch(machine, chunks=((0, 1),), planned=1)

@@ -32,10 +32,12 @@ def on_states(core: CoreState, states: Mapping[TaskKey, TaskState], now: float) 
         else:
             if task.final is not None:  # requeued: pending or running again
                 task.final, task.final_polls = None, 0
+                task.requeues += 1
                 if task.killed:  # the end record was its killed attempt's
                     task.ended = task.killed = False
             elif task.killed and state.state == "PENDING":  # requeued before any final
                 task.ended = task.killed = False  # state was seen: its next attempt counts
+                task.requeues += 1
             task.started = task.started or state.running
     if vanished:
         core.out.append(ev.QueryFinal(

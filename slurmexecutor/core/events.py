@@ -71,6 +71,7 @@ class Record:
     kind: str
     call_id: int | None
     body: Any
+    attempt: int = 0  # of the stream it was read from (tIIII.rA.out: A, Slurm's restarts)
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,7 @@ class Records:
     batch: int
     task: int
     records: Sequence[tuple[str, int | None, Any]]  # (kind, call id, body)
+    attempt: int = 0  # of the stream they were read from
 
 
 @dataclass(frozen=True)
@@ -95,6 +97,7 @@ class StreamState:
     #: the stream was opened (it exists): once the task has ended, a later open shows
     #: all it holds (NFS close-to-open), so no result_grace is needed to judge it
     seen: bool = False
+    attempt: int = 0  # which of the task's streams (a requeued job writes a new one)
 
 
 @dataclass(frozen=True)

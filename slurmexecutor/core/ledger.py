@@ -230,7 +230,10 @@ class Task:
     final_polls: int = 0
     error: str | None = None
     truncated: str | None = None
-    seen: bool = False  # its stream was opened once (StreamState.seen)
+    #: the latest attempt whose stream was opened (StreamState.seen); -1: none yet
+    seen: int = -1
+    attempt: int = 0  # the latest attempt whose start record was read
+    requeues: int = 0  # requeues of its job the scheduler showed (answers.py)
     verdicts: set[int] = field(default_factory=set)  # calls failed without a result
     linger_until: float = 0.0
     _ref: TaskRef | None = None
@@ -238,6 +241,12 @@ class Task:
     @property
     def key(self) -> tuple[int, int]:
         return (self.batch.number, self.index)
+
+    @property
+    def latest_attempt(self) -> int:
+        """Its job's latest attempt known. Only that attempt's end record and stream
+        judge the task: an earlier attempt's say nothing of the calls it reruns."""
+        return max(self.attempt, self.requeues)
 
     @property
     def slurm_key(self) -> tuple[str, int]:
@@ -287,12 +296,12 @@ def task_failure(task: Task, started: bool, result_grace: float) -> Failure:
         elif state.exit_code == EXIT_NO_FOLDER:
             message += ("; the compute node does not see the run folder: it is likely not "
                         "on a filesystem the compute nodes share (see the log)")
-        elif task.worker is None and not task.ended and not task.seen:
+        elif task.worker is None and not task.ended and task.seen < 0:
             message += ("; nothing of it reached the run folder (is the folder on a "
                         "filesystem the compute nodes share, with space left?)")
         elif task.worker is None and not task.ended:
             message += "; its worker never started (see the log)"
-        if not task.ended and not task.seen and state.exit_code not in (
+        if not task.ended and task.seen < 0 and state.exit_code not in (
                 EXIT_FULL, EXIT_NO_FOLDER, EXIT_NO_PYTHON, EXIT_SETUP):
             message += (f"; no result was seen within result_grace="
                         f"{result_grace:g} s of the end (if a shared "

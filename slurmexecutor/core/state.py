@@ -115,7 +115,8 @@ class Core(CoreState):
             if task is not None:
                 task.error = task.error or event.error
                 task.truncated = event.truncated
-                task.seen = task.seen or event.seen
+                if event.seen:
+                    task.seen = max(task.seen, event.attempt)
         elif isinstance(event, ev.StreamsRead):
             self.scanned = max(self.scanned, event.started)
         elif isinstance(event, ev.StreamFound):  # a joiner not announced (attach)
@@ -179,7 +180,8 @@ class Core(CoreState):
             if task is not None and call_id is not None and kind not in _TASK_KINDS:
                 self._on_result(task, kind, call_id, body)
             else:
-                self._apply(ev.Record(event.batch, event.task, kind, call_id, body), now)
+                self._apply(ev.Record(event.batch, event.task, kind, call_id, body,
+                                      event.attempt), now)
 
     def _on_record(self, task: Task, record: ev.Record, now: float) -> None:
         batch, kind = task.batch, record.kind
@@ -188,6 +190,7 @@ class Core(CoreState):
                 self._on_result(task, kind, record.call_id, record.body)
         elif kind == "start":
             task.started = True
+            task.attempt = max(task.attempt, record.attempt)
             task.worker = (record.body["host"], record.body["pid"])
             task.worker_started = record.body.get("started")
             batch.first_start = batch.first_start or now
@@ -230,14 +233,16 @@ class Core(CoreState):
         elif kind == "times" and record.body:  # a chunk's calls' own time
             batch.busy += calls_seconds(record.body)
         elif kind == "end":  # the last record of an attempt: its stream is complete
-            task.ended = True
+            current = record.attempt >= task.latest_attempt  # else its job ran again since
+            task.ended = task.ended or current
             joined = (record.body or {}).get("joined")
             if joined is None:
                 self.warm.pop((task.job_id or "", task.array_index or 0), None)
             elif joined in self.batches and record.body.get("as") is not None:
                 joins.add_joiner(self, self.batches[joined], int(record.body["as"]), task.job_id,
                                  task.array_index, now)  # announced where the client looks
-            task.killed = bool(record.body and record.body.get("signal"))
+            if current:
+                task.killed = bool(record.body and record.body.get("signal"))
 
     def _on_result(self, task: Task, kind: str, call_id: int, body: object) -> None:
         """A call's result (ok, raised, crash, skip, ...); later duplicates (requeues,
@@ -319,7 +324,7 @@ class Core(CoreState):
             if task.unresolved:
                 policies.fail_unfinished(self, task, sorted(task.unresolved))
         elif task.final and self.scanned > task.final_since and (
-                task.killed or (task.seen and self.config.close_to_open)
+                task.killed or (task.seen >= task.latest_attempt and self.config.close_to_open)
                 or now - task.final_since >= self.config.result_grace) and (
                 task.final.state not in REQUEUEABLE or task.final_polls >= 2):
             if task.unresolved or batch.unclaimed:

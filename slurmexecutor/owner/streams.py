@@ -109,13 +109,15 @@ class StreamReader:
             if name not in self._cursors and (cursor.opened or cursor.error):
                 self._cursors[name] = cursor  # it exists: follow it from now on
                 self._names.setdefault((batch, task), []).append(name)
+            attempt = _attempt(name)
             if records:
-                events.append(Records(batch, task, records))
+                events.append(Records(batch, task, records, attempt))
             unread |= cursor.more  # read on at once: not a complete read yet
             truncated = (f"{cursor.path} is truncated ({cursor.pending_bytes} bytes of an "
                          f"incomplete record at byte {cursor.offset})"
                          ) if cursor.pending_bytes else None
-            events.append(StreamState(batch, task, cursor.error, truncated, cursor.opened))
+            events.append(StreamState(batch, task, cursor.error, truncated, cursor.opened,
+                                      attempt))
         if not unread:
             events.append(StreamsRead(started))
         return events
@@ -156,3 +158,9 @@ class StreamReader:
         for key in [k for k in self._names if k[0] == batch and k not in kept]:
             for name in self._names.pop(key):
                 self._cursors.pop(name, None)
+
+
+def _attempt(path: str) -> int:
+    """The attempt a stream's name says (`tIIII.rA.out`: A, Slurm's restart count)."""
+    parsed = spool.parse_stream_name(os.path.basename(path))
+    return parsed[1] if parsed else 0
