@@ -21,6 +21,7 @@ import pytest
 
 from slurmexecutor import SlurmExecutor
 from slurmexecutor.folder import spool
+from tests import background
 
 REPO = Path(__file__).resolve().parent.parent
 CLUSTER_SCRIPT = REPO / "scripts" / "slurm_cluster.py"  # = python -m slurmexecutor.testing
@@ -56,6 +57,22 @@ def pytest_collection_modifyitems(config, items):
             callspec = getattr(item, "callspec", None)
             if "slurm" in item.keywords or (callspec and callspec.params.get("backend") == "slurm"):
                 item.add_marker(skip)
+    config.stash[BACKGROUND] = background.start(config, items)
+
+
+BACKGROUND = pytest.StashKey["background.Background | None"]()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    child = session.config.stash.get(BACKGROUND, None)
+    if child is not None:
+        background.finish(child, session)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    child = config.stash.get(BACKGROUND, None)
+    if child is not None:
+        background.summarize(child, terminalreporter)
 
 
 @pytest.fixture(scope="session")

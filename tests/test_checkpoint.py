@@ -41,6 +41,7 @@ class Counter:
         return self
 
 
+@pytest.mark.background
 def test_a_checkpointed_call_resumes_after_the_time_limit(make_executor, tmp_path):
     ex = make_executor(time="0:20", max_retries=0)
     future = ex.submit(Counter(10, tmp_path / "halfway"))
@@ -49,6 +50,7 @@ def test_a_checkpointed_call_resumes_after_the_time_limit(make_executor, tmp_pat
     assert not list((ex.run_dir / "checkpoints").iterdir())  # removed once it finished
 
 
+@pytest.mark.background
 def test_a_call_without_checkpoint_still_times_out(make_executor, tmp_path):
     """A `checkpoint` that returns None declines: the call ends as any call at a limit."""
     from slurmexecutor import JobTimeoutError

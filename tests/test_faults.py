@@ -103,6 +103,7 @@ def test_scancel_of_one_running_task_fails_only_its_calls(make_executor, backend
     assert [f.result(timeout=60) for f in others] == ["a", "b"]
 
 
+@pytest.mark.background
 def test_time_limit_fails_unfinished_calls_and_keeps_finished_ones(make_executor, backend):
     """The call running at the limit fails with JobTimeoutError; the one after it in
     its chunk, never started, is handed back at the warning and runs elsewhere."""
@@ -132,6 +133,7 @@ def cluster_node(command: str, cluster_dir: Path, node: str) -> None:
 
 
 @pytest.mark.slurm
+@pytest.mark.background
 def test_node_failure_is_retried_on_another_node(slurm_cluster, tmp_path, caplog):
     ex = SlurmExecutor(tmp_path / "spool", backend="slurm", poll_interval=0.5, result_grace=5,
                        requeue=False, max_retries=1, chunksize=2)

@@ -112,6 +112,7 @@ def test_a_crash_fails_only_its_call(lagged):
             assert isinstance(crashed.exception(timeout=120), WorkerCrashedError)
 
 
+@pytest.mark.background
 def test_scancel_and_time_limit(lagged):
     with lagged.executor() as ex:
         victim, kept = ex.submit_many(sleep_then, [(120, "v"), (1, "kept")], chunksize=1)

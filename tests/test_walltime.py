@@ -49,6 +49,7 @@ def streams_records(ex, kind: str) -> list:
     return found
 
 
+@pytest.mark.background
 def test_a_task_claims_only_chunks_that_fit_in_its_time(make_executor, backend):
     """One task at a time, twenty 3.5 s calls, a chunk each, a minute per task (Slurm
     counts limits in whole minutes): a task stops claiming when the next call would not
@@ -67,6 +68,7 @@ def test_a_task_claims_only_chunks_that_fit_in_its_time(make_executor, backend):
         assert late or warned  # first task stopped claiming either way
 
 
+@pytest.mark.background
 def test_a_warm_task_does_not_join_a_batch_it_cannot_finish(make_executor, backend):
     """A warm task of a one-minute job measured 20 s per call; a chunk of two such calls
     comes when it has at most ~40 s left: it leaves, and the batch's own array runs it.
