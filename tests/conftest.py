@@ -18,10 +18,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import run_beside as background  # tests/ is on sys.path (conftest; scripts importing it)
 
 from slurmexecutor import SlurmExecutor
 from slurmexecutor.folder import spool
-from tests import background
 
 REPO = Path(__file__).resolve().parent.parent
 CLUSTER_SCRIPT = REPO / "scripts" / "slurm_cluster.py"  # = python -m slurmexecutor.testing

@@ -94,6 +94,6 @@ def summarize(background: Background, reporter) -> None:
     code = background.returncode
     verdict = "passed" if code == 0 else ("killed" if code is None else f"FAILED (exit {code})")
     reporter.section(f"{len(background.nodeids)} tests run beside the session (tests/"
-                     f"background.py): {verdict}", sep="=", red=code != 0, green=code == 0)
+                     f"run_beside.py): {verdict}", sep="=", red=code != 0, green=code == 0)
     for line in background.report.rstrip().splitlines():
         reporter.write_line(line)
