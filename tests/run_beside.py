@@ -6,7 +6,7 @@ them idle. In a session of other tests too, those marked `background` (on Slurm:
 `slurm` half of a test parametrised by backend) are taken out at collection and run by a
 child `pytest` that starts at once, with its own Slurm cluster and temporary folder. The
 session waits for it at its end, prints its report and fails if it failed (a child that
-does not end within `CHILD_TIMEOUT` is killed and fails the session).
+does not end within `CHILD_TIMEOUT` is interrupted and fails the session).
 SLURMEXECUTOR_TESTS_BACKGROUND=0 keeps every test in this process (the child runs so).
 """
 
@@ -70,29 +70,39 @@ def start(config: pytest.Config, items: list[pytest.Item]) -> Background | None:
 
 
 def finish(background: Background, session: pytest.Session) -> None:
-    """Wait for the child (kill it if the session was interrupted); a child that failed
+    """Wait for the child (interrupt it if the session was interrupted); a child that failed
     fails the session."""
     process = background.process
-    timeout = 0.0 if session.exitstatus == pytest.ExitCode.INTERRUPTED else CHILD_TIMEOUT
     try:
-        background.returncode = process.wait(timeout=timeout)
+        if session.exitstatus == pytest.ExitCode.INTERRUPTED:
+            _stop(process)
+        else:
+            background.returncode = process.wait(timeout=CHILD_TIMEOUT)
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        _stop(process)
+    except KeyboardInterrupt:  # Ctrl-C reaches this process only (the child has its own
+        _stop(process)  # session): pass it on, so it stops its clusters too
+        raise
     background.report = (background.folder / "report.txt").read_text(errors="replace")
     shutil.rmtree(background.folder, ignore_errors=True)
     if background.returncode != 0 and session.exitstatus == pytest.ExitCode.OK:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
+def _stop(process: subprocess.Popen) -> None:
+    """Interrupt the child as Ctrl-C would (it stops its clusters); kill it if it hangs."""
+    process.send_signal(signal.SIGINT)
+    try:
+        process.wait(timeout=90)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
 def summarize(background: Background, reporter) -> None:
     """The child's own report, under a heading that says whether it passed."""
     code = background.returncode
-    verdict = "passed" if code == 0 else ("killed" if code is None else f"FAILED (exit {code})")
+    verdict = "passed" if code == 0 else ("STOPPED" if code is None else f"FAILED (exit {code})")
     reporter.section(f"{len(background.nodeids)} tests run beside the session (tests/"
                      f"run_beside.py): {verdict}", sep="=", red=code != 0, green=code == 0)
     for line in background.report.rstrip().splitlines():
