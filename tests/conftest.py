@@ -50,6 +50,10 @@ def wait_until(predicate, timeout: float = 60.0, interval: float = 0.05) -> bool
     return False
 
 
+#: the child pytest that runs the `background` tests beside the session (run_beside.py)
+BACKGROUND = pytest.StashKey["background.Background | None"]()
+
+
 def pytest_collection_modifyitems(config, items):
     if os.environ.get("SLURMEXECUTOR_SKIP_SLURM") == "1":
         skip = pytest.mark.skip(reason="SLURMEXECUTOR_SKIP_SLURM=1: Slurm tests deselected")
@@ -58,9 +62,6 @@ def pytest_collection_modifyitems(config, items):
             if "slurm" in item.keywords or (callspec and callspec.params.get("backend") == "slurm"):
                 item.add_marker(skip)
     config.stash[BACKGROUND] = background.start(config, items)
-
-
-BACKGROUND = pytest.StashKey["background.Background | None"]()
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -64,7 +64,7 @@ def start(config: pytest.Config, items: list[pytest.Item]) -> Background | None:
              "--durations=10", f"--basetemp={folder / 'tmp'}", *nodeids],
             cwd=config.rootpath, env=env, stdin=subprocess.DEVNULL, stdout=report,
             stderr=subprocess.STDOUT, start_new_session=True)
-    items[:] = [item for item in items if not movable(item)]
+    items[:] = [item for item in items if item not in moved]
     config.hook.pytest_deselected(items=moved)
     return Background(process, folder, nodeids)
 

@@ -248,6 +248,12 @@ class Task:
         judge the task: an earlier attempt's say nothing of the calls it reruns."""
         return max(self.attempt, self.requeues)
 
+    def attempt_ended(self, attempt: int, signal: object) -> None:
+        """An attempt's `end` record: the latest attempt's ends the task (killed: by a
+        signal); an earlier one's, read late, ends nothing (its job ran again since)."""
+        if attempt >= self.latest_attempt:
+            self.ended, self.killed = True, bool(signal)
+
     @property
     def slurm_key(self) -> tuple[str, int]:
         """(job id, array index): one Slurm task, in whichever batch it shows up."""

@@ -115,8 +115,7 @@ class Core(CoreState):
             if task is not None:
                 task.error = task.error or event.error
                 task.truncated = event.truncated
-                if event.seen:
-                    task.seen = max(task.seen, event.attempt)
+                task.seen = max(task.seen, event.attempt if event.seen else -1)
         elif isinstance(event, ev.StreamsRead):
             self.scanned = max(self.scanned, event.started)
         elif isinstance(event, ev.StreamFound):  # a joiner not announced (attach)
@@ -233,16 +232,13 @@ class Core(CoreState):
         elif kind == "times" and record.body:  # a chunk's calls' own time
             batch.busy += calls_seconds(record.body)
         elif kind == "end":  # the last record of an attempt: its stream is complete
-            current = record.attempt >= task.latest_attempt  # else its job ran again since
-            task.ended = task.ended or current
+            task.attempt_ended(record.attempt, (record.body or {}).get("signal"))
             joined = (record.body or {}).get("joined")
             if joined is None:
                 self.warm.pop((task.job_id or "", task.array_index or 0), None)
             elif joined in self.batches and record.body.get("as") is not None:
                 joins.add_joiner(self, self.batches[joined], int(record.body["as"]), task.job_id,
                                  task.array_index, now)  # announced where the client looks
-            if current:
-                task.killed = bool(record.body and record.body.get("signal"))
 
     def _on_result(self, task: Task, kind: str, call_id: int, body: object) -> None:
         """A call's result (ok, raised, crash, skip, ...); later duplicates (requeues,
